@@ -1,0 +1,266 @@
+//! The broker: vhosts, users, the store, and recovery at start-up.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use amq_protocol_types::ShortString;
+use parking_lot::RwLock;
+use warren_store::{Op, Store, StoreQueueId};
+
+use crate::auth::{self, AuthError, User};
+use crate::error::{CoreError, CoreResult};
+use crate::exchange::{Binding, Exchange, Target};
+use crate::message::Message;
+use crate::meta::{self, BindingRecord, ExchangeRecord, QueueRecord, UserRecord, VHostRecord};
+use crate::queue::QueueConfig;
+use crate::vhost::{QueueDecl, VHost};
+
+/// Settings the core needs.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Created with this password on first start (RabbitMQ's guest/guest).
+    pub default_user: String,
+    pub default_pass: String,
+    /// Users that may only log in from a loopback address.
+    pub loopback_users: Vec<String>,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            default_user: "guest".into(),
+            default_pass: "guest".into(),
+            loopback_users: vec!["guest".into()],
+        }
+    }
+}
+
+/// The whole broker state shared by every connection.
+pub struct Broker {
+    pub config: BrokerConfig,
+    store: Store,
+    vhosts: RwLock<HashMap<String, Arc<VHost>>>,
+    users: RwLock<HashMap<String, UserRecord>>,
+    next_store_id: Arc<AtomicU64>,
+}
+
+impl Broker {
+    /// Opens the broker on `store`, recovering everything durable in it. Must run inside a
+    /// tokio runtime (queues with TTLs start timers).
+    pub fn open(store: Store, config: BrokerConfig) -> CoreResult<Arc<Broker>> {
+        let broker = Arc::new(Broker {
+            config,
+            store: store.clone(),
+            vhosts: RwLock::new(HashMap::new()),
+            users: RwLock::new(HashMap::new()),
+            next_store_id: Arc::new(AtomicU64::new(1)),
+        });
+        broker.recover()?;
+        Ok(broker)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn recover(self: &Arc<Self>) -> CoreResult<()> {
+        let mut first_boot_ops = Vec::new();
+        let users = self.store.meta_scan(meta::USER)?;
+        let vhosts = self.store.meta_scan(meta::VHOST)?;
+        for (_, v) in &users {
+            let u: UserRecord = decode(v)?;
+            self.users.write().insert(u.name.clone(), u);
+        }
+        if users.is_empty() && vhosts.is_empty() {
+            let u = UserRecord {
+                name: self.config.default_user.clone(),
+                password_hash: auth::hash_password(&self.config.default_pass),
+                hashing_algorithm: auth::SHA256_ALGORITHM.into(),
+                tags: vec!["administrator".into()],
+            };
+            first_boot_ops.push(meta::user_put(&u));
+            first_boot_ops.push(meta::vhost_put("/"));
+            self.users.write().insert(u.name.clone(), u);
+            self.add_vhost_in_memory("/");
+        }
+        for (_, v) in &vhosts {
+            let r: VHostRecord = decode(v)?;
+            self.add_vhost_in_memory(&r.name);
+        }
+        // Queue store ids are never reused: the counter starts above every recovered one.
+        let mut max_id = 0u64;
+        let mut n_msgs = 0usize;
+        for (_, v) in self.store.meta_scan(meta::QUEUE)? {
+            let r: QueueRecord = decode(&v)?;
+            max_id = max_id.max(r.store_id);
+            let Some(vh) = self.vhost(&r.vhost) else {
+                continue;
+            };
+            let config = QueueConfig::parse(&r.arguments, &r.name, &r.vhost).unwrap_or_default();
+            let q = vh.build_queue(
+                QueueDecl {
+                    name: r.name.as_str().into(),
+                    passive: false,
+                    durable: true,
+                    exclusive: false,
+                    auto_delete: r.auto_delete,
+                    arguments: r.arguments,
+                },
+                None,
+                StoreQueueId(r.store_id),
+                config,
+            );
+            for m in self.store.load_queue(q.store_id)? {
+                match Message::decode(m.data) {
+                    Ok(msg) => {
+                        q.restore(m.seq, Arc::new(msg), m.delivered);
+                        n_msgs += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = %r.name, seq = m.seq, error = %e, "skipping unreadable message")
+                    }
+                }
+            }
+            vh.insert_recovered_queue(q);
+        }
+        self.next_store_id
+            .store(max_id + 1, std::sync::atomic::Ordering::Relaxed);
+        for (_, v) in self.store.meta_scan(meta::EXCHANGE)? {
+            let r: ExchangeRecord = decode(&v)?;
+            if let Some(vh) = self.vhost(&r.vhost) {
+                vh.insert_recovered_exchange(Arc::new(Exchange::new(
+                    r.name.as_str().into(),
+                    r.kind,
+                    true,
+                    r.auto_delete,
+                    r.internal,
+                    r.arguments,
+                )));
+            }
+        }
+        let mut n_bindings = 0usize;
+        for (_, v) in self.store.meta_scan(meta::BINDING)? {
+            let r: BindingRecord = decode(&v)?;
+            let Some(vh) = self.vhost(&r.vhost) else {
+                continue;
+            };
+            let Ok(x) = vh.exchange(&r.source) else {
+                continue;
+            };
+            let target = if r.destination_type == "queue" {
+                match vh.queue(&r.destination) {
+                    Ok(q) => Target::Queue(q),
+                    Err(_) => continue,
+                }
+            } else {
+                Target::Exchange(ShortString::from(r.destination.as_str()))
+            };
+            x.bind(Binding {
+                target,
+                routing_key: r.routing_key.as_str().into(),
+                arguments: r.arguments,
+            });
+            n_bindings += 1;
+        }
+        if !first_boot_ops.is_empty() {
+            self.store.submit_blocking(first_boot_ops)?;
+        }
+        tracing::info!(
+            vhosts = self.vhosts.read().len(),
+            queues = max_id,
+            messages = n_msgs,
+            bindings = n_bindings,
+            "recovered durable state"
+        );
+        Ok(())
+    }
+
+    fn add_vhost_in_memory(&self, name: &str) -> Arc<VHost> {
+        let vh = VHost::new(name.into(), self.store.clone(), self.next_store_id.clone());
+        self.vhosts.write().insert(name.into(), vh.clone());
+        vh
+    }
+
+    pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
+        self.vhosts.read().get(name).cloned()
+    }
+
+    pub fn vhosts(&self) -> Vec<Arc<VHost>> {
+        self.vhosts.read().values().cloned().collect()
+    }
+
+    /// Creates a vhost (durably); returns the existing one if present.
+    pub async fn add_vhost(&self, name: &str) -> CoreResult<Arc<VHost>> {
+        if let Some(v) = self.vhost(name) {
+            return Ok(v);
+        }
+        let t = self.store.submit(vec![meta::vhost_put(name)]).await?;
+        self.store.wait_synced(t).await?;
+        Ok(self.add_vhost_in_memory(name))
+    }
+
+    /// Adds or replaces a user (durably).
+    pub async fn put_user(&self, name: &str, password: &str, tags: Vec<String>) -> CoreResult<()> {
+        let u = UserRecord {
+            name: name.into(),
+            password_hash: auth::hash_password(password),
+            hashing_algorithm: auth::SHA256_ALGORITHM.into(),
+            tags,
+        };
+        let t = self.store.submit(vec![meta::user_put(&u)]).await?;
+        self.store.wait_synced(t).await?;
+        self.users.write().insert(name.into(), u);
+        Ok(())
+    }
+
+    pub async fn delete_user(&self, name: &str) -> CoreResult<bool> {
+        if self.users.write().remove(name).is_none() {
+            return Ok(false);
+        }
+        let t = self.store.submit(vec![meta::user_delete(name)]).await?;
+        self.store.wait_synced(t).await?;
+        Ok(true)
+    }
+
+    /// Checks a login. `peer` decides whether a loopback-only user may log in.
+    pub fn authenticate(&self, user: &str, pass: &str, peer: IpAddr) -> Result<User, AuthError> {
+        let users = self.users.read();
+        let Some(rec) = users.get(user) else {
+            return Err(AuthError::InvalidCredentials(user.into()));
+        };
+        if !auth::verify_password(&rec.password_hash, pass) {
+            return Err(AuthError::InvalidCredentials(user.into()));
+        }
+        if self.config.loopback_users.iter().any(|u| u == user) && !is_loopback(peer) {
+            return Err(AuthError::LoopbackOnly(user.into()));
+        }
+        Ok(User::from(rec))
+    }
+
+    /// Flushes the store: everything submitted so far is on disk when this returns.
+    pub fn flush(&self) {
+        self.store.close();
+    }
+
+    /// Deletes stored messages of queues the broker no longer knows (crash between a
+    /// queue's delete record and its messages' range delete cannot happen — both are one
+    /// batch — but keep the op for tools).
+    pub fn purge_orphans_op(queue: StoreQueueId) -> Op {
+        Op::DeleteQueueMessages { queue }
+    }
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(v: &[u8]) -> CoreResult<T> {
+    serde_json::from_slice(v).map_err(|e| CoreError::internal(format!("corrupt metadata: {e}")))
+}

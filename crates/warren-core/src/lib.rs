@@ -1,0 +1,30 @@
+//! Warren's routing core: vhosts, exchanges, queues, bindings, messages and consumers.
+//!
+//! No sockets and no protocol here: front-ends (AMQP, MQTT, STOMP) translate their frames
+//! into calls on [`Broker`], [`VHost`] and [`Queue`], and receive deliveries through an
+//! [`Outbox`]. Durable state goes through `warren-store`.
+
+pub mod auth;
+pub mod broker;
+pub mod consumer;
+pub mod deadletter;
+pub mod error;
+pub mod exchange;
+pub mod ids;
+pub mod message;
+mod meta;
+pub mod queue;
+pub mod topic;
+pub mod vhost;
+
+pub use amq_protocol_types::{AMQPValue, FieldTable, LongString, ShortString};
+pub use broker::{Broker, BrokerConfig};
+pub use consumer::{ConsumerSpec, Credit, Delivery, Outbox, OutboxEvent};
+pub use error::{CoreError, CoreResult, ErrorKind};
+pub use exchange::{Binding, Exchange, ExchangeKind, Target};
+pub use ids::{ConnectionId, ConsumerId, MsgSeq};
+pub use message::{Message, Properties};
+pub use meta::UserRecord;
+pub use queue::{GetResult, Queue, QueueCounts};
+pub use vhost::{ExchangeDecl, PublishOutcome, QueueDecl, VHost};
+pub use warren_store::{Store, StoreOptions, Ticket};

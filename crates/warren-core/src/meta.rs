@@ -1,0 +1,179 @@
+//! Durable metadata records (vhosts, exchanges, queues, bindings, users): their keys in the
+//! store's `meta` column family and their JSON values.
+
+use amq_protocol_types::FieldTable;
+use serde::{Deserialize, Serialize};
+use warren_store::Op;
+
+use crate::exchange::{Binding, Exchange, ExchangeKind, Target};
+use crate::queue::Queue;
+
+pub(crate) const VHOST: &[u8] = b"v\0";
+pub(crate) const EXCHANGE: &[u8] = b"e\0";
+pub(crate) const QUEUE: &[u8] = b"q\0";
+pub(crate) const BINDING: &[u8] = b"b\0";
+pub(crate) const USER: &[u8] = b"u\0";
+
+fn key(prefix: &[u8], parts: &[&str]) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p.as_bytes());
+    }
+    k
+}
+
+fn put<T: Serialize>(key: Vec<u8>, value: &T) -> Op {
+    Op::PutMeta {
+        key,
+        value: serde_json::to_vec(value).unwrap_or_default(),
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct VHostRecord {
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ExchangeRecord {
+    pub vhost: String,
+    pub name: String,
+    pub kind: ExchangeKind,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct QueueRecord {
+    pub vhost: String,
+    pub name: String,
+    pub store_id: u64,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct BindingRecord {
+    pub vhost: String,
+    pub source: String,
+    /// `"queue"` or `"exchange"`.
+    pub destination_type: String,
+    pub destination: String,
+    pub routing_key: String,
+    pub arguments: FieldTable,
+}
+
+/// A user as RabbitMQ stores it: the salted SHA-256 hash in base64.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub name: String,
+    pub password_hash: String,
+    pub hashing_algorithm: String,
+    pub tags: Vec<String>,
+}
+
+pub(crate) fn vhost_put(name: &str) -> Op {
+    put(key(VHOST, &[name]), &VHostRecord { name: name.into() })
+}
+
+pub(crate) fn exchange_put(vhost: &str, x: &Exchange) -> Op {
+    put(
+        key(EXCHANGE, &[vhost, x.name.as_str()]),
+        &ExchangeRecord {
+            vhost: vhost.into(),
+            name: x.name.as_str().into(),
+            kind: x.kind,
+            auto_delete: x.auto_delete,
+            internal: x.internal,
+            arguments: x.arguments.clone(),
+        },
+    )
+}
+
+pub(crate) fn exchange_delete(vhost: &str, name: &str) -> Op {
+    Op::DeleteMeta {
+        key: key(EXCHANGE, &[vhost, name]),
+    }
+}
+
+pub(crate) fn queue_put(vhost: &str, q: &Queue) -> Op {
+    put(
+        key(QUEUE, &[vhost, q.name.as_str()]),
+        &QueueRecord {
+            vhost: vhost.into(),
+            name: q.name.as_str().into(),
+            store_id: q.store_id.0,
+            auto_delete: q.auto_delete,
+            arguments: q.arguments.clone(),
+        },
+    )
+}
+
+pub(crate) fn queue_delete(vhost: &str, name: &str) -> Op {
+    Op::DeleteMeta {
+        key: key(QUEUE, &[vhost, name]),
+    }
+}
+
+fn binding_key(vhost: &str, source: &str, b: &Binding) -> Vec<u8> {
+    let kind = if b.target.is_queue() { "q" } else { "e" };
+    // Arguments are part of a binding's identity; a digest keeps the key short.
+    let args = serde_json::to_vec(&b.arguments).unwrap_or_default();
+    let digest = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(&args);
+        d.iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    key(
+        BINDING,
+        &[
+            vhost,
+            source,
+            kind,
+            b.target.name(),
+            b.routing_key.as_str(),
+            &digest,
+        ],
+    )
+}
+
+pub(crate) fn binding_put(vhost: &str, x: &Exchange, b: &Binding) -> Op {
+    put(
+        binding_key(vhost, x.name.as_str(), b),
+        &BindingRecord {
+            vhost: vhost.into(),
+            source: x.name.as_str().into(),
+            destination_type: match b.target {
+                Target::Queue(_) => "queue".into(),
+                Target::Exchange(_) => "exchange".into(),
+            },
+            destination: b.target.name().into(),
+            routing_key: b.routing_key.as_str().into(),
+            arguments: b.arguments.clone(),
+        },
+    )
+}
+
+/// The delete of a binding's record, if the source is durable (only then was it written).
+pub(crate) fn binding_delete(vhost: &str, x: &Exchange, b: &Binding) -> Option<Op> {
+    x.durable.then(|| Op::DeleteMeta {
+        key: binding_key(vhost, x.name.as_str(), b),
+    })
+}
+
+pub(crate) fn user_put(u: &UserRecord) -> Op {
+    put(key(USER, &[&u.name]), u)
+}
+
+pub(crate) fn user_delete(name: &str) -> Op {
+    Op::DeleteMeta {
+        key: key(USER, &[name]),
+    }
+}

@@ -1,0 +1,984 @@
+//! Queues: ready messages (by priority level), unacked messages, consumers and their
+//! credit, TTL, length limits and dead-lettering.
+//!
+//! # Concurrency
+//! A queue's state sits behind one `parking_lot::Mutex`, held only for short in-memory
+//! sections with no `.await`. Work that must await (store writes, routing dead letters,
+//! deleting the queue) is collected into [`Effects`] under the lock and carried out after it
+//! is released, by [`Queue::finish`].
+//!
+//! # Delivery
+//! Delivery is pushed by credit: a message goes to a consumer only while that consumer has
+//! prefetch room and its channel has global credit; the delivery is then handed to the
+//! consumer's [`Outbox`] with `try_send`. A full outbox marks the consumer *stalled* and the
+//! message stays at the head; the connection resumes the queue once it has drained. A slow
+//! consumer therefore never blocks a publisher.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use amq_protocol_types::{AMQPValue, FieldTable, ShortString};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use warren_store::{Op, StoreQueueId};
+
+use crate::consumer::{ConsumerSpec, Delivery, Outbox};
+use crate::deadletter::DeadReason;
+use crate::error::{CoreError, CoreResult};
+use crate::ids::{ConnectionId, ConsumerId, MsgSeq};
+use crate::message::Message;
+use crate::vhost::VHost;
+
+/// What to do when a queue is full (`x-overflow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    DropHead,
+    RejectPublish,
+    RejectPublishDlx,
+}
+
+/// The queue arguments Warren acts on, parsed and validated at declare time.
+#[derive(Debug, Clone, Default)]
+pub struct QueueConfig {
+    pub message_ttl: Option<u64>,
+    pub expires: Option<u64>,
+    pub dead_letter_exchange: Option<ShortString>,
+    pub dead_letter_routing_key: Option<ShortString>,
+    pub max_length: Option<u64>,
+    pub max_length_bytes: Option<u64>,
+    pub overflow: Option<Overflow>,
+    pub max_priority: Option<u8>,
+    pub single_active_consumer: bool,
+}
+
+impl QueueConfig {
+    /// Parses RabbitMQ's `x-` queue arguments; bad values are a 406 with RabbitMQ's text.
+    pub fn parse(args: &FieldTable, queue: &str, vhost: &str) -> CoreResult<Self> {
+        let mut c = QueueConfig::default();
+        let bad = |k: &str, why: String| {
+            CoreError::precondition(format!(
+                "invalid arg '{k}' for queue '{queue}' in vhost '{vhost}': {why}"
+            ))
+        };
+        for (k, v) in args.inner() {
+            let key = k.as_str();
+            match key {
+                "x-message-ttl" | "x-expires" | "x-max-length" | "x-max-length-bytes"
+                | "x-max-priority" => {
+                    let n = int_value(v)
+                        .ok_or_else(|| bad(key, format!("{{unacceptable_type,{v:?}}}")))?;
+                    if n < 0 || (key == "x-expires" && n == 0) {
+                        return Err(bad(key, format!("{{value_negative,{n}}}")));
+                    }
+                    let n = n as u64;
+                    match key {
+                        "x-message-ttl" => c.message_ttl = Some(n),
+                        "x-expires" => c.expires = Some(n),
+                        "x-max-length" => c.max_length = Some(n),
+                        "x-max-length-bytes" => c.max_length_bytes = Some(n),
+                        _ => {
+                            if n > 255 {
+                                return Err(bad(key, format!("{{value_too_large,{n},255}}")));
+                            }
+                            c.max_priority = Some(n as u8)
+                        }
+                    }
+                }
+                "x-dead-letter-exchange" => {
+                    c.dead_letter_exchange = Some(text_value(v, key, &bad)?)
+                }
+                "x-dead-letter-routing-key" => {
+                    c.dead_letter_routing_key = Some(text_value(v, key, &bad)?)
+                }
+                "x-overflow" => {
+                    c.overflow = Some(match text_value(v, key, &bad)?.as_str() {
+                        "drop-head" => Overflow::DropHead,
+                        "reject-publish" => Overflow::RejectPublish,
+                        "reject-publish-dlx" => Overflow::RejectPublishDlx,
+                        other => {
+                            return Err(bad(key, format!("{{unknown_value,<<\"{other}\">>}}")))
+                        }
+                    })
+                }
+                "x-single-active-consumer" => match v {
+                    AMQPValue::Boolean(b) => c.single_active_consumer = *b,
+                    other => return Err(bad(key, format!("{{unacceptable_type,{other:?}}}"))),
+                },
+                "x-queue-type" => match text_value(v, key, &bad)?.as_str() {
+                    // Accepted for compatibility; every queue is a classic queue here.
+                    "classic" | "quorum" => {}
+                    other => return Err(bad(key, format!("{{unsupported_queue_type,{other}}}"))),
+                },
+                _ => {}
+            }
+        }
+        if c.dead_letter_routing_key.is_some() && c.dead_letter_exchange.is_none() {
+            return Err(bad(
+                "x-dead-letter-routing-key",
+                "Dead letter routing key set, but no dead letter exchange".into(),
+            ));
+        }
+        Ok(c)
+    }
+}
+
+fn text_value(
+    v: &AMQPValue,
+    key: &str,
+    bad: &impl Fn(&str, String) -> CoreError,
+) -> CoreResult<ShortString> {
+    match v {
+        AMQPValue::LongString(s) => Ok(String::from_utf8_lossy(s.as_bytes()).as_ref().into()),
+        AMQPValue::ShortString(s) => Ok(s.clone()),
+        other => Err(bad(key, format!("{{unacceptable_type,{other:?}}}"))),
+    }
+}
+
+/// An integer argument of any AMQP integer width.
+pub fn int_value(v: &AMQPValue) -> Option<i64> {
+    Some(match v {
+        AMQPValue::ShortShortInt(i) => *i as i64,
+        AMQPValue::ShortShortUInt(i) => *i as i64,
+        AMQPValue::ShortInt(i) => *i as i64,
+        AMQPValue::ShortUInt(i) => *i as i64,
+        AMQPValue::LongInt(i) => *i as i64,
+        AMQPValue::LongUInt(i) => *i as i64,
+        AMQPValue::LongLongInt(i) => *i,
+        _ => return None,
+    })
+}
+
+/// A message in a queue.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub seq: u64,
+    pub msg: Arc<Message>,
+    pub redelivered: bool,
+    /// Written to the store (persistent message on a durable queue).
+    pub persisted: bool,
+    /// A delivery mark is in the store (so a restart sets redelivered).
+    pub delivered_marked: bool,
+    pub expires_at: Option<Instant>,
+}
+
+impl Entry {
+    fn size(&self) -> u64 {
+        self.msg.body.len() as u64
+    }
+}
+
+struct Unacked {
+    entry: Entry,
+    consumer: Option<ConsumerId>,
+}
+
+struct ConsumerEntry {
+    spec: ConsumerSpec,
+    unacked: u32,
+    stalled: bool,
+}
+
+impl ConsumerEntry {
+    fn has_credit(&self) -> bool {
+        if self.stalled {
+            return false;
+        }
+        if self.spec.no_ack {
+            return !self
+                .spec
+                .channel_credit
+                .paused
+                .load(std::sync::atomic::Ordering::Relaxed);
+        }
+        (self.spec.prefetch == 0 || self.unacked < self.spec.prefetch)
+            && self.spec.channel_credit.has_room()
+    }
+}
+
+#[derive(Default)]
+struct QueueState {
+    /// Index = priority level (one level unless `x-max-priority`).
+    ready: Vec<VecDeque<Entry>>,
+    ready_count: usize,
+    ready_bytes: u64,
+    unacked: HashMap<u64, Unacked>,
+    consumers: Vec<ConsumerEntry>,
+    rr: usize,
+    deleted: bool,
+    had_consumer: bool,
+    last_used: Option<Instant>,
+    timer_running: bool,
+    stats: QueueStats,
+}
+
+/// Counters for the management API.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QueueStats {
+    pub published: u64,
+    pub delivered: u64,
+    pub acked: u64,
+    pub redelivered: u64,
+}
+
+/// A point-in-time view of a queue's counts.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueCounts {
+    pub ready: u32,
+    pub unacked: u32,
+    pub consumers: u32,
+    pub ready_bytes: u64,
+    pub stats: QueueStats,
+}
+
+/// Work decided under the queue lock and carried out after it is released.
+#[derive(Default)]
+pub(crate) struct Effects {
+    pub ops: Vec<Op>,
+    pub dead: Vec<(Arc<Message>, DeadReason)>,
+    /// The queue must be deleted (auto-delete after the last consumer, or x-expires).
+    pub delete_queue: bool,
+}
+
+/// The answer to basic.get.
+#[derive(Debug)]
+pub struct GetResult {
+    pub seq: MsgSeq,
+    pub message: Arc<Message>,
+    pub redelivered: bool,
+    /// Messages still ready after this one.
+    pub remaining: u32,
+}
+
+/// The outcome of putting a message into a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnqueueOutcome {
+    Accepted,
+    /// `x-overflow: reject-publish[-dlx]` refused it: the publisher gets a nack.
+    Rejected,
+}
+
+/// A queue.
+pub struct Queue {
+    pub name: ShortString,
+    pub vhost: Weak<VHost>,
+    pub store_id: StoreQueueId,
+    pub durable: bool,
+    pub exclusive_owner: Option<ConnectionId>,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+    pub config: QueueConfig,
+    state: Mutex<QueueState>,
+    next_seq: AtomicU64,
+    /// Wakes the housekeeping task (TTL and x-expires) when a nearer deadline appears.
+    timer: Notify,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").field("name", &self.name).finish()
+    }
+}
+
+impl Queue {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        name: ShortString,
+        vhost: Weak<VHost>,
+        store_id: StoreQueueId,
+        durable: bool,
+        exclusive_owner: Option<ConnectionId>,
+        auto_delete: bool,
+        arguments: FieldTable,
+        config: QueueConfig,
+    ) -> Arc<Self> {
+        let levels = config.max_priority.map(|p| p as usize + 1).unwrap_or(1);
+        let state = QueueState {
+            ready: (0..levels).map(|_| VecDeque::new()).collect(),
+            last_used: Some(Instant::now()),
+            ..Default::default()
+        };
+        let q = Arc::new(Queue {
+            name,
+            vhost,
+            store_id,
+            durable,
+            exclusive_owner,
+            auto_delete,
+            arguments,
+            config,
+            state: Mutex::new(state),
+            next_seq: AtomicU64::new(1),
+            timer: Notify::new(),
+        });
+        if q.config.message_ttl.is_some() || q.config.expires.is_some() {
+            q.ensure_timer();
+        }
+        q
+    }
+
+    /// Next message sequence number (also the store key suffix).
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.state.lock().deleted
+    }
+
+    pub fn counts(&self) -> QueueCounts {
+        let s = self.state.lock();
+        QueueCounts {
+            ready: s.ready_count as u32,
+            unacked: s.unacked.len() as u32,
+            consumers: s.consumers.len() as u32,
+            ready_bytes: s.ready_bytes,
+            stats: s.stats,
+        }
+    }
+
+    pub fn message_count(&self) -> u32 {
+        self.state.lock().ready_count as u32
+    }
+
+    pub fn consumer_count(&self) -> u32 {
+        self.state.lock().consumers.len() as u32
+    }
+
+    /// Marks the queue used (for `x-expires`): declare, consume, get.
+    pub(crate) fn touch(&self) {
+        self.state.lock().last_used = Some(Instant::now());
+        if self.config.expires.is_some() {
+            self.timer.notify_one();
+        }
+    }
+
+    /// 405 unless `conn` may use this queue (exclusive queues belong to one connection).
+    pub fn check_access(&self, conn: ConnectionId, vhost: &str) -> CoreResult<()> {
+        match self.exclusive_owner {
+            Some(owner) if owner != conn => Err(CoreError::locked(format!(
+                "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be \
+                 originally declared on another connection or the exclusive property value does \
+                 not match that of the original declaration.",
+                self.name.as_str(),
+                vhost
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn priority_level(&self, msg: &Message) -> usize {
+        match self.config.max_priority {
+            None => 0,
+            Some(max) => msg.properties.priority.unwrap_or(0).min(max) as usize,
+        }
+    }
+
+    /// Whether a publish would be refused by `x-overflow: reject-publish[-dlx]` right now.
+    pub(crate) fn would_reject(&self, msg: &Message) -> bool {
+        if !matches!(
+            self.config.overflow,
+            Some(Overflow::RejectPublish | Overflow::RejectPublishDlx)
+        ) {
+            return false;
+        }
+        let s = self.state.lock();
+        self.over_limit(
+            s.ready_count as u64 + 1,
+            s.ready_bytes + msg.body.len() as u64,
+        )
+    }
+
+    fn over_limit(&self, count: u64, bytes: u64) -> bool {
+        self.config.max_length.is_some_and(|m| count > m)
+            || self.config.max_length_bytes.is_some_and(|m| bytes > m)
+    }
+
+    /// Puts a routed message at the tail and delivers what credit allows.
+    pub(crate) async fn enqueue(
+        self: &Arc<Self>,
+        seq: u64,
+        msg: Arc<Message>,
+        persisted: bool,
+        now: Instant,
+    ) -> EnqueueOutcome {
+        let ttl = [self.config.message_ttl, msg.expiration_ms().ok().flatten()]
+            .into_iter()
+            .flatten()
+            .min();
+        let expires_at = ttl.map(|t| now + Duration::from_millis(t));
+        let mut fx = Effects::default();
+        let outcome = {
+            let mut s = self.state.lock();
+            if s.deleted {
+                return EnqueueOutcome::Accepted;
+            }
+            let entry = Entry {
+                seq,
+                msg,
+                redelivered: false,
+                persisted,
+                delivered_marked: false,
+                expires_at,
+            };
+            let size = entry.size();
+            let reject = matches!(
+                self.config.overflow,
+                Some(Overflow::RejectPublish | Overflow::RejectPublishDlx)
+            ) && self.over_limit(s.ready_count as u64 + 1, s.ready_bytes + size);
+            if reject {
+                if persisted {
+                    fx.ops.push(self.delete_op(seq));
+                }
+                if self.config.overflow == Some(Overflow::RejectPublishDlx) {
+                    fx.dead.push((entry.msg, DeadReason::Maxlen));
+                }
+                EnqueueOutcome::Rejected
+            } else {
+                s.stats.published += 1;
+                let level = self.priority_level(&entry.msg);
+                let was_empty = s.ready[level].is_empty();
+                s.ready_count += 1;
+                s.ready_bytes += size;
+                s.ready[level].push_back(entry);
+                if expires_at.is_some() && was_empty {
+                    if !s.timer_running {
+                        s.timer_running = true;
+                        self.spawn_timer();
+                    } else {
+                        self.timer.notify_one();
+                    }
+                }
+                // drop-head (the default) keeps the newest messages.
+                while self.over_limit(s.ready_count as u64, s.ready_bytes) {
+                    let Some(old) = Self::pop_ready(&mut s) else {
+                        break;
+                    };
+                    self.discard(old, DeadReason::Maxlen, &mut fx);
+                }
+                self.dispatch(&mut s, &mut fx, now);
+                EnqueueOutcome::Accepted
+            }
+        };
+        self.finish(fx).await;
+        outcome
+    }
+
+    /// Puts a recovered message back (startup only, no consumers yet).
+    pub(crate) fn restore(&self, seq: u64, msg: Arc<Message>, delivered: bool) {
+        let mut s = self.state.lock();
+        let level = self.priority_level(&msg);
+        s.ready_count += 1;
+        let entry = Entry {
+            seq,
+            msg,
+            redelivered: delivered,
+            persisted: true,
+            delivered_marked: delivered,
+            expires_at: self
+                .config
+                .message_ttl
+                .map(|t| Instant::now() + Duration::from_millis(t)),
+        };
+        s.ready_bytes += entry.size();
+        s.ready[level].push_back(entry);
+        let _ = self
+            .next_seq
+            .fetch_max(seq.saturating_add(1), Ordering::Relaxed);
+    }
+
+    fn pop_ready(s: &mut QueueState) -> Option<Entry> {
+        for level in s.ready.iter_mut().rev() {
+            if let Some(e) = level.pop_front() {
+                s.ready_count -= 1;
+                s.ready_bytes -= e.size();
+                return Some(e);
+            }
+        }
+        None
+    }
+
+    /// Returns a message to the ready list at its original place (by sequence), as RabbitMQ
+    /// does for requeues.
+    fn push_back_in_order(&self, s: &mut QueueState, entry: Entry) {
+        let level = self.priority_level(&entry.msg);
+        let dq = &mut s.ready[level];
+        let pos = dq.partition_point(|e| e.seq < entry.seq);
+        s.ready_count += 1;
+        s.ready_bytes += entry.size();
+        dq.insert(pos, entry);
+    }
+
+    fn delete_op(&self, seq: u64) -> Op {
+        Op::DeleteMessage {
+            queue: self.store_id,
+            seq,
+        }
+    }
+
+    /// Drops a message from the queue: dead-letters it if configured, deletes it from the
+    /// store.
+    fn discard(&self, entry: Entry, reason: DeadReason, fx: &mut Effects) {
+        if entry.persisted {
+            fx.ops.push(self.delete_op(entry.seq));
+        }
+        if self.config.dead_letter_exchange.is_some() {
+            fx.dead.push((entry.msg, reason));
+        }
+    }
+
+    /// Index of the consumer to receive the next message: the highest priority with
+    /// credit, round-robin among equals; only the first consumer with
+    /// single-active-consumer.
+    fn pick_consumer(&self, s: &mut QueueState) -> Option<usize> {
+        if self.config.single_active_consumer {
+            return s.consumers.first().filter(|c| c.has_credit()).map(|_| 0);
+        }
+        let n = s.consumers.len();
+        let best = s
+            .consumers
+            .iter()
+            .filter(|c| c.has_credit())
+            .map(|c| c.spec.priority)
+            .max()?;
+        for k in 0..n {
+            let i = (s.rr + k) % n;
+            let c = &s.consumers[i];
+            if c.spec.priority == best && c.has_credit() {
+                s.rr = i + 1;
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Hands ready messages to consumers while credit lasts.
+    fn dispatch(self: &Arc<Self>, s: &mut QueueState, fx: &mut Effects, now: Instant) {
+        while s.ready_count > 0 && !s.consumers.is_empty() {
+            let Some(ci) = self.pick_consumer(s) else {
+                break;
+            };
+            let Some(entry) = Self::pop_ready(s) else {
+                break;
+            };
+            if entry.expires_at.is_some_and(|t| t <= now) {
+                self.discard(entry, DeadReason::Expired, fx);
+                continue;
+            }
+            let c = &mut s.consumers[ci];
+            let delivery = Delivery {
+                consumer: c.spec.id,
+                queue: self.clone(),
+                seq: MsgSeq(entry.seq),
+                message: entry.msg.clone(),
+                redelivered: entry.redelivered,
+            };
+            if let Err(_returned) = c.spec.outbox.try_deliver(delivery) {
+                c.stalled = true;
+                c.spec.outbox.note_stalled(Arc::downgrade(self));
+                self.push_back_in_order(s, entry);
+                continue;
+            }
+            s.stats.delivered += 1;
+            if entry.redelivered {
+                s.stats.redelivered += 1;
+            }
+            if c.spec.no_ack {
+                if entry.persisted {
+                    fx.ops.push(self.delete_op(entry.seq));
+                }
+                continue;
+            }
+            c.unacked += 1;
+            c.spec.channel_credit.take();
+            let cid = c.spec.id;
+            let mut entry = entry;
+            if entry.persisted && !entry.delivered_marked {
+                entry.delivered_marked = true;
+                fx.ops.push(Op::MarkDelivered {
+                    queue: self.store_id,
+                    seq: entry.seq,
+                });
+            }
+            s.unacked.insert(
+                entry.seq,
+                Unacked {
+                    entry,
+                    consumer: Some(cid),
+                },
+            );
+        }
+    }
+
+    /// Carries out what was decided under the lock.
+    pub(crate) async fn finish(self: &Arc<Self>, fx: Effects) {
+        let Effects {
+            ops,
+            dead,
+            delete_queue,
+        } = fx;
+        let vhost = self.vhost.upgrade();
+        if !ops.is_empty() {
+            if let Some(v) = &vhost {
+                if let Err(e) = v.store.submit(ops).await {
+                    tracing::error!(queue = %self.name.as_str(), error = %e, "store write failed");
+                }
+            }
+        }
+        if let Some(v) = &vhost {
+            for (msg, reason) in dead {
+                v.dead_letter(self, msg, reason).await;
+            }
+            if delete_queue {
+                let _ = v.delete_queue(self.name.as_str(), None, false, false).await;
+            }
+        }
+    }
+
+    /// Registers a consumer and starts delivering to it.
+    pub async fn add_consumer(self: &Arc<Self>, spec: ConsumerSpec) -> CoreResult<()> {
+        let mut fx = Effects::default();
+        {
+            let mut s = self.state.lock();
+            if s.deleted {
+                return Err(CoreError::not_found(format!(
+                    "no queue '{}' in vhost",
+                    self.name.as_str()
+                )));
+            }
+            if s.consumers.iter().any(|c| c.spec.exclusive) {
+                return Err(CoreError::access_refused(format!(
+                    "queue '{}' in vhost '{}' in exclusive use",
+                    self.name.as_str(),
+                    self.vhost_name()
+                )));
+            }
+            if spec.exclusive && !s.consumers.is_empty() {
+                return Err(CoreError::access_refused(format!(
+                    "queue '{}' in vhost '{}' in exclusive use",
+                    self.name.as_str(),
+                    self.vhost_name()
+                )));
+            }
+            s.had_consumer = true;
+            s.last_used = Some(Instant::now());
+            s.consumers.push(ConsumerEntry {
+                spec,
+                unacked: 0,
+                stalled: false,
+            });
+            self.dispatch(&mut s, &mut fx, Instant::now());
+        }
+        self.finish(fx).await;
+        Ok(())
+    }
+
+    fn vhost_name(&self) -> String {
+        self.vhost
+            .upgrade()
+            .map(|v| v.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// Removes a consumer; its unacked messages stay with its channel. Auto-delete queues
+    /// go when their last consumer does.
+    pub async fn remove_consumer(self: &Arc<Self>, id: ConsumerId) -> bool {
+        let mut fx = Effects::default();
+        let found = {
+            let mut s = self.state.lock();
+            let before = s.consumers.len();
+            s.consumers.retain(|c| c.spec.id != id);
+            let found = s.consumers.len() != before;
+            for u in s.unacked.values_mut() {
+                if u.consumer == Some(id) {
+                    u.consumer = None;
+                }
+            }
+            s.last_used = Some(Instant::now());
+            if found && s.consumers.is_empty() && self.auto_delete && s.had_consumer {
+                fx.delete_queue = true;
+            } else {
+                // Another consumer may now be the single active one.
+                self.dispatch(&mut s, &mut fx, Instant::now());
+            }
+            if self.config.expires.is_some() {
+                self.timer.notify_one();
+            }
+            found
+        };
+        self.finish(fx).await;
+        found
+    }
+
+    /// Clears the stall of this outbox's consumers and delivers again.
+    pub async fn resume(self: &Arc<Self>, outbox: &Arc<Outbox>) {
+        let mut fx = Effects::default();
+        {
+            let mut s = self.state.lock();
+            for c in s.consumers.iter_mut() {
+                if Arc::ptr_eq(&c.spec.outbox, outbox) {
+                    c.stalled = false;
+                }
+            }
+            self.dispatch(&mut s, &mut fx, Instant::now());
+        }
+        self.finish(fx).await;
+    }
+
+    /// Delivers again after credit was returned elsewhere (a channel's global prefetch).
+    pub async fn kick(self: &Arc<Self>) {
+        let mut fx = Effects::default();
+        {
+            let mut s = self.state.lock();
+            self.dispatch(&mut s, &mut fx, Instant::now());
+        }
+        self.finish(fx).await;
+    }
+
+    /// basic.get: the head message, unacked unless `no_ack`.
+    pub async fn get(self: &Arc<Self>, no_ack: bool) -> Option<GetResult> {
+        let mut fx = Effects::default();
+        let now = Instant::now();
+        let result = {
+            let mut s = self.state.lock();
+            s.last_used = Some(now);
+            let mut found = None;
+            while let Some(mut entry) = Self::pop_ready(&mut s) {
+                if entry.expires_at.is_some_and(|t| t <= now) {
+                    self.discard(entry, DeadReason::Expired, &mut fx);
+                    continue;
+                }
+                s.stats.delivered += 1;
+                let result = GetResult {
+                    seq: MsgSeq(entry.seq),
+                    message: entry.msg.clone(),
+                    redelivered: entry.redelivered,
+                    remaining: s.ready_count as u32,
+                };
+                if no_ack {
+                    if entry.persisted {
+                        fx.ops.push(self.delete_op(entry.seq));
+                    }
+                } else {
+                    if entry.persisted && !entry.delivered_marked {
+                        entry.delivered_marked = true;
+                        fx.ops.push(Op::MarkDelivered {
+                            queue: self.store_id,
+                            seq: entry.seq,
+                        });
+                    }
+                    s.unacked.insert(
+                        entry.seq,
+                        Unacked {
+                            entry,
+                            consumer: None,
+                        },
+                    );
+                }
+                found = Some(result);
+                break;
+            }
+            found
+        };
+        self.finish(fx).await;
+        result
+    }
+
+    fn settle(&self, s: &mut QueueState, seq: MsgSeq) -> Option<Entry> {
+        let u = s.unacked.remove(&seq.0)?;
+        if let Some(cid) = u.consumer {
+            if let Some(c) = s.consumers.iter_mut().find(|c| c.spec.id == cid) {
+                c.unacked = c.unacked.saturating_sub(1);
+            }
+        }
+        Some(u.entry)
+    }
+
+    /// basic.ack of these messages.
+    pub async fn ack(self: &Arc<Self>, seqs: &[MsgSeq]) {
+        let mut fx = Effects::default();
+        {
+            let mut s = self.state.lock();
+            for &seq in seqs {
+                if let Some(e) = self.settle(&mut s, seq) {
+                    s.stats.acked += 1;
+                    if e.persisted {
+                        fx.ops.push(self.delete_op(e.seq));
+                    }
+                }
+            }
+            self.dispatch(&mut s, &mut fx, Instant::now());
+        }
+        self.finish(fx).await;
+    }
+
+    /// nack/reject with requeue, recover, or a closed channel: back to ready, redelivered.
+    pub async fn requeue(self: &Arc<Self>, seqs: &[MsgSeq]) {
+        let mut fx = Effects::default();
+        {
+            let mut s = self.state.lock();
+            if s.deleted {
+                return;
+            }
+            for &seq in seqs {
+                if let Some(mut e) = self.settle(&mut s, seq) {
+                    e.redelivered = true;
+                    self.push_back_in_order(&mut s, e);
+                }
+            }
+            self.dispatch(&mut s, &mut fx, Instant::now());
+        }
+        self.finish(fx).await;
+    }
+
+    /// nack/reject without requeue: dead-lettered (reason `rejected`) or dropped.
+    pub async fn reject(self: &Arc<Self>, seqs: &[MsgSeq]) {
+        let mut fx = Effects::default();
+        {
+            let mut s = self.state.lock();
+            for &seq in seqs {
+                if let Some(e) = self.settle(&mut s, seq) {
+                    self.discard(e, DeadReason::Rejected, &mut fx);
+                }
+            }
+            self.dispatch(&mut s, &mut fx, Instant::now());
+        }
+        self.finish(fx).await;
+    }
+
+    /// queue.purge: drops the ready messages, returns how many.
+    pub async fn purge(self: &Arc<Self>) -> u32 {
+        let mut fx = Effects::default();
+        let n = {
+            let mut s = self.state.lock();
+            let n = s.ready_count as u32;
+            let mut seqs = Vec::new();
+            for level in s.ready.iter_mut() {
+                for e in level.drain(..) {
+                    if e.persisted {
+                        seqs.push(e.seq);
+                    }
+                }
+            }
+            s.ready_count = 0;
+            s.ready_bytes = 0;
+            if s.unacked.is_empty() && !seqs.is_empty() {
+                fx.ops.push(Op::DeleteQueueMessages {
+                    queue: self.store_id,
+                });
+            } else {
+                fx.ops.extend(seqs.into_iter().map(|q| self.delete_op(q)));
+            }
+            n
+        };
+        self.finish(fx).await;
+        n
+    }
+
+    /// Marks the queue deleted and tells its consumers. Returns the ready count and the
+    /// consumers that were cancelled.
+    pub(crate) fn mark_deleted(&self) -> (u32, Vec<(ConsumerId, Arc<Outbox>)>) {
+        let mut s = self.state.lock();
+        s.deleted = true;
+        let n = s.ready_count as u32;
+        let consumers = s
+            .consumers
+            .drain(..)
+            .map(|c| (c.spec.id, c.spec.outbox))
+            .collect();
+        for level in s.ready.iter_mut() {
+            level.clear();
+        }
+        s.ready_count = 0;
+        s.ready_bytes = 0;
+        s.unacked.clear();
+        drop(s);
+        self.timer.notify_one();
+        (n, consumers)
+    }
+
+    pub(crate) fn is_unused(&self) -> bool {
+        self.state.lock().consumers.is_empty()
+    }
+
+    fn ensure_timer(self: &Arc<Self>) {
+        let mut s = self.state.lock();
+        if !s.timer_running {
+            s.timer_running = true;
+            self.spawn_timer();
+        }
+    }
+
+    fn spawn_timer(self: &Arc<Self>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        rt.spawn(housekeeping(weak));
+    }
+
+    /// Expires messages at the heads and checks `x-expires`; returns the next deadline.
+    async fn housekeep(self: &Arc<Self>) -> Option<Option<Instant>> {
+        let now = Instant::now();
+        let mut fx = Effects::default();
+        let next = {
+            let mut s = self.state.lock();
+            if s.deleted {
+                return None;
+            }
+            let mut next: Option<Instant> = None;
+            for li in 0..s.ready.len() {
+                while let Some(t) = s.ready[li].front().and_then(|e| e.expires_at) {
+                    if t > now {
+                        next = Some(next.map_or(t, |n: Instant| n.min(t)));
+                        break;
+                    }
+                    if let Some(e) = s.ready[li].pop_front() {
+                        s.ready_count -= 1;
+                        s.ready_bytes -= e.size();
+                        self.discard(e, DeadReason::Expired, &mut fx);
+                    }
+                }
+            }
+            if let (Some(exp), true) = (self.config.expires, s.consumers.is_empty()) {
+                let deadline = s.last_used.unwrap_or(now) + Duration::from_millis(exp);
+                if deadline <= now {
+                    fx.delete_queue = true;
+                } else {
+                    next = Some(next.map_or(deadline, |n| n.min(deadline)));
+                }
+            }
+            next
+        };
+        self.finish(fx).await;
+        Some(next)
+    }
+}
+
+/// One task per queue with TTLs or `x-expires`: sleeps until the next deadline.
+async fn housekeeping(weak: Weak<Queue>) {
+    loop {
+        let Some(q) = weak.upgrade() else {
+            return;
+        };
+        let notified = q.timer.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let Some(next) = q.housekeep().await else {
+            return;
+        };
+        if q.is_deleted() {
+            return;
+        }
+        match next {
+            Some(t) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(t.into()) => {}
+                    _ = &mut notified => {}
+                }
+            }
+            None => notified.await,
+        }
+    }
+}

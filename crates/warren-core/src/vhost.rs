@@ -1,0 +1,783 @@
+//! A virtual host: its exchanges, queues and bindings, routing, and their durable records.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use amq_protocol_types::{FieldTable, ShortString};
+use parking_lot::RwLock;
+use warren_store::{Op, Store, StoreQueueId, Ticket};
+
+use crate::consumer::OutboxEvent;
+use crate::deadletter::{dead_lettered, DeadReason};
+use crate::error::{CoreError, CoreResult, ErrorKind};
+use crate::exchange::{Binding, Exchange, ExchangeKind, Target};
+use crate::ids::ConnectionId;
+use crate::message::Message;
+use crate::meta;
+use crate::queue::{EnqueueOutcome, Queue, QueueConfig};
+
+/// Exchanges every vhost has (RabbitMQ's predeclared set).
+const PREDECLARED: &[(&str, ExchangeKind)] = &[
+    ("", ExchangeKind::Direct),
+    ("amq.direct", ExchangeKind::Direct),
+    ("amq.fanout", ExchangeKind::Fanout),
+    ("amq.topic", ExchangeKind::Topic),
+    ("amq.headers", ExchangeKind::Headers),
+    ("amq.match", ExchangeKind::Headers),
+];
+
+/// Bound on exchange-to-exchange hops, against binding cycles.
+const MAX_E2E_DEPTH: usize = 16;
+
+/// Parameters of exchange.declare.
+#[derive(Debug, Clone)]
+pub struct ExchangeDecl {
+    pub name: ShortString,
+    pub kind: String,
+    pub passive: bool,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+}
+
+/// Parameters of queue.declare.
+#[derive(Debug, Clone)]
+pub struct QueueDecl {
+    pub name: ShortString,
+    pub passive: bool,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+}
+
+/// The result of a publish.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PublishOutcome {
+    /// Number of queues the message was put in.
+    pub routed: usize,
+    /// A queue refused it (`x-overflow: reject-publish`): the confirm must be a nack.
+    pub rejected: bool,
+    /// The store write the confirm must wait for.
+    pub ticket: Option<Ticket>,
+}
+
+/// A virtual host.
+pub struct VHost {
+    pub name: String,
+    pub(crate) store: Store,
+    exchanges: RwLock<HashMap<ShortString, Arc<Exchange>>>,
+    queues: RwLock<HashMap<ShortString, Arc<Queue>>>,
+    self_ref: Weak<VHost>,
+    next_store_id: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::fmt::Debug for VHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VHost").field("name", &self.name).finish()
+    }
+}
+
+impl VHost {
+    pub(crate) fn new(
+        name: String,
+        store: Store,
+        next_store_id: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Arc<VHost> {
+        Arc::new_cyclic(|weak| {
+            let mut exchanges = HashMap::new();
+            for (n, k) in PREDECLARED {
+                exchanges.insert(
+                    ShortString::from(*n),
+                    Arc::new(Exchange::new(
+                        (*n).into(),
+                        *k,
+                        true,
+                        false,
+                        false,
+                        FieldTable::default(),
+                    )),
+                );
+            }
+            VHost {
+                name,
+                store,
+                exchanges: RwLock::new(exchanges),
+                queues: RwLock::new(HashMap::new()),
+                self_ref: weak.clone(),
+                next_store_id,
+            }
+        })
+    }
+
+    fn not_found_exchange(&self, name: &str) -> CoreError {
+        CoreError::not_found(format!("no exchange '{name}' in vhost '{}'", self.name))
+    }
+
+    fn not_found_queue(&self, name: &str) -> CoreError {
+        CoreError::not_found(format!("no queue '{name}' in vhost '{}'", self.name))
+    }
+
+    pub fn exchange(&self, name: &str) -> CoreResult<Arc<Exchange>> {
+        self.exchanges
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.not_found_exchange(name))
+    }
+
+    pub fn exchanges(&self) -> Vec<Arc<Exchange>> {
+        self.exchanges.read().values().cloned().collect()
+    }
+
+    pub fn queue(&self, name: &str) -> CoreResult<Arc<Queue>> {
+        self.queues
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.not_found_queue(name))
+    }
+
+    pub fn queues(&self) -> Vec<Arc<Queue>> {
+        self.queues.read().values().cloned().collect()
+    }
+
+    /// Writes durable metadata and waits for the sync, so a declare-ok means durable.
+    async fn persist(&self, ops: Vec<Op>) -> CoreResult<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let t = self.store.submit(ops).await?;
+        self.store.wait_synced(t).await?;
+        Ok(())
+    }
+
+    /// exchange.declare.
+    pub async fn declare_exchange(&self, d: ExchangeDecl) -> CoreResult<Arc<Exchange>> {
+        let name = d.name.as_str();
+        if d.passive {
+            return self.exchange(name);
+        }
+        if name.is_empty() {
+            return Err(CoreError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
+        }
+        let kind = ExchangeKind::parse(&d.kind)?;
+        if let Ok(x) = self.exchange(name) {
+            let inequivalent = |arg: &str, got: String, cur: String| {
+                CoreError::precondition(format!(
+                    "inequivalent arg '{arg}' for exchange '{name}' in vhost '{}': received '{got}' but current is '{cur}'",
+                    self.name
+                ))
+            };
+            if x.kind != kind {
+                return Err(inequivalent("type", d.kind.clone(), x.kind.as_str().into()));
+            }
+            if x.durable != d.durable {
+                return Err(inequivalent(
+                    "durable",
+                    d.durable.to_string(),
+                    x.durable.to_string(),
+                ));
+            }
+            if x.auto_delete != d.auto_delete {
+                return Err(inequivalent(
+                    "auto_delete",
+                    d.auto_delete.to_string(),
+                    x.auto_delete.to_string(),
+                ));
+            }
+            if x.internal != d.internal {
+                return Err(inequivalent(
+                    "internal",
+                    d.internal.to_string(),
+                    x.internal.to_string(),
+                ));
+            }
+            return Ok(x);
+        }
+        if name.starts_with("amq.") {
+            return Err(CoreError::access_refused(format!(
+                "exchange name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        let x = Arc::new(Exchange::new(
+            d.name.clone(),
+            kind,
+            d.durable,
+            d.auto_delete,
+            d.internal,
+            d.arguments,
+        ));
+        let created = {
+            let mut g = self.exchanges.write();
+            match g.get(name) {
+                Some(existing) => existing.clone(),
+                None => {
+                    g.insert(d.name.clone(), x.clone());
+                    x.clone()
+                }
+            }
+        };
+        if Arc::ptr_eq(&created, &x) && x.durable {
+            self.persist(vec![meta::exchange_put(&self.name, &x)])
+                .await?;
+        }
+        Ok(created)
+    }
+
+    /// exchange.delete.
+    pub async fn delete_exchange(&self, name: &str, if_unused: bool) -> CoreResult<()> {
+        if name.is_empty() || name.starts_with("amq.") {
+            return Err(CoreError::access_refused(format!(
+                "operation not permitted on exchange '{name}'"
+            )));
+        }
+        let x = self.exchange(name)?;
+        if if_unused && x.has_bindings() {
+            return Err(CoreError::precondition(format!(
+                "exchange '{name}' in vhost '{}' in use",
+                self.name
+            )));
+        }
+        self.exchanges.write().remove(name);
+        let mut ops = Vec::new();
+        for b in x.bindings() {
+            if let Some(op) = meta::binding_delete(&self.name, &x, &b) {
+                ops.push(op);
+            }
+        }
+        let target = Target::Exchange(x.name.clone());
+        for other in self.exchanges() {
+            for b in other.bindings().into_iter().filter(|b| b.target == target) {
+                if let Some(op) = meta::binding_delete(&self.name, &other, &b) {
+                    ops.push(op);
+                }
+            }
+            other.unbind_target(&target);
+        }
+        if x.durable {
+            ops.push(meta::exchange_delete(&self.name, name));
+        }
+        self.persist(ops).await
+    }
+
+    /// queue.declare. Returns the queue and whether it was created.
+    pub async fn declare_queue(
+        &self,
+        mut d: QueueDecl,
+        conn: ConnectionId,
+    ) -> CoreResult<(Arc<Queue>, bool)> {
+        let server_named = d.name.as_str().is_empty() && !d.passive;
+        if server_named {
+            d.name = generated_name("amq.gen-").as_str().into();
+        }
+        let name = d.name.clone();
+        let name = name.as_str();
+        if d.passive {
+            let q = self.queue(name)?;
+            q.check_access(conn, &self.name)?;
+            q.touch();
+            return Ok((q, false));
+        }
+        if let Ok(q) = self.queue(name) {
+            q.check_access(conn, &self.name)?;
+            self.check_equivalent(&q, &d)?;
+            q.touch();
+            return Ok((q, false));
+        }
+        if name.starts_with("amq.") && !server_named {
+            return Err(CoreError::access_refused(format!(
+                "queue name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        // A dead-letter exchange need not exist yet, as in RabbitMQ.
+        let config = QueueConfig::parse(&d.arguments, name, &self.name)?;
+        let q = self.create_queue(d, conn, config);
+        let created = {
+            let mut g = self.queues.write();
+            match g.get(&q.name) {
+                Some(existing) => existing.clone(),
+                None => {
+                    g.insert(q.name.clone(), q.clone());
+                    q.clone()
+                }
+            }
+        };
+        if !Arc::ptr_eq(&created, &q) {
+            created.check_access(conn, &self.name)?;
+            return Ok((created, false));
+        }
+        // Every queue is bound to the default exchange by its name; that binding is
+        // implicit (routing looks the queue up), as in RabbitMQ.
+        if q.durable {
+            if let Err(e) = self.persist(vec![meta::queue_put(&self.name, &q)]).await {
+                self.queues.write().remove(&q.name);
+                return Err(e);
+            }
+        }
+        Ok((q, true))
+    }
+
+    /// The private queue behind a direct reply-to consumer (`amq.rabbitmq.reply-to`):
+    /// exclusive to `conn`, auto-deleted with its consumer, named so that publishing to the
+    /// default exchange with that name as routing key reaches it.
+    pub fn declare_reply_queue(&self, conn: ConnectionId) -> Arc<Queue> {
+        let d = QueueDecl {
+            name: generated_name("amq.rabbitmq.reply-to.").as_str().into(),
+            passive: false,
+            durable: false,
+            exclusive: true,
+            auto_delete: true,
+            arguments: FieldTable::default(),
+        };
+        let q = self.create_queue(d, conn, QueueConfig::default());
+        self.queues.write().insert(q.name.clone(), q.clone());
+        q
+    }
+
+    /// Builds a queue (not yet registered).
+    pub(crate) fn create_queue(
+        &self,
+        d: QueueDecl,
+        conn: ConnectionId,
+        config: QueueConfig,
+    ) -> Arc<Queue> {
+        let store_id = StoreQueueId(
+            self.next_store_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
+        self.build_queue(d, Some(conn), store_id, config)
+    }
+
+    pub(crate) fn build_queue(
+        &self,
+        d: QueueDecl,
+        conn: Option<ConnectionId>,
+        store_id: StoreQueueId,
+        config: QueueConfig,
+    ) -> Arc<Queue> {
+        Queue::new(
+            d.name,
+            self.self_ref.clone(),
+            store_id,
+            d.durable,
+            if d.exclusive { conn } else { None },
+            d.auto_delete,
+            d.arguments,
+            config,
+        )
+    }
+
+    pub(crate) fn insert_recovered_queue(&self, q: Arc<Queue>) {
+        self.queues.write().insert(q.name.clone(), q);
+    }
+
+    pub(crate) fn insert_recovered_exchange(&self, x: Arc<Exchange>) {
+        self.exchanges.write().insert(x.name.clone(), x);
+    }
+
+    fn check_equivalent(&self, q: &Queue, d: &QueueDecl) -> CoreResult<()> {
+        let name = d.name.as_str();
+        let inequivalent = |arg: &str, got: String, cur: String| {
+            CoreError::precondition(format!(
+                "inequivalent arg '{arg}' for queue '{name}' in vhost '{}': received '{got}' but current is '{cur}'",
+                self.name
+            ))
+        };
+        if q.durable != d.durable {
+            return Err(inequivalent(
+                "durable",
+                d.durable.to_string(),
+                q.durable.to_string(),
+            ));
+        }
+        if q.exclusive_owner.is_some() != d.exclusive {
+            return Err(inequivalent(
+                "exclusive",
+                d.exclusive.to_string(),
+                q.exclusive_owner.is_some().to_string(),
+            ));
+        }
+        if q.auto_delete != d.auto_delete {
+            return Err(inequivalent(
+                "auto_delete",
+                d.auto_delete.to_string(),
+                q.auto_delete.to_string(),
+            ));
+        }
+        // RabbitMQ compares the x- arguments it knows; a missing one on re-declare is fine
+        // only if it was missing before too.
+        for key in [
+            "x-message-ttl",
+            "x-expires",
+            "x-dead-letter-exchange",
+            "x-dead-letter-routing-key",
+            "x-max-length",
+            "x-max-length-bytes",
+            "x-overflow",
+            "x-max-priority",
+            "x-single-active-consumer",
+        ] {
+            let got = d.arguments.inner().get(key);
+            let cur = q.arguments.inner().get(key);
+            let same = match (got, cur) {
+                (None, None) => true,
+                (Some(a), Some(b)) => {
+                    a == b
+                        || matches!((crate::queue::int_value(a), crate::queue::int_value(b)), (Some(x), Some(y)) if x == y)
+                        || text_of(a).is_some() && text_of(a) == text_of(b)
+                }
+                _ => false,
+            };
+            if !same {
+                return Err(inequivalent(
+                    key,
+                    got.map(|v| format!("{v:?}"))
+                        .unwrap_or_else(|| "none".into()),
+                    cur.map(|v| format!("{v:?}"))
+                        .unwrap_or_else(|| "none".into()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// queue.delete: returns the number of ready messages deleted.
+    pub async fn delete_queue(
+        &self,
+        name: &str,
+        conn: Option<ConnectionId>,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> CoreResult<u32> {
+        let q = self.queue(name)?;
+        if let Some(c) = conn {
+            q.check_access(c, &self.name)?;
+        }
+        if if_unused && !q.is_unused() {
+            return Err(CoreError::precondition(format!(
+                "queue '{name}' in vhost '{}' in use",
+                self.name
+            )));
+        }
+        if if_empty && q.message_count() > 0 {
+            return Err(CoreError::precondition(format!(
+                "queue '{name}' in vhost '{}' not empty",
+                self.name
+            )));
+        }
+        {
+            let mut g = self.queues.write();
+            match g.get(name) {
+                Some(cur) if Arc::ptr_eq(cur, &q) => {
+                    g.remove(name);
+                }
+                _ => return Ok(0),
+            }
+        }
+        let (count, consumers) = q.mark_deleted();
+        for (id, outbox) in consumers {
+            outbox.push_event(OutboxEvent::Cancelled(id));
+        }
+        let target = Target::Queue(q.clone());
+        let mut ops = Vec::new();
+        let mut emptied = Vec::new();
+        for x in self.exchanges() {
+            if q.durable {
+                for b in x.bindings().into_iter().filter(|b| b.target == target) {
+                    if let Some(op) = meta::binding_delete(&self.name, &x, &b) {
+                        ops.push(op);
+                    }
+                }
+            }
+            if x.unbind_target(&target) > 0 && x.auto_delete && !x.has_bindings() {
+                emptied.push(x);
+            }
+        }
+        if q.durable {
+            ops.push(Op::DeleteQueueMessages { queue: q.store_id });
+            ops.push(meta::queue_delete(&self.name, name));
+        }
+        self.persist(ops).await?;
+        for x in emptied {
+            let _ = self.delete_exchange(x.name.as_str(), false).await;
+        }
+        Ok(count)
+    }
+
+    /// Deletes the exclusive queues of a closed connection.
+    pub async fn connection_closed(&self, conn: ConnectionId) {
+        let mine: Vec<ShortString> = self
+            .queues
+            .read()
+            .values()
+            .filter(|q| q.exclusive_owner == Some(conn))
+            .map(|q| q.name.clone())
+            .collect();
+        for name in mine {
+            let _ = self.delete_queue(name.as_str(), None, false, false).await;
+        }
+    }
+
+    /// queue.bind and exchange.bind.
+    pub async fn bind(
+        &self,
+        source: &str,
+        target: Target,
+        routing_key: ShortString,
+        arguments: FieldTable,
+    ) -> CoreResult<()> {
+        let x = self.exchange(source)?;
+        if source.is_empty() {
+            return Err(CoreError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
+        }
+        let durable_target = match &target {
+            Target::Queue(q) => q.durable,
+            Target::Exchange(e) => self.exchange(e.as_str())?.durable,
+        };
+        let b = Binding {
+            target,
+            routing_key,
+            arguments,
+        };
+        if x.bind(b.clone()) && x.durable && durable_target {
+            self.persist(vec![meta::binding_put(&self.name, &x, &b)])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// queue.unbind and exchange.unbind.
+    pub async fn unbind(
+        &self,
+        source: &str,
+        target: Target,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> CoreResult<()> {
+        let x = self.exchange(source)?;
+        if source.is_empty() {
+            return Err(CoreError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
+        }
+        let b = Binding {
+            target: target.clone(),
+            routing_key: routing_key.into(),
+            arguments: arguments.clone(),
+        };
+        if x.unbind(&target, routing_key, arguments) {
+            if let Some(op) = meta::binding_delete(&self.name, &x, &b) {
+                self.persist(vec![op]).await?;
+            }
+            if x.auto_delete && !x.has_bindings() {
+                let _ = self.delete_exchange(x.name.as_str(), false).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every binding in the vhost, as (source exchange, binding).
+    pub fn bindings(&self) -> Vec<(ShortString, Binding)> {
+        let mut out = Vec::new();
+        for x in self.exchanges() {
+            for b in x.bindings() {
+                out.push((x.name.clone(), b));
+            }
+        }
+        out
+    }
+
+    /// The queues a message reaches from `exchange`, deduplicated, following
+    /// exchange-to-exchange bindings and alternate exchanges.
+    pub fn route(&self, exchange: &Exchange, msg: &Message) -> Vec<Arc<Queue>> {
+        let mut queues: Vec<Arc<Queue>> = Vec::new();
+        let mut visited: Vec<ShortString> = Vec::new();
+        self.route_into(exchange, msg, &mut queues, &mut visited, 0);
+        queues
+    }
+
+    fn route_into(
+        &self,
+        x: &Exchange,
+        msg: &Message,
+        queues: &mut Vec<Arc<Queue>>,
+        visited: &mut Vec<ShortString>,
+        depth: usize,
+    ) {
+        if depth > MAX_E2E_DEPTH || visited.contains(&x.name) {
+            return;
+        }
+        visited.push(x.name.clone());
+        let before = queues.len();
+        if x.name.as_str().is_empty() {
+            for key in crate::deadletter::routing_keys(msg) {
+                if let Some(q) = self.queues.read().get(key.as_str()) {
+                    push_unique(queues, q.clone());
+                }
+            }
+        } else {
+            let mut targets = Vec::new();
+            let headers = msg.properties.headers.as_ref();
+            x.route(msg.routing_key.as_str(), headers, &mut targets);
+            // RabbitMQ's sender-selected distribution: CC keys route like the key itself.
+            if headers.is_some_and(|h| h.contains_key("CC")) {
+                for key in crate::deadletter::routing_keys(msg).iter().skip(1) {
+                    x.route(key, headers, &mut targets);
+                }
+            }
+            for t in targets {
+                match t {
+                    Target::Queue(q) => push_unique(queues, q),
+                    Target::Exchange(name) => {
+                        if let Ok(next) = self.exchange(name.as_str()) {
+                            self.route_into(&next, msg, queues, visited, depth + 1);
+                        }
+                    }
+                }
+            }
+        }
+        if queues.len() == before {
+            if let Some(ae) = x.alternate_exchange() {
+                if let Ok(alt) = self.exchange(ae) {
+                    self.route_into(&alt, msg, queues, visited, depth + 1);
+                }
+            }
+        }
+    }
+
+    /// Routes and enqueues a message published to `exchange`. Persistent messages bound
+    /// for durable queues are written to the store first; the returned ticket is what a
+    /// publisher confirm waits for.
+    pub async fn publish(&self, exchange: &str, msg: Arc<Message>) -> CoreResult<PublishOutcome> {
+        let x = self.exchange(exchange)?;
+        let queues = self.route(&x, &msg);
+        self.deliver_to(queues, msg).await
+    }
+
+    /// Enqueues `msg` on already-routed queues.
+    pub async fn deliver_to(
+        &self,
+        queues: Vec<Arc<Queue>>,
+        msg: Arc<Message>,
+    ) -> CoreResult<PublishOutcome> {
+        let mut out = PublishOutcome::default();
+        if queues.is_empty() {
+            return Ok(out);
+        }
+        msg.expiration_ms()?;
+        let persistent = msg.is_persistent();
+        let mut ops = Vec::new();
+        let mut encoded = None;
+        let mut plan = Vec::with_capacity(queues.len());
+        for q in queues {
+            if q.would_reject(&msg) {
+                out.rejected = true;
+                if q.config.overflow == Some(crate::queue::Overflow::RejectPublishDlx) {
+                    self.dead_letter(&q, msg.clone(), DeadReason::Maxlen).await;
+                }
+                continue;
+            }
+            let seq = q.next_seq();
+            let persist = persistent && q.durable;
+            if persist {
+                let data = encoded.get_or_insert_with(|| msg.encode()).clone();
+                ops.push(Op::PutMessage {
+                    queue: q.store_id,
+                    seq,
+                    data,
+                });
+            }
+            plan.push((q, seq, persist));
+        }
+        if !ops.is_empty() {
+            out.ticket = Some(self.store.submit(ops).await?);
+        }
+        let now = Instant::now();
+        for (q, seq, persist) in plan {
+            match q.enqueue(seq, msg.clone(), persist, now).await {
+                EnqueueOutcome::Accepted => out.routed += 1,
+                EnqueueOutcome::Rejected => out.rejected = true,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Republishes a message that left `queue` for `reason` to its dead-letter exchange.
+    ///
+    /// Boxed with an explicit `Send` bound: dead-lettering can cascade through queues
+    /// (publish → enqueue → dead-letter → publish), a recursion the compiler cannot size.
+    pub(crate) fn dead_letter<'a>(
+        &'a self,
+        queue: &'a Queue,
+        msg: Arc<Message>,
+        reason: DeadReason,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let Some(dlx) = queue.config.dead_letter_exchange.clone() else {
+                return;
+            };
+            let Ok(x) = self.exchange(dlx.as_str()) else {
+                return;
+            };
+            let mut m = dead_lettered(
+                &msg,
+                queue.name.as_str(),
+                reason,
+                queue.config.dead_letter_routing_key.as_ref(),
+            );
+            m.exchange = dlx;
+            let m = Arc::new(m);
+            let queues = self.route(&x, &m);
+            if let Err(e) = self.deliver_to(queues, m).await {
+                tracing::debug!(error = %e, "dead-lettering failed");
+            }
+        })
+    }
+
+    /// Error helper for front-ends: 404 for a missing queue.
+    pub fn require_queue(&self, name: &str, conn: ConnectionId) -> CoreResult<Arc<Queue>> {
+        let q = self.queue(name)?;
+        q.check_access(conn, &self.name)?;
+        Ok(q)
+    }
+
+    /// For front-ends that must fail a connection: the kind of a missing vhost.
+    pub fn not_allowed(name: &str) -> CoreError {
+        CoreError::new(ErrorKind::NotAllowed, format!("vhost {name} not found"))
+    }
+}
+
+/// `prefix` + 22 random URL-safe base64 characters, like RabbitMQ's `amq.gen-` names.
+pub fn generated_name(prefix: &str) -> String {
+    use base64::Engine;
+    use rand::RngCore;
+    let mut raw = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut raw);
+    format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    )
+}
+
+fn push_unique(queues: &mut Vec<Arc<Queue>>, q: Arc<Queue>) {
+    if !queues.iter().any(|x| Arc::ptr_eq(x, &q)) {
+        queues.push(q);
+    }
+}
+
+fn text_of(v: &amq_protocol_types::AMQPValue) -> Option<String> {
+    match v {
+        amq_protocol_types::AMQPValue::LongString(s) => {
+            Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        amq_protocol_types::AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
