@@ -28,3 +28,6 @@ pub use meta::UserRecord;
 pub use queue::{GetResult, Queue, QueueCounts};
 pub use vhost::{ExchangeDecl, PublishOutcome, QueueDecl, VHost};
 pub use warren_store::{Store, StoreOptions, Ticket};
+
+#[cfg(test)]
+mod tests;
