@@ -1,0 +1,1210 @@
+//! Channel state and the channel-level classes: channel, exchange, queue, basic, confirm,
+//! tx (and access, as RabbitMQ still answers it).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use amq_protocol::frame::AMQPContentHeader;
+use amq_protocol::protocol::{access, basic, channel, confirm, exchange, queue, tx, AMQPClass};
+use bytes::{Bytes, BytesMut};
+use warren_amqp_codec as codec;
+use warren_core::{
+    ConsumerId, ConsumerSpec, Credit, Delivery, ExchangeDecl, Message, MsgSeq, Queue, QueueDecl,
+    ShortString, Target, VHost,
+};
+
+use crate::connection::{truncate_short, Conn};
+use crate::error::{channel_error, code, connection_error, AmqpError};
+use crate::{fastpath, props};
+
+/// The pseudo-queue of RabbitMQ's direct reply-to.
+const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// A message being assembled from publish + header + body frames.
+struct PendingPublish {
+    method: basic::Publish,
+    header: Option<(u64, codec::BasicProperties)>,
+    body: BytesMut,
+    /// The first body frame, kept zero-copy while it is the only one.
+    first: Option<Bytes>,
+    received: u64,
+}
+
+/// A delivery awaiting ack on this channel.
+struct UnackedTag {
+    tag: u64,
+    queue: Arc<Queue>,
+    seq: MsgSeq,
+    /// Counted against the channel's global prefetch (consumer deliveries, not basic.get).
+    credited: bool,
+}
+
+struct ConsumerInfo {
+    id: ConsumerId,
+    queue: Arc<Queue>,
+    no_ack: bool,
+}
+
+/// A publisher confirm waiting for its store write.
+struct PendingConfirm {
+    tag: u64,
+    ticket: Option<u64>,
+    nack: bool,
+}
+
+/// A settle buffered by a transaction.
+enum Settle {
+    Ack {
+        tag: u64,
+        multiple: bool,
+    },
+    Nack {
+        tag: u64,
+        multiple: bool,
+        requeue: bool,
+    },
+}
+
+#[derive(Default)]
+struct TxBuffer {
+    publishes: Vec<(basic::Publish, Arc<Message>)>,
+    settles: Vec<Settle>,
+}
+
+pub(crate) struct Channel {
+    /// We sent channel.close and wait for close-ok; everything else is dropped (§4.2.3).
+    closing: bool,
+    pending: Option<PendingPublish>,
+    next_delivery_tag: u64,
+    unacked: VecDeque<UnackedTag>,
+    consumers: HashMap<ShortString, ConsumerInfo>,
+    /// basic.qos global=false: prefetch for consumers created afterwards.
+    consumer_prefetch: u32,
+    credit: Arc<Credit>,
+    confirm: bool,
+    next_publish_tag: u64,
+    confirms: VecDeque<PendingConfirm>,
+    tx: Option<TxBuffer>,
+    reply_queue: Option<Arc<Queue>>,
+}
+
+impl Channel {
+    fn new() -> Self {
+        Channel {
+            closing: false,
+            pending: None,
+            next_delivery_tag: 1,
+            unacked: VecDeque::new(),
+            consumers: HashMap::new(),
+            consumer_prefetch: 0,
+            credit: Arc::new(Credit::default()),
+            confirm: false,
+            next_publish_tag: 1,
+            confirms: VecDeque::new(),
+            tx: None,
+            reply_queue: None,
+        }
+    }
+
+    pub(crate) fn waiting_for_sync(&self) -> bool {
+        self.confirms.front().is_some_and(|c| c.ticket.is_some())
+    }
+
+    /// Removes the unacked deliveries `tag` covers (all up to it with `multiple`; tag 0
+    /// with multiple means all). Unknown tags are a 406 as in RabbitMQ.
+    fn take_unacked(
+        &mut self,
+        ch: u16,
+        tag: u64,
+        multiple: bool,
+    ) -> Result<Vec<UnackedTag>, AmqpError> {
+        if multiple {
+            let upto = if tag == 0 { u64::MAX } else { tag };
+            if tag != 0
+                && !self.unacked.iter().any(|u| u.tag == tag)
+                && self.unacked.front().is_none_or(|u| u.tag > tag)
+            {
+                return Err(channel_error(
+                    ch,
+                    code::PRECONDITION_FAILED,
+                    format!("unknown delivery tag {tag}"),
+                ));
+            }
+            let n = self.unacked.partition_point(|u| u.tag <= upto);
+            Ok(self.unacked.drain(..n).collect())
+        } else {
+            match self.unacked.binary_search_by_key(&tag, |u| u.tag) {
+                Ok(i) => Ok(self.unacked.remove(i).into_iter().collect()),
+                Err(_) => Err(channel_error(
+                    ch,
+                    code::PRECONDITION_FAILED,
+                    format!("unknown delivery tag {tag}"),
+                )),
+            }
+        }
+    }
+}
+
+/// Groups settled deliveries by queue so each queue is locked once.
+/// Settled messages of one queue.
+type QueueSeqs = (Arc<Queue>, Vec<MsgSeq>);
+
+fn by_queue(tags: Vec<UnackedTag>) -> (Vec<QueueSeqs>, u32) {
+    let mut groups: Vec<QueueSeqs> = Vec::new();
+    let mut credited = 0;
+    for u in tags {
+        if u.credited {
+            credited += 1;
+        }
+        match groups.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+            Some((_, seqs)) => seqs.push(u.seq),
+            None => groups.push((u.queue, vec![u.seq])),
+        }
+    }
+    (groups, credited)
+}
+
+fn ids(m: &AMQPClass) -> (u16, u16) {
+    (m.get_amqp_class_id(), m.get_amqp_method_id())
+}
+
+impl Conn {
+    /// The vhost chosen by connection.open (channel methods only run after it).
+    fn vh(&self) -> Result<Arc<VHost>, AmqpError> {
+        self.vhost.clone().ok_or_else(|| {
+            connection_error(
+                code::COMMAND_INVALID,
+                "channel method before connection.open",
+            )
+        })
+    }
+
+    fn write(&mut self, ch: u16, m: AMQPClass) {
+        codec::encode_method(&mut self.out, ch, &m);
+    }
+
+    pub(crate) async fn handle_channel_method(
+        &mut self,
+        ch: u16,
+        m: AMQPClass,
+    ) -> Result<(), AmqpError> {
+        let (class_id, method_id) = ids(&m);
+        // channel.open and frames for closing channels first.
+        if let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = m {
+            if ch > self.channel_max {
+                return Err(connection_error(
+                    code::CHANNEL_ERROR,
+                    format!(
+                        "channel number {ch} exceeds negotiated channel_max {}",
+                        self.channel_max
+                    ),
+                )
+                .at(class_id, method_id));
+            }
+            if self.channels.contains_key(&ch) {
+                return Err(
+                    connection_error(code::CHANNEL_ERROR, "second 'channel.open' seen")
+                        .at(class_id, method_id),
+                );
+            }
+            self.channels.insert(ch, Channel::new());
+            self.write(
+                ch,
+                AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+            );
+            return Ok(());
+        }
+        let Some(chan) = self.channels.get_mut(&ch) else {
+            return Err(connection_error(
+                code::CHANNEL_ERROR,
+                format!("expected 'channel.open' on channel {ch}"),
+            )
+            .at(class_id, method_id));
+        };
+        if chan.closing {
+            match m {
+                AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
+                    self.drop_channel(ch).await;
+                }
+                AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                    self.write(
+                        ch,
+                        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                    );
+                    self.drop_channel(ch).await;
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+        if chan.pending.is_some() {
+            return Err(connection_error(
+                code::UNEXPECTED_FRAME,
+                "expected content header for class 60, got non content header frame instead",
+            )
+            .at(class_id, method_id));
+        }
+        self.dispatch(ch, m)
+            .await
+            .map_err(|e| e.at(class_id, method_id))
+    }
+
+    async fn dispatch(&mut self, ch: u16, m: AMQPClass) -> Result<(), AmqpError> {
+        let (class_id, method_id) = ids(&m);
+        let core = |e: warren_core::CoreError| AmqpError::from_core(e, ch, class_id, method_id);
+        let vh = self.vh()?;
+        match m {
+            AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                self.write(
+                    ch,
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                );
+                self.drop_channel(ch).await;
+            }
+            AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {}
+            AMQPClass::Channel(channel::AMQPMethod::Flow(f)) => {
+                let credit = self.chan(ch).credit.clone();
+                credit.paused.store(!f.active, Ordering::Relaxed);
+                self.write(
+                    ch,
+                    AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
+                        active: f.active,
+                    })),
+                );
+                if f.active {
+                    self.kick_channel(ch).await;
+                }
+            }
+            AMQPClass::Channel(channel::AMQPMethod::FlowOk(_)) => {}
+            AMQPClass::Access(access::AMQPMethod::Request(_)) => {
+                self.write(
+                    ch,
+                    AMQPClass::Access(access::AMQPMethod::RequestOk(access::RequestOk {})),
+                );
+            }
+            AMQPClass::Exchange(exchange::AMQPMethod::Declare(d)) => {
+                let nowait = d.nowait;
+                vh.declare_exchange(ExchangeDecl {
+                    name: d.exchange,
+                    kind: d.kind.as_str().to_owned(),
+                    passive: d.passive,
+                    durable: d.durable,
+                    auto_delete: d.auto_delete,
+                    internal: d.internal,
+                    arguments: d.arguments,
+                })
+                .await
+                .map_err(core)?;
+                if !nowait {
+                    self.write(
+                        ch,
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(
+                            exchange::DeclareOk {},
+                        )),
+                    );
+                }
+            }
+            AMQPClass::Exchange(exchange::AMQPMethod::Delete(d)) => {
+                match vh.delete_exchange(d.exchange.as_str(), d.if_unused).await {
+                    // Deleting a missing exchange succeeds, as in RabbitMQ 3.x.
+                    Err(e) if e.kind == warren_core::ErrorKind::NotFound => {}
+                    other => other.map_err(core)?,
+                }
+                if !d.nowait {
+                    self.write(
+                        ch,
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
+                    );
+                }
+            }
+            AMQPClass::Exchange(exchange::AMQPMethod::Bind(b)) => {
+                vh.exchange(b.destination.as_str()).map_err(core)?;
+                vh.bind(
+                    b.source.as_str(),
+                    Target::Exchange(b.destination),
+                    b.routing_key,
+                    b.arguments,
+                )
+                .await
+                .map_err(core)?;
+                if !b.nowait {
+                    self.write(
+                        ch,
+                        AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
+                    );
+                }
+            }
+            AMQPClass::Exchange(exchange::AMQPMethod::Unbind(b)) => {
+                vh.exchange(b.destination.as_str()).map_err(core)?;
+                vh.unbind(
+                    b.source.as_str(),
+                    Target::Exchange(b.destination),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                )
+                .await
+                .map_err(core)?;
+                if !b.nowait {
+                    self.write(
+                        ch,
+                        AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
+                    );
+                }
+            }
+            AMQPClass::Queue(queue::AMQPMethod::Declare(d)) => {
+                let nowait = d.nowait;
+                if d.queue.as_str() == REPLY_TO && d.passive {
+                    if !nowait {
+                        self.write(
+                            ch,
+                            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                                queue: d.queue,
+                                message_count: 0,
+                                consumer_count: 0,
+                            })),
+                        );
+                    }
+                    return Ok(());
+                }
+                let (q, _) = vh
+                    .declare_queue(
+                        QueueDecl {
+                            name: d.queue,
+                            passive: d.passive,
+                            durable: d.durable,
+                            exclusive: d.exclusive,
+                            auto_delete: d.auto_delete,
+                            arguments: d.arguments,
+                        },
+                        self.id,
+                    )
+                    .await
+                    .map_err(core)?;
+                if !nowait {
+                    let c = q.counts();
+                    self.write(
+                        ch,
+                        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                            queue: q.name.clone(),
+                            message_count: c.ready,
+                            consumer_count: c.consumers,
+                        })),
+                    );
+                }
+            }
+            AMQPClass::Queue(queue::AMQPMethod::Bind(b)) => {
+                let q = vh.require_queue(b.queue.as_str(), self.id).map_err(core)?;
+                vh.bind(
+                    b.exchange.as_str(),
+                    Target::Queue(q),
+                    b.routing_key,
+                    b.arguments,
+                )
+                .await
+                .map_err(core)?;
+                if !b.nowait {
+                    self.write(
+                        ch,
+                        AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
+                    );
+                }
+            }
+            AMQPClass::Queue(queue::AMQPMethod::Unbind(b)) => {
+                let q = vh.require_queue(b.queue.as_str(), self.id).map_err(core)?;
+                vh.unbind(
+                    b.exchange.as_str(),
+                    Target::Queue(q),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                )
+                .await
+                .map_err(core)?;
+                self.write(
+                    ch,
+                    AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})),
+                );
+            }
+            AMQPClass::Queue(queue::AMQPMethod::Purge(p)) => {
+                let q = vh.require_queue(p.queue.as_str(), self.id).map_err(core)?;
+                let n = q.purge().await;
+                if !p.nowait {
+                    self.write(
+                        ch,
+                        AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
+                            message_count: n,
+                        })),
+                    );
+                }
+            }
+            AMQPClass::Queue(queue::AMQPMethod::Delete(d)) => {
+                let n = match vh
+                    .delete_queue(d.queue.as_str(), Some(self.id), d.if_unused, d.if_empty)
+                    .await
+                {
+                    // Deleting a missing queue succeeds with 0, as in RabbitMQ 3.x.
+                    Err(e) if e.kind == warren_core::ErrorKind::NotFound => 0,
+                    other => other.map_err(core)?,
+                };
+                if !d.nowait {
+                    self.write(
+                        ch,
+                        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
+                            message_count: n,
+                        })),
+                    );
+                }
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Qos(q)) => {
+                let chan = self.chan(ch);
+                if q.global {
+                    chan.credit
+                        .limit
+                        .store(q.prefetch_count as u32, Ordering::Relaxed);
+                } else {
+                    chan.consumer_prefetch = q.prefetch_count as u32;
+                }
+                self.write(
+                    ch,
+                    AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
+                );
+                self.kick_channel(ch).await;
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Consume(c)) => self
+                .consume(ch, c, &vh)
+                .await
+                .map_err(|e| e.at(class_id, method_id))?,
+            AMQPClass::Basic(basic::AMQPMethod::Cancel(c)) => {
+                let info = self.chan(ch).consumers.remove(&c.consumer_tag);
+                if let Some(info) = info {
+                    self.consumers.remove(&info.id);
+                    info.queue.remove_consumer(info.id).await;
+                }
+                if !c.nowait {
+                    self.write(
+                        ch,
+                        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                            consumer_tag: c.consumer_tag,
+                        })),
+                    );
+                }
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Publish(p)) => {
+                if p.immediate {
+                    return Err(connection_error(code::NOT_IMPLEMENTED, "immediate=true"));
+                }
+                self.chan(ch).pending = Some(PendingPublish {
+                    method: p,
+                    header: None,
+                    body: BytesMut::new(),
+                    first: None,
+                    received: 0,
+                });
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Get(g)) => {
+                let q = vh.require_queue(g.queue.as_str(), self.id).map_err(core)?;
+                match q.get(g.no_ack).await {
+                    None => self.write(
+                        ch,
+                        AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
+                    ),
+                    Some(r) => {
+                        let chan = self.chan(ch);
+                        let tag = chan.next_delivery_tag;
+                        chan.next_delivery_tag += 1;
+                        if !g.no_ack {
+                            chan.unacked.push_back(UnackedTag {
+                                tag,
+                                queue: q.clone(),
+                                seq: r.seq,
+                                credited: false,
+                            });
+                        }
+                        self.write(
+                            ch,
+                            AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
+                                delivery_tag: tag,
+                                redelivered: r.redelivered,
+                                exchange: r.message.exchange.clone(),
+                                routing_key: r.message.routing_key.clone(),
+                                message_count: r.remaining,
+                            })),
+                        );
+                        self.write_content(ch, &r.message);
+                    }
+                }
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Ack(a)) => {
+                if let Some(tx) = self.chan(ch).tx.as_mut() {
+                    tx.settles.push(Settle::Ack {
+                        tag: a.delivery_tag,
+                        multiple: a.multiple,
+                    });
+                } else {
+                    self.settle(ch, a.delivery_tag, a.multiple, SettleKind::Ack)
+                        .await?;
+                }
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Nack(n)) => {
+                if let Some(tx) = self.chan(ch).tx.as_mut() {
+                    tx.settles.push(Settle::Nack {
+                        tag: n.delivery_tag,
+                        multiple: n.multiple,
+                        requeue: n.requeue,
+                    });
+                } else {
+                    let kind = if n.requeue {
+                        SettleKind::Requeue
+                    } else {
+                        SettleKind::Reject
+                    };
+                    self.settle(ch, n.delivery_tag, n.multiple, kind).await?;
+                }
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Reject(r)) => {
+                if let Some(tx) = self.chan(ch).tx.as_mut() {
+                    tx.settles.push(Settle::Nack {
+                        tag: r.delivery_tag,
+                        multiple: false,
+                        requeue: r.requeue,
+                    });
+                } else {
+                    let kind = if r.requeue {
+                        SettleKind::Requeue
+                    } else {
+                        SettleKind::Reject
+                    };
+                    self.settle(ch, r.delivery_tag, false, kind).await?;
+                }
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Recover(r)) => {
+                if !r.requeue {
+                    return Err(connection_error(code::NOT_IMPLEMENTED, "requeue=false"));
+                }
+                self.settle(ch, 0, true, SettleKind::Requeue).await?;
+                self.write(
+                    ch,
+                    AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})),
+                );
+            }
+            AMQPClass::Basic(basic::AMQPMethod::RecoverAsync(r)) => {
+                if !r.requeue {
+                    return Err(connection_error(code::NOT_IMPLEMENTED, "requeue=false"));
+                }
+                self.settle(ch, 0, true, SettleKind::Requeue).await?;
+            }
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
+                let chan = self.chan(ch);
+                if chan.tx.is_some() {
+                    return Err(channel_error(
+                        ch,
+                        code::PRECONDITION_FAILED,
+                        "cannot switch from tx to confirm mode",
+                    ));
+                }
+                chan.confirm = true;
+                if !s.nowait {
+                    self.write(
+                        ch,
+                        AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
+                    );
+                }
+            }
+            AMQPClass::Tx(tx::AMQPMethod::Select(_)) => {
+                let chan = self.chan(ch);
+                if chan.confirm {
+                    return Err(channel_error(
+                        ch,
+                        code::PRECONDITION_FAILED,
+                        "cannot switch from confirm to tx mode",
+                    ));
+                }
+                if chan.tx.is_none() {
+                    chan.tx = Some(TxBuffer::default());
+                }
+                self.write(ch, AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
+            }
+            AMQPClass::Tx(tx::AMQPMethod::Commit(_)) => {
+                let Some(buf) = self.chan(ch).tx.replace(TxBuffer::default()) else {
+                    return Err(channel_error(
+                        ch,
+                        code::PRECONDITION_FAILED,
+                        "channel is not transactional",
+                    ));
+                };
+                let mut last_ticket = None;
+                for (p, msg) in buf.publishes {
+                    if let Some(t) = self.route_publish(ch, &p, msg).await?.0 {
+                        last_ticket = Some(t);
+                    }
+                }
+                for s in buf.settles {
+                    match s {
+                        Settle::Ack { tag, multiple } => {
+                            self.settle(ch, tag, multiple, SettleKind::Ack).await?
+                        }
+                        Settle::Nack {
+                            tag,
+                            multiple,
+                            requeue,
+                        } => {
+                            let kind = if requeue {
+                                SettleKind::Requeue
+                            } else {
+                                SettleKind::Reject
+                            };
+                            self.settle(ch, tag, multiple, kind).await?
+                        }
+                    }
+                }
+                if let Some(t) = last_ticket {
+                    self.broker
+                        .store()
+                        .wait_synced(t)
+                        .await
+                        .map_err(|e| core(e.into()))?;
+                }
+                self.write(ch, AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+            }
+            AMQPClass::Tx(tx::AMQPMethod::Rollback(_)) => {
+                let chan = self.chan(ch);
+                if chan.tx.is_none() {
+                    return Err(channel_error(
+                        ch,
+                        code::PRECONDITION_FAILED,
+                        "channel is not transactional",
+                    ));
+                }
+                chan.tx = Some(TxBuffer::default());
+                self.write(
+                    ch,
+                    AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})),
+                );
+            }
+            other => {
+                let (c, m) = ids(&other);
+                return Err(connection_error(
+                    code::COMMAND_INVALID,
+                    format!("unexpected method {c}.{m} from a client"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn chan(&mut self, ch: u16) -> &mut Channel {
+        // Callers checked that the channel exists; a fresh one is never observable here.
+        self.channels.entry(ch).or_insert_with(Channel::new)
+    }
+
+    async fn consume(
+        &mut self,
+        ch: u16,
+        c: basic::Consume,
+        vh: &Arc<VHost>,
+    ) -> Result<(), AmqpError> {
+        let (class_id, method_id) = (60, 20);
+        let core = |e: warren_core::CoreError| AmqpError::from_core(e, ch, class_id, method_id);
+        let tag = if c.consumer_tag.as_str().is_empty() {
+            ShortString::from(warren_core::vhost::generated_name("amq.ctag-"))
+        } else {
+            c.consumer_tag.clone()
+        };
+        if self.chan(ch).consumers.contains_key(&tag) {
+            return Err(connection_error(
+                code::NOT_ALLOWED,
+                format!("attempt to reuse consumer tag '{}'", tag.as_str()),
+            ));
+        }
+        let q = if c.queue.as_str() == REPLY_TO {
+            if !c.no_ack {
+                return Err(channel_error(
+                    ch,
+                    code::PRECONDITION_FAILED,
+                    "reply consumer cannot acknowledge",
+                ));
+            }
+            if self.chan(ch).reply_queue.is_some() {
+                return Err(channel_error(
+                    ch,
+                    code::PRECONDITION_FAILED,
+                    "reply consumer already set",
+                ));
+            }
+            let q = vh.declare_reply_queue(self.id);
+            self.chan(ch).reply_queue = Some(q.clone());
+            q
+        } else {
+            vh.require_queue(c.queue.as_str(), self.id).map_err(core)?
+        };
+        let priority = c
+            .arguments
+            .inner()
+            .get("x-priority")
+            .and_then(warren_core::queue::int_value)
+            .unwrap_or(0) as i32;
+        let id = ConsumerId::next();
+        let (owner, outbox) = (self.id, self.outbox.clone());
+        let chan = self.chan(ch);
+        let spec = ConsumerSpec {
+            id,
+            tag: Arc::from(tag.as_str()),
+            owner,
+            no_ack: c.no_ack,
+            exclusive: c.exclusive,
+            priority,
+            prefetch: chan.consumer_prefetch,
+            channel_credit: chan.credit.clone(),
+            outbox,
+        };
+        chan.consumers.insert(
+            tag.clone(),
+            ConsumerInfo {
+                id,
+                queue: q.clone(),
+                no_ack: c.no_ack,
+            },
+        );
+        self.consumers.insert(id, (ch, tag.clone()));
+        // consume-ok goes out before the first delivery (deliveries are written later by
+        // the connection loop).
+        if !c.nowait {
+            self.write(
+                ch,
+                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                    consumer_tag: tag.clone(),
+                })),
+            );
+        }
+        if let Err(e) = q.add_consumer(spec).await {
+            self.chan(ch).consumers.remove(&tag);
+            self.consumers.remove(&id);
+            // Take back the consume-ok: it was not sent yet (still in the buffer) only if
+            // nothing else followed; simplest correct answer is the channel error itself.
+            return Err(core(e));
+        }
+        Ok(())
+    }
+
+    /// Delivers again on every queue this channel consumes from (credit came back).
+    async fn kick_channel(&mut self, ch: u16) {
+        let queues: Vec<Arc<Queue>> = match self.channels.get(&ch) {
+            Some(c) => c.consumers.values().map(|i| i.queue.clone()).collect(),
+            None => return,
+        };
+        for q in queues {
+            q.kick().await;
+        }
+    }
+
+    async fn settle(
+        &mut self,
+        ch: u16,
+        tag: u64,
+        multiple: bool,
+        kind: SettleKind,
+    ) -> Result<(), AmqpError> {
+        let tags = self.chan(ch).take_unacked(ch, tag, multiple)?;
+        if tags.is_empty() {
+            return Ok(());
+        }
+        let (groups, credited) = by_queue(tags);
+        for (q, seqs) in groups {
+            match kind {
+                SettleKind::Ack => q.ack(&seqs).await,
+                SettleKind::Requeue => q.requeue(&seqs).await,
+                SettleKind::Reject => q.reject(&seqs).await,
+            }
+        }
+        let credit = self.chan(ch).credit.clone();
+        if credited > 0 && credit.give_back(credited) {
+            self.kick_channel(ch).await;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn handle_content_header(
+        &mut self,
+        ch: u16,
+        h: AMQPContentHeader,
+    ) -> Result<(), AmqpError> {
+        let max = self.cfg.max_message_size;
+        let Some(chan) = self.channels.get_mut(&ch) else {
+            return Err(connection_error(
+                code::CHANNEL_ERROR,
+                format!("expected 'channel.open' on channel {ch}"),
+            ));
+        };
+        if chan.closing {
+            return Ok(());
+        }
+        let Some(p) = chan.pending.as_mut().filter(|p| p.header.is_none()) else {
+            return Err(connection_error(
+                code::UNEXPECTED_FRAME,
+                "expected method frame, got non method frame instead",
+            ));
+        };
+        if h.class_id != 60 {
+            return Err(connection_error(
+                code::UNEXPECTED_FRAME,
+                format!("content header for class {} on a basic.publish", h.class_id),
+            ));
+        }
+        if h.body_size > max {
+            chan.pending = None;
+            return Err(channel_error(
+                ch,
+                code::PRECONDITION_FAILED,
+                format!(
+                    "message size {} is larger than configured max size {max}",
+                    h.body_size
+                ),
+            )
+            .at(60, 40));
+        }
+        let size = h.body_size;
+        p.header = Some((size, h.properties));
+        if size == 0 {
+            self.complete_publish(ch).await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn handle_content_body(&mut self, ch: u16, b: Bytes) -> Result<(), AmqpError> {
+        let Some(chan) = self.channels.get_mut(&ch) else {
+            return Err(connection_error(
+                code::CHANNEL_ERROR,
+                format!("expected 'channel.open' on channel {ch}"),
+            ));
+        };
+        if chan.closing {
+            return Ok(());
+        }
+        let Some(p) = chan.pending.as_mut().filter(|p| p.header.is_some()) else {
+            return Err(connection_error(
+                code::UNEXPECTED_FRAME,
+                "expected method frame, got non method frame instead",
+            ));
+        };
+        let size = p.header.as_ref().map(|h| h.0).unwrap_or(0);
+        p.received += b.len() as u64;
+        if p.received > size {
+            return Err(connection_error(
+                code::FRAME_ERROR,
+                "body larger than declared in the content header",
+            ));
+        }
+        match (p.first.take(), p.body.is_empty()) {
+            (None, true) => p.first = Some(b),
+            (Some(first), _) => {
+                p.body.reserve(size as usize);
+                p.body.extend_from_slice(&first);
+                p.body.extend_from_slice(&b);
+            }
+            (None, false) => p.body.extend_from_slice(&b),
+        }
+        if p.received == size {
+            self.complete_publish(ch).await?;
+        }
+        Ok(())
+    }
+
+    async fn complete_publish(&mut self, ch: u16) -> Result<(), AmqpError> {
+        let Some(p) = self.chan(ch).pending.take() else {
+            return Ok(());
+        };
+        let body = match p.first {
+            Some(b) => b,
+            None => p.body.freeze(),
+        };
+        let Some((_, amqp_props)) = p.header else {
+            return Ok(());
+        };
+        let mut properties = props::from_amqp(&amqp_props);
+        let err = |c: u16, text: String| channel_error(ch, c, text).at(60, 40);
+        if let Some(uid) = &properties.user_id {
+            if uid.as_str() != self.user {
+                return Err(err(
+                    code::PRECONDITION_FAILED,
+                    format!(
+                        "user_id property set to '{}' but authenticated user was '{}'",
+                        uid.as_str(),
+                        self.user
+                    ),
+                ));
+            }
+        }
+        if let Some(exp) = &properties.expiration {
+            if exp.as_str().parse::<u64>().is_err() {
+                return Err(err(
+                    code::PRECONDITION_FAILED,
+                    format!("invalid expiration '{}'", exp.as_str()),
+                ));
+            }
+        }
+        if properties
+            .reply_to
+            .as_ref()
+            .is_some_and(|r| r.as_str() == REPLY_TO)
+        {
+            match &self.chan(ch).reply_queue {
+                Some(q) => properties.reply_to = Some(q.name.clone()),
+                None => {
+                    return Err(err(
+                        code::PRECONDITION_FAILED,
+                        "fast reply consumer does not exist".into(),
+                    ))
+                }
+            }
+        }
+        let msg = Arc::new(Message::new(
+            p.method.exchange.clone(),
+            p.method.routing_key.clone(),
+            properties,
+            body,
+        ));
+        if self.chan(ch).tx.is_some() {
+            // Validate the exchange now, as RabbitMQ does, but route at commit.
+            self.vh()?
+                .exchange(p.method.exchange.as_str())
+                .map_err(|e| AmqpError::from_core(e, ch, 60, 40))?;
+            if let Some(tx) = self.chan(ch).tx.as_mut() {
+                tx.publishes.push((p.method, msg));
+            }
+            return Ok(());
+        }
+        let confirm_tag = {
+            let chan = self.chan(ch);
+            chan.confirm.then(|| {
+                let t = chan.next_publish_tag;
+                chan.next_publish_tag += 1;
+                t
+            })
+        };
+        let (ticket, rejected) = self.route_publish(ch, &p.method, msg).await?;
+        if let Some(tag) = confirm_tag {
+            let chan = self.chan(ch);
+            chan.confirms.push_back(PendingConfirm {
+                tag,
+                ticket: ticket.map(|t| t.0),
+                nack: rejected,
+            });
+            self.flush_confirms();
+        }
+        Ok(())
+    }
+
+    /// Routes a complete message; sends basic.return for an unroutable mandatory one.
+    async fn route_publish(
+        &mut self,
+        ch: u16,
+        p: &basic::Publish,
+        msg: Arc<Message>,
+    ) -> Result<(Option<warren_core::Ticket>, bool), AmqpError> {
+        let vh = self.vh()?;
+        let x = vh
+            .exchange(p.exchange.as_str())
+            .map_err(|e| AmqpError::from_core(e, ch, 60, 40))?;
+        if x.internal {
+            return Err(channel_error(
+                ch,
+                code::ACCESS_REFUSED,
+                format!(
+                    "cannot publish to internal exchange '{}' in vhost '{}'",
+                    p.exchange.as_str(),
+                    vh.name
+                ),
+            )
+            .at(60, 40));
+        }
+        let queues = vh.route(&x, &msg);
+        let unroutable = queues.is_empty();
+        let outcome = vh
+            .deliver_to(queues, msg.clone())
+            .await
+            .map_err(|e| AmqpError::from_core(e, ch, 60, 40))?;
+        if unroutable && p.mandatory {
+            self.write(
+                ch,
+                AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                    reply_code: code::NO_ROUTE,
+                    reply_text: "NO_ROUTE".into(),
+                    exchange: p.exchange.clone(),
+                    routing_key: p.routing_key.clone(),
+                })),
+            );
+            self.write_content(ch, &msg);
+        }
+        Ok((outcome.ticket, outcome.rejected))
+    }
+
+    /// Sends the confirms whose writes are synced, in order, coalescing runs of acks into
+    /// one `multiple` ack.
+    pub(crate) fn flush_confirms(&mut self) {
+        let synced = *self.synced.borrow_and_update();
+        let mut out = std::mem::take(&mut self.out);
+        for (&ch, chan) in self.channels.iter_mut() {
+            let mut run: Option<(u64, usize)> = None;
+            while chan
+                .confirms
+                .front()
+                .is_some_and(|c| c.ticket.is_none_or(|t| t <= synced))
+            {
+                let Some(c) = chan.confirms.pop_front() else {
+                    break;
+                };
+                if c.nack {
+                    if let Some((tag, n)) = run.take() {
+                        write_ack(&mut out, ch, tag, n > 1);
+                    }
+                    codec::encode_method(
+                        &mut out,
+                        ch,
+                        &AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+                            delivery_tag: c.tag,
+                            multiple: false,
+                            requeue: false,
+                        })),
+                    );
+                } else {
+                    run = Some(match run {
+                        Some((_, n)) => (c.tag, n + 1),
+                        None => (c.tag, 1),
+                    });
+                }
+            }
+            if let Some((tag, n)) = run {
+                write_ack(&mut out, ch, tag, n > 1);
+            }
+        }
+        self.out = out;
+    }
+
+    /// Writes a content header and body frames for `msg`, reusing its encoded properties.
+    fn write_content(&mut self, ch: u16, msg: &Message) {
+        let encoded = msg
+            .encoded_properties
+            .get_or_init(|| codec::encode_properties(&props::to_amqp(&msg.properties)));
+        codec::encode_content_preencoded(&mut self.out, ch, encoded, &msg.body, self.frame_max);
+    }
+
+    /// Writes one delivery from the outbox.
+    pub(crate) async fn write_delivery(&mut self, d: Delivery) {
+        let Some((ch, tag)) = self.consumers.get(&d.consumer).cloned() else {
+            // The consumer was cancelled while this was in flight: give it back.
+            d.queue.requeue(&[d.seq]).await;
+            return;
+        };
+        let Some(chan) = self.channels.get_mut(&ch) else {
+            d.queue.requeue(&[d.seq]).await;
+            return;
+        };
+        let no_ack = chan.consumers.get(&tag).is_some_and(|c| c.no_ack);
+        let dtag = chan.next_delivery_tag;
+        chan.next_delivery_tag += 1;
+        if !no_ack {
+            chan.unacked.push_back(UnackedTag {
+                tag: dtag,
+                queue: d.queue.clone(),
+                seq: d.seq,
+                credited: true,
+            });
+        }
+        fastpath::encode_deliver(
+            &mut self.out,
+            ch,
+            tag.as_str(),
+            dtag,
+            d.redelivered,
+            d.message.exchange.as_str(),
+            d.message.routing_key.as_str(),
+        );
+        self.write_content(ch, &d.message);
+    }
+
+    /// The queue of a consumer went away: basic.cancel to clients that asked for it.
+    pub(crate) async fn server_cancel(&mut self, id: ConsumerId) {
+        let Some((ch, tag)) = self.consumers.remove(&id) else {
+            return;
+        };
+        if let Some(chan) = self.channels.get_mut(&ch) {
+            chan.consumers.remove(&tag);
+        }
+        if self.cancel_notify {
+            self.write(
+                ch,
+                AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                    consumer_tag: tag,
+                    nowait: true,
+                })),
+            );
+        }
+    }
+
+    /// Sends channel.close for a soft error and releases the channel's resources now (as
+    /// RabbitMQ does); a stub stays that ignores everything until close-ok (§4.2.3).
+    pub(crate) async fn close_channel_with_error(
+        &mut self,
+        ch: u16,
+        code: u16,
+        text: &str,
+        class_id: u16,
+        method_id: u16,
+    ) {
+        self.write(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: code,
+                reply_text: truncate_short(text),
+                class_id,
+                method_id,
+            })),
+        );
+        if let Some(mut chan) = self.channels.remove(&ch) {
+            self.release(&mut chan).await;
+        }
+        let mut stub = Channel::new();
+        stub.closing = true;
+        self.channels.insert(ch, stub);
+    }
+
+    /// Releases a channel: cancels its consumers and requeues its unacked messages.
+    pub(crate) async fn drop_channel(&mut self, ch: u16) {
+        let Some(mut chan) = self.channels.remove(&ch) else {
+            return;
+        };
+        self.release(&mut chan).await;
+    }
+
+    async fn release(&mut self, chan: &mut Channel) {
+        for (_, info) in chan.consumers.drain() {
+            self.consumers.remove(&info.id);
+            info.queue.remove_consumer(info.id).await;
+        }
+        let (groups, _) = by_queue(chan.unacked.drain(..).collect());
+        for (q, seqs) in groups {
+            q.requeue(&seqs).await;
+        }
+        if let (Some(q), Some(vh)) = (chan.reply_queue.take(), self.vhost.clone()) {
+            let _ = vh.delete_queue(q.name.as_str(), None, false, false).await;
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum SettleKind {
+    Ack,
+    Requeue,
+    Reject,
+}
+
+fn write_ack(out: &mut BytesMut, ch: u16, tag: u64, multiple: bool) {
+    codec::encode_method(
+        out,
+        ch,
+        &AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+            delivery_tag: tag,
+            multiple,
+        })),
+    );
+}

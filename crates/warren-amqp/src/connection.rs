@@ -1,0 +1,654 @@
+//! One AMQP connection: handshake, the frame loop, connection-class methods, heartbeats,
+//! and turning errors into closes.
+//!
+//! The task owns all connection and channel state; it shares only `Arc` handles to the
+//! core. Output is gathered in one `BytesMut` and written after each batch of input or
+//! deliveries (batched socket writes).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amq_protocol::protocol::{connection, AMQPClass};
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use warren_amqp_codec::{self as codec, Frame, HeaderCheck};
+use warren_core::{
+    AMQPValue, Broker, ConnectionId, ConsumerId, Delivery, FieldTable, LongString, Outbox,
+    OutboxEvent, ShortString, VHost,
+};
+
+use crate::channel::Channel;
+use crate::error::{code, connection_error, AmqpError};
+use crate::AmqpConfig;
+
+/// Where the connection is in its life (AMQP 0-9-1 §2.2.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitStartOk,
+    AwaitTuneOk,
+    AwaitOpen,
+    Open,
+    /// We sent connection.close and wait for close-ok.
+    Closing,
+    Done,
+}
+
+/// Why the connection ended, for the log.
+#[derive(Debug, Clone, Copy)]
+enum CloseReason {
+    ClientClosed,
+    ProtocolError,
+    AuthFailure,
+    HeartbeatTimeout,
+    HandshakeTimeout,
+    Shutdown,
+    SocketClosed,
+}
+
+pub(crate) struct Conn {
+    pub broker: Arc<Broker>,
+    pub cfg: Arc<AmqpConfig>,
+    pub id: ConnectionId,
+    pub peer: SocketAddr,
+    pub vhost: Option<Arc<VHost>>,
+    pub user: String,
+    pub frame_max: u32,
+    pub channel_max: u16,
+    pub heartbeat: u16,
+    pub out: BytesMut,
+    pub channels: HashMap<u16, Channel>,
+    /// Delivery routing: consumer id → (channel, consumer tag).
+    pub consumers: HashMap<ConsumerId, (u16, ShortString)>,
+    pub outbox: Arc<Outbox>,
+    /// The client announced `consumer_cancel_notify`.
+    pub cancel_notify: bool,
+    pub synced: watch::Receiver<u64>,
+    phase: Phase,
+    reason: CloseReason,
+}
+
+pub(crate) async fn run(
+    socket: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    cfg: Arc<AmqpConfig>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (outbox, deliveries) = Outbox::new(cfg.outbox_capacity);
+    let synced = broker.store().synced();
+    let mut conn = Conn {
+        frame_max: cfg.frame_max,
+        channel_max: cfg.channel_max,
+        heartbeat: 0,
+        broker,
+        cfg,
+        id: ConnectionId::next(),
+        peer,
+        vhost: None,
+        user: String::new(),
+        out: BytesMut::with_capacity(16 * 1024),
+        channels: HashMap::new(),
+        consumers: HashMap::new(),
+        outbox,
+        cancel_notify: false,
+        synced,
+        phase: Phase::AwaitStartOk,
+        reason: CloseReason::SocketClosed,
+    };
+    tracing::debug!(conn = conn.id.0, %peer, "amqp connection accepted");
+    let result = conn.serve(socket, deliveries, shutdown).await;
+    conn.cleanup().await;
+    match result {
+        Ok(()) => {
+            tracing::info!(conn = conn.id.0, %peer, user = %conn.user, reason = ?conn.reason, "amqp connection closed")
+        }
+        Err(e) => {
+            tracing::info!(conn = conn.id.0, %peer, user = %conn.user, reason = ?conn.reason, error = %e, "amqp connection closed")
+        }
+    }
+}
+
+impl Conn {
+    async fn serve(
+        &mut self,
+        mut socket: TcpStream,
+        mut deliveries: mpsc::Receiver<Delivery>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), AmqpError> {
+        let (mut rd, mut wr) = socket.split();
+        let mut rbuf = BytesMut::with_capacity(64 * 1024);
+        // Protocol header (AMQP 0-9-1 §4.2.2): a wrong one is answered with ours, then close.
+        let deadline = tokio::time::Instant::now() + self.cfg.handshake_timeout;
+        loop {
+            match codec::decode_protocol_header(&mut rbuf) {
+                Some(HeaderCheck::Ok) => break,
+                Some(HeaderCheck::Wrong) => {
+                    wr.write_all(codec::PROTOCOL_HEADER).await?;
+                    self.reason = CloseReason::ProtocolError;
+                    return Ok(());
+                }
+                None => {}
+            }
+            match tokio::time::timeout_at(deadline, rd.read_buf(&mut rbuf)).await {
+                Err(_) => {
+                    self.reason = CloseReason::HandshakeTimeout;
+                    return Ok(());
+                }
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+            }
+        }
+        self.send_start();
+        wr.write_all(&self.out).await?;
+        self.out.clear();
+
+        let mut last_read = Instant::now();
+        let mut last_write = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut closing_since: Option<Instant> = None;
+        loop {
+            let want_sync = self.channels.values().any(|c| c.waiting_for_sync());
+            tokio::select! {
+                r = rd.read_buf(&mut rbuf) => {
+                    let n = r?;
+                    if n == 0 {
+                        if self.phase != Phase::Done && self.phase != Phase::Closing {
+                            self.reason = CloseReason::SocketClosed;
+                        }
+                        return Ok(());
+                    }
+                    last_read = Instant::now();
+                    self.process_input(&mut rbuf).await;
+                }
+                Some(d) = deliveries.recv(), if self.phase == Phase::Open => {
+                    self.write_delivery(d).await;
+                    // Batch whatever else is ready into the same write.
+                    while self.out.len() < 256 * 1024 {
+                        match deliveries.try_recv() {
+                            Ok(d) => self.write_delivery(d).await,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = self.outbox.events_ready() => {
+                    self.handle_events().await;
+                }
+                r = self.synced.changed(), if want_sync => {
+                    if r.is_ok() {
+                        self.flush_confirms();
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    if self.phase != Phase::Open && self.phase != Phase::Closing
+                        && tokio::time::Instant::now() > deadline
+                    {
+                        self.reason = CloseReason::HandshakeTimeout;
+                        return Ok(());
+                    }
+                    if self.heartbeat > 0 {
+                        let hb = Duration::from_secs(self.heartbeat as u64);
+                        // Two missed heartbeats, as RabbitMQ.
+                        if now.duration_since(last_read) > hb * 2 {
+                            self.reason = CloseReason::HeartbeatTimeout;
+                            tracing::warn!(conn = self.id.0, peer = %self.peer, "missed heartbeats from client, closing");
+                            return Ok(());
+                        }
+                        if now.duration_since(last_write) >= hb / 2 && self.out.is_empty() {
+                            codec::encode_heartbeat(&mut self.out);
+                        }
+                    }
+                    if let Some(t) = closing_since {
+                        if now.duration_since(t) > Duration::from_secs(3) {
+                            return Ok(());
+                        }
+                    }
+                }
+                r = shutdown.changed() => {
+                    if r.is_err() || *shutdown.borrow() {
+                        if self.phase == Phase::Open {
+                            self.reason = CloseReason::Shutdown;
+                            self.send_connection_close(
+                                code::CONNECTION_FORCED,
+                                "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'",
+                                0,
+                                0,
+                            );
+                        } else {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            if self.phase == Phase::Closing && closing_since.is_none() {
+                closing_since = Some(Instant::now());
+            }
+            if !self.out.is_empty() {
+                wr.write_all(&self.out).await?;
+                self.out.clear();
+                last_write = Instant::now();
+            }
+            if self.phase == Phase::Done {
+                wr.flush().await?;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Decodes and handles every complete frame in `rbuf`.
+    async fn process_input(&mut self, rbuf: &mut BytesMut) {
+        loop {
+            if matches!(self.phase, Phase::Done) {
+                return;
+            }
+            let frame = match codec::decode_frame(rbuf, self.frame_max) {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(e) => {
+                    // Nothing after a framing error can be trusted: drop the input.
+                    rbuf.clear();
+                    self.reason = CloseReason::ProtocolError;
+                    self.fail_connection(connection_error(e.reply_code(), e.reply_text()));
+                    return;
+                }
+            };
+            if let Err(e) = self.handle_frame(frame).await {
+                self.handle_error(e).await;
+            }
+        }
+    }
+
+    async fn handle_error(&mut self, e: AmqpError) {
+        match e {
+            AmqpError::Channel {
+                channel,
+                code,
+                text,
+                class_id,
+                method_id,
+            } => {
+                tracing::debug!(conn = self.id.0, channel, code, %text, "channel error");
+                self.close_channel_with_error(channel, code, &text, class_id, method_id)
+                    .await;
+            }
+            other => {
+                self.reason = CloseReason::ProtocolError;
+                self.fail_connection(other);
+            }
+        }
+    }
+
+    /// Sends connection.close for a hard error and stops handling further frames.
+    fn fail_connection(&mut self, e: AmqpError) {
+        if let AmqpError::Connection {
+            code,
+            text,
+            class_id,
+            method_id,
+        } = e
+        {
+            tracing::info!(conn = self.id.0, peer = %self.peer, code, %text, "amqp connection error");
+            if matches!(self.phase, Phase::Closing | Phase::Done) {
+                return;
+            }
+            self.send_connection_close(code, &text, class_id, method_id);
+        } else {
+            self.phase = Phase::Done;
+        }
+    }
+
+    pub(crate) fn send_connection_close(
+        &mut self,
+        code: u16,
+        text: &str,
+        class_id: u16,
+        method_id: u16,
+    ) {
+        codec::encode_method(
+            &mut self.out,
+            0,
+            &AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                reply_code: code,
+                reply_text: truncate_short(text),
+                class_id,
+                method_id,
+            })),
+        );
+        self.phase = Phase::Closing;
+    }
+
+    async fn handle_frame(&mut self, frame: Frame) -> Result<(), AmqpError> {
+        match self.phase {
+            Phase::Closing => {
+                // After connection.close only close/close-ok matter (§4.2.3).
+                if let Frame::Method(0, m) = &frame {
+                    match m.as_ref() {
+                        AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) => {
+                            self.phase = Phase::Done
+                        }
+                        AMQPClass::Connection(connection::AMQPMethod::Close(_)) => {
+                            self.write_method(
+                                0,
+                                connection::AMQPMethod::CloseOk(connection::CloseOk {}),
+                            );
+                            self.phase = Phase::Done;
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(())
+            }
+            Phase::Done => Ok(()),
+            Phase::AwaitStartOk | Phase::AwaitTuneOk | Phase::AwaitOpen => {
+                self.handle_handshake(frame).await
+            }
+            Phase::Open => match frame {
+                Frame::Heartbeat(_) => Ok(()),
+                Frame::Method(0, m) => self.handle_connection_method(*m).await,
+                Frame::Method(ch, m) => self.handle_channel_method(ch, *m).await,
+                Frame::Header(0, _) | Frame::Body(0, _) => Err(connection_error(
+                    code::COMMAND_INVALID,
+                    "content frame on channel 0",
+                )),
+                Frame::Header(ch, h) => self.handle_content_header(ch, *h).await,
+                Frame::Body(ch, b) => self.handle_content_body(ch, b).await,
+            },
+        }
+    }
+
+    fn send_start(&mut self) {
+        let mut caps = FieldTable::default();
+        for cap in [
+            "publisher_confirms",
+            "exchange_exchange_bindings",
+            "basic.nack",
+            "consumer_cancel_notify",
+            "connection.blocked",
+            "consumer_priorities",
+            "authentication_failure_close",
+            "per_consumer_qos",
+            "direct_reply_to",
+        ] {
+            caps.insert(cap.into(), AMQPValue::Boolean(true));
+        }
+        let mut props = FieldTable::default();
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes()));
+        props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+        props.insert("product".into(), text("Warren"));
+        props.insert("version".into(), text(env!("CARGO_PKG_VERSION")));
+        props.insert("platform".into(), text("Rust"));
+        props.insert("cluster_name".into(), text("warren"));
+        props.insert("copyright".into(), text("The Warren authors"));
+        props.insert(
+            "information".into(),
+            text("A multi-protocol message broker compatible with RabbitMQ"),
+        );
+        self.write_method(
+            0,
+            connection::AMQPMethod::Start(connection::Start {
+                version_major: 0,
+                version_minor: 9,
+                server_properties: props,
+                mechanisms: LongString::from(&b"PLAIN AMQPLAIN"[..]),
+                locales: LongString::from(&b"en_US"[..]),
+            }),
+        );
+    }
+
+    pub(crate) fn write_method(&mut self, channel: u16, m: connection::AMQPMethod) {
+        codec::encode_method(&mut self.out, channel, &AMQPClass::Connection(m));
+    }
+
+    async fn handle_handshake(&mut self, frame: Frame) -> Result<(), AmqpError> {
+        let Frame::Method(0, m) = frame else {
+            return Err(connection_error(
+                code::COMMAND_INVALID,
+                "expected a connection method during the handshake",
+            ));
+        };
+        match (self.phase, *m) {
+            (Phase::AwaitStartOk, AMQPClass::Connection(connection::AMQPMethod::StartOk(s))) => {
+                self.cancel_notify =
+                    client_capability(&s.client_properties, "consumer_cancel_notify");
+                let mechanism = s.mechanism.as_str().to_owned();
+                let creds = match mechanism.as_str() {
+                    "PLAIN" => parse_plain(s.response.as_bytes()),
+                    "AMQPLAIN" => parse_amqplain(s.response.as_bytes()),
+                    other => {
+                        return Err(connection_error(
+                            code::COMMAND_INVALID,
+                            format!("unknown authentication mechanism '{other}'"),
+                        ))
+                    }
+                };
+                let Some((user, pass)) = creds else {
+                    self.reason = CloseReason::AuthFailure;
+                    return Err(refused(&mechanism));
+                };
+                match self.broker.authenticate(&user, &pass, self.peer.ip()) {
+                    Ok(u) => self.user = u.name,
+                    Err(e) => {
+                        tracing::warn!(conn = self.id.0, peer = %self.peer, error = %e, "amqp login refused");
+                        self.reason = CloseReason::AuthFailure;
+                        return Err(refused(&mechanism));
+                    }
+                }
+                self.write_method(
+                    0,
+                    connection::AMQPMethod::Tune(connection::Tune {
+                        channel_max: self.cfg.channel_max,
+                        frame_max: self.cfg.frame_max,
+                        heartbeat: self.cfg.heartbeat,
+                    }),
+                );
+                self.phase = Phase::AwaitTuneOk;
+                Ok(())
+            }
+            (Phase::AwaitTuneOk, AMQPClass::Connection(connection::AMQPMethod::TuneOk(t))) => {
+                // 0 means "no limit of the client's": the server's limit applies.
+                let frame_max = if t.frame_max == 0 {
+                    self.cfg.frame_max
+                } else {
+                    t.frame_max
+                };
+                if frame_max < 4096 {
+                    return Err(connection_error(
+                        code::NOT_ALLOWED,
+                        format!("failed to negotiate connection parameters: frame_max={frame_max} < 4096 min"),
+                    ));
+                }
+                if frame_max > self.cfg.frame_max {
+                    return Err(connection_error(
+                        code::NOT_ALLOWED,
+                        format!(
+                            "failed to negotiate connection parameters: frame_max={frame_max} > {} max",
+                            self.cfg.frame_max
+                        ),
+                    ));
+                }
+                self.frame_max = frame_max;
+                self.channel_max = if t.channel_max == 0 {
+                    self.cfg.channel_max
+                } else {
+                    t.channel_max.min(self.cfg.channel_max)
+                };
+                self.heartbeat = t.heartbeat;
+                self.phase = Phase::AwaitOpen;
+                Ok(())
+            }
+            (Phase::AwaitOpen, AMQPClass::Connection(connection::AMQPMethod::Open(o))) => {
+                let name = o.virtual_host.as_str();
+                match self.broker.vhost(name) {
+                    Some(v) => {
+                        self.vhost = Some(v);
+                        self.write_method(0, connection::AMQPMethod::OpenOk(connection::OpenOk {}));
+                        self.phase = Phase::Open;
+                        tracing::info!(conn = self.id.0, peer = %self.peer, user = %self.user, vhost = name, "amqp connection opened");
+                        Ok(())
+                    }
+                    None => Err(connection_error(
+                        code::NOT_ALLOWED,
+                        format!("vhost {name} not found"),
+                    )),
+                }
+            }
+            (_, AMQPClass::Connection(connection::AMQPMethod::Close(_))) => {
+                self.write_method(0, connection::AMQPMethod::CloseOk(connection::CloseOk {}));
+                self.phase = Phase::Done;
+                self.reason = CloseReason::ClientClosed;
+                Ok(())
+            }
+            (_, other) => Err(connection_error(
+                code::COMMAND_INVALID,
+                format!(
+                    "unexpected method {}.{} during the handshake",
+                    other.get_amqp_class_id(),
+                    other.get_amqp_method_id()
+                ),
+            )),
+        }
+    }
+
+    async fn handle_connection_method(&mut self, m: AMQPClass) -> Result<(), AmqpError> {
+        match m {
+            AMQPClass::Connection(connection::AMQPMethod::Close(_)) => {
+                self.write_method(0, connection::AMQPMethod::CloseOk(connection::CloseOk {}));
+                self.phase = Phase::Done;
+                self.reason = CloseReason::ClientClosed;
+                Ok(())
+            }
+            AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) => {
+                self.phase = Phase::Done;
+                Ok(())
+            }
+            AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(_)) => {
+                self.write_method(
+                    0,
+                    connection::AMQPMethod::UpdateSecretOk(connection::UpdateSecretOk {}),
+                );
+                Ok(())
+            }
+            AMQPClass::Connection(connection::AMQPMethod::Blocked(_))
+            | AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)) => Ok(()),
+            other => Err(connection_error(
+                code::COMMAND_INVALID,
+                format!(
+                    "unexpected method {}.{} on channel 0",
+                    other.get_amqp_class_id(),
+                    other.get_amqp_method_id()
+                ),
+            )
+            .at(other.get_amqp_class_id(), other.get_amqp_method_id())),
+        }
+    }
+
+    /// Core news for this connection: cancelled consumers and stalled queues.
+    async fn handle_events(&mut self) {
+        for ev in self.outbox.take_events() {
+            match ev {
+                OutboxEvent::Cancelled(id) => self.server_cancel(id).await,
+                OutboxEvent::Stalled(q) => {
+                    if let Some(q) = q.upgrade() {
+                        q.resume(&self.outbox).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Releases everything the connection holds: consumers, unacked messages (requeued),
+    /// exclusive queues.
+    async fn cleanup(&mut self) {
+        let channels: Vec<u16> = self.channels.keys().copied().collect();
+        for ch in channels {
+            self.drop_channel(ch).await;
+        }
+        if let Some(v) = &self.vhost {
+            v.connection_closed(self.id).await;
+        }
+    }
+}
+
+fn refused(mechanism: &str) -> AmqpError {
+    connection_error(
+        code::ACCESS_REFUSED,
+        format!(
+            "Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
+        ),
+    )
+}
+
+fn client_capability(props: &FieldTable, name: &str) -> bool {
+    match props.inner().get("capabilities") {
+        Some(AMQPValue::FieldTable(c)) => {
+            matches!(c.inner().get(name), Some(AMQPValue::Boolean(true)))
+        }
+        _ => false,
+    }
+}
+
+/// SASL PLAIN: `authzid \0 authcid \0 passwd` (RFC 4616).
+fn parse_plain(resp: &[u8]) -> Option<(String, String)> {
+    let mut parts = resp.split(|b| *b == 0);
+    let _authzid = parts.next()?;
+    let user = parts.next()?;
+    let pass = parts.next()?;
+    Some((
+        String::from_utf8(user.to_vec()).ok()?,
+        String::from_utf8(pass.to_vec()).ok()?,
+    ))
+}
+
+/// AMQPLAIN: a field table without its length prefix, with LOGIN and PASSWORD.
+fn parse_amqplain(resp: &[u8]) -> Option<(String, String)> {
+    let mut raw = (resp.len() as u32).to_be_bytes().to_vec();
+    raw.extend_from_slice(resp);
+    let t = warren_core::message::decode_table(&raw)?;
+    let get = |k: &str| match t.inner().get(k)? {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    };
+    Some((get("LOGIN")?, get("PASSWORD")?))
+}
+
+/// Reply texts are short strings: at most 255 bytes, cut on a char boundary.
+pub(crate) fn truncate_short(s: &str) -> ShortString {
+    let mut end = s.len().min(255);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    ShortString::from(&s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_and_amqplain() {
+        assert_eq!(
+            parse_plain(b"\0guest\0secret"),
+            Some(("guest".into(), "secret".into()))
+        );
+        assert_eq!(parse_plain(b"guest"), None);
+        // AMQPLAIN as pika sends it: LOGIN S "guest", PASSWORD S "guest"
+        let mut t = Vec::new();
+        t.extend_from_slice(b"\x05LOGINS\x00\x00\x00\x05guest");
+        t.extend_from_slice(b"\x08PASSWORDS\x00\x00\x00\x05guest");
+        assert_eq!(parse_amqplain(&t), Some(("guest".into(), "guest".into())));
+        assert_eq!(parse_amqplain(b"\x05LOG"), None);
+    }
+
+    #[test]
+    fn reply_text_is_cut_to_a_short_string() {
+        let long = "é".repeat(200);
+        assert!(truncate_short(&long).as_str().len() <= 255);
+    }
+}

@@ -1,0 +1,109 @@
+//! AMQP 0-9-1 front-end: one task per connection turns frames (decoded by
+//! `warren-amqp-codec`) into calls on the core and deliveries back into frames.
+//!
+//! Behaviour follows RabbitMQ's where the spec leaves room: its reply codes and texts, its
+//! extensions (publisher confirms, basic.nack, consumer cancel notifications,
+//! exchange-to-exchange bindings, direct reply-to, consumer priorities) and its server
+//! properties. docs/amqp.md lists the decisions.
+
+mod channel;
+mod connection;
+pub mod error;
+mod fastpath;
+mod props;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use warren_core::Broker;
+
+pub use error::AmqpError;
+
+/// Settings of the AMQP listener (config file section `[amqp]`).
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    /// Largest frame the server accepts and proposes in connection.tune.
+    pub frame_max: u32,
+    /// Highest channel number proposed in connection.tune.
+    pub channel_max: u16,
+    /// Heartbeat interval proposed in connection.tune, seconds (0 = off).
+    pub heartbeat: u16,
+    /// Largest message body accepted (RabbitMQ's `max_message_size`).
+    pub max_message_size: u64,
+    /// Deliveries buffered per connection before its consumers stall.
+    pub outbox_capacity: usize,
+    /// Time allowed from TCP accept to connection.open.
+    pub handshake_timeout: Duration,
+    /// Connections accepted at once (0 = unlimited).
+    pub max_connections: usize,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            frame_max: 131_072,
+            channel_max: 2047,
+            heartbeat: 60,
+            max_message_size: 134_217_728,
+            outbox_capacity: 2048,
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 0,
+        }
+    }
+}
+
+/// Accepts AMQP connections on `listener` until `shutdown` becomes true; then asks every
+/// connection to close (connection.close 320) and waits for them.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    config: AmqpConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let config = Arc::new(config);
+    let limit = Arc::new(Semaphore::new(if config.max_connections == 0 {
+        Semaphore::MAX_PERMITS
+    } else {
+        config.max_connections
+    }));
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (socket, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "amqp accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "amqp connection refused: connection limit reached");
+                    continue;
+                };
+                let _ = socket.set_nodelay(true);
+                let broker = broker.clone();
+                let config = config.clone();
+                let shutdown = shutdown.clone();
+                tasks.spawn(async move {
+                    connection::run(socket, peer, broker, config, shutdown).await;
+                    drop(permit);
+                });
+            }
+            _ = shutdown.changed() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    // Connections see the same shutdown signal and close themselves.
+    let deadline = tokio::time::sleep(Duration::from_secs(5));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => if next.is_none() { break },
+            _ = &mut deadline => { tasks.abort_all(); break; }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The configuration file (config/warren.toml) and its command-line/env overrides.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Everything in config/warren.toml. Every field has a default, so an empty file (or none)
+/// gives RabbitMQ's standard setup.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listeners: Listeners,
+    pub storage: Storage,
+    pub amqp: Amqp,
+    pub auth: Auth,
+    pub limits: Limits,
+    pub log: Log,
+}
+
+/// Listen addresses; `"off"` disables a listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listeners {
+    pub amqp: String,
+    pub mqtt: String,
+    pub stomp: String,
+    pub http: String,
+    pub web_stomp: String,
+    pub web_mqtt: String,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Self {
+            amqp: "0.0.0.0:5672".into(),
+            mqtt: "0.0.0.0:1883".into(),
+            stomp: "0.0.0.0:61613".into(),
+            http: "0.0.0.0:15672".into(),
+            web_stomp: "0.0.0.0:15674".into(),
+            web_mqtt: "0.0.0.0:15675".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Storage {
+    pub data_dir: PathBuf,
+    /// fsync every group commit before confirming (never turn off in production).
+    pub sync_commits: bool,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            sync_commits: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Amqp {
+    pub frame_max: u32,
+    pub channel_max: u16,
+    pub heartbeat: u16,
+    pub max_connections: usize,
+}
+
+impl Default for Amqp {
+    fn default() -> Self {
+        Self {
+            frame_max: 131_072,
+            channel_max: 2047,
+            heartbeat: 60,
+            max_connections: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    pub default_user: String,
+    pub default_pass: String,
+    pub loopback_users: Vec<String>,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Self {
+            default_user: "guest".into(),
+            default_pass: "guest".into(),
+            loopback_users: vec!["guest".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_message_size: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_size: 134_217_728,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    /// `human` or `json`.
+    pub format: String,
+    /// A tracing-subscriber filter, e.g. `info` or `warren_amqp=debug,info`.
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            format: "human".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+}
+
+impl Config {
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_config_parses_and_matches_the_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/warren.toml");
+        let c = Config::load(std::path::Path::new(path)).expect("config/warren.toml parses");
+        let d = Config::default();
+        assert_eq!(c.listeners.amqp, d.listeners.amqp);
+        assert_eq!(c.listeners.web_mqtt, d.listeners.web_mqtt);
+        assert_eq!(c.storage.data_dir, d.storage.data_dir);
+        assert_eq!(c.amqp.frame_max, d.amqp.frame_max);
+        assert_eq!(c.auth.loopback_users, d.auth.loopback_users);
+        assert_eq!(c.limits.max_message_size, d.limits.max_message_size);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(Config::parse("[amqp]\nframe_maxx = 1\n").is_err());
+        assert!(Config::parse("").is_ok());
+    }
+}

@@ -1,0 +1,135 @@
+//! Wiring of the Warren binary: configuration, the store, the core and the listeners.
+//! Tests start a whole broker in-process through [`Server::start`].
+
+pub mod config;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use warren_core::{Broker, BrokerConfig};
+use warren_store::{Store, StoreOptions};
+
+pub use config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot open the store in {dir}: {source}")]
+    Store {
+        dir: String,
+        source: warren_store::StoreError,
+    },
+    #[error("recovery failed: {0}")]
+    Recovery(#[from] warren_core::CoreError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// A running broker.
+pub struct Server {
+    /// The bound AMQP address (useful with port 0), if the listener is on.
+    pub amqp_addr: Option<SocketAddr>,
+    pub broker: Arc<Broker>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Whether a listener setting means "disabled".
+pub fn is_off(addr: &str) -> bool {
+    addr.trim().eq_ignore_ascii_case("off") || addr.trim().is_empty()
+}
+
+impl Server {
+    /// Opens the store, recovers, and starts the listeners of `config`.
+    pub async fn start(config: &Config) -> Result<Server, ServerError> {
+        let dir = config.storage.data_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|e| ServerError::Store {
+            dir: dir.display().to_string(),
+            source: warren_store::StoreError::Corrupt(e.to_string()),
+        })?;
+        let store = Store::open(
+            &dir,
+            StoreOptions {
+                sync: config.storage.sync_commits,
+            },
+        )
+        .map_err(|source| ServerError::Store {
+            dir: dir.display().to_string(),
+            source,
+        })?;
+        let broker = Broker::open(
+            store,
+            BrokerConfig {
+                default_user: config.auth.default_user.clone(),
+                default_pass: config.auth.default_pass.clone(),
+                loopback_users: config.auth.loopback_users.clone(),
+            },
+        )?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let mut amqp_addr = None;
+        let l = &config.listeners;
+        if !is_off(&l.amqp) {
+            let listener =
+                TcpListener::bind(&l.amqp)
+                    .await
+                    .map_err(|source| ServerError::Listen {
+                        what: "amqp",
+                        addr: l.amqp.clone(),
+                        source,
+                    })?;
+            let addr = listener.local_addr().ok();
+            amqp_addr = addr;
+            tracing::info!(addr = ?addr, "AMQP 0-9-1 listener started");
+            let amqp_cfg = warren_amqp::AmqpConfig {
+                frame_max: config.amqp.frame_max,
+                channel_max: config.amqp.channel_max,
+                heartbeat: config.amqp.heartbeat,
+                max_connections: config.amqp.max_connections,
+                max_message_size: config.limits.max_message_size,
+                ..Default::default()
+            };
+            tasks.push(tokio::spawn(warren_amqp::serve(
+                listener,
+                broker.clone(),
+                amqp_cfg,
+                shutdown_rx.clone(),
+            )));
+        }
+        for (what, addr) in [
+            ("mqtt", &l.mqtt),
+            ("stomp", &l.stomp),
+            ("http", &l.http),
+            ("web-stomp", &l.web_stomp),
+            ("web-mqtt", &l.web_mqtt),
+        ] {
+            if !is_off(addr) {
+                tracing::warn!(listener = what, addr = %addr, "front-end not available in this build yet; listener not started");
+            }
+        }
+        Ok(Server {
+            amqp_addr,
+            broker,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Graceful stop: listeners stop accepting, connections get the protocol's close,
+    /// then the store is flushed.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let broker = self.broker.clone();
+        let _ = tokio::task::spawn_blocking(move || broker.flush()).await;
+        tracing::info!("shutdown complete");
+    }
+}

@@ -1,0 +1,228 @@
+//! Bad input on raw sockets: each gets the spec's answer, the connection closes, and the
+//! broker keeps serving others.
+
+mod common;
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const HEADER: &[u8] = b"AMQP\x00\x00\x09\x01";
+
+/// Reads until EOF (or 5 s) and returns everything received.
+async fn read_all(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return out,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("connection not closed within 5 s; got {} bytes", out.len()),
+        }
+    }
+}
+
+fn frame(ty: u8, ch: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![ty];
+    f.extend_from_slice(&ch.to_be_bytes());
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    f.extend_from_slice(payload);
+    f.push(0xCE);
+    f
+}
+
+fn shortstr(s: &str) -> Vec<u8> {
+    let mut v = vec![s.len() as u8];
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
+fn method(class: u16, m: u16, args: &[u8]) -> Vec<u8> {
+    let mut p = class.to_be_bytes().to_vec();
+    p.extend_from_slice(&m.to_be_bytes());
+    p.extend_from_slice(args);
+    p
+}
+
+/// Drives the handshake up to connection.open-ok with PLAIN guest/guest.
+async fn open(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(HEADER).await.unwrap();
+    read_frame(&mut s).await; // start
+    let mut args = 0u32.to_be_bytes().to_vec(); // empty client-properties table
+    args.extend(shortstr("PLAIN"));
+    let resp = b"\0guest\0guest";
+    args.extend_from_slice(&(resp.len() as u32).to_be_bytes());
+    args.extend_from_slice(resp);
+    args.extend(shortstr("en_US"));
+    s.write_all(&frame(1, 0, &method(10, 11, &args)))
+        .await
+        .unwrap();
+    let tune = read_frame(&mut s).await;
+    assert_eq!(&tune[7..11], &[0, 10, 0, 30], "connection.tune");
+    let mut tune_ok = 2047u16.to_be_bytes().to_vec();
+    tune_ok.extend_from_slice(&131072u32.to_be_bytes());
+    tune_ok.extend_from_slice(&0u16.to_be_bytes());
+    s.write_all(&frame(1, 0, &method(10, 31, &tune_ok)))
+        .await
+        .unwrap();
+    let mut open = shortstr("/");
+    open.extend(shortstr(""));
+    open.push(0);
+    s.write_all(&frame(1, 0, &method(10, 40, &open)))
+        .await
+        .unwrap();
+    let ok = read_frame(&mut s).await;
+    assert_eq!(&ok[7..11], &[0, 10, 0, 41], "connection.open-ok");
+    s
+}
+
+async fn read_frame(s: &mut TcpStream) -> Vec<u8> {
+    let mut head = [0u8; 7];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
+        .await
+        .expect("frame in time")
+        .expect("frame");
+    let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]) as usize;
+    let mut rest = vec![0u8; size + 1];
+    s.read_exact(&mut rest).await.unwrap();
+    let mut f = head.to_vec();
+    f.extend(rest);
+    f
+}
+
+/// The reply code of a connection.close (10,50) frame among `bytes`.
+fn close_code(bytes: &[u8]) -> Option<u16> {
+    let mut i = 0;
+    while i + 7 <= bytes.len() {
+        let size =
+            u32::from_be_bytes([bytes[i + 3], bytes[i + 4], bytes[i + 5], bytes[i + 6]]) as usize;
+        let p = &bytes.get(i + 7..i + 7 + size)?;
+        if bytes[i] == 1 && p.len() >= 6 && p[0..4] == [0, 10, 0, 50] {
+            return Some(u16::from_be_bytes([p[4], p[5]]));
+        }
+        i += 8 + size;
+    }
+    None
+}
+
+async fn still_serves(b: &common::TestBroker) {
+    let (_c, ch) = b.channel().await;
+    common::declare(&ch, "alive", Default::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_protocol_header_gets_ours_back() {
+    let b = common::start().await;
+    for bad in [
+        &b"AMQP\x00\x00\x08\x00"[..],
+        b"GET / HTTP/1.1\r\n",
+        b"AMQP\x01\x01\x00\x0a",
+    ] {
+        let mut s = TcpStream::connect(b.addr).await.unwrap();
+        s.write_all(bad).await.unwrap();
+        assert_eq!(read_all(&mut s).await, HEADER);
+    }
+    still_serves(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_after_handshake_is_a_frame_error() {
+    let b = common::start().await;
+    let mut s = open(b.addr).await;
+    s.write_all(b"\x09\x09\x09\x09\x09\x09\x09\x09\x09garbage")
+        .await
+        .unwrap();
+    let got = read_all(&mut s).await;
+    assert_eq!(close_code(&got), Some(501));
+    still_serves(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frame_end_is_501() {
+    let b = common::start().await;
+    let mut s = open(b.addr).await;
+    let mut f = frame(1, 1, &method(20, 10, &[0]));
+    *f.last_mut().unwrap() = 0x00;
+    s.write_all(&f).await.unwrap();
+    assert_eq!(close_code(&read_all(&mut s).await), Some(501));
+    still_serves(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_over_frame_max_is_501() {
+    let b = common::start().await;
+    let mut s = open(b.addr).await;
+    // Header announcing 1 MiB (> 128 KiB frame_max); the payload never comes.
+    let mut head = vec![3u8, 0, 1];
+    head.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    s.write_all(&head).await.unwrap();
+    assert_eq!(close_code(&read_all(&mut s).await), Some(501));
+    still_serves(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_on_unopened_channel_is_504() {
+    let b = common::start().await;
+    let mut s = open(b.addr).await;
+    let mut args = 0u16.to_be_bytes().to_vec();
+    args.extend(shortstr("q"));
+    args.extend_from_slice(&[0, 0, 0, 0, 0]);
+    s.write_all(&frame(1, 5, &method(50, 10, &args)))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&read_all(&mut s).await), Some(504));
+    still_serves(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_without_header_is_505() {
+    let b = common::start().await;
+    let mut s = open(b.addr).await;
+    s.write_all(&frame(1, 1, &method(20, 10, &[0])))
+        .await
+        .unwrap();
+    read_frame(&mut s).await; // open-ok
+    s.write_all(&frame(3, 1, b"orphan body")).await.unwrap();
+    assert_eq!(close_code(&read_all(&mut s).await), Some(505));
+    still_serves(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_method_closes_the_connection() {
+    let b = common::start().await;
+    let mut s = open(b.addr).await;
+    s.write_all(&frame(1, 1, &method(20, 10, &[0])))
+        .await
+        .unwrap();
+    read_frame(&mut s).await;
+    s.write_all(&frame(1, 1, &method(60, 999, &[])))
+        .await
+        .unwrap();
+    let code = close_code(&read_all(&mut s).await);
+    assert!(
+        matches!(code, Some(540) | Some(503) | Some(502)),
+        "{code:?}"
+    );
+    still_serves(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_frame_then_silence_does_not_block_others() {
+    let b = common::start().await;
+    let mut s = open(b.addr).await;
+    s.write_all(&frame(1, 1, &method(20, 10, &[0]))[..6])
+        .await
+        .unwrap();
+    still_serves(&b).await;
+    drop(s);
+    still_serves(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_client_is_dropped_after_the_handshake_timeout_elsewhere_unaffected() {
+    let b = common::start().await;
+    let _idle = TcpStream::connect(b.addr).await.unwrap();
+    still_serves(&b).await;
+}

@@ -1,0 +1,147 @@
+//! Starts Warren in-process on 127.0.0.1:0 with a temporary RocksDB dir.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use lapin::{
+    options::*, types::FieldTable, BasicProperties, Channel, Connection, ConnectionProperties,
+};
+
+pub struct TestBroker {
+    pub server: Option<warren::Server>,
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub addr: std::net::SocketAddr,
+}
+
+fn config(dir: &std::path::Path) -> warren::Config {
+    let mut c = warren::Config::default();
+    c.storage.data_dir = dir.to_path_buf();
+    c.listeners.amqp = "127.0.0.1:0".into();
+    for l in [
+        &mut c.listeners.mqtt,
+        &mut c.listeners.stomp,
+        &mut c.listeners.http,
+        &mut c.listeners.web_stomp,
+        &mut c.listeners.web_mqtt,
+    ] {
+        *l = "off".into();
+    }
+    c
+}
+
+pub async fn start() -> TestBroker {
+    let dir = tempfile::tempdir().expect("tempdir");
+    start_in(dir).await
+}
+
+pub async fn start_in(dir: tempfile::TempDir) -> TestBroker {
+    let server = warren::Server::start(&config(dir.path()))
+        .await
+        .expect("start warren");
+    let addr = server.amqp_addr.expect("amqp listener");
+    TestBroker {
+        url: format!("amqp://guest:guest@{addr}/%2f"),
+        addr,
+        server: Some(server),
+        dir,
+    }
+}
+
+impl TestBroker {
+    pub async fn connect(&self) -> Connection {
+        Connection::connect(&self.url, ConnectionProperties::default())
+            .await
+            .expect("connect")
+    }
+
+    pub async fn channel(&self) -> (Connection, Channel) {
+        let c = self.connect().await;
+        let ch = c.create_channel().await.expect("channel");
+        (c, ch)
+    }
+
+    /// Graceful stop and start again on the same data dir.
+    pub async fn restart(mut self) -> TestBroker {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+        // Let the last handles of the store go (connection tasks finishing).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        start_in(dir).await
+    }
+}
+
+pub async fn declare(ch: &Channel, name: &str, args: FieldTable) {
+    ch.queue_declare(name.into(), QueueDeclareOptions::default(), args)
+        .await
+        .expect("queue.declare");
+}
+
+pub async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8]) {
+    publish_with(ch, exchange, key, body, BasicProperties::default()).await
+}
+
+pub async fn publish_with(
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) {
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        body,
+        props,
+    )
+    .await
+    .expect("basic.publish");
+}
+
+/// basic.get with no_ack; the body, or None when the queue is empty.
+pub async fn get(ch: &Channel, queue: &str) -> Option<Vec<u8>> {
+    ch.basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+        .map(|m| m.delivery.data.clone())
+}
+
+/// Next delivery of a consumer, or panic after 5 s.
+pub async fn next(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+    tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .expect("delivery within 5 s")
+        .expect("consumer stream open")
+        .expect("delivery ok")
+}
+
+/// Asserts that no delivery arrives within `ms`.
+pub async fn nothing_within(consumer: &mut lapin::Consumer, ms: u64) {
+    if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(ms), consumer.next()).await {
+        panic!(
+            "unexpected delivery: {:?}",
+            d.map(|d| String::from_utf8_lossy(&d.data).into_owned())
+        );
+    }
+}
+
+pub fn table(kv: &[(&str, lapin::types::AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in kv {
+        t.insert((*k).into(), v.clone());
+    }
+    t
+}
+
+/// The AMQP reply code of a failed lapin call.
+pub fn reply_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) => Some(p.get_id()),
+        _ => None,
+    }
+}
