@@ -43,7 +43,6 @@ struct UnackedTag {
 struct ConsumerInfo {
     id: ConsumerId,
     queue: Arc<Queue>,
-    no_ack: bool,
 }
 
 /// A publisher confirm waiting for its store write.
@@ -252,6 +251,7 @@ impl Conn {
 
     async fn dispatch(&mut self, ch: u16, m: AMQPClass) -> Result<(), AmqpError> {
         let (class_id, method_id) = ids(&m);
+        tracing::trace!(conn = self.id.0, ch, method = ?m, "amqp method");
         let core = |e: warren_core::CoreError| AmqpError::from_core(e, ch, class_id, method_id);
         let vh = self.vh()?;
         match m {
@@ -749,6 +749,7 @@ impl Conn {
         let spec = ConsumerSpec {
             id,
             tag: Arc::from(tag.as_str()),
+            token: ch as u64,
             owner,
             no_ack: c.no_ack,
             exclusive: c.exclusive,
@@ -762,7 +763,6 @@ impl Conn {
             ConsumerInfo {
                 id,
                 queue: q.clone(),
-                no_ack: c.no_ack,
             },
         );
         self.consumers.insert(id, (ch, tag.clone()));
@@ -1088,21 +1088,21 @@ impl Conn {
         codec::encode_content_preencoded(&mut self.out, ch, encoded, &msg.body, self.frame_max);
     }
 
-    /// Writes one delivery from the outbox.
+    /// Writes one delivery from the outbox. A delivery made before its consumer was
+    /// cancelled is still written (AMQP allows deliveries until cancel-ok); only a closed
+    /// channel sends it back to its queue.
     pub(crate) async fn write_delivery(&mut self, d: Delivery) {
-        let Some((ch, tag)) = self.consumers.get(&d.consumer).cloned() else {
-            // The consumer was cancelled while this was in flight: give it back.
-            d.queue.requeue(&[d.seq]).await;
+        let ch = d.token as u16;
+        let Some(chan) = self.channels.get_mut(&ch).filter(|c| !c.closing) else {
+            if !d.no_ack {
+                d.queue.requeue(&[d.seq]).await;
+            }
             return;
         };
-        let Some(chan) = self.channels.get_mut(&ch) else {
-            d.queue.requeue(&[d.seq]).await;
-            return;
-        };
-        let no_ack = chan.consumers.get(&tag).is_some_and(|c| c.no_ack);
         let dtag = chan.next_delivery_tag;
         chan.next_delivery_tag += 1;
-        if !no_ack {
+        tracing::trace!(conn = self.id.0, ch, dtag, "deliver");
+        if !d.no_ack {
             chan.unacked.push_back(UnackedTag {
                 tag: dtag,
                 queue: d.queue.clone(),
@@ -1113,7 +1113,7 @@ impl Conn {
         fastpath::encode_deliver(
             &mut self.out,
             ch,
-            tag.as_str(),
+            &d.tag,
             dtag,
             d.redelivered,
             d.message.exchange.as_str(),

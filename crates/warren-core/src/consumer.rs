@@ -52,6 +52,10 @@ impl Credit {
 pub struct ConsumerSpec {
     pub id: ConsumerId,
     pub tag: Arc<str>,
+    /// The front-end's own routing token, handed back in every [`Delivery`] (AMQP: the
+    /// channel number), so deliveries in flight when a consumer is cancelled still find
+    /// their way.
+    pub token: u64,
     pub owner: ConnectionId,
     pub no_ack: bool,
     pub exclusive: bool,
@@ -67,6 +71,10 @@ pub struct ConsumerSpec {
 #[derive(Debug)]
 pub struct Delivery {
     pub consumer: ConsumerId,
+    pub tag: Arc<str>,
+    pub token: u64,
+    /// Settled on delivery: nothing to ack, nothing to requeue.
+    pub no_ack: bool,
     pub queue: Arc<Queue>,
     pub seq: MsgSeq,
     pub message: Arc<Message>,

@@ -569,6 +569,9 @@ impl Queue {
             let c = &mut s.consumers[ci];
             let delivery = Delivery {
                 consumer: c.spec.id,
+                tag: c.spec.tag.clone(),
+                token: c.spec.token,
+                no_ack: c.spec.no_ack,
                 queue: self.clone(),
                 seq: MsgSeq(entry.seq),
                 message: entry.msg.clone(),

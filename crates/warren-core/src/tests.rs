@@ -38,6 +38,7 @@ fn consumer(outbox: &Arc<Outbox>, prefetch: u32) -> ConsumerSpec {
     ConsumerSpec {
         id: ConsumerId::next(),
         tag: "c".into(),
+        token: 0,
         owner: ConnectionId(1),
         no_ack: false,
         exclusive: false,

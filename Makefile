@@ -1,0 +1,57 @@
+# Warren: the two commands a newcomer needs are `make run` and `make test`.
+# Both install what a fresh Debian machine with only the Rust toolchain lacks.
+
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/warren-target
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+VENV := tests/interop/.venv
+WARREN_BIN := $(CARGO_TARGET_DIR)/release/warren
+
+.PHONY: deps run build test unit interop lint fuzz-smoke clean-data
+
+## deps: system packages the build and the interop tests need (libclang for RocksDB's
+## bindgen, python3-venv for the interop suite), installed only when missing.
+deps:
+	@missing=""; \
+	dpkg -s libclang-dev >/dev/null 2>&1 || missing="$$missing libclang-dev"; \
+	python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	command -v g++ >/dev/null 2>&1 || missing="$$missing g++"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+## run: the broker with embedded defaults (data in ./data, AMQP on 5672).
+run: deps
+	cargo run --release -p warren -- --data-dir ./data
+
+build: deps
+	cargo build --release --workspace --all-targets
+
+## test: the whole suite: Rust unit and integration tests, then the interop suite
+## (pika, kombu, Celery) against the release binary.
+test: build unit interop
+
+unit:
+	cargo test --release --workspace
+
+$(VENV)/.installed: tests/interop/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/interop/requirements.txt
+	touch $@
+
+interop: $(VENV)/.installed
+	cargo build --release -p warren
+	cd tests/interop && WARREN_BIN=$(WARREN_BIN) .venv/bin/pytest -q
+
+## lint: formatting and clippy, as CI runs them.
+lint: deps
+	cargo fmt --all -- --check
+	cargo clippy --release --workspace --all-targets -- -D warnings
+
+## fuzz-smoke: a short libFuzzer run of the AMQP frame decoder (needs cargo-fuzz).
+fuzz-smoke:
+	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run amqp_frame -- -max_total_time=60
+
+clean-data:
+	rm -rf ./data

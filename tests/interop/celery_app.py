@@ -1,0 +1,25 @@
+"""A tiny Celery app for the end-to-end test: results over rpc://, a task that retries."""
+import os
+
+from celery import Celery
+
+app = Celery("warren_interop", broker=os.environ["CELERY_BROKER_URL"], backend="rpc://")
+app.conf.update(
+    task_acks_late=True,
+    worker_prefetch_multiplier=4,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+
+
+@app.task
+def add(x, y):
+    return x + y
+
+
+@app.task(bind=True, max_retries=5)
+def flaky(self, n):
+    """Fails twice, then succeeds: exercises retries (republish with countdown)."""
+    if self.request.retries < 2:
+        raise self.retry(countdown=0.1, exc=RuntimeError("try again"))
+    return n * 10
