@@ -192,8 +192,9 @@ impl Conn {
         // channel.open and frames for closing channels first.
         if let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = m {
             if ch > self.channel_max {
+                // RabbitMQ 3.12+ answers a channel over the negotiated limit with 530.
                 return Err(connection_error(
-                    code::CHANNEL_ERROR,
+                    code::NOT_ALLOWED,
                     format!(
                         "channel number {ch} exceeds negotiated channel_max {}",
                         self.channel_max
