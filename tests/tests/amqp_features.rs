@@ -1045,3 +1045,92 @@ async fn durable_state_survives_restart() {
         .unwrap_err();
     assert_eq!(reply_code(&e), Some(404), "non-durable queue is gone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_alarm_blocks_publishers_until_cleared() {
+    use std::sync::atomic::Ordering;
+    let b = start().await;
+    let limits = b.server.as_ref().unwrap().limits.clone();
+    let (pconn, pch) = b.channel().await;
+    let (_cconn, cch) = b.channel().await;
+    declare(&pch, "alarm", FieldTable::default()).await;
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let first = pch
+        .basic_publish(
+            "".into(),
+            "alarm".into(),
+            BasicPublishOptions::default(),
+            b"before",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(first.is_ack());
+
+    limits.memory_bytes.store(1, Ordering::Relaxed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !pconn.status().blocked() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connection.blocked not received"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // lapin itself holds publishes while blocked; the broker must not take them either.
+    let mut pending = tokio::spawn(async move {
+        pch.basic_publish(
+            "".into(),
+            "alarm".into(),
+            BasicPublishOptions::default(),
+            b"during",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), &mut pending)
+            .await
+            .is_err(),
+        "a blocked publisher's message was confirmed"
+    );
+    assert_eq!(
+        cch.queue_declare(
+            "alarm".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default()
+        )
+        .await
+        .unwrap()
+        .message_count(),
+        1
+    );
+    // Consumers keep working while publishers are blocked.
+    assert_eq!(
+        cch.basic_get("alarm".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .unwrap()
+            .delivery
+            .data,
+        b"before"
+    );
+
+    limits.memory_bytes.store(u64::MAX, Ordering::Relaxed);
+    let c = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("confirm after the alarm cleared")
+        .unwrap();
+    assert!(c.is_ack());
+    assert!(!pconn.status().blocked());
+    assert_eq!(get(&cch, "alarm").await.unwrap(), b"during");
+}

@@ -491,6 +491,7 @@ impl Conn {
                 }
             }
             AMQPClass::Basic(basic::AMQPMethod::Publish(p)) => {
+                self.publisher = true;
                 if p.immediate {
                     return Err(connection_error(code::NOT_IMPLEMENTED, "immediate=true"));
                 }

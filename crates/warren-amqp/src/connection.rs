@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use warren_amqp_codec::{self as codec, Frame, HeaderCheck};
 use warren_core::{
-    AMQPValue, Broker, ConnectionId, ConsumerId, Delivery, FieldTable, LongString, Outbox,
-    OutboxEvent, ShortString, VHost,
+    AMQPValue, AlarmState, Broker, ConnectionId, ConsumerId, Delivery, FieldTable, LongString,
+    Outbox, OutboxEvent, ShortString, VHost,
 };
 
 use crate::channel::Channel;
@@ -67,6 +67,14 @@ pub(crate) struct Conn {
     /// The client announced `consumer_cancel_notify`.
     pub cancel_notify: bool,
     pub synced: watch::Receiver<u64>,
+    /// Resource alarms: while one is up, a publishing connection is not read from.
+    alarms: watch::Receiver<AlarmState>,
+    /// The client announced the `connection.blocked` capability.
+    blocked_notify: bool,
+    /// We sent connection.blocked and owe an unblocked.
+    blocked_sent: bool,
+    /// The connection has published at least once (only publishers are blocked).
+    pub publisher: bool,
     phase: Phase,
     reason: CloseReason,
 }
@@ -80,7 +88,12 @@ pub(crate) async fn run(
 ) {
     let (outbox, deliveries) = Outbox::new(cfg.outbox_capacity);
     let synced = broker.store().synced();
+    let alarms = broker.alarms.subscribe();
     let mut conn = Conn {
+        alarms,
+        blocked_notify: false,
+        blocked_sent: false,
+        publisher: false,
         frame_max: cfg.frame_max,
         channel_max: cfg.channel_max,
         heartbeat: 0,
@@ -154,8 +167,19 @@ impl Conn {
         let mut closing_since: Option<Instant> = None;
         loop {
             let want_sync = self.channels.values().any(|c| c.waiting_for_sync());
+            // While an alarm is up, publishers are not read from (RabbitMQ's blocking);
+            // consumers keep acking, which is what frees memory.
+            let paused = self.publisher && self.alarms.borrow().blocked();
+            if paused {
+                last_read = Instant::now();
+            }
             tokio::select! {
-                r = rd.read_buf(&mut rbuf) => {
+                r = self.alarms.changed() => {
+                    if r.is_ok() {
+                        self.on_alarm();
+                    }
+                }
+                r = rd.read_buf(&mut rbuf), if !paused => {
                     let n = r?;
                     if n == 0 {
                         if self.phase != Phase::Done && self.phase != Phase::Closing {
@@ -225,6 +249,10 @@ impl Conn {
                         }
                     }
                 }
+            }
+            if self.publisher && !self.blocked_sent && self.alarms.borrow().blocked() {
+                // It published during an alarm: now it is blocked, and told so.
+                self.on_alarm();
             }
             if self.phase == Phase::Closing && closing_since.is_none() {
                 closing_since = Some(Instant::now());
@@ -416,6 +444,7 @@ impl Conn {
             (Phase::AwaitStartOk, AMQPClass::Connection(connection::AMQPMethod::StartOk(s))) => {
                 self.cancel_notify =
                     client_capability(&s.client_properties, "consumer_cancel_notify");
+                self.blocked_notify = client_capability(&s.client_properties, "connection.blocked");
                 let mechanism = s.mechanism.as_str().to_owned();
                 let creds = match mechanism.as_str() {
                     "PLAIN" => parse_plain(s.response.as_bytes()),
@@ -489,6 +518,7 @@ impl Conn {
                         self.vhost = Some(v);
                         self.write_method(0, connection::AMQPMethod::OpenOk(connection::OpenOk {}));
                         self.phase = Phase::Open;
+                        self.on_alarm();
                         tracing::info!(conn = self.id.0, peer = %self.peer, user = %self.user, vhost = name, "amqp connection opened");
                         Ok(())
                     }
@@ -545,6 +575,36 @@ impl Conn {
                 ),
             )
             .at(other.get_amqp_class_id(), other.get_amqp_method_id())),
+        }
+    }
+
+    /// Tells a publishing client that announced `connection.blocked` when an alarm goes up
+    /// or down. As in RabbitMQ, only connections that publish are blocked (and told so):
+    /// a consumer-only connection keeps working, which is what relieves memory.
+    fn on_alarm(&mut self) {
+        let state = *self.alarms.borrow_and_update();
+        if self.phase != Phase::Open || !self.blocked_notify {
+            return;
+        }
+        if state.blocked() && self.publisher && !self.blocked_sent {
+            tracing::info!(
+                conn = self.id.0,
+                reason = state.reason(),
+                "connection blocked"
+            );
+            self.write_method(
+                0,
+                connection::AMQPMethod::Blocked(connection::Blocked {
+                    reason: state.reason().into(),
+                }),
+            );
+            self.blocked_sent = true;
+        } else if !state.blocked() && self.blocked_sent {
+            self.write_method(
+                0,
+                connection::AMQPMethod::Unblocked(connection::Unblocked {}),
+            );
+            self.blocked_sent = false;
         }
     }
 

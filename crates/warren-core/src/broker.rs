@@ -44,6 +44,8 @@ pub struct Broker {
     vhosts: RwLock<HashMap<String, Arc<VHost>>>,
     users: RwLock<HashMap<String, UserRecord>>,
     next_store_id: Arc<AtomicU64>,
+    /// Memory and disk alarms; set by the binary's resource monitor.
+    pub alarms: crate::alarm::Alarms,
 }
 
 impl Broker {
@@ -56,6 +58,7 @@ impl Broker {
             vhosts: RwLock::new(HashMap::new()),
             users: RwLock::new(HashMap::new()),
             next_store_id: Arc::new(AtomicU64::new(1)),
+            alarms: crate::alarm::Alarms::default(),
         });
         broker.recover()?;
         Ok(broker)

@@ -4,6 +4,7 @@
 //! into calls on [`Broker`], [`VHost`] and [`Queue`], and receive deliveries through an
 //! [`Outbox`]. Durable state goes through `warren-store`.
 
+pub mod alarm;
 pub mod auth;
 pub mod broker;
 pub mod consumer;
@@ -17,6 +18,7 @@ pub mod queue;
 pub mod topic;
 pub mod vhost;
 
+pub use alarm::{AlarmState, Alarms};
 pub use amq_protocol_types::{AMQPValue, FieldTable, LongString, ShortString};
 pub use broker::{Broker, BrokerConfig};
 pub use consumer::{ConsumerSpec, Credit, Delivery, Outbox, OutboxEvent};

@@ -101,12 +101,22 @@ impl Default for Auth {
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     pub max_message_size: u64,
+    /// Memory alarm threshold as a fraction of total RAM (RabbitMQ's
+    /// `vm_memory_high_watermark.relative`).
+    pub memory_high_watermark: f64,
+    /// Absolute memory alarm threshold in bytes; overrides the relative one when > 0.
+    pub memory_high_watermark_bytes: u64,
+    /// Disk alarm threshold: free bytes on the data dir's filesystem.
+    pub disk_free_limit: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_message_size: 134_217_728,
+            memory_high_watermark: 0.4,
+            memory_high_watermark_bytes: 0,
+            disk_free_limit: 50_000_000,
         }
     }
 }

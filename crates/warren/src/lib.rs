@@ -2,6 +2,7 @@
 //! Tests start a whole broker in-process through [`Server::start`].
 
 pub mod config;
+pub mod resources;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +37,8 @@ pub struct Server {
     /// The bound AMQP address (useful with port 0), if the listener is on.
     pub amqp_addr: Option<SocketAddr>,
     pub broker: Arc<Broker>,
+    /// Alarm thresholds, adjustable while running.
+    pub limits: Arc<resources::ResourceLimits>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -73,6 +76,18 @@ impl Server {
         )?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        let limits = Arc::new(resources::ResourceLimits::new(
+            config.limits.memory_high_watermark,
+            config.limits.memory_high_watermark_bytes,
+            config.limits.disk_free_limit,
+        ));
+        tasks.push(tokio::spawn(resources::monitor(
+            broker.clone(),
+            dir.clone(),
+            limits.clone(),
+            std::time::Duration::from_secs(1),
+            shutdown_rx.clone(),
+        )));
         let mut amqp_addr = None;
         let l = &config.listeners;
         if !is_off(&l.amqp) {
@@ -116,6 +131,7 @@ impl Server {
         Ok(Server {
             amqp_addr,
             broker,
+            limits,
             shutdown,
             tasks,
         })
