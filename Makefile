@@ -51,7 +51,7 @@ lint: deps
 
 ## fuzz-smoke: a short libFuzzer run of the AMQP frame decoder (needs cargo-fuzz).
 fuzz-smoke:
-	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run amqp_frame -- -max_total_time=60
+	cd fuzz && mkdir -p corpus/amqp_frame && RUSTC_BOOTSTRAP=1 cargo fuzz run amqp_frame corpus/amqp_frame seeds/amqp_frame -- -max_total_time=60
 
 clean-data:
 	rm -rf ./data

@@ -169,3 +169,23 @@ async fn invalid_arguments_are_406() {
     let e = v.declare_queue(d, ConnectionId(1)).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::PreconditionFailed);
 }
+
+#[tokio::test]
+async fn guest_only_from_loopback() {
+    let (_d, b) = broker().await;
+    let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let mapped: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+    let remote: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+    assert!(b.authenticate("guest", "guest", local).is_ok());
+    assert!(b.authenticate("guest", "guest", mapped).is_ok());
+    assert_eq!(
+        b.authenticate("guest", "guest", remote).unwrap_err(),
+        crate::auth::AuthError::LoopbackOnly("guest".into())
+    );
+    assert!(b.authenticate("guest", "nope", local).is_err());
+    b.put_user("alice", "s3cret", vec![]).await.unwrap();
+    assert!(
+        b.authenticate("alice", "s3cret", remote).is_ok(),
+        "only listed users are loopback-only"
+    );
+}
