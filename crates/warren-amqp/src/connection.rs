@@ -113,8 +113,10 @@ pub(crate) async fn run(
         reason: CloseReason::SocketClosed,
     };
     tracing::debug!(conn = conn.id.0, %peer, "amqp connection accepted");
-    let result = conn.serve(socket, deliveries, shutdown).await;
+    let mut deliveries = deliveries;
+    let result = conn.serve(socket, &mut deliveries, shutdown).await;
     conn.cleanup().await;
+    warren_core::return_undelivered(&mut deliveries).await;
     match result {
         Ok(()) => {
             tracing::info!(conn = conn.id.0, %peer, user = %conn.user, reason = ?conn.reason, "amqp connection closed")
@@ -129,7 +131,7 @@ impl Conn {
     async fn serve(
         &mut self,
         mut socket: TcpStream,
-        mut deliveries: mpsc::Receiver<Delivery>,
+        deliveries: &mut mpsc::Receiver<Delivery>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), AmqpError> {
         let (mut rd, mut wr) = socket.split();

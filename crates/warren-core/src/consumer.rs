@@ -81,6 +81,18 @@ pub struct Delivery {
     pub redelivered: bool,
 }
 
+/// Gives back the deliveries still waiting in a closed connection's outbox: they were
+/// never written, so each goes back to its queue (no-ack ones were already settled).
+/// Call after the connection's consumers are removed, so nothing new arrives.
+pub async fn return_undelivered(rx: &mut mpsc::Receiver<Delivery>) {
+    rx.close();
+    while let Ok(d) = rx.try_recv() {
+        if !d.no_ack {
+            d.queue.requeue(&[d.seq]).await;
+        }
+    }
+}
+
 /// Out-of-band news for a connection.
 #[derive(Debug)]
 pub enum OutboxEvent {

@@ -21,7 +21,7 @@ pub mod vhost;
 pub use alarm::{AlarmState, Alarms};
 pub use amq_protocol_types::{AMQPValue, FieldTable, LongString, ShortString};
 pub use broker::{Broker, BrokerConfig};
-pub use consumer::{ConsumerSpec, Credit, Delivery, Outbox, OutboxEvent};
+pub use consumer::{return_undelivered, ConsumerSpec, Credit, Delivery, Outbox, OutboxEvent};
 pub use error::{CoreError, CoreResult, ErrorKind};
 pub use exchange::{Binding, Exchange, ExchangeKind, Target};
 pub use ids::{ConnectionId, ConsumerId, MsgSeq};

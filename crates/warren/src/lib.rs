@@ -36,6 +36,8 @@ pub enum ServerError {
 pub struct Server {
     /// The bound AMQP address (useful with port 0), if the listener is on.
     pub amqp_addr: Option<SocketAddr>,
+    /// The bound MQTT address, if the listener is on.
+    pub mqtt_addr: Option<SocketAddr>,
     pub broker: Arc<Broker>,
     /// Alarm thresholds, adjustable while running.
     pub limits: Arc<resources::ResourceLimits>,
@@ -117,8 +119,31 @@ impl Server {
                 shutdown_rx.clone(),
             )));
         }
+        let mut mqtt_addr = None;
+        if !is_off(&l.mqtt) {
+            let listener =
+                TcpListener::bind(&l.mqtt)
+                    .await
+                    .map_err(|source| ServerError::Listen {
+                        what: "mqtt",
+                        addr: l.mqtt.clone(),
+                        source,
+                    })?;
+            mqtt_addr = listener.local_addr().ok();
+            tracing::info!(addr = ?mqtt_addr, "MQTT 3.1.1/5.0 listener started");
+            let mqtt_cfg = warren_mqtt::MqttConfig {
+                default_user: config.auth.default_user.clone(),
+                default_pass: config.auth.default_pass.clone(),
+                ..Default::default()
+            };
+            tasks.push(tokio::spawn(warren_mqtt::serve(
+                listener,
+                broker.clone(),
+                mqtt_cfg,
+                shutdown_rx.clone(),
+            )));
+        }
         for (what, addr) in [
-            ("mqtt", &l.mqtt),
             ("stomp", &l.stomp),
             ("http", &l.http),
             ("web-stomp", &l.web_stomp),
@@ -130,6 +155,7 @@ impl Server {
         }
         Ok(Server {
             amqp_addr,
+            mqtt_addr,
             broker,
             limits,
             shutdown,

@@ -14,14 +14,15 @@ pub struct TestBroker {
     pub dir: tempfile::TempDir,
     pub url: String,
     pub addr: std::net::SocketAddr,
+    pub mqtt_addr: std::net::SocketAddr,
 }
 
 fn config(dir: &std::path::Path) -> warren::Config {
     let mut c = warren::Config::default();
     c.storage.data_dir = dir.to_path_buf();
     c.listeners.amqp = "127.0.0.1:0".into();
+    c.listeners.mqtt = "127.0.0.1:0".into();
     for l in [
-        &mut c.listeners.mqtt,
         &mut c.listeners.stomp,
         &mut c.listeners.http,
         &mut c.listeners.web_stomp,
@@ -42,7 +43,9 @@ pub async fn start_in(dir: tempfile::TempDir) -> TestBroker {
         .await
         .expect("start warren");
     let addr = server.amqp_addr.expect("amqp listener");
+    let mqtt_addr = server.mqtt_addr.expect("mqtt listener");
     TestBroker {
+        mqtt_addr,
         url: format!("amqp://guest:guest@{addr}/%2f"),
         addr,
         server: Some(server),

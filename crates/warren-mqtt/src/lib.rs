@@ -1,0 +1,119 @@
+//! MQTT 3.1.1 and 5.0 front-end: sessions are queues, subscriptions are bindings on
+//! `amq.topic`, so MQTT traffic meets AMQP traffic in the same exchanges and queues
+//! (docs/mqtt.md). The codec is mqtt5-protocol behind a framing layer ([`codec`]).
+
+pub mod codec;
+mod session;
+pub mod topic;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use warren_core::{Broker, ConnectionId, Message};
+
+/// Settings of the MQTT listener.
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    /// Largest packet accepted (MQTT-3.1.2-24 maximum packet size).
+    pub max_packet_size: usize,
+    /// Time allowed for CONNECT after the TCP accept.
+    pub connect_timeout: Duration,
+    /// Deliveries in flight per session (MQTT 5 receive maximum).
+    pub receive_maximum: u16,
+    /// Vhost when the username has no `vhost:` prefix.
+    pub default_vhost: String,
+    /// Credentials used for a CONNECT without username (RabbitMQ's mqtt.default_user).
+    pub default_user: String,
+    pub default_pass: String,
+    /// Refuse CONNECT without username when false.
+    pub allow_anonymous: bool,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            max_packet_size: 16 * 1024 * 1024,
+            connect_timeout: Duration::from_secs(10),
+            receive_maximum: 100,
+            default_vhost: "/".into(),
+            default_user: "guest".into(),
+            default_pass: "guest".into(),
+            allow_anonymous: true,
+        }
+    }
+}
+
+/// State shared by every MQTT connection.
+pub(crate) struct Shared {
+    pub broker: Arc<Broker>,
+    /// Live sessions by `vhost \0 client id`, with the signal that takes one over.
+    pub sessions: Mutex<HashMap<String, (ConnectionId, watch::Sender<bool>)>>,
+    /// Retained messages by `vhost \0 topic` (in memory; see docs/mqtt.md).
+    retained: Mutex<HashMap<String, (String, Arc<Message>)>>,
+}
+
+impl Shared {
+    /// Stores (or, with an empty payload, clears) the retained message of a topic.
+    pub fn retain(&self, vhost: &str, topic_name: &str, msg: Arc<Message>) {
+        let key = format!("{vhost}\0{topic_name}");
+        let mut r = self.retained.lock();
+        if msg.body.is_empty() {
+            r.remove(&key);
+        } else {
+            r.insert(key, (topic_name.to_owned(), msg));
+        }
+    }
+
+    /// Retained messages whose topic matches `filter`, wildcards included.
+    pub fn retained_matching(&self, vhost: &str, filter: &str) -> Vec<(String, Arc<Message>)> {
+        let prefix = format!("{vhost}\0");
+        self.retained
+            .lock()
+            .iter()
+            .filter(|(k, (t, _))| k.starts_with(&prefix) && topic::matches(filter, t))
+            .map(|(_, (t, m))| (t.clone(), m.clone()))
+            .collect()
+    }
+}
+
+/// Accepts MQTT connections until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    config: MqttConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let shared = Arc::new(Shared {
+        broker,
+        sessions: Mutex::new(HashMap::new()),
+        retained: Mutex::new(HashMap::new()),
+    });
+    let config = Arc::new(config);
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((socket, peer)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let _ = socket.set_nodelay(true);
+                tasks.spawn(session::run(socket, peer, shared.clone(), config.clone(), shutdown.clone()));
+            }
+            _ = shutdown.changed() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    let deadline = tokio::time::sleep(Duration::from_secs(5));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => if next.is_none() { break },
+            _ = &mut deadline => { tasks.abort_all(); break; }
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! MQTT 3.1.1 with rumqttc against an in-process Warren, and MQTT ↔ AMQP through amq.topic.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+
+fn opts(b: &TestBroker, id: &str) -> MqttOptions {
+    let mut o = MqttOptions::new(id, b.mqtt_addr.ip().to_string(), b.mqtt_addr.port());
+    o.set_keep_alive(Duration::from_secs(5));
+    o
+}
+
+/// Polls until CONNACK; returns the event loop (keep polling it to make progress).
+async fn connect(o: MqttOptions) -> (AsyncClient, EventLoop) {
+    let (c, mut el) = AsyncClient::new(o, 100);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), el.poll())
+            .await
+            .expect("connack in time")
+        {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => return (c, el),
+            Ok(_) => {}
+            Err(e) => panic!("mqtt connect failed: {e}"),
+        }
+    }
+}
+
+/// Polls the event loop until a PUBLISH arrives.
+async fn next_publish(el: &mut EventLoop) -> rumqttc::Publish {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), el.poll())
+            .await
+            .expect("publish in time")
+        {
+            Ok(Event::Incoming(Packet::Publish(p))) => return p,
+            Ok(_) => {}
+            Err(e) => panic!("mqtt connection failed: {e}"),
+        }
+    }
+}
+
+/// Polls for `ms` and fails on any PUBLISH.
+async fn no_publish(el: &mut EventLoop, ms: u64) {
+    let end = tokio::time::Instant::now() + Duration::from_millis(ms);
+    while let Ok(r) = tokio::time::timeout_at(end, el.poll()).await {
+        if let Ok(Event::Incoming(Packet::Publish(p))) = r {
+            panic!("unexpected publish on {}", p.topic);
+        }
+    }
+}
+
+/// Drives an event loop in the background (for clients that only publish).
+fn drive(mut el: EventLoop) {
+    tokio::spawn(async move { while el.poll().await.is_ok() {} });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_0_1_2_between_mqtt_clients() {
+    let b = start().await;
+    let (sub, mut sel) = connect(opts(&b, "sub")).await;
+    sub.subscribe("sensors/+/temp", QoS::ExactlyOnce)
+        .await
+        .unwrap();
+    // SUBACK
+    loop {
+        if let Ok(Event::Incoming(Packet::SubAck(a))) = sel.poll().await {
+            assert_eq!(a.return_codes.len(), 1);
+            break;
+        }
+    }
+    let (publ, pel) = connect(opts(&b, "pub")).await;
+    drive(pel);
+    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+        .into_iter()
+        .enumerate()
+    {
+        publ.publish(format!("sensors/{i}/temp"), qos, false, format!("t{i}"))
+            .await
+            .unwrap();
+        let p = next_publish(&mut sel).await;
+        assert_eq!(p.topic, format!("sensors/{i}/temp"));
+        assert_eq!(p.payload, Bytes::from(format!("t{i}")));
+        assert_eq!(p.qos, qos);
+    }
+    publ.publish("other/1/temp", QoS::AtLeastOnce, false, "no")
+        .await
+        .unwrap();
+    no_publish(&mut sel, 300).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_and_amqp_meet_on_amq_topic() {
+    let b = start().await;
+    let (_c, ch) = b.channel().await;
+    declare(&ch, "from-mqtt", FieldTable::default()).await;
+    ch.queue_bind(
+        "from-mqtt".into(),
+        "amq.topic".into(),
+        "vehicles.*.gps".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let (m, mut el) = connect(opts(&b, "bridge")).await;
+    m.subscribe("alerts/#", QoS::AtLeastOnce).await.unwrap();
+    m.publish("vehicles/42/gps", QoS::AtLeastOnce, false, "52.1,4.3")
+        .await
+        .unwrap();
+    // The PUBACK comes after the message was routed (and synced).
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), el.poll())
+            .await
+            .expect("puback in time")
+        {
+            Ok(Event::Incoming(Packet::PubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let got = ch
+        .basic_get("from-mqtt".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("MQTT publish reached the AMQP queue");
+    assert_eq!(got.delivery.data, b"52.1,4.3");
+    assert_eq!(got.delivery.routing_key.as_str(), "vehicles.42.gps");
+    ch.basic_publish(
+        "amq.topic".into(),
+        "alerts.fire.north".into(),
+        BasicPublishOptions::default(),
+        b"evacuate",
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap();
+    let p = next_publish(&mut el).await;
+    assert_eq!(p.topic, "alerts/fire/north");
+    assert_eq!(p.payload, Bytes::from_static(b"evacuate"));
+    assert_eq!(
+        p.qos,
+        QoS::AtLeastOnce,
+        "persistent AMQP message at the granted QoS 1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_reach_wildcard_subscribers_and_clear() {
+    let b = start().await;
+    let (p, pel) = connect(opts(&b, "retainer")).await;
+    drive(pel);
+    p.publish("home/kitchen/temp", QoS::AtLeastOnce, true, "21.5")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (s, mut sel) = connect(opts(&b, "late")).await;
+    s.subscribe("home/#", QoS::AtLeastOnce).await.unwrap();
+    let got = next_publish(&mut sel).await;
+    assert_eq!(got.topic, "home/kitchen/temp");
+    assert!(got.retain);
+    assert_eq!(got.payload, Bytes::from_static(b"21.5"));
+    p.publish("home/kitchen/temp", QoS::AtLeastOnce, true, "")
+        .await
+        .unwrap();
+    let cleared = next_publish(&mut sel).await;
+    assert!(cleared.payload.is_empty());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (s2, mut sel2) = connect(opts(&b, "later")).await;
+    s2.subscribe("home/+/temp", QoS::AtLeastOnce).await.unwrap();
+    no_publish(&mut sel2, 300).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn will_fires_on_abnormal_disconnect_only() {
+    let b = start().await;
+    let (w, mut wel) = connect(opts(&b, "watcher")).await;
+    w.subscribe("status/#", QoS::AtLeastOnce).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(300), wel.poll()).await;
+    let mut o = opts(&b, "dev1");
+    o.set_last_will(LastWill::new(
+        "status/dev1",
+        "offline",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let (_d, del) = connect(o).await;
+    drop(del); // the socket goes away without DISCONNECT
+    let p = next_publish(&mut wel).await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("status/dev1", &b"offline"[..])
+    );
+    let mut o = opts(&b, "dev2");
+    o.set_last_will(LastWill::new(
+        "status/dev2",
+        "offline",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let (d2, mut d2el) = connect(o).await;
+    d2.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(300), d2el.poll()).await;
+    no_publish(&mut wel, 400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_session_keeps_messages_while_offline() {
+    let b = start().await;
+    let mut o = opts(&b, "keeper");
+    o.set_clean_session(false);
+    let (c, mut el) = connect(o.clone()).await;
+    c.subscribe("jobs/#", QoS::AtLeastOnce).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(300), el.poll()).await;
+    c.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(300), el.poll()).await;
+    drop(el);
+    let (p, pel) = connect(opts(&b, "producer")).await;
+    drive(pel);
+    p.publish("jobs/1", QoS::AtLeastOnce, false, "queued while offline")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_c2, mut el2) = connect(o).await;
+    let got = next_publish(&mut el2).await;
+    assert_eq!(got.payload, Bytes::from_static(b"queued while offline"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_are_refused() {
+    let b = start().await;
+    let mut o = opts(&b, "intruder");
+    o.set_credentials("guest", "wrong");
+    let (_c, mut el) = AsyncClient::new(o, 10);
+    match tokio::time::timeout(Duration::from_secs(5), el.poll())
+        .await
+        .expect("answer in time")
+    {
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, rumqttc::ConnectReturnCode::BadUserNamePassword)
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
