@@ -52,6 +52,7 @@ class Warren:
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="warren-interop-")
         self.port = free_port()
+        self.mqtt_port = free_port()
         self.proc = None
         self.start()
 
@@ -64,10 +65,11 @@ class Warren:
         self.proc = subprocess.Popen(
             [warren_bin(), "--data-dir", os.path.join(self.dir, "data"),
              "--amqp-listen", f"127.0.0.1:{self.port}",
-             "--mqtt-listen", "off", "--stomp-listen", "off", "--http-listen", "off",
+             "--mqtt-listen", f"127.0.0.1:{self.mqtt_port}", "--stomp-listen", "off", "--http-listen", "off",
              "--web-stomp-listen", "off", "--web-mqtt-listen", "off"],
             stdout=log, stderr=log, env={**os.environ, "WARREN_LOG": os.environ.get("WARREN_LOG", "info")})
         wait_port(self.port)
+        wait_port(self.mqtt_port)
 
     def stop(self, sig=signal.SIGTERM):
         if self.proc and self.proc.poll() is None:
@@ -96,6 +98,7 @@ class External:
 
     def __init__(self, url):
         self.url = url
+        self.mqtt_port = int(os.environ.get("MQTT_PORT", "1883"))
 
     def close(self):
         pass
