@@ -32,6 +32,22 @@ pub enum ServerError {
     },
 }
 
+/// Binds a listener unless its address is `off`.
+async fn listen(what: &'static str, addr: &str) -> Result<Option<TcpListener>, ServerError> {
+    if is_off(addr) {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Listen {
+            what,
+            addr: addr.to_owned(),
+            source,
+        })?;
+    tracing::info!(addr = ?listener.local_addr().ok(), "{what} listener started");
+    Ok(Some(listener))
+}
+
 /// A running broker.
 pub struct Server {
     /// The bound AMQP address (useful with port 0), if the listener is on.
@@ -92,18 +108,8 @@ impl Server {
         )));
         let mut amqp_addr = None;
         let l = &config.listeners;
-        if !is_off(&l.amqp) {
-            let listener =
-                TcpListener::bind(&l.amqp)
-                    .await
-                    .map_err(|source| ServerError::Listen {
-                        what: "amqp",
-                        addr: l.amqp.clone(),
-                        source,
-                    })?;
-            let addr = listener.local_addr().ok();
-            amqp_addr = addr;
-            tracing::info!(addr = ?addr, "AMQP 0-9-1 listener started");
+        if let Some(listener) = listen("AMQP 0-9-1", &l.amqp).await? {
+            amqp_addr = listener.local_addr().ok();
             let amqp_cfg = warren_amqp::AmqpConfig {
                 frame_max: config.amqp.frame_max,
                 channel_max: config.amqp.channel_max,
@@ -120,17 +126,8 @@ impl Server {
             )));
         }
         let mut mqtt_addr = None;
-        if !is_off(&l.mqtt) {
-            let listener =
-                TcpListener::bind(&l.mqtt)
-                    .await
-                    .map_err(|source| ServerError::Listen {
-                        what: "mqtt",
-                        addr: l.mqtt.clone(),
-                        source,
-                    })?;
+        if let Some(listener) = listen("MQTT 3.1.1/5.0", &l.mqtt).await? {
             mqtt_addr = listener.local_addr().ok();
-            tracing::info!(addr = ?mqtt_addr, "MQTT 3.1.1/5.0 listener started");
             let mqtt_cfg = warren_mqtt::MqttConfig {
                 default_user: config.auth.default_user.clone(),
                 default_pass: config.auth.default_pass.clone(),
