@@ -248,3 +248,35 @@ async fn bad_credentials_are_refused() {
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_survive_a_restart() {
+    let b = start().await;
+    {
+        let (p, mut pel) = connect(opts(&b, "r-pub")).await;
+        p.publish("plant/boiler/state", QoS::AtLeastOnce, true, "on")
+            .await
+            .unwrap();
+        // The PUBACK comes after the retained copy is synced.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), pel.poll())
+                .await
+                .expect("puback in time")
+            {
+                Ok(Event::Incoming(Packet::PubAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    let b = b.restart().await;
+    let (s, mut sel) = connect(opts(&b, "r-sub")).await;
+    s.subscribe("plant/+/state", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let got = next_publish(&mut sel).await;
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..], got.retain),
+        ("plant/boiler/state", &b"on"[..], true)
+    );
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use amq_protocol_types::ShortString;
 use parking_lot::RwLock;
-use warren_store::{Op, Store, StoreQueueId};
+use warren_store::{Op, Store, StoreQueueId, Ticket};
 
 use crate::auth::{self, AuthError, User};
 use crate::error::{CoreError, CoreResult};
@@ -240,6 +240,45 @@ impl Broker {
             return Err(AuthError::LoopbackOnly(user.into()));
         }
         Ok(User::from(rec))
+    }
+
+    /// Stores (`Some`) or clears (`None`) the retained message of an MQTT topic durably;
+    /// returns the ticket to wait for before acknowledging the publish.
+    pub async fn store_retained(
+        &self,
+        vhost: &str,
+        topic: &str,
+        msg: Option<&Message>,
+    ) -> CoreResult<Ticket> {
+        let key = meta::retained_key(vhost, topic);
+        let op = match msg {
+            Some(m) => Op::PutMeta {
+                key,
+                value: m.encode().to_vec(),
+            },
+            None => Op::DeleteMeta { key },
+        };
+        Ok(self.store.submit(vec![op]).await?)
+    }
+
+    /// Every stored retained message as (vhost, topic, message).
+    pub fn load_retained(&self) -> CoreResult<Vec<(String, String, Message)>> {
+        let mut out = Vec::new();
+        for (k, v) in self.store.meta_scan(meta::RETAINED)? {
+            let rest = &k[meta::RETAINED.len()..];
+            let Some(sep) = rest.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let vhost = String::from_utf8_lossy(&rest[..sep]).into_owned();
+            let topic = String::from_utf8_lossy(&rest[sep + 1..]).into_owned();
+            match Message::decode(bytes::Bytes::from(v)) {
+                Ok(m) => out.push((vhost, topic, m)),
+                Err(e) => {
+                    tracing::warn!(%topic, error = %e, "skipping unreadable retained message")
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Flushes the store: everything submitted so far is on disk when this returns.

@@ -13,6 +13,8 @@ pub(crate) const EXCHANGE: &[u8] = b"e\0";
 pub(crate) const QUEUE: &[u8] = b"q\0";
 pub(crate) const BINDING: &[u8] = b"b\0";
 pub(crate) const USER: &[u8] = b"u\0";
+/// MQTT retained messages: `r\0<vhost>\0<topic>` → the encoded message.
+pub(crate) const RETAINED: &[u8] = b"r\0";
 
 fn key(prefix: &[u8], parts: &[&str]) -> Vec<u8> {
     let mut k = prefix.to_vec();
@@ -166,6 +168,10 @@ pub(crate) fn binding_delete(vhost: &str, x: &Exchange, b: &Binding) -> Option<O
     x.durable.then(|| Op::DeleteMeta {
         key: binding_key(vhost, x.name.as_str(), b),
     })
+}
+
+pub(crate) fn retained_key(vhost: &str, topic: &str) -> Vec<u8> {
+    key(RETAINED, &[vhost, topic])
 }
 
 pub(crate) fn user_put(u: &UserRecord) -> Op {

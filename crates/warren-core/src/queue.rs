@@ -323,6 +323,12 @@ impl Queue {
         self.next_seq.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Whether the queue lives in the store: durable and not exclusive (an exclusive queue
+    /// dies with its connection, so RabbitMQ never recovers one).
+    pub fn is_stored(&self) -> bool {
+        self.durable && self.exclusive_owner.is_none()
+    }
+
     pub fn is_deleted(&self) -> bool {
         self.state.lock().deleted
     }

@@ -313,7 +313,7 @@ impl VHost {
         }
         // Every queue is bound to the default exchange by its name; that binding is
         // implicit (routing looks the queue up), as in RabbitMQ.
-        if q.durable {
+        if q.is_stored() {
             if let Err(e) = self.persist(vec![meta::queue_put(&self.name, &q)]).await {
                 self.queues.write().remove(&q.name);
                 return Err(e);
@@ -538,7 +538,7 @@ impl VHost {
             ));
         }
         let durable_target = match &target {
-            Target::Queue(q) => q.durable,
+            Target::Queue(q) => q.is_stored(),
             Target::Exchange(e) => self.exchange(e.as_str())?.durable,
         };
         let b = Binding {
@@ -685,7 +685,7 @@ impl VHost {
                 continue;
             }
             let seq = q.next_seq();
-            let persist = persistent && q.durable;
+            let persist = persistent && q.is_stored();
             if persist {
                 let data = encoded.get_or_insert_with(|| msg.encode()).clone();
                 ops.push(Op::PutMessage {

@@ -52,19 +52,36 @@ pub(crate) struct Shared {
     pub broker: Arc<Broker>,
     /// Live sessions by `vhost \0 client id`, with the signal that takes one over.
     pub sessions: Mutex<HashMap<String, (ConnectionId, watch::Sender<bool>)>>,
-    /// Retained messages by `vhost \0 topic` (in memory; see docs/mqtt.md).
+    /// Retained messages by `vhost \0 topic`: the in-memory copy of what the store holds.
     retained: Mutex<HashMap<String, (String, Arc<Message>)>>,
 }
 
 impl Shared {
-    /// Stores (or, with an empty payload, clears) the retained message of a topic.
-    pub fn retain(&self, vhost: &str, topic_name: &str, msg: Arc<Message>) {
+    /// Stores (or, with an empty payload, clears) the retained message of a topic, in
+    /// memory and durably; returns the store ticket to wait for.
+    pub async fn retain(
+        &self,
+        vhost: &str,
+        topic_name: &str,
+        msg: Arc<Message>,
+    ) -> Option<warren_core::Ticket> {
         let key = format!("{vhost}\0{topic_name}");
-        let mut r = self.retained.lock();
-        if msg.body.is_empty() {
-            r.remove(&key);
-        } else {
-            r.insert(key, (topic_name.to_owned(), msg));
+        let clear = msg.body.is_empty();
+        {
+            let mut r = self.retained.lock();
+            if clear {
+                r.remove(&key);
+            } else {
+                r.insert(key, (topic_name.to_owned(), msg.clone()));
+            }
+        }
+        let stored = if clear { None } else { Some(msg.as_ref()) };
+        match self.broker.store_retained(vhost, topic_name, stored).await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(error = %e, "retained message not stored");
+                None
+            }
         }
     }
 
@@ -87,10 +104,23 @@ pub async fn serve(
     config: MqttConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Retained messages survive restarts: load them from the store.
+    let mut retained = HashMap::new();
+    match broker.load_retained() {
+        Ok(all) => {
+            for (vhost, topic_name, msg) in all {
+                retained.insert(
+                    format!("{vhost}\0{topic_name}"),
+                    (topic_name, Arc::new(msg)),
+                );
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "retained messages could not be loaded"),
+    }
     let shared = Arc::new(Shared {
         broker,
         sessions: Mutex::new(HashMap::new()),
-        retained: Mutex::new(HashMap::new()),
+        retained: Mutex::new(retained),
     });
     let config = Arc::new(config);
     let mut tasks = tokio::task::JoinSet::new();

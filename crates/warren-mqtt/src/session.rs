@@ -663,15 +663,18 @@ impl Session {
             msg.properties.expiration = Some((secs as u64 * 1000).to_string().as_str().into());
         }
         let msg = Arc::new(msg);
-        if p.retain {
+        let retained_ticket = if p.retain {
             self.shared
-                .retain(&self.vhost.name, &topic_name, msg.clone());
-        }
+                .retain(&self.vhost.name, &topic_name, msg.clone())
+                .await
+        } else {
+            None
+        };
         let ticket = match self.vhost.publish("amq.topic", msg).await {
-            Ok(o) => o.ticket,
+            Ok(o) => o.ticket.max(retained_ticket),
             Err(e) => {
                 tracing::warn!(error = %e, "mqtt publish failed");
-                None
+                retained_ticket
             }
         };
         if qos > 0 {
@@ -788,7 +791,8 @@ impl Session {
                 let topic_name = topic::to_mqtt(will.routing_key.as_str());
                 if self.will_retain {
                     self.shared
-                        .retain(&self.vhost.name, &topic_name, will.clone());
+                        .retain(&self.vhost.name, &topic_name, will.clone())
+                        .await;
                 }
                 let _ = self.vhost.publish("amq.topic", will).await;
             }
