@@ -109,4 +109,22 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+
+    proptest::proptest! {
+        /// Bad input never panics the decoder, whole or fed in pieces, at either level.
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600), split in 0usize..600) {
+            for version in [0u8, 4, 5] {
+                let mut b = BytesMut::from(&data[..split.min(data.len())]);
+                let _ = decode(&mut b, version, 256);
+                b.extend_from_slice(&data[split.min(data.len())..]);
+                for _ in 0..50 {
+                    match decode(&mut b, version, 256) {
+                        Ok(Some(_)) => continue,
+                        _ => break,
+                    }
+                }
+            }
+        }
+    }
 }
