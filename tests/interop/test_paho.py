@@ -91,3 +91,50 @@ def test_amqp_publish_reaches_mqtt_subscriber(broker, ch, name):
     assert got == [(f"{name}/fire/north", b"evacuate")]
     sub.loop_stop()
     sub.disconnect()
+
+
+def test_mqtt5_properties_cross_to_amqp_and_back(broker, ch, name):
+    if broker.external:
+        import pytest
+        pytest.skip("the reference RabbitMQ 3.10 has no MQTT 5")
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    ch.queue_declare(name)
+    ch.queue_bind(name, "amq.topic", f"{name}.in")
+    c = client(broker, version=mqtt.MQTTv5)
+    got = []
+    subscribed = threading.Event()
+    c.on_message = lambda cl, u, m: got.append(m)
+    c.on_subscribe = lambda *a: subscribed.set()
+    c.connect("127.0.0.1", broker.mqtt_port)
+    c.loop_start()
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = "application/json"
+    props.ResponseTopic = f"{name}/replies"
+    props.CorrelationData = b"req-7"
+    props.UserProperty = [("tenant", "acme")]
+    c.publish(f"{name}/in", b"{}", qos=1, properties=props).wait_for_publish(5)
+    m = None
+    for _ in range(50):
+        m, p, body = ch.basic_get(name, auto_ack=True)
+        if m:
+            break
+        time.sleep(0.05)
+    assert m is not None
+    assert p.content_type == "application/json"
+    assert p.reply_to == f"{name}.replies"
+    assert p.correlation_id == "req-7"
+    assert p.headers["tenant"] == "acme"
+
+    c.subscribe(f"{name}/out", qos=1)
+    assert subscribed.wait(5)
+    ch.basic_publish("amq.topic", f"{name}.out", b"hi", pika.BasicProperties(
+        content_type="text/plain", correlation_id="c-1", headers={"region": "eu"}, delivery_mode=2))
+    assert wait(lambda: got)
+    mp = got[0].properties
+    assert mp.ContentType == "text/plain"
+    assert mp.CorrelationData == b"c-1"
+    assert ("region", "eu") in mp.UserProperty
+    c.loop_stop()
+    c.disconnect()

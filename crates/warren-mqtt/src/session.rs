@@ -501,7 +501,7 @@ impl Session {
                 }
                 codec::encode(&ack, &mut self.out);
                 for (t, m, qos) in retained {
-                    self.send_publish(&t, m.body.clone(), qos, true, false, None);
+                    self.send_publish(&t, &m, qos, true, false, None);
                 }
                 Ok(())
             }
@@ -659,6 +659,9 @@ impl Session {
             }
         }
         let mut msg = mqtt_message(&topic_name, p.payload.clone(), qos);
+        if self.version == 5 {
+            map_v5_properties(&p.properties, &mut msg.properties);
+        }
         if let Some(secs) = p.properties.get_message_expiry_interval() {
             msg.properties.expiration = Some((secs as u64 * 1000).to_string().as_str().into());
         }
@@ -706,12 +709,12 @@ impl Session {
         let qos = msg_qos(&d.message).min(granted);
         if qos == 0 {
             d.queue.ack(&[d.seq]).await;
-            self.send_publish(&t, d.message.body.clone(), 0, false, false, None);
+            self.send_publish(&t, &d.message, 0, false, false, None);
         } else {
             let queue = d.queue.clone();
             self.send_publish(
                 &t,
-                d.message.body.clone(),
+                &d.message,
                 qos,
                 false,
                 d.redelivered,
@@ -723,7 +726,7 @@ impl Session {
     fn send_publish(
         &mut self,
         topic_name: &str,
-        payload: Bytes,
+        msg: &Message,
         qos: u8,
         retain: bool,
         dup: bool,
@@ -734,8 +737,11 @@ impl Session {
             1 => QoS::AtLeastOnce,
             _ => QoS::ExactlyOnce,
         };
+        let payload = msg.body.clone();
         let mut p = if self.version == 5 {
-            PublishPacket::new(topic_name, payload, q)
+            let mut p = PublishPacket::new(topic_name, payload, q);
+            v5_properties_of(msg, &mut p);
+            p
         } else {
             PublishPacket::new_v311(topic_name, payload, q)
         };
@@ -806,6 +812,73 @@ impl Session {
             sessions.remove(&key);
         }
         drop(sessions);
+    }
+}
+
+/// MQTT 5 PUBLISH properties into the core's AMQP-style properties, as RabbitMQ maps them:
+/// content type, response topic (→ reply_to, as a routing key), correlation data (→
+/// correlation_id when it is short UTF-8, else a header), user properties (→ headers).
+fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
+    use mqtt5_protocol::{PropertyId, PropertyValue};
+    if let Some(PropertyValue::Utf8String(ct)) = p.get(PropertyId::ContentType) {
+        props.content_type = Some(ct.as_str().into());
+    }
+    if let Some(PropertyValue::Utf8String(rt)) = p.get(PropertyId::ResponseTopic) {
+        props.reply_to = Some(topic::to_amqp(rt).as_str().into());
+    }
+    let headers = props.headers.get_or_insert_with(FieldTable::default);
+    if let Some(PropertyValue::BinaryData(cd)) = p.get(PropertyId::CorrelationData) {
+        match std::str::from_utf8(cd) {
+            Ok(s) if s.len() <= 255 => props.correlation_id = Some(s.into()),
+            _ => {
+                headers.insert(
+                    "x-correlation-id".into(),
+                    AMQPValue::LongString(cd.to_vec().into()),
+                );
+            }
+        }
+    }
+    for (id, v) in p.iter() {
+        if let (PropertyId::UserProperty, PropertyValue::Utf8StringPair(k, v)) = (id, v) {
+            if k.len() <= 255 {
+                headers.insert(
+                    k.as_str().into(),
+                    AMQPValue::LongString(v.as_bytes().into()),
+                );
+            }
+        }
+    }
+}
+
+/// The reverse of [`map_v5_properties`] for a delivery to an MQTT 5 client.
+fn v5_properties_of(m: &Message, p: &mut PublishPacket) {
+    let props = &m.properties;
+    if let Some(ct) = &props.content_type {
+        p.properties.set_content_type(ct.as_str().to_owned());
+    }
+    if let Some(rt) = &props.reply_to {
+        p.properties.set_response_topic(topic::to_mqtt(rt.as_str()));
+    }
+    if let Some(c) = &props.correlation_id {
+        p.properties
+            .set_correlation_data(Bytes::copy_from_slice(c.as_str().as_bytes()));
+    }
+    if let Some(h) = &props.headers {
+        for (k, v) in h.inner() {
+            if k.as_str().starts_with("x-") {
+                continue;
+            }
+            let text = match v {
+                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                AMQPValue::ShortString(s) => s.as_str().to_owned(),
+                AMQPValue::Boolean(b) => b.to_string(),
+                other => match warren_core::queue::int_value(other) {
+                    Some(i) => i.to_string(),
+                    None => continue,
+                },
+            };
+            p.properties.add_user_property(k.as_str().to_owned(), text);
+        }
     }
 }
 
