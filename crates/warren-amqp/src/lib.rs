@@ -98,12 +98,5 @@ pub async fn serve(
         }
     }
     // Connections see the same shutdown signal and close themselves.
-    let deadline = tokio::time::sleep(Duration::from_secs(5));
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            next = tasks.join_next() => if next.is_none() { break },
-            _ = &mut deadline => { tasks.abort_all(); break; }
-        }
-    }
+    warren_core::shutdown::drain_connections(&mut tasks, Duration::from_secs(5)).await;
 }

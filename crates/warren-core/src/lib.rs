@@ -15,6 +15,7 @@ pub mod ids;
 pub mod message;
 mod meta;
 pub mod queue;
+pub mod shutdown;
 pub mod topic;
 pub mod vhost;
 

@@ -138,12 +138,5 @@ pub async fn serve(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
     }
-    let deadline = tokio::time::sleep(Duration::from_secs(5));
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            next = tasks.join_next() => if next.is_none() { break },
-            _ = &mut deadline => { tasks.abort_all(); break; }
-        }
-    }
+    warren_core::shutdown::drain_connections(&mut tasks, Duration::from_secs(5)).await;
 }
