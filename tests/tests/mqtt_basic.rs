@@ -280,3 +280,65 @@ async fn retained_messages_survive_a_restart() {
         ("plant/boiler/state", &b"on"[..], true)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscription_splits_messages_between_members() {
+    let b = start().await;
+    let (a, mut ael) = connect(opts(&b, "worker-a")).await;
+    let (c, mut cel) = connect(opts(&b, "worker-c")).await;
+    a.subscribe("$share/workers/jobs/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    c.subscribe("$share/workers/jobs/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    for el in [&mut ael, &mut cel] {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), el.poll())
+                .await
+                .expect("suback in time")
+            {
+                Ok(Event::Incoming(Packet::SubAck(s))) => {
+                    assert_eq!(
+                        s.return_codes,
+                        vec![rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+                    );
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    let (p, pel) = connect(opts(&b, "dispatcher")).await;
+    drive(pel);
+    for i in 0..20 {
+        p.publish(format!("jobs/{i}"), QoS::AtLeastOnce, false, format!("{i}"))
+            .await
+            .unwrap();
+    }
+    let mut got_a = Vec::new();
+    let mut got_c = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while got_a.len() + got_c.len() < 20 && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            r = ael.poll() => if let Ok(Event::Incoming(Packet::Publish(m))) = r { got_a.push(String::from_utf8(m.payload.to_vec()).unwrap()) },
+            r = cel.poll() => if let Ok(Event::Incoming(Packet::Publish(m))) = r { got_c.push(String::from_utf8(m.payload.to_vec()).unwrap()) },
+        }
+    }
+    let mut all: Vec<u32> = got_a
+        .iter()
+        .chain(&got_c)
+        .map(|s| s.parse().unwrap())
+        .collect();
+    all.sort();
+    assert_eq!(
+        all,
+        (0..20).collect::<Vec<_>>(),
+        "every message once across the group"
+    );
+    assert!(
+        !got_a.is_empty() && !got_c.is_empty(),
+        "both members got work: {got_a:?} / {got_c:?}"
+    );
+}

@@ -70,6 +70,9 @@ struct Session {
     out: BytesMut,
     /// Filter → granted QoS.
     subscriptions: HashMap<String, u8>,
+    /// Shared subscriptions `$share/<group>/<filter>`: the group's queue, this session's
+    /// consumer on it, the granted QoS.
+    shared_subs: HashMap<String, (Arc<Queue>, ConsumerId, u8)>,
     inflight: HashMap<u16, Inflight>,
     next_pkid: u16,
     /// Inbound QoS 2 packet ids between PUBREC and PUBREL (duplicates are not routed twice).
@@ -251,7 +254,7 @@ async fn connect_session(
     let mut ack = if version == 5 {
         ConnAckPacket::new(!clean && existed, ReasonCode::Success)
             .with_receive_maximum(cfg.receive_maximum)
-            .with_shared_subscription_available(false)
+            .with_shared_subscription_available(true)
             .with_maximum_qos(2)
     } else {
         ConnAckPacket::new_v311(!clean && existed, ReasonCode::Success)
@@ -286,6 +289,7 @@ async fn connect_session(
         outbox,
         out: BytesMut::with_capacity(8 * 1024),
         subscriptions: HashMap::new(),
+        shared_subs: HashMap::new(),
         inflight: HashMap::new(),
         next_pkid: 1,
         incoming_qos2: HashSet::new(),
@@ -512,6 +516,13 @@ impl Session {
                     UnsubAckPacket::new_v311(u.packet_id)
                 };
                 for f in u.filters {
+                    if let Some((q, c, _)) = self.shared_subs.remove(&f) {
+                        q.remove_consumer(c).await;
+                        if self.version == 5 {
+                            ack.reason_codes.push(UnsubAckReasonCode::Success);
+                        }
+                        continue;
+                    }
                     let existed = self.subscriptions.remove(&f).is_some();
                     if let Some(q) = &self.queue {
                         let _ = self
@@ -575,12 +586,8 @@ impl Session {
                 SubAckReasonCode::UnspecifiedError
             };
         }
-        if filter.starts_with("$share/") {
-            return if self.version == 5 {
-                SubAckReasonCode::SharedSubscriptionsNotSupported
-            } else {
-                SubAckReasonCode::UnspecifiedError
-            };
+        if let Some(rest) = filter.strip_prefix("$share/") {
+            return self.subscribe_shared(filter, rest, requested.min(2)).await;
         }
         let Some(q) = self.queue.clone() else {
             return SubAckReasonCode::UnspecifiedError;
@@ -696,16 +703,97 @@ impl Session {
         Ok(())
     }
 
-    /// Writes a delivery from the session queue as PUBLISH.
+    /// `$share/<group>/<filter>`: competing consumers on one queue per group and filter
+    /// (MQTT 5 §4.8.2), bound on `amq.topic` like any subscription; the queue goes with
+    /// its last member.
+    async fn subscribe_shared(&mut self, full: &str, rest: &str, qos: u8) -> SubAckReasonCode {
+        let invalid = if self.version == 5 {
+            SubAckReasonCode::TopicFilterInvalid
+        } else {
+            SubAckReasonCode::UnspecifiedError
+        };
+        // MQTT-4.8.2-1/2: a non-empty group name without wildcards, then a filter.
+        let Some((group, filter)) = rest.split_once('/') else {
+            return invalid;
+        };
+        if group.is_empty() || group.contains(['+', '#']) || filter.is_empty() {
+            return invalid;
+        }
+        if let Some((q, c, _)) = self.shared_subs.remove(full) {
+            q.remove_consumer(c).await;
+        }
+        let name = format!("mqtt-shared-{group}-{filter}");
+        let declared = self
+            .vhost
+            .declare_queue(
+                QueueDecl {
+                    name: name.as_str().into(),
+                    passive: false,
+                    durable: false,
+                    exclusive: false,
+                    auto_delete: true,
+                    arguments: FieldTable::default(),
+                },
+                self.id,
+            )
+            .await;
+        let Ok((q, _)) = declared else {
+            return SubAckReasonCode::UnspecifiedError;
+        };
+        let key = topic::to_amqp(filter);
+        if self
+            .vhost
+            .bind(
+                "amq.topic",
+                Target::Queue(q.clone()),
+                key.as_str().into(),
+                FieldTable::default(),
+            )
+            .await
+            .is_err()
+        {
+            return SubAckReasonCode::UnspecifiedError;
+        }
+        let consumer = ConsumerId::next();
+        let spec = ConsumerSpec {
+            id: consumer,
+            tag: Arc::from("mqtt-shared"),
+            token: 0,
+            owner: self.id,
+            no_ack: false,
+            exclusive: false,
+            priority: 0,
+            prefetch: self.cfg.receive_maximum as u32,
+            channel_credit: Arc::new(Credit::default()),
+            outbox: self.outbox.clone(),
+        };
+        if q.add_consumer(spec).await.is_err() {
+            return SubAckReasonCode::UnspecifiedError;
+        }
+        self.shared_subs.insert(full.to_owned(), (q, consumer, qos));
+        match qos {
+            0 => SubAckReasonCode::GrantedQoS0,
+            1 => SubAckReasonCode::GrantedQoS1,
+            _ => SubAckReasonCode::GrantedQoS2,
+        }
+    }
+
+    /// Writes a delivery from the session queue (or a shared-subscription queue) as PUBLISH.
     async fn deliver(&mut self, d: Delivery) {
         let t = topic::to_mqtt(d.message.routing_key.as_str());
-        let granted = self
-            .subscriptions
-            .iter()
-            .filter(|(f, _)| topic::matches(f, &t))
-            .map(|(_, q)| *q)
-            .max()
-            .unwrap_or(0);
+        let shared = self
+            .shared_subs
+            .values()
+            .find(|(q, c, _)| *c == d.consumer && Arc::ptr_eq(q, &d.queue))
+            .map(|(_, _, qos)| *qos);
+        let granted = shared.unwrap_or_else(|| {
+            self.subscriptions
+                .iter()
+                .filter(|(f, _)| topic::matches(f, &t))
+                .map(|(_, q)| *q)
+                .max()
+                .unwrap_or(0)
+        });
         let qos = msg_qos(&d.message).min(granted);
         if qos == 0 {
             d.queue.ack(&[d.seq]).await;
@@ -787,6 +875,9 @@ impl Session {
             let _ = i.released;
         }
         if let (Some(q), Some(c)) = (&self.queue, self.consumer) {
+            q.remove_consumer(c).await;
+        }
+        for (_, (q, c, _)) in self.shared_subs.drain() {
             q.remove_consumer(c).await;
         }
         for (q, seqs) in by_queue {
