@@ -568,7 +568,9 @@ impl Queue {
             let Some(entry) = Self::pop_ready(s) else {
                 break;
             };
-            if entry.expires_at.is_some_and(|t| t <= now) {
+            // Strictly before `now`: a message with TTL 0 still reaches a consumer that is
+            // ready when it arrives, as in RabbitMQ; otherwise it expires.
+            if entry.expires_at.is_some_and(|t| t < now) {
                 self.discard(entry, DeadReason::Expired, fx);
                 continue;
             }

@@ -189,3 +189,22 @@ async fn guest_only_from_loopback() {
         "only listed users are loopback-only"
     );
 }
+
+#[tokio::test]
+async fn ttl_zero_reaches_a_ready_consumer_and_expires_otherwise() {
+    let (_d, b) = broker().await;
+    let v = b.vhost("/").unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-message-ttl".into(), AMQPValue::LongInt(0));
+    let q = queue(&v, "q", args).await;
+    v.publish("", msg("nobody-waiting")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(q.message_count(), 0, "expired without a consumer");
+    let (outbox, mut rx) = Outbox::new(4);
+    q.add_consumer(consumer(&outbox, 0)).await.unwrap();
+    v.publish("", msg("taken")).await.unwrap();
+    assert_eq!(
+        &rx.try_recv().expect("delivered at once").message.body[..],
+        b"taken"
+    );
+}
