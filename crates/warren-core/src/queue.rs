@@ -130,6 +130,10 @@ fn text_value(
     bad: &impl Fn(&str, String) -> CoreError,
 ) -> CoreResult<ShortString> {
     match v {
+        // Names are short strings: a longer one is refused, never truncated.
+        AMQPValue::LongString(s) if s.as_bytes().len() > 255 => {
+            Err(bad(key, "{value_too_long}".into()))
+        }
         AMQPValue::LongString(s) => Ok(String::from_utf8_lossy(s.as_bytes()).as_ref().into()),
         AMQPValue::ShortString(s) => Ok(s.clone()),
         other => Err(bad(key, format!("{{unacceptable_type,{other:?}}}"))),

@@ -164,6 +164,12 @@ async fn connect_session(
         let id = warren_core::vhost::generated_name("warren-");
         assigned = Some(id.clone());
         id
+    } else if c.client_id.len() > 200 {
+        // Its queue name must stay a short string.
+        let _ = socket
+            .write_all(&refuse(ReasonCode::ClientIdentifierNotValid))
+            .await;
+        return None;
     } else {
         c.client_id.clone()
     };
@@ -267,13 +273,11 @@ async fn connect_session(
     if socket.write_all(&out).await.is_err() {
         return None;
     }
-    let will = c.will.as_ref().map(|w| {
-        Arc::new(mqtt_message(
-            &w.topic,
-            Bytes::from(w.payload.clone()),
-            w.qos as u8,
-        ))
-    });
+    let will = c
+        .will
+        .as_ref()
+        .and_then(|w| mqtt_message(&w.topic, Bytes::from(w.payload.clone()), w.qos as u8))
+        .map(Arc::new);
     let will_retain = c.will.as_ref().is_some_and(|w| w.retain);
     let (outbox, deliveries) = Outbox::new(cfg.receive_maximum as usize * 2);
     let mut s = Session {
@@ -338,11 +342,19 @@ fn queue_name(client_id: &str) -> String {
     format!("mqtt-subscription-{client_id}qos1")
 }
 
-/// A message published over MQTT, as the core carries it.
-fn mqtt_message(topic_name: &str, payload: Bytes, qos: u8) -> Message {
+/// AMQP routing keys are short strings: MQTT topics and filters longer than this cannot be
+/// routed (RabbitMQ has the same limit).
+const MAX_TOPIC_BYTES: usize = 255;
+
+/// A message published over MQTT, as the core carries it; `None` for a topic too long to
+/// be a routing key.
+fn mqtt_message(topic_name: &str, payload: Bytes, qos: u8) -> Option<Message> {
+    if topic_name.len() > MAX_TOPIC_BYTES {
+        return None;
+    }
     let mut headers = FieldTable::default();
     headers.insert(QOS_HEADER.into(), AMQPValue::ShortShortUInt(qos));
-    Message::new(
+    Some(Message::new(
         "amq.topic".into(),
         ShortString::from(topic::to_amqp(topic_name)),
         Properties {
@@ -352,7 +364,7 @@ fn mqtt_message(topic_name: &str, payload: Bytes, qos: u8) -> Message {
             ..Default::default()
         },
         payload,
-    )
+    ))
 }
 
 impl Session {
@@ -586,6 +598,13 @@ impl Session {
                 SubAckReasonCode::UnspecifiedError
             };
         }
+        if filter.len() > MAX_TOPIC_BYTES {
+            return if self.version == 5 {
+                SubAckReasonCode::TopicFilterInvalid
+            } else {
+                SubAckReasonCode::UnspecifiedError
+            };
+        }
         if let Some(rest) = filter.strip_prefix("$share/") {
             return self.subscribe_shared(filter, rest, requested.min(2)).await;
         }
@@ -665,7 +684,12 @@ impl Session {
                 }
             }
         }
-        let mut msg = mqtt_message(&topic_name, p.payload.clone(), qos);
+        let Some(mut msg) = mqtt_message(&topic_name, p.payload.clone(), qos) else {
+            self.protocol_error(&CodecError::Malformed(format!(
+                "topic name longer than {MAX_TOPIC_BYTES} bytes"
+            )));
+            return Err(End::ProtocolError);
+        };
         if self.version == 5 {
             map_v5_properties(&p.properties, &mut msg.properties);
         }
@@ -723,6 +747,9 @@ impl Session {
             q.remove_consumer(c).await;
         }
         let name = format!("mqtt-shared-{group}-{filter}");
+        if name.len() > MAX_TOPIC_BYTES {
+            return invalid;
+        }
         let declared = self
             .vhost
             .declare_queue(
@@ -912,10 +939,14 @@ impl Session {
 fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
     use mqtt5_protocol::{PropertyId, PropertyValue};
     if let Some(PropertyValue::Utf8String(ct)) = p.get(PropertyId::ContentType) {
-        props.content_type = Some(ct.as_str().into());
+        if ct.len() <= MAX_TOPIC_BYTES {
+            props.content_type = Some(ct.as_str().into());
+        }
     }
     if let Some(PropertyValue::Utf8String(rt)) = p.get(PropertyId::ResponseTopic) {
-        props.reply_to = Some(topic::to_amqp(rt).as_str().into());
+        if rt.len() <= MAX_TOPIC_BYTES {
+            props.reply_to = Some(topic::to_amqp(rt).as_str().into());
+        }
     }
     let headers = props.headers.get_or_insert_with(FieldTable::default);
     if let Some(PropertyValue::BinaryData(cd)) = p.get(PropertyId::CorrelationData) {
