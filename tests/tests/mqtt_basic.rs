@@ -46,6 +46,20 @@ async fn next_publish(el: &mut EventLoop) -> rumqttc::Publish {
     }
 }
 
+/// Polls until a PUBACK: the broker has routed (and, if durable, synced) the publish.
+async fn wait_puback(el: &mut EventLoop) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), el.poll())
+            .await
+            .expect("puback in time")
+        {
+            Ok(Event::Incoming(Packet::PubAck(_))) => return,
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 /// Polls for `ms` and fails on any PUBLISH.
 async fn no_publish(el: &mut EventLoop, ms: u64) {
     let end = tokio::time::Instant::now() + Duration::from_millis(ms);
@@ -115,16 +129,7 @@ async fn mqtt_and_amqp_meet_on_amq_topic() {
         .await
         .unwrap();
     // The PUBACK comes after the message was routed (and synced).
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), el.poll())
-            .await
-            .expect("puback in time")
-        {
-            Ok(Event::Incoming(Packet::PubAck(_))) => break,
-            Ok(_) => {}
-            Err(e) => panic!("{e}"),
-        }
-    }
+    wait_puback(&mut el).await;
     let got = ch
         .basic_get("from-mqtt".into(), BasicGetOptions { no_ack: true })
         .await
@@ -258,16 +263,7 @@ async fn retained_messages_survive_a_restart() {
             .await
             .unwrap();
         // The PUBACK comes after the retained copy is synced.
-        loop {
-            match tokio::time::timeout(Duration::from_secs(5), pel.poll())
-                .await
-                .expect("puback in time")
-            {
-                Ok(Event::Incoming(Packet::PubAck(_))) => break,
-                Ok(_) => {}
-                Err(e) => panic!("{e}"),
-            }
-        }
+        wait_puback(&mut pel).await;
     }
     let b = b.restart().await;
     let (s, mut sel) = connect(opts(&b, "r-sub")).await;
