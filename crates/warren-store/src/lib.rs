@@ -213,6 +213,11 @@ impl Store {
         self.inner.synced.clone()
     }
 
+    /// Whether the batch of `ticket` is on disk already (no waiting).
+    pub fn is_synced(&self, ticket: Ticket) -> bool {
+        *self.inner.synced.borrow() >= ticket.0
+    }
+
     /// Waits until `ticket` is durable.
     pub async fn wait_synced(&self, ticket: Ticket) -> Result<(), StoreError> {
         let mut rx = self.inner.synced.clone();

@@ -14,7 +14,30 @@ pub struct Config {
     pub amqp: Amqp,
     pub auth: Auth,
     pub limits: Limits,
+    pub stomp: Stomp,
     pub log: Log,
+}
+
+/// STOMP front-end limits; each breach is answered with an ERROR frame, then close.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Stomp {
+    pub max_headers: usize,
+    /// Longest header line in bytes.
+    pub max_header_length: usize,
+    /// A frame started but not finished within this time ends the connection (a peer
+    /// that sends half a frame and goes silent holds no buffer for ever).
+    pub incomplete_frame_timeout_ms: u64,
+}
+
+impl Default for Stomp {
+    fn default() -> Self {
+        Self {
+            max_headers: 1000,
+            max_header_length: 65536,
+            incomplete_frame_timeout_ms: 10_000,
+        }
+    }
 }
 
 /// Listen addresses; `"off"` disables a listener.

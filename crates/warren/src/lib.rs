@@ -54,11 +54,29 @@ pub struct Server {
     pub amqp_addr: Option<SocketAddr>,
     /// The bound MQTT address, if the listener is on.
     pub mqtt_addr: Option<SocketAddr>,
+    /// The bound STOMP address, if the listener is on.
+    pub stomp_addr: Option<SocketAddr>,
     pub broker: Arc<Broker>,
     /// Alarm thresholds, adjustable while running.
     pub limits: Arc<resources::ResourceLimits>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+fn stomp_config(config: &Config) -> warren_stomp::StompConfig {
+    warren_stomp::StompConfig {
+        default_user: config.auth.default_user.clone(),
+        default_pass: config.auth.default_pass.clone(),
+        limits: warren_stomp::codec::Limits {
+            max_frame: config.limits.max_message_size as usize + 64 * 1024,
+            max_headers: config.stomp.max_headers,
+            max_header_len: config.stomp.max_header_length,
+        },
+        incomplete_frame_timeout: std::time::Duration::from_millis(
+            config.stomp.incomplete_frame_timeout_ms,
+        ),
+        ..Default::default()
+    }
 }
 
 /// Whether a listener setting means "disabled".
@@ -140,8 +158,13 @@ impl Server {
                 shutdown_rx.clone(),
             )));
         }
+        let mut stomp_addr = None;
+        if let Some(listener) = listen("STOMP 1.0-1.2", &l.stomp).await? {
+            stomp_addr = listener.local_addr().ok();
+            let stomp = warren_stomp::StompFrontend::new(broker.clone(), stomp_config(config));
+            tasks.push(tokio::spawn(stomp.serve(listener, shutdown_rx.clone())));
+        }
         for (what, addr) in [
-            ("stomp", &l.stomp),
             ("http", &l.http),
             ("web-stomp", &l.web_stomp),
             ("web-mqtt", &l.web_mqtt),
@@ -153,6 +176,7 @@ impl Server {
         Ok(Server {
             amqp_addr,
             mqtt_addr,
+            stomp_addr,
             broker,
             limits,
             shutdown,

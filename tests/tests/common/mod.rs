@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod stomp;
+
 use std::time::Duration;
 
 use futures_lite::StreamExt;
@@ -15,6 +17,7 @@ pub struct TestBroker {
     pub url: String,
     pub addr: std::net::SocketAddr,
     pub mqtt_addr: std::net::SocketAddr,
+    pub stomp_addr: std::net::SocketAddr,
 }
 
 fn config(dir: &std::path::Path) -> warren::Config {
@@ -22,8 +25,9 @@ fn config(dir: &std::path::Path) -> warren::Config {
     c.storage.data_dir = dir.to_path_buf();
     c.listeners.amqp = "127.0.0.1:0".into();
     c.listeners.mqtt = "127.0.0.1:0".into();
+    c.listeners.stomp = "127.0.0.1:0".into();
+    c.stomp.incomplete_frame_timeout_ms = 1000;
     for l in [
-        &mut c.listeners.stomp,
         &mut c.listeners.http,
         &mut c.listeners.web_stomp,
         &mut c.listeners.web_mqtt,
@@ -44,8 +48,10 @@ pub async fn start_in(dir: tempfile::TempDir) -> TestBroker {
         .expect("start warren");
     let addr = server.amqp_addr.expect("amqp listener");
     let mqtt_addr = server.mqtt_addr.expect("mqtt listener");
+    let stomp_addr = server.stomp_addr.expect("stomp listener");
     TestBroker {
         mqtt_addr,
+        stomp_addr,
         url: format!("amqp://guest:guest@{addr}/%2f"),
         addr,
         server: Some(server),

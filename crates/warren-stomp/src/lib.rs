@@ -1,0 +1,99 @@
+//! STOMP 1.0–1.2 front-end with the semantics of RabbitMQ's STOMP plugin: destinations
+//! `/queue`, `/amq/queue`, `/topic`, `/exchange`, `/temp-queue` and `/reply-queue` map onto
+//! the shared core's exchanges and queues, and STOMP headers onto message properties, so
+//! STOMP traffic meets AMQP and MQTT traffic (docs/stomp.md).
+
+pub mod codec;
+pub mod destination;
+pub mod props;
+mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use warren_core::Broker;
+
+/// Settings of the STOMP front-end.
+#[derive(Debug, Clone)]
+pub struct StompConfig {
+    /// Frame size, header count and header length limits (answered with ERROR).
+    pub limits: codec::Limits,
+    /// Time allowed for CONNECT after the TCP accept.
+    pub connect_timeout: Duration,
+    /// A partial frame left unfinished this long ends the connection with an ERROR.
+    pub incomplete_frame_timeout: Duration,
+    /// Vhost when CONNECT has no `host` header.
+    pub default_vhost: String,
+    /// Credentials for a CONNECT without `login` (RabbitMQ's stomp.default_user).
+    pub default_user: String,
+    pub default_pass: String,
+    /// Refuse CONNECT without `login` when false.
+    pub allow_anonymous: bool,
+}
+
+impl Default for StompConfig {
+    fn default() -> Self {
+        Self {
+            limits: codec::Limits::default(),
+            connect_timeout: Duration::from_secs(10),
+            incomplete_frame_timeout: Duration::from_secs(10),
+            default_vhost: "/".into(),
+            default_user: "guest".into(),
+            default_pass: "guest".into(),
+            allow_anonymous: true,
+        }
+    }
+}
+
+/// The STOMP front-end: shared by the TCP listener and the Web-STOMP transport.
+pub struct StompFrontend {
+    pub(crate) broker: Arc<Broker>,
+    pub(crate) config: StompConfig,
+}
+
+impl StompFrontend {
+    pub fn new(broker: Arc<Broker>, config: StompConfig) -> Arc<Self> {
+        Arc::new(Self { broker, config })
+    }
+
+    /// Accepts STOMP connections until `shutdown`; on shutdown each connection gets an
+    /// ERROR frame and is closed.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((socket, peer)) = accepted else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let _ = socket.set_nodelay(true);
+                    tasks.spawn(session::run(socket, peer, self.clone(), shutdown.clone()));
+                }
+                _ = shutdown.changed() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        warren_core::shutdown::drain_connections(&mut tasks, Duration::from_secs(5)).await;
+    }
+
+    /// Runs one STOMP session over any byte stream (a TCP socket, a WebSocket).
+    pub async fn handle_stream<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        session::run(stream, peer, self, shutdown).await
+    }
+}

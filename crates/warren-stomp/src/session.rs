@@ -1,0 +1,1013 @@
+//! One STOMP connection: CONNECT negotiation, the frame loop, subscriptions as consumers on
+//! core queues, acks, transactions, receipts and heart-beats.
+//!
+//! Generic over the byte stream, so Web-STOMP runs this same code over a WebSocket.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use warren_core::{
+    AlarmState, ConnectionId, ConsumerId, ConsumerSpec, CoreError, Credit, Delivery, FieldTable,
+    Message, MsgSeq, Outbox, OutboxEvent, Queue, QueueDecl, ShortString, Target, Ticket, VHost,
+};
+
+use crate::codec::{self, CodecError, Decoded, Frame, Version};
+use crate::destination::{self, Destination};
+use crate::props;
+use crate::StompFrontend;
+
+/// What the server supports, in the order RabbitMQ lists it.
+const VERSIONS: &str = "1.0,1.1,1.2";
+/// Bounds on a transaction: frames buffered until COMMIT, and open transactions.
+const MAX_TX_FRAMES: usize = 10_000;
+const MAX_TXS: usize = 100;
+/// Deliveries buffered between queues and this connection.
+const OUTBOX: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckMode {
+    Auto,
+    /// Cumulative: an ACK settles every earlier message of the subscription.
+    Client,
+    ClientIndividual,
+}
+
+struct Subscription {
+    id: String,
+    queue: Arc<Queue>,
+    consumer: ConsumerId,
+    ack: AckMode,
+    /// A durable topic subscription: UNSUBSCRIBE with `durable:true` deletes its queue.
+    durable_queue: bool,
+}
+
+/// A message sent with a client ack mode and not yet settled.
+struct Pending {
+    token: u64,
+    queue: Arc<Queue>,
+    seq: MsgSeq,
+}
+
+/// Why the frame loop stopped.
+#[derive(Debug)]
+enum Stop {
+    /// ERROR frame: `message` header and a body, then close (STOMP 1.2 "ERROR").
+    Error {
+        message: String,
+        detail: String,
+        receipt: Option<String>,
+    },
+    Disconnect,
+}
+
+impl Stop {
+    fn error(message: impl Into<String>, detail: impl Into<String>) -> Stop {
+        Stop::Error {
+            message: message.into(),
+            detail: detail.into(),
+            receipt: None,
+        }
+    }
+    fn core(e: CoreError) -> Stop {
+        Stop::error(e.kind.name().to_ascii_lowercase(), e.to_string())
+    }
+}
+
+type Step = Result<(), Stop>;
+
+/// The connection after a successful CONNECT.
+struct Session {
+    fe: Arc<StompFrontend>,
+    id: ConnectionId,
+    peer: SocketAddr,
+    version: Version,
+    session_id: String,
+    user: String,
+    vhost: Arc<VHost>,
+    outbox: Arc<Outbox>,
+    out: BytesMut,
+    subs: HashMap<u64, Subscription>,
+    sub_tokens: HashMap<String, u64>,
+    next_token: u64,
+    /// Client-ack deliveries by their message number (the `@@n` of their message-id).
+    pending: BTreeMap<u64, Pending>,
+    next_msg: u64,
+    txs: HashMap<String, Vec<Frame>>,
+    /// RECEIPTs in order, each waiting for its store ticket (if any) to be synced.
+    receipts: VecDeque<(Option<Ticket>, String)>,
+    /// `/queue/` names already declared by this connection.
+    declared: HashSet<String>,
+    /// `/temp-queue/<name>` → the real queue name.
+    temp_queues: HashMap<String, String>,
+    /// Whether this connection has published (alarms stop reading from publishers).
+    publisher: bool,
+    alarms: watch::Receiver<AlarmState>,
+}
+
+pub(crate) async fn run<S>(
+    stream: S,
+    peer: SocketAddr,
+    fe: Arc<StompFrontend>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut rbuf = BytesMut::with_capacity(4 * 1024);
+    let limits = fe.config.limits;
+    // The first frame must be CONNECT or STOMP, within the connect timeout.
+    let first = tokio::time::timeout(fe.config.connect_timeout, async {
+        loop {
+            match codec::decode(&mut rbuf, Version::V1_0, &limits) {
+                Ok(Some(Decoded::Frame(f))) => return Ok(Some(f)),
+                Ok(Some(Decoded::HeartBeat)) => continue,
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            }
+            match rd.read_buf(&mut rbuf).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let connect = match first {
+        Ok(Ok(Some(f))) => f,
+        Ok(Err(e)) => {
+            let mut out = BytesMut::new();
+            error_frame(&mut out, Version::V1_0, &codec_stop(&e));
+            let _ = wr.write_all(&out).await;
+            return;
+        }
+        _ => return,
+    };
+    if connect.command != "CONNECT" && connect.command != "STOMP" {
+        let mut out = BytesMut::new();
+        let stop = Stop::error("Illegal command", "You must log in using CONNECT first");
+        error_frame(&mut out, Version::V1_0, &stop);
+        let _ = wr.write_all(&out).await;
+        return;
+    }
+    let (mut session, mut deliveries) = match connect_session(&fe, peer, &connect) {
+        Ok(s) => s,
+        Err((version, stop)) => {
+            let mut out = BytesMut::new();
+            error_frame(&mut out, version, &stop);
+            let _ = wr.write_all(&out).await;
+            tracing::info!(%peer, reason = ?stop, "stomp connection refused");
+            return;
+        }
+    };
+    // STOMP 1.1 "Heart-beating": cx,cy from the client; we send every cy and expect a
+    // frame or EOL at least every cx (as RabbitMQ answers: heart-beat:cy,cx).
+    let (cx, cy) = heart_beat(connect.get("heart-beat"));
+    let send_every = (cy > 0).then(|| Duration::from_millis(cy));
+    let expect_every = (cx > 0).then(|| Duration::from_millis(cx));
+    let mut connected = Frame::new("CONNECTED")
+        .with("server", format!("Warren/{}", env!("CARGO_PKG_VERSION")))
+        .with("session", session.session_id.clone())
+        .with("heart-beat", format!("{cy},{cx}"));
+    if session.version > Version::V1_0 || connect.get("accept-version").is_some() {
+        connected.push("version", session.version.as_str());
+    }
+    codec::encode(&connected, session.version, &mut session.out);
+    tracing::info!(conn = session.id.0, %peer, user = %session.user, vhost = %session.vhost.name, version = session.version.as_str(), "stomp connection opened");
+
+    let end = session
+        .serve(
+            &mut rd,
+            &mut wr,
+            rbuf,
+            &mut deliveries,
+            &mut shutdown,
+            send_every,
+            expect_every,
+        )
+        .await;
+    if let Err(stop) = &end {
+        if let Stop::Error { .. } = stop {
+            error_frame(&mut session.out, session.version, stop);
+        }
+        let _ = wr.write_all(&session.out).await;
+        let _ = wr.flush().await;
+    }
+    session.close().await;
+    warren_core::return_undelivered(&mut deliveries).await;
+    tracing::info!(conn = session.id.0, %peer, reason = ?end, "stomp connection closed");
+}
+
+/// `heart-beat: cx,cy` (absent or invalid = 0,0).
+fn heart_beat(h: Option<&str>) -> (u64, u64) {
+    let Some((a, b)) = h.and_then(|h| h.split_once(',')) else {
+        return (0, 0);
+    };
+    (a.trim().parse().unwrap_or(0), b.trim().parse().unwrap_or(0))
+}
+
+fn codec_stop(e: &CodecError) -> Stop {
+    let message = match e {
+        CodecError::FrameTooLarge { .. } => "Frame too large",
+        CodecError::TooManyHeaders { .. } => "Too many headers",
+        CodecError::HeaderTooLong { .. } => "Header too long",
+        CodecError::BadContentLength => "Invalid content-length",
+        _ => "Malformed frame",
+    };
+    Stop::error(message, e.to_string())
+}
+
+fn error_frame(out: &mut BytesMut, version: Version, stop: &Stop) {
+    let Stop::Error {
+        message,
+        detail,
+        receipt,
+    } = stop
+    else {
+        return;
+    };
+    let mut f = Frame::new("ERROR")
+        .with("message", message.clone())
+        .with("content-type", "text/plain")
+        .with("version", VERSIONS);
+    if let Some(r) = receipt {
+        f.push("receipt-id", r.clone());
+    }
+    let body = format!("{detail}\n");
+    f.push("content-length", body.len().to_string());
+    f.body = body.into();
+    codec::encode(&f, version, out);
+}
+
+/// Version negotiation and authentication (STOMP 1.2 "Connecting").
+fn connect_session(
+    fe: &Arc<StompFrontend>,
+    peer: SocketAddr,
+    c: &Frame,
+) -> Result<(Session, mpsc::Receiver<Delivery>), (Version, Stop)> {
+    let version = match c.get("accept-version") {
+        None => Version::V1_0,
+        Some(list) => match list.split(',').filter_map(Version::parse).max() {
+            Some(v) => v,
+            None => {
+                return Err((
+                    Version::V1_0,
+                    Stop::error(
+                        "Version mismatch",
+                        format!("Supported versions are {VERSIONS}"),
+                    ),
+                ))
+            }
+        },
+    };
+    let bad = |detail: String| (version, Stop::error("Bad CONNECT", detail));
+    // No login: the configured default user (RabbitMQ's stomp.default_user).
+    let (user, pass) = match c.get("login") {
+        Some(l) => (l.to_owned(), c.get("passcode").unwrap_or("").to_owned()),
+        None if fe.config.allow_anonymous => (
+            fe.config.default_user.clone(),
+            fe.config.default_pass.clone(),
+        ),
+        None => return Err(bad("Access refused: no login".into())),
+    };
+    if fe.broker.authenticate(&user, &pass, peer.ip()).is_err() {
+        return Err(bad(format!("Access refused for user '{user}'")));
+    }
+    // The `host` header names the vhost, as in RabbitMQ.
+    let vhost_name = c.get("host").unwrap_or(&fe.config.default_vhost);
+    let Some(vhost) = fe.broker.vhost(vhost_name) else {
+        return Err(bad(format!("Virtual host '{vhost_name}' access denied")));
+    };
+    let (outbox, deliveries) = Outbox::new(OUTBOX);
+    let session = Session {
+        fe: fe.clone(),
+        id: ConnectionId::next(),
+        peer,
+        version,
+        session_id: warren_core::vhost::generated_name("session-"),
+        user,
+        vhost,
+        outbox,
+        out: BytesMut::with_capacity(4 * 1024),
+        subs: HashMap::new(),
+        sub_tokens: HashMap::new(),
+        next_token: 1,
+        pending: BTreeMap::new(),
+        next_msg: 1,
+        txs: HashMap::new(),
+        receipts: VecDeque::new(),
+        declared: HashSet::new(),
+        temp_queues: HashMap::new(),
+        publisher: false,
+        alarms: fe.broker.alarms.subscribe(),
+    };
+    Ok((session, deliveries))
+}
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    async fn serve<R, W>(
+        &mut self,
+        rd: &mut R,
+        wr: &mut W,
+        mut rbuf: BytesMut,
+        deliveries: &mut mpsc::Receiver<Delivery>,
+        shutdown: &mut watch::Receiver<bool>,
+        send_every: Option<Duration>,
+        expect_every: Option<Duration>,
+    ) -> Result<(), Stop>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let limits = self.fe.config.limits;
+        let limits_timeout = self.fe.config.incomplete_frame_timeout;
+        let mut last_read = Instant::now();
+        let mut last_write = Instant::now();
+        let period = [send_every, expect_every]
+            .into_iter()
+            .flatten()
+            .chain([limits_timeout])
+            .min()
+            .map(|d| (d / 2).max(Duration::from_millis(20)))
+            .unwrap_or(Duration::from_secs(5));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let store = self.fe.broker.store().clone();
+        loop {
+            // Frames already buffered (e.g. sent together with CONNECT).
+            let paused = self.publisher && self.alarms.borrow().blocked();
+            if !paused {
+                loop {
+                    match codec::decode(&mut rbuf, self.version, &limits) {
+                        Ok(Some(Decoded::Frame(f))) => {
+                            let receipt = f.get("receipt").map(str::to_owned);
+                            match self.handle(f).await {
+                                Ok(()) => {}
+                                Err(Stop::Error {
+                                    message, detail, ..
+                                }) => {
+                                    return Err(Stop::Error {
+                                        message,
+                                        detail,
+                                        receipt,
+                                    })
+                                }
+                                Err(Stop::Disconnect) => {
+                                    self.flush_receipts(&store);
+                                    return Err(Stop::Disconnect);
+                                }
+                            }
+                        }
+                        Ok(Some(Decoded::HeartBeat)) => {}
+                        Ok(None) => break,
+                        Err(e) => return Err(codec_stop(&e)),
+                    }
+                    if self.publisher && self.alarms.borrow().blocked() {
+                        break;
+                    }
+                }
+            }
+            self.flush_receipts(&store);
+            if !self.out.is_empty() {
+                if wr.write_all(&self.out).await.is_err() {
+                    return Ok(());
+                }
+                self.out.clear();
+                last_write = Instant::now();
+            }
+            let paused = self.publisher && self.alarms.borrow().blocked();
+            let waiting = self.receipts.front().and_then(|(t, _)| *t);
+            tokio::select! {
+                r = rd.read_buf(&mut rbuf), if !paused => match r {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(_) => last_read = Instant::now(),
+                },
+                r = self.alarms.changed() => {
+                    if r.is_err() {
+                        return Ok(());
+                    }
+                    // While blocked the client is not read from: don't count it as silent.
+                    last_read = Instant::now();
+                }
+                Some(d) = deliveries.recv() => {
+                    self.deliver(d).await;
+                    while self.out.len() < 64 * 1024 {
+                        match deliveries.try_recv() {
+                            Ok(d) => self.deliver(d).await,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = self.outbox.events_ready() => {
+                    for ev in self.outbox.take_events() {
+                        match ev {
+                            OutboxEvent::Stalled(q) => if let Some(q) = q.upgrade() { q.resume(&self.outbox).await },
+                            OutboxEvent::Cancelled(c) => self.cancelled(c),
+                        }
+                    }
+                }
+                r = async { store.wait_synced(waiting.unwrap_or(Ticket(0))).await }, if waiting.is_some() => {
+                    if r.is_err() {
+                        return Ok(());
+                    }
+                    if let Some(front) = self.receipts.front_mut() {
+                        front.0 = None;
+                    }
+                }
+                _ = tick.tick() => {
+                    if !paused && !rbuf.is_empty() && last_read.elapsed() > limits_timeout {
+                        return Err(Stop::error(
+                            "Incomplete frame",
+                            "A frame was started but not completed in time",
+                        ));
+                    }
+                    if let Some(every) = expect_every {
+                        // Grace: twice the negotiated interval.
+                        if !paused && last_read.elapsed() > every * 2 {
+                            tracing::info!(conn = self.id.0, peer = %self.peer, "stomp heart-beat timeout");
+                            return Ok(());
+                        }
+                    }
+                    if let Some(every) = send_every {
+                        if last_write.elapsed() >= every {
+                            self.out.extend_from_slice(b"\n");
+                        }
+                    }
+                }
+                _ = shutdown.changed() => {
+                    return Err(Stop::error("Server shutdown", "The broker is shutting down"));
+                }
+            }
+        }
+    }
+
+    /// Moves receipts whose writes are synced (or that wait for nothing) to the output.
+    fn flush_receipts(&mut self, store: &warren_core::Store) {
+        while let Some((t, _)) = self.receipts.front() {
+            if let Some(t) = t {
+                if !store.is_synced(*t) {
+                    break;
+                }
+            }
+            if let Some((_, id)) = self.receipts.pop_front() {
+                let f = Frame::new("RECEIPT").with("receipt-id", id);
+                codec::encode(&f, self.version, &mut self.out);
+            }
+        }
+    }
+
+    async fn handle(&mut self, f: Frame) -> Step {
+        let receipt = f.get("receipt").map(str::to_owned);
+        let ticket = match f.command.as_str() {
+            "SEND" => self.in_tx_or(f).await?,
+            "ACK" | "NACK" => self.in_tx_or(f).await?,
+            "SUBSCRIBE" => {
+                self.subscribe(&f).await?;
+                None
+            }
+            "UNSUBSCRIBE" => {
+                self.unsubscribe(&f).await?;
+                None
+            }
+            "BEGIN" => {
+                let tx = require(&f, "transaction")?;
+                if self.txs.contains_key(tx) {
+                    return Err(Stop::error(
+                        "Invalid transaction",
+                        format!("Transaction '{tx}' already started"),
+                    ));
+                }
+                if self.txs.len() >= MAX_TXS {
+                    return Err(Stop::error(
+                        "Too many transactions",
+                        "Too many open transactions",
+                    ));
+                }
+                self.txs.insert(tx.to_owned(), Vec::new());
+                None
+            }
+            "COMMIT" => {
+                let tx = require(&f, "transaction")?;
+                let Some(frames) = self.txs.remove(tx) else {
+                    return Err(unknown_tx(tx));
+                };
+                let mut last = None;
+                for inner in frames {
+                    last = self.apply(inner).await?.max(last);
+                }
+                last
+            }
+            "ABORT" => {
+                let tx = require(&f, "transaction")?;
+                if self.txs.remove(tx).is_none() {
+                    return Err(unknown_tx(tx));
+                }
+                None
+            }
+            "DISCONNECT" => {
+                if let Some(r) = receipt {
+                    self.receipts.push_back((None, r));
+                }
+                return Err(Stop::Disconnect);
+            }
+            "CONNECT" | "STOMP" => {
+                return Err(Stop::error(
+                    "Already connected",
+                    "A second CONNECT is not allowed",
+                ))
+            }
+            other => {
+                return Err(Stop::error(
+                    "Bad command",
+                    format!("Could not interpret command \"{other}\""),
+                ))
+            }
+        };
+        if let Some(r) = receipt {
+            self.receipts.push_back((ticket, r));
+        }
+        Ok(())
+    }
+
+    /// SEND, ACK and NACK join their transaction, if any, or run now.
+    async fn in_tx_or(&mut self, f: Frame) -> Result<Option<Ticket>, Stop> {
+        if let Some(tx) = f.get("transaction") {
+            let Some(frames) = self.txs.get_mut(tx) else {
+                return Err(unknown_tx(tx));
+            };
+            if frames.len() >= MAX_TX_FRAMES {
+                return Err(Stop::error(
+                    "Transaction too large",
+                    format!("More than {MAX_TX_FRAMES} frames in a transaction"),
+                ));
+            }
+            frames.push(f);
+            return Ok(None);
+        }
+        self.apply(f).await
+    }
+
+    async fn apply(&mut self, f: Frame) -> Result<Option<Ticket>, Stop> {
+        match f.command.as_str() {
+            "SEND" => self.send(f).await,
+            "ACK" => self.settle(&f, true).await.map(|_| None),
+            _ => self.settle(&f, false).await.map(|_| None),
+        }
+    }
+
+    async fn send(&mut self, f: Frame) -> Result<Option<Ticket>, Stop> {
+        let dest = require(&f, "destination")?;
+        let Some(d) = Destination::parse(dest) else {
+            return Err(unknown_destination(dest));
+        };
+        let mut properties =
+            props::from_send(&f).map_err(|e| Stop::error("Invalid header", e.to_string()))?;
+        let (exchange, routing_key) = match d {
+            Destination::Queue(name) => {
+                if !self.declared.contains(&name) {
+                    self.declare_named(&name, &f).await?;
+                    self.declared.insert(name.clone());
+                }
+                (String::new(), name)
+            }
+            Destination::AmqQueue(name) | Destination::ReplyQueue(name) => (String::new(), name),
+            Destination::Topic(key) => ("amq.topic".to_owned(), key),
+            Destination::Exchange(x, key) => (x, key),
+            Destination::TempQueue(name) => (String::new(), self.temp_queue(&name).await?),
+        };
+        // reply-to:/temp-queue/x creates this session's private reply queue and names it
+        // so that any client can answer through /reply-queue/ (RabbitMQ's rewrite).
+        if let Some(r) = properties.reply_to.clone() {
+            if let Some(name) = r.as_str().strip_prefix("/temp-queue/") {
+                let real = self.temp_queue(name).await?;
+                properties.reply_to = Some(short(&format!("/reply-queue/{real}"))?);
+            }
+        }
+        let msg = Message::new(short(&exchange)?, short(&routing_key)?, properties, f.body);
+        self.publisher = true;
+        let out = self
+            .vhost
+            .publish(&exchange, Arc::new(msg))
+            .await
+            .map_err(Stop::core)?;
+        Ok(out.ticket)
+    }
+
+    /// `/queue/<name>`: declared durable (RabbitMQ's defaults), `x-` headers as arguments.
+    async fn declare_named(&mut self, name: &str, f: &Frame) -> Step {
+        let arguments =
+            props::queue_arguments(f).map_err(|e| Stop::error("Invalid header", e.to_string()))?;
+        let decl = QueueDecl {
+            name: short(name)?,
+            passive: false,
+            durable: f.get("durable").map(|v| v == "true").unwrap_or(true),
+            exclusive: f.get("exclusive") == Some("true"),
+            auto_delete: f.get("auto-delete") == Some("true"),
+            arguments,
+        };
+        self.vhost
+            .declare_queue(decl, self.id)
+            .await
+            .map_err(Stop::core)?;
+        Ok(())
+    }
+
+    /// The private queue behind `/temp-queue/<name>`, created and consumed (auto ack) on
+    /// first use; its subscription id is the temp-queue destination itself.
+    async fn temp_queue(&mut self, name: &str) -> Result<String, Stop> {
+        if let Some(q) = self.temp_queues.get(name) {
+            return Ok(q.clone());
+        }
+        let (q, _) = self
+            .vhost
+            .declare_queue(
+                QueueDecl {
+                    name: ShortString::from(""),
+                    passive: false,
+                    durable: false,
+                    exclusive: true,
+                    auto_delete: true,
+                    arguments: FieldTable::default(),
+                },
+                self.id,
+            )
+            .await
+            .map_err(Stop::core)?;
+        let real = q.name.as_str().to_owned();
+        let sub_id = format!("/temp-queue/{name}");
+        self.consume(sub_id, q, AckMode::Auto, 0, false).await?;
+        self.temp_queues.insert(name.to_owned(), real.clone());
+        Ok(real)
+    }
+
+    async fn subscribe(&mut self, f: &Frame) -> Step {
+        let dest = require(f, "destination")?;
+        let Some(d) = Destination::parse(dest) else {
+            return Err(unknown_destination(dest));
+        };
+        // STOMP 1.0 allows a subscription without id: it is known by its destination.
+        let id = f.get("id").unwrap_or(dest).to_owned();
+        if self.sub_tokens.contains_key(&id) {
+            return Err(Stop::error(
+                "Duplicated subscription identifier",
+                format!("A subscription identified by '{id}' already exists."),
+            ));
+        }
+        let ack = match f.get("ack").unwrap_or("auto") {
+            "auto" => AckMode::Auto,
+            "client" => AckMode::Client,
+            "client-individual" => AckMode::ClientIndividual,
+            other => {
+                return Err(Stop::error(
+                    "Invalid header",
+                    format!("Invalid ack mode '{other}'"),
+                ))
+            }
+        };
+        let prefetch = match f.get("prefetch-count") {
+            None => 0,
+            Some(v) => v
+                .trim()
+                .parse::<u32>()
+                .map_err(|_| Stop::error("Invalid header", "Invalid prefetch-count"))?,
+        };
+        let (queue, durable_queue) = match d {
+            Destination::Queue(name) => {
+                self.declare_named(&name, f).await?;
+                self.declared.insert(name.clone());
+                (
+                    self.vhost
+                        .require_queue(&name, self.id)
+                        .map_err(Stop::core)?,
+                    false,
+                )
+            }
+            Destination::AmqQueue(name) | Destination::ReplyQueue(name) => (
+                self.vhost
+                    .require_queue(&name, self.id)
+                    .map_err(Stop::core)?,
+                false,
+            ),
+            Destination::Topic(key) => self.bound_queue("amq.topic", &key, &id, f).await?,
+            Destination::Exchange(x, key) => self.bound_queue(&x, &key, &id, f).await?,
+            Destination::TempQueue(_) => {
+                return Err(Stop::error(
+                    "Invalid destination",
+                    format!("'{dest}' is not a valid destination for 'SUBSCRIBE'"),
+                ))
+            }
+        };
+        self.consume(id, queue, ack, prefetch, durable_queue).await
+    }
+
+    /// The queue of a `/topic` or `/exchange` subscription: exclusive and auto-deleted, or
+    /// durable and named after the subscription id with `durable:true` +
+    /// `auto-delete:false` (RabbitMQ's durable topic subscriptions).
+    async fn bound_queue(
+        &mut self,
+        exchange: &str,
+        key: &str,
+        id: &str,
+        f: &Frame,
+    ) -> Result<(Arc<Queue>, bool), Stop> {
+        self.vhost.exchange(exchange).map_err(Stop::core)?;
+        let durable = (f.get("durable") == Some("true") || f.get("persistent") == Some("true"))
+            && f.get("auto-delete") == Some("false");
+        let name = match f.get("x-queue-name") {
+            Some(n) => n.to_owned(),
+            None if durable => format!("stomp-subscription-{}", sanitize(id)),
+            None => String::new(),
+        };
+        let arguments =
+            props::queue_arguments(f).map_err(|e| Stop::error("Invalid header", e.to_string()))?;
+        let (q, _) = self
+            .vhost
+            .declare_queue(
+                QueueDecl {
+                    name: short(&name)?,
+                    passive: false,
+                    durable,
+                    exclusive: !durable,
+                    auto_delete: !durable,
+                    arguments,
+                },
+                self.id,
+            )
+            .await
+            .map_err(Stop::core)?;
+        self.vhost
+            .bind(
+                exchange,
+                Target::Queue(q.clone()),
+                short(key)?,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(Stop::core)?;
+        Ok((q, durable))
+    }
+
+    async fn consume(
+        &mut self,
+        id: String,
+        queue: Arc<Queue>,
+        ack: AckMode,
+        prefetch: u32,
+        durable_queue: bool,
+    ) -> Step {
+        let token = self.next_token;
+        self.next_token += 1;
+        let consumer = ConsumerId::next();
+        let spec = ConsumerSpec {
+            id: consumer,
+            tag: Arc::from(id.as_str()),
+            token,
+            owner: self.id,
+            no_ack: ack == AckMode::Auto,
+            exclusive: false,
+            priority: 0,
+            prefetch,
+            channel_credit: Arc::new(Credit::default()),
+            outbox: self.outbox.clone(),
+        };
+        queue.add_consumer(spec).await.map_err(Stop::core)?;
+        self.sub_tokens.insert(id.clone(), token);
+        self.subs.insert(
+            token,
+            Subscription {
+                id,
+                queue,
+                consumer,
+                ack,
+                durable_queue,
+            },
+        );
+        Ok(())
+    }
+
+    async fn unsubscribe(&mut self, f: &Frame) -> Step {
+        let id = match f.get("id").or_else(|| f.get("destination")) {
+            Some(id) => id.to_owned(),
+            None => {
+                return Err(Stop::error(
+                    "Missing header",
+                    "UNSUBSCRIBE needs an 'id' header",
+                ))
+            }
+        };
+        let Some(token) = self.sub_tokens.remove(&id) else {
+            return Err(Stop::error(
+                "Bad unsubscribe",
+                format!("Subscription to '{id}' not found."),
+            ));
+        };
+        if let Some(sub) = self.subs.remove(&token) {
+            sub.queue.remove_consumer(sub.consumer).await;
+            // Unsettled messages of this subscription go back to its queue.
+            let seqs: Vec<u64> = self
+                .pending
+                .iter()
+                .filter(|(_, p)| p.token == token)
+                .map(|(n, _)| *n)
+                .collect();
+            let mut back = Vec::new();
+            for n in seqs {
+                if let Some(p) = self.pending.remove(&n) {
+                    back.push(p.seq);
+                }
+            }
+            if !back.is_empty() {
+                sub.queue.requeue(&back).await;
+            }
+            let forget = f.get("durable") == Some("true") || f.get("persistent") == Some("true");
+            if sub.durable_queue && forget {
+                let _ = self
+                    .vhost
+                    .delete_queue(sub.queue.name.as_str(), Some(self.id), false, false)
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    /// ACK (settle) or NACK (requeue, or dead-letter with `requeue:false`).
+    async fn settle(&mut self, f: &Frame, ack: bool) -> Step {
+        // 1.2 names the message by its `ack` header value in `id`; earlier versions by
+        // `message-id`.
+        let header = if self.version == Version::V1_2 {
+            "id"
+        } else {
+            "message-id"
+        };
+        let cmd = if ack { "ACK" } else { "NACK" };
+        let invalid = || {
+            Stop::error(
+                "Invalid header",
+                format!("\"{cmd}\" must include a valid \"{header}\" header"),
+            )
+        };
+        let id = f.get(header).ok_or_else(invalid)?;
+        let n: u64 = id
+            .rsplit_once("@@")
+            .and_then(|(_, n)| n.parse().ok())
+            .ok_or_else(invalid)?;
+        let Some(p) = self.pending.get(&n) else {
+            return Err(invalid());
+        };
+        let token = p.token;
+        let mode = self.subs.get(&token).map(|s| s.ack);
+        let numbers: Vec<u64> = if mode == Some(AckMode::Client) {
+            self.pending
+                .range(..=n)
+                .filter(|(_, p)| p.token == token)
+                .map(|(k, _)| *k)
+                .collect()
+        } else {
+            vec![n]
+        };
+        let mut by_queue: Vec<(Arc<Queue>, Vec<MsgSeq>)> = Vec::new();
+        for k in numbers {
+            if let Some(p) = self.pending.remove(&k) {
+                match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &p.queue)) {
+                    Some((_, v)) => v.push(p.seq),
+                    None => by_queue.push((p.queue, vec![p.seq])),
+                }
+            }
+        }
+        let requeue = f.get("requeue") != Some("false");
+        for (q, seqs) in by_queue {
+            if ack {
+                q.ack(&seqs).await;
+            } else if requeue {
+                q.requeue(&seqs).await;
+            } else {
+                q.reject(&seqs).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn deliver(&mut self, d: Delivery) {
+        let Some(sub) = self.subs.get(&d.token) else {
+            // Unsubscribed while in flight.
+            if !d.no_ack {
+                d.queue.requeue(&[d.seq]).await;
+            }
+            return;
+        };
+        let n = self.next_msg;
+        self.next_msg += 1;
+        let message_id = format!("T_{}@@{}@@{n}", sub.id, self.session_id);
+        let m = &d.message;
+        let mut f = Frame::new("MESSAGE")
+            .with("subscription", sub.id.clone())
+            .with(
+                "destination",
+                destination::of_message(m.exchange.as_str(), m.routing_key.as_str()),
+            )
+            .with("message-id", message_id.clone())
+            .with("redelivered", if d.redelivered { "true" } else { "false" });
+        if sub.ack != AckMode::Auto {
+            if self.version == Version::V1_2 {
+                f.push("ack", message_id);
+            }
+            self.pending.insert(
+                n,
+                Pending {
+                    token: d.token,
+                    queue: d.queue.clone(),
+                    seq: d.seq,
+                },
+            );
+        }
+        props::to_message(&m.properties, &mut f);
+        f.push("content-length", m.body.len().to_string());
+        f.body = m.body.clone();
+        codec::encode(&f, self.version, &mut self.out);
+    }
+
+    /// The queue of a subscription went away (deleted): RabbitMQ ends the subscription.
+    fn cancelled(&mut self, c: ConsumerId) {
+        if let Some((&token, _)) = self.subs.iter().find(|(_, s)| s.consumer == c) {
+            if let Some(sub) = self.subs.remove(&token) {
+                self.sub_tokens.remove(&sub.id);
+            }
+        }
+    }
+
+    async fn close(&mut self) {
+        for (_, sub) in self.subs.drain() {
+            sub.queue.remove_consumer(sub.consumer).await;
+        }
+        // Unacknowledged messages go back to their queues, redelivered.
+        let mut by_queue: Vec<(Arc<Queue>, Vec<MsgSeq>)> = Vec::new();
+        for (_, p) in std::mem::take(&mut self.pending) {
+            match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &p.queue)) {
+                Some((_, v)) => v.push(p.seq),
+                None => by_queue.push((p.queue, vec![p.seq])),
+            }
+        }
+        for (q, seqs) in by_queue {
+            q.requeue(&seqs).await;
+        }
+        self.vhost.connection_closed(self.id).await;
+    }
+}
+
+fn require<'a>(f: &'a Frame, name: &str) -> Result<&'a str, Stop> {
+    f.get(name).ok_or_else(|| {
+        Stop::error(
+            "Missing header",
+            format!("Frame '{}' needs header '{name}'", f.command),
+        )
+    })
+}
+
+fn unknown_tx(tx: &str) -> Stop {
+    Stop::error(
+        "Invalid transaction",
+        format!("Transaction '{tx}' not found"),
+    )
+}
+
+fn unknown_destination(dest: &str) -> Stop {
+    Stop::error(
+        "Unknown destination",
+        format!(
+            "'{dest}' is not a valid destination.\nValid destination types are: {}.",
+            destination::VALID_TYPES
+        ),
+    )
+}
+
+/// Names and keys from peers must fit an AMQP short string.
+fn short(s: &str) -> Result<ShortString, Stop> {
+    if s.len() > 255 {
+        return Err(Stop::error(
+            "Invalid destination",
+            format!(
+                "name longer than 255 bytes: '{}…'",
+                s.chars().take(40).collect::<String>()
+            ),
+        ));
+    }
+    Ok(ShortString::from(s))
+}
+
+/// A subscription id made safe for a queue name.
+fn sanitize(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(200)
+        .collect()
+}
