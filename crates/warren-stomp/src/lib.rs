@@ -3,7 +3,7 @@
 //! the shared core's exchanges and queues, and STOMP headers onto message properties, so
 //! STOMP traffic meets AMQP and MQTT traffic (docs/stomp.md).
 
-pub mod codec;
+pub use warren_stomp_codec as codec;
 pub mod destination;
 pub mod props;
 mod session;
