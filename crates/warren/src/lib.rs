@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod resources;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,6 +57,8 @@ pub struct Server {
     pub mqtt_addr: Option<SocketAddr>,
     /// The bound STOMP address, if the listener is on.
     pub stomp_addr: Option<SocketAddr>,
+    /// The bound Web-STOMP address (path `/ws`), if the listener is on.
+    pub web_stomp_addr: Option<SocketAddr>,
     pub broker: Arc<Broker>,
     /// Alarm thresholds, adjustable while running.
     pub limits: Arc<resources::ResourceLimits>,
@@ -158,17 +161,30 @@ impl Server {
                 shutdown_rx.clone(),
             )));
         }
+        let stomp = warren_stomp::StompFrontend::new(broker.clone(), stomp_config(config));
         let mut stomp_addr = None;
         if let Some(listener) = listen("STOMP 1.0-1.2", &l.stomp).await? {
             stomp_addr = listener.local_addr().ok();
-            let stomp = warren_stomp::StompFrontend::new(broker.clone(), stomp_config(config));
-            tasks.push(tokio::spawn(stomp.serve(listener, shutdown_rx.clone())));
+            tasks.push(tokio::spawn(
+                stomp.clone().serve(listener, shutdown_rx.clone()),
+            ));
         }
-        for (what, addr) in [
-            ("http", &l.http),
-            ("web-stomp", &l.web_stomp),
-            ("web-mqtt", &l.web_mqtt),
-        ] {
+        let mut web_stomp_addr = None;
+        if let Some(listener) = listen("Web-STOMP (/ws)", &l.web_stomp).await? {
+            web_stomp_addr = listener.local_addr().ok();
+            let fe = stomp.clone();
+            let session: websocket::SessionFn = Arc::new(move |stream, peer, shutdown| {
+                Box::pin(fe.clone().handle_stream(stream, peer, shutdown))
+            });
+            tasks.push(tokio::spawn(websocket::serve(
+                listener,
+                &["v12.stomp", "v11.stomp", "v10.stomp", "stomp"],
+                websocket::Framing::TextPreferred,
+                session,
+                shutdown_rx.clone(),
+            )));
+        }
+        for (what, addr) in [("http", &l.http), ("web-mqtt", &l.web_mqtt)] {
             if !is_off(addr) {
                 tracing::warn!(listener = what, addr = %addr, "front-end not available in this build yet; listener not started");
             }
@@ -177,6 +193,7 @@ impl Server {
             amqp_addr,
             mqtt_addr,
             stomp_addr,
+            web_stomp_addr,
             broker,
             limits,
             shutdown,

@@ -18,6 +18,7 @@ pub struct TestBroker {
     pub addr: std::net::SocketAddr,
     pub mqtt_addr: std::net::SocketAddr,
     pub stomp_addr: std::net::SocketAddr,
+    pub web_stomp_addr: std::net::SocketAddr,
 }
 
 fn config(dir: &std::path::Path) -> warren::Config {
@@ -26,12 +27,9 @@ fn config(dir: &std::path::Path) -> warren::Config {
     c.listeners.amqp = "127.0.0.1:0".into();
     c.listeners.mqtt = "127.0.0.1:0".into();
     c.listeners.stomp = "127.0.0.1:0".into();
+    c.listeners.web_stomp = "127.0.0.1:0".into();
     c.stomp.incomplete_frame_timeout_ms = 1000;
-    for l in [
-        &mut c.listeners.http,
-        &mut c.listeners.web_stomp,
-        &mut c.listeners.web_mqtt,
-    ] {
+    for l in [&mut c.listeners.http, &mut c.listeners.web_mqtt] {
         *l = "off".into();
     }
     c
@@ -49,7 +47,9 @@ pub async fn start_in(dir: tempfile::TempDir) -> TestBroker {
     let addr = server.amqp_addr.expect("amqp listener");
     let mqtt_addr = server.mqtt_addr.expect("mqtt listener");
     let stomp_addr = server.stomp_addr.expect("stomp listener");
+    let web_stomp_addr = server.web_stomp_addr.expect("web-stomp listener");
     TestBroker {
+        web_stomp_addr,
         mqtt_addr,
         stomp_addr,
         url: format!("amqp://guest:guest@{addr}/%2f"),

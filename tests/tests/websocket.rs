@@ -1,0 +1,97 @@
+//! Web-STOMP (and later Web-MQTT) over a real WebSocket client: subprotocol negotiation,
+//! frames split across messages and packed several to a message, text and binary.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::stomp::StompClient;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use warren_stomp::codec::{decode, Decoded, Frame, Limits, Version};
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open(addr: std::net::SocketAddr, protocol: &str) -> (Ws, Option<String>) {
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+    let (ws, resp) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("ws connect");
+    let chosen = resp
+        .headers()
+        .get("sec-websocket-protocol")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (ws, chosen)
+}
+
+/// Reads STOMP frames from WebSocket messages, however they were cut.
+async fn next_frame(ws: &mut Ws, buf: &mut BytesMut) -> Frame {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(Decoded::Frame(f)) = decode(buf, Version::V1_2, &Limits::default()).unwrap()
+            {
+                return f;
+            }
+            match ws.next().await.expect("open").expect("message") {
+                Message::Text(t) => buf.extend_from_slice(t.as_bytes()),
+                Message::Binary(b) => buf.extend_from_slice(&b),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("a frame in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_stomp_split_and_packed_frames() {
+    let b = start().await;
+    let (mut ws, chosen) = open(b.web_stomp_addr, "v10.stomp, v11.stomp, v12.stomp").await;
+    assert_eq!(chosen.as_deref(), Some("v12.stomp"));
+    // CONNECT split across three messages.
+    let connect = "CONNECT\naccept-version:1.2\nhost:/\nlogin:guest\npasscode:guest\n\n\0";
+    for piece in [&connect[..10], &connect[10..30], &connect[30..]] {
+        ws.send(Message::Text(piece.into())).await.unwrap();
+    }
+    let mut buf = BytesMut::new();
+    let f = next_frame(&mut ws, &mut buf).await;
+    assert_eq!(f.command, "CONNECTED");
+    assert_eq!(f.get("version"), Some("1.2"));
+    // SUBSCRIBE + SEND + SEND packed into one message.
+    ws.send(Message::Text(
+        "SUBSCRIBE\nid:0\ndestination:/topic/live\nreceipt:r\n\n\0".into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_frame(&mut ws, &mut buf).await.command, "RECEIPT");
+    ws.send(Message::Text(
+        "SEND\ndestination:/topic/live\n\none\0SEND\ndestination:/topic/live\n\ntwo\0".into(),
+    ))
+    .await
+    .unwrap();
+    let a = next_frame(&mut ws, &mut buf).await;
+    let c = next_frame(&mut ws, &mut buf).await;
+    assert_eq!((&a.body[..], &c.body[..]), (&b"one"[..], &b"two"[..]));
+    // A TCP STOMP publisher reaches the browser; binary bodies arrive intact.
+    let mut tcp = StompClient::connect(b.stomp_addr).await;
+    let body: Vec<u8> = (0..=255u8).collect();
+    let mut f = common::stomp::send_frame("/topic/live", &body);
+    f.push("content-length", "256");
+    tcp.send(f).await;
+    let m = next_frame(&mut ws, &mut buf).await;
+    assert_eq!(&m.body[..], &body[..]);
+    // Binary WebSocket messages work as well.
+    ws.send(Message::Binary(
+        b"SEND\ndestination:/topic/live\n\nbin\0".to_vec().into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(&next_frame(&mut ws, &mut buf).await.body[..], b"bin");
+    ws.close(None).await.unwrap();
+}
