@@ -1,7 +1,8 @@
 """Fixtures: a Warren broker started from the built binary, or an external broker.
 
 Set AMQP_URL (e.g. amqp://guest:guest@127.0.0.1:5680/ for the reference RabbitMQ from
-../shared/reference-brokers.sh) to run the same tests against another broker; tests that
+../shared/reference-brokers.sh) to run the same tests against another broker, with
+MQTT_PORT, STOMP_PORT and WEB_STOMP_PORT (reference: 1890, 61620, 15681); tests that
 restart or kill the broker are then skipped.
 """
 import os
@@ -53,6 +54,8 @@ class Warren:
         self.dir = tempfile.mkdtemp(prefix="warren-interop-")
         self.port = free_port()
         self.mqtt_port = free_port()
+        self.stomp_port = free_port()
+        self.web_stomp_port = free_port()
         self.proc = None
         self.start()
 
@@ -65,11 +68,12 @@ class Warren:
         self.proc = subprocess.Popen(
             [warren_bin(), "--data-dir", os.path.join(self.dir, "data"),
              "--amqp-listen", f"127.0.0.1:{self.port}",
-             "--mqtt-listen", f"127.0.0.1:{self.mqtt_port}", "--stomp-listen", "off", "--http-listen", "off",
-             "--web-stomp-listen", "off", "--web-mqtt-listen", "off"],
+             "--mqtt-listen", f"127.0.0.1:{self.mqtt_port}",
+             "--stomp-listen", f"127.0.0.1:{self.stomp_port}", "--http-listen", "off",
+             "--web-stomp-listen", f"127.0.0.1:{self.web_stomp_port}", "--web-mqtt-listen", "off"],
             stdout=log, stderr=log, env={**os.environ, "WARREN_LOG": os.environ.get("WARREN_LOG", "info")})
-        wait_port(self.port)
-        wait_port(self.mqtt_port)
+        for p in (self.port, self.mqtt_port, self.stomp_port, self.web_stomp_port):
+            wait_port(p)
 
     def stop(self, sig=signal.SIGTERM):
         if self.proc and self.proc.poll() is None:
@@ -99,6 +103,8 @@ class External:
     def __init__(self, url):
         self.url = url
         self.mqtt_port = int(os.environ.get("MQTT_PORT", "1883"))
+        self.stomp_port = int(os.environ.get("STOMP_PORT", "61613"))
+        self.web_stomp_port = int(os.environ.get("WEB_STOMP_PORT", "15674"))
 
     def close(self):
         pass
