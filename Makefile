@@ -6,15 +6,19 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 VENV := tests/interop/.venv
 WARREN_BIN := $(CARGO_TARGET_DIR)/release/warren
 
-.PHONY: deps run build test unit interop lint fuzz-smoke clean-data
+.PHONY: deps run build test unit interop node-deps lint fuzz-smoke clean-data
 
 ## deps: system packages the build and the interop tests need (libclang for RocksDB's
-## bindgen, python3-venv for the interop suite), installed only when missing.
+## bindgen, python3-venv for the interop suite, Node.js and Chromium for the browser
+## tests), installed only when missing.
 deps:
 	@missing=""; \
 	dpkg -s libclang-dev >/dev/null 2>&1 || missing="$$missing libclang-dev"; \
 	python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	command -v g++ >/dev/null 2>&1 || missing="$$missing g++"; \
+	command -v node >/dev/null 2>&1 || missing="$$missing nodejs"; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
@@ -29,7 +33,8 @@ build: deps
 	cargo build --release --workspace --all-targets
 
 ## test: the whole suite: Rust unit and integration tests, then the interop suite
-## (pika, kombu, Celery) against the release binary.
+## (pika, kombu, Celery, paho, stomp.py; stompjs and the live example in Chromium)
+## against the release binary.
 test: build unit interop
 
 unit:
@@ -40,7 +45,16 @@ $(VENV)/.installed: tests/interop/requirements.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/interop/requirements.txt
 	touch $@
 
-interop: $(VENV)/.installed
+NODE_DIRS := tests/interop/node examples/live-vehicles
+
+node-deps:
+	@for d in $(NODE_DIRS); do \
+	  if [ ! -f $$d/node_modules/.package-lock.json ] || [ $$d/package-lock.json -nt $$d/node_modules/.package-lock.json ]; then \
+	    (cd $$d && npm ci --no-audit --no-fund --loglevel=error) || exit 1; \
+	  fi; \
+	done
+
+interop: $(VENV)/.installed node-deps
 	cargo build --release -p warren
 	cd tests/interop && WARREN_BIN=$(WARREN_BIN) .venv/bin/pytest -q
 
