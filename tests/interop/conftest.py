@@ -2,7 +2,8 @@
 
 Set AMQP_URL (e.g. amqp://guest:guest@127.0.0.1:5680/ for the reference RabbitMQ from
 ../shared/reference-brokers.sh) to run the same tests against another broker, with
-MQTT_PORT, STOMP_PORT and WEB_STOMP_PORT (reference: 1890, 61620, 15681); tests that
+MQTT_PORT, STOMP_PORT, WEB_STOMP_PORT and WEB_MQTT_PORT (reference: 1890, 61620,
+15681, 15682); tests that
 restart or kill the broker are then skipped.
 """
 import os
@@ -56,6 +57,7 @@ class Warren:
         self.mqtt_port = free_port()
         self.stomp_port = free_port()
         self.web_stomp_port = free_port()
+        self.web_mqtt_port = free_port()
         self.proc = None
         self.start()
 
@@ -70,9 +72,9 @@ class Warren:
              "--amqp-listen", f"127.0.0.1:{self.port}",
              "--mqtt-listen", f"127.0.0.1:{self.mqtt_port}",
              "--stomp-listen", f"127.0.0.1:{self.stomp_port}", "--http-listen", "off",
-             "--web-stomp-listen", f"127.0.0.1:{self.web_stomp_port}", "--web-mqtt-listen", "off"],
+             "--web-stomp-listen", f"127.0.0.1:{self.web_stomp_port}", "--web-mqtt-listen", f"127.0.0.1:{self.web_mqtt_port}"],
             stdout=log, stderr=log, env={**os.environ, "WARREN_LOG": os.environ.get("WARREN_LOG", "info")})
-        for p in (self.port, self.mqtt_port, self.stomp_port, self.web_stomp_port):
+        for p in (self.port, self.mqtt_port, self.stomp_port, self.web_stomp_port, self.web_mqtt_port):
             wait_port(p)
 
     def stop(self, sig=signal.SIGTERM):
@@ -105,6 +107,7 @@ class External:
         self.mqtt_port = int(os.environ.get("MQTT_PORT", "1883"))
         self.stomp_port = int(os.environ.get("STOMP_PORT", "61613"))
         self.web_stomp_port = int(os.environ.get("WEB_STOMP_PORT", "15674"))
+        self.web_mqtt_port = int(os.environ.get("WEB_MQTT_PORT", "15675"))
 
     def close(self):
         pass

@@ -18,6 +18,7 @@ def run_node(broker, test_file, extra_env=None):
         **os.environ,
         "WEB_STOMP_URL": f"ws://127.0.0.1:{broker.web_stomp_port}/ws",
         "MQTT_URL": f"mqtt://127.0.0.1:{broker.mqtt_port}",
+        "WEB_MQTT_URL": f"ws://127.0.0.1:{broker.web_mqtt_port}/ws",
         **(extra_env or {}),
     }
     p = subprocess.run(["node", "--test", test_file], cwd=NODE_DIR, env=env,
@@ -27,6 +28,10 @@ def run_node(broker, test_file, extra_env=None):
 
 def test_stompjs_over_web_stomp(broker):
     run_node(broker, "stompjs.test.mjs")
+
+
+def test_mqttjs_over_web_mqtt(broker):
+    run_node(broker, "mqttjs.test.mjs")
 
 
 def test_live_example_in_chromium(broker):

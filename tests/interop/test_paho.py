@@ -138,3 +138,24 @@ def test_mqtt5_properties_cross_to_amqp_and_back(broker, ch, name):
     assert ("region", "eu") in mp.UserProperty
     c.loop_stop()
     c.disconnect()
+
+
+def test_paho_over_websockets(broker):
+    """paho-mqtt's WebSocket transport against Web-MQTT (`/ws`, subprotocol mqtt)."""
+    import queue as _q
+    got = _q.Queue()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-ws-" + uuid.uuid4().hex[:6],
+                    transport="websockets")
+    c.ws_set_options(path="/ws")
+    c.on_message = lambda cl, ud, m: got.put((m.topic, m.payload))
+    c.connect("127.0.0.1", broker.web_mqtt_port, 30)
+    c.loop_start()
+    try:
+        topic = "ws/" + uuid.uuid4().hex[:6]
+        r, _ = c.subscribe(topic, qos=1)
+        time.sleep(0.3)
+        c.publish(topic, b"over websockets", qos=1).wait_for_publish(5)
+        assert got.get(timeout=5) == (topic, b"over websockets")
+    finally:
+        c.loop_stop()
+        c.disconnect()

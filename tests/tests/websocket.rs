@@ -95,3 +95,60 @@ async fn web_stomp_split_and_packed_frames() {
     assert_eq!(&next_frame(&mut ws, &mut buf).await.body[..], b"bin");
     ws.close(None).await.unwrap();
 }
+
+/// The next `n` bytes of MQTT from binary WebSocket messages.
+async fn read_n(ws: &mut Ws, buf: &mut Vec<u8>, n: usize) -> Vec<u8> {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while buf.len() < n {
+            match ws.next().await.expect("open").expect("message") {
+                Message::Binary(b) => buf.extend_from_slice(&b),
+                other => panic!("MQTT over WebSocket must be binary: {other:?}"),
+            }
+        }
+        buf.drain(..n).collect()
+    })
+    .await
+    .expect("bytes in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_mqtt_binary_packets_reach_amqp_and_back() {
+    let b = start().await;
+    let (mut ws, chosen) = open(b.web_mqtt_addr, "mqtt").await;
+    assert_eq!(chosen.as_deref(), Some("mqtt"));
+    // CONNECT (3.1.1, clean session, empty client id) split over two messages.
+    let connect = [
+        0x10, 0x0C, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3C, 0x00, 0x00,
+    ];
+    for piece in [&connect[..5], &connect[5..]] {
+        ws.send(Message::Binary(piece.to_vec().into()))
+            .await
+            .unwrap();
+    }
+    let mut buf = Vec::new();
+    assert_eq!(read_n(&mut ws, &mut buf, 4).await, [0x20, 0x02, 0x00, 0x00]);
+    // SUBSCRIBE a/b QoS 0, then an AMQP publish to amq.topic with key a.b arrives.
+    ws.send(Message::Binary(
+        vec![0x82, 0x08, 0x00, 0x01, 0x00, 0x03, b'a', b'/', b'b', 0x00].into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        read_n(&mut ws, &mut buf, 5).await,
+        [0x90, 0x03, 0x00, 0x01, 0x00]
+    );
+    let (_conn, ch) = b.channel().await;
+    ch.basic_publish(
+        "amq.topic".into(),
+        "a.b".into(),
+        Default::default(),
+        b"hi",
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        read_n(&mut ws, &mut buf, 9).await,
+        [0x30, 0x07, 0x00, 0x03, b'a', b'/', b'b', b'h', b'i']
+    );
+}

@@ -21,8 +21,7 @@ use mqtt5_protocol::packet::pubrel::PubRelPacket;
 use mqtt5_protocol::packet::suback::{SubAckPacket, SubAckReasonCode};
 use mqtt5_protocol::packet::unsuback::{UnsubAckPacket, UnsubAckReasonCode};
 use mqtt5_protocol::{Packet, QoS, ReasonCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use warren_core::{
     AMQPValue, ConnectionId, ConsumerId, ConsumerSpec, Credit, Delivery, FieldTable, Message,
@@ -84,8 +83,12 @@ struct Session {
     keep_alive: u16,
 }
 
-pub(crate) async fn run(
-    mut socket: TcpStream,
+/// The byte streams a session runs over: a TCP socket, or a WebSocket's bytes (Web-MQTT).
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
+
+pub(crate) async fn run<S: Stream>(
+    mut socket: S,
     peer: SocketAddr,
     shared: Arc<Shared>,
     cfg: Arc<MqttConfig>,
@@ -128,8 +131,8 @@ pub(crate) async fn run(
 }
 
 /// CONNECT handling (MQTT-3.1.4): checks, auth, takeover, the session queue, CONNACK.
-async fn connect_session(
-    socket: &mut TcpStream,
+async fn connect_session<S: Stream>(
+    socket: &mut S,
     peer: SocketAddr,
     shared: Arc<Shared>,
     cfg: Arc<MqttConfig>,
@@ -368,15 +371,15 @@ fn mqtt_message(topic_name: &str, payload: Bytes, qos: u8) -> Option<Message> {
 }
 
 impl Session {
-    async fn serve(
+    async fn serve<S: Stream>(
         &mut self,
-        mut socket: TcpStream,
+        socket: S,
         mut rbuf: BytesMut,
         deliveries: &mut mpsc::Receiver<Delivery>,
         mut kicked: watch::Receiver<bool>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> End {
-        let (mut rd, mut wr) = socket.split();
+        let (mut rd, mut wr) = tokio::io::split(socket);
         let keep_alive = Duration::from_millis(self.cfg_keepalive_ms());
         let mut last_read = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(500));

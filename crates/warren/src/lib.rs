@@ -59,6 +59,8 @@ pub struct Server {
     pub stomp_addr: Option<SocketAddr>,
     /// The bound Web-STOMP address (path `/ws`), if the listener is on.
     pub web_stomp_addr: Option<SocketAddr>,
+    /// The bound Web-MQTT address (path `/ws`), if the listener is on.
+    pub web_mqtt_addr: Option<SocketAddr>,
     pub broker: Arc<Broker>,
     /// Alarm thresholds, adjustable while running.
     pub limits: Arc<resources::ResourceLimits>,
@@ -146,18 +148,32 @@ impl Server {
                 shutdown_rx.clone(),
             )));
         }
+        let mqtt_cfg = warren_mqtt::MqttConfig {
+            default_user: config.auth.default_user.clone(),
+            default_pass: config.auth.default_pass.clone(),
+            ..Default::default()
+        };
+        let mqtt = warren_mqtt::MqttFrontend::new(broker.clone(), mqtt_cfg);
         let mut mqtt_addr = None;
         if let Some(listener) = listen("MQTT 3.1.1/5.0", &l.mqtt).await? {
             mqtt_addr = listener.local_addr().ok();
-            let mqtt_cfg = warren_mqtt::MqttConfig {
-                default_user: config.auth.default_user.clone(),
-                default_pass: config.auth.default_pass.clone(),
-                ..Default::default()
-            };
-            tasks.push(tokio::spawn(warren_mqtt::serve(
+            tasks.push(tokio::spawn(
+                mqtt.clone().serve(listener, shutdown_rx.clone()),
+            ));
+        }
+        let mut web_mqtt_addr = None;
+        if let Some(listener) = listen("Web-MQTT (/ws)", &l.web_mqtt).await? {
+            web_mqtt_addr = listener.local_addr().ok();
+            let fe = mqtt.clone();
+            let session: websocket::SessionFn = Arc::new(move |stream, peer, shutdown| {
+                Box::pin(fe.clone().handle_stream(stream, peer, shutdown))
+            });
+            // MQTT-6.0.0-3: the subprotocol is "mqtt" (mqttv3.1 for old 3.1 clients).
+            tasks.push(tokio::spawn(websocket::serve(
                 listener,
-                broker.clone(),
-                mqtt_cfg,
+                &["mqtt", "mqttv3.1"],
+                websocket::Framing::Binary,
+                session,
                 shutdown_rx.clone(),
             )));
         }
@@ -184,16 +200,15 @@ impl Server {
                 shutdown_rx.clone(),
             )));
         }
-        for (what, addr) in [("http", &l.http), ("web-mqtt", &l.web_mqtt)] {
-            if !is_off(addr) {
-                tracing::warn!(listener = what, addr = %addr, "front-end not available in this build yet; listener not started");
-            }
+        if !is_off(&l.http) {
+            tracing::warn!(addr = %l.http, "management HTTP API not available in this build yet; listener not started");
         }
         Ok(Server {
             amqp_addr,
             mqtt_addr,
             stomp_addr,
             web_stomp_addr,
+            web_mqtt_addr,
             broker,
             limits,
             shutdown,

@@ -19,6 +19,7 @@ pub struct TestBroker {
     pub mqtt_addr: std::net::SocketAddr,
     pub stomp_addr: std::net::SocketAddr,
     pub web_stomp_addr: std::net::SocketAddr,
+    pub web_mqtt_addr: std::net::SocketAddr,
 }
 
 fn config(dir: &std::path::Path) -> warren::Config {
@@ -28,10 +29,9 @@ fn config(dir: &std::path::Path) -> warren::Config {
     c.listeners.mqtt = "127.0.0.1:0".into();
     c.listeners.stomp = "127.0.0.1:0".into();
     c.listeners.web_stomp = "127.0.0.1:0".into();
+    c.listeners.web_mqtt = "127.0.0.1:0".into();
     c.stomp.incomplete_frame_timeout_ms = 1000;
-    for l in [&mut c.listeners.http, &mut c.listeners.web_mqtt] {
-        *l = "off".into();
-    }
+    c.listeners.http = "off".into();
     c
 }
 
@@ -48,7 +48,9 @@ pub async fn start_in(dir: tempfile::TempDir) -> TestBroker {
     let mqtt_addr = server.mqtt_addr.expect("mqtt listener");
     let stomp_addr = server.stomp_addr.expect("stomp listener");
     let web_stomp_addr = server.web_stomp_addr.expect("web-stomp listener");
+    let web_mqtt_addr = server.web_mqtt_addr.expect("web-mqtt listener");
     TestBroker {
+        web_mqtt_addr,
         web_stomp_addr,
         mqtt_addr,
         stomp_addr,
