@@ -1,0 +1,206 @@
+//! MQTT scenarios with rumqttc: 1→1 at QoS 0, 1 or 2 (`mqtt-qos<n>`), and fan-in
+//! (`mqtt-fanin`): `--devices` connections each publishing once a second for `--duration`
+//! seconds, one wildcard subscriber counting them all.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use tokio::sync::Semaphore;
+
+use crate::report::{stamp, Tracker};
+use crate::{begin, Args, Run};
+
+fn qos_of(scenario: &str) -> QoS {
+    match scenario {
+        "mqtt-qos0" => QoS::AtMostOnce,
+        "mqtt-qos1" => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn options(args: &Args, id: String) -> MqttOptions {
+    let mut o = MqttOptions::new(id, args.host.clone(), args.mqtt_port);
+    o.set_keep_alive(Duration::from_secs(60));
+    o.set_clean_session(true);
+    o.set_inflight(args.window.clamp(1, 65_535) as u16);
+    o.set_max_packet_size(args.size + 1024, args.size + 1024);
+    o
+}
+
+/// Connects and waits for CONNACK; the event loop is returned for the caller to drive.
+async fn connect(o: MqttOptions, cap: usize) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    let (c, mut el) = AsyncClient::new(o, cap);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok((c, el)),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("mqtt connect: {e}"),
+            Err(_) => bail!("mqtt connect: no CONNACK in 10 s"),
+        }
+    }
+}
+
+/// A subscriber on `filter` that records every PUBLISH.
+async fn subscriber(
+    args: &Args,
+    filter: &str,
+    qos: QoS,
+    t: Arc<Tracker>,
+) -> anyhow::Result<AsyncClient> {
+    let (c, mut el) = connect(options(args, format!("{}-sub", args.run_id())), 1000).await?;
+    c.subscribe(filter, qos).await?;
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = el.poll().await? {
+            break;
+        }
+    }
+    tokio::spawn(async move {
+        while let Ok(ev) = el.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = ev {
+                t.record(0, &p.payload);
+            }
+        }
+    });
+    Ok(c)
+}
+
+pub async fn one_to_one(args: &Args) -> anyhow::Result<Run> {
+    let qos = qos_of(&args.scenario);
+    let topic = format!("bench/{}", args.run_id());
+    let tracker = Tracker::new(args.messages, 1);
+    let sub = subscriber(args, &topic, qos, tracker.clone()).await?;
+    let (publisher, mut el) =
+        connect(options(args, format!("{}-pub", args.run_id())), 1000).await?;
+    // Drive the publisher's event loop; it finishes when the last ack is in.
+    let acks_needed = if qos == QoS::AtMostOnce {
+        0
+    } else {
+        args.messages
+    };
+    let driver = tokio::spawn(async move {
+        let mut acked = 0u64;
+        while acked < acks_needed {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => acked += 1,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        // QoS 0: keep flushing until the channel is drained and the client disconnects.
+        while acks_needed == 0 {
+            if el.poll().await.is_err() {
+                break;
+            }
+        }
+        Instant::now()
+    });
+    let pace = args.pace();
+    let started = begin(args);
+    let origin = tracker.now_ns();
+    let mut body = vec![0u8; args.size];
+    for i in 0..args.messages {
+        let sent = pace.before(i, &tracker, 1, origin).await;
+        stamp(&mut body, i, sent);
+        publisher
+            .publish(topic.as_str(), qos, false, body.clone())
+            .await?;
+    }
+    let publish_done = if qos == QoS::AtMostOnce {
+        Instant::now()
+    } else {
+        driver.await.unwrap_or_else(|_| Instant::now())
+    };
+    let cleanup = Box::pin(async move {
+        let _ = publisher.disconnect().await;
+        let _ = sub.disconnect().await;
+    });
+    Ok(Run {
+        started,
+        tracker,
+        published: args.messages,
+        expected: args.messages,
+        publish_done,
+        cleanup: Some(cleanup),
+    })
+}
+
+pub async fn fan_in(args: &Args) -> anyhow::Result<Run> {
+    let devices = args.devices.max(1);
+    let per_device = args.duration.max(1);
+    let total = devices as u64 * per_device;
+    let tracker = Tracker::new(total, 1);
+    let base = format!("fanin/{}", args.run_id());
+    let sub = subscriber(
+        args,
+        &format!("{base}/+/t"),
+        QoS::AtLeastOnce,
+        tracker.clone(),
+    )
+    .await?;
+    // Connect every device first (200 at a time), then start the clock.
+    let gate = Arc::new(Semaphore::new(200));
+    let mut connecting = Vec::with_capacity(devices);
+    for d in 0..devices {
+        let o = options(args, format!("{}-dev-{d}", args.run_id()));
+        let gate = gate.clone();
+        connecting.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await;
+            connect(o, 4).await
+        }));
+    }
+    let mut clients = Vec::with_capacity(devices);
+    for c in connecting {
+        let (client, mut el) = c.await??;
+        tokio::spawn(async move { while el.poll().await.is_ok() {} });
+        clients.push(client);
+    }
+    let started = begin(args);
+    let origin = tracker.now_ns();
+    let mut tasks = Vec::with_capacity(devices);
+    for (d, client) in clients.iter().cloned().enumerate() {
+        let t = tracker.clone();
+        let topic = format!("{base}/{d}/t");
+        let origin = Duration::from_nanos(origin);
+        let size = args.size;
+        // Spread the devices over the second so the load is steady.
+        let offset = Duration::from_nanos((d as u64 * 1_000_000_000) / devices as u64);
+        tasks.push(tokio::spawn(async move {
+            let mut body = vec![0u8; size];
+            for k in 0..per_device {
+                let due = origin + offset + Duration::from_secs(k);
+                let now = t.epoch.elapsed();
+                if due > now {
+                    tokio::time::sleep(due - now).await;
+                }
+                stamp(&mut body, d as u64 * per_device + k, due.as_nanos() as u64);
+                if client
+                    .publish(topic.as_str(), QoS::AtMostOnce, false, body.clone())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let publish_done = Instant::now();
+    let cleanup = Box::pin(async move {
+        for c in clients {
+            let _ = c.try_disconnect();
+        }
+        let _ = sub.disconnect().await;
+    });
+    Ok(Run {
+        started,
+        tracker,
+        published: total,
+        expected: total,
+        publish_done,
+        cleanup: Some(cleanup),
+    })
+}

@@ -1,0 +1,198 @@
+//! What every scenario measures the same way: message ids and send times in the body,
+//! loss and duplicate counts, an end-to-end latency histogram, the broker's CPU and RSS.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use std::sync::Mutex;
+
+/// Bytes every body starts with: message id, then the intended send time in ns since the
+/// run's epoch (fixed-rate runs use the schedule, so a stall shows up as latency instead
+/// of being hidden: no coordinated omission).
+pub const HEADER: usize = 16;
+
+pub fn stamp(body: &mut [u8], id: u64, sent_ns: u64) {
+    body[..8].copy_from_slice(&id.to_be_bytes());
+    body[8..16].copy_from_slice(&sent_ns.to_be_bytes());
+}
+
+pub fn read_stamp(body: &[u8]) -> Option<(u64, u64)> {
+    let id = u64::from_be_bytes(body.get(..8)?.try_into().ok()?);
+    let t = u64::from_be_bytes(body.get(8..16)?.try_into().ok()?);
+    Some((id, t))
+}
+
+/// Shared by the publisher (for closed-loop pacing) and the consumers.
+pub struct Tracker {
+    pub epoch: Instant,
+    expected_per_consumer: u64,
+    seen: Vec<Mutex<Vec<u64>>>,
+    pub delivered: AtomicU64,
+    pub duplicates: AtomicU64,
+    latency: Mutex<Histogram<u64>>,
+    last: Mutex<Instant>,
+}
+
+impl Tracker {
+    pub fn new(expected_per_consumer: u64, consumers: usize) -> Arc<Tracker> {
+        let words = expected_per_consumer.div_ceil(64) as usize;
+        let epoch = Instant::now();
+        Arc::new(Tracker {
+            epoch,
+            expected_per_consumer,
+            seen: (0..consumers)
+                .map(|_| Mutex::new(vec![0u64; words]))
+                .collect(),
+            delivered: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            // 1 µs .. 60 s, 3 significant digits.
+            latency: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds")),
+            last: Mutex::new(epoch),
+        })
+    }
+
+    pub fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Records one delivery to consumer `c`.
+    pub fn record(&self, c: usize, body: &[u8]) {
+        let Some((id, sent)) = read_stamp(body) else {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let fresh = {
+            let Ok(mut seen) = self.seen[c].lock() else {
+                return;
+            };
+            let (w, bit) = ((id / 64) as usize, 1u64 << (id % 64));
+            match seen.get_mut(w) {
+                Some(word) if id < self.expected_per_consumer && *word & bit == 0 => {
+                    *word |= bit;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !fresh {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let now = self.now_ns();
+        if let Ok(mut h) = self.latency.lock() {
+            let _ = h.record((now.saturating_sub(sent) / 1000).max(1));
+        }
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut l) = self.last.lock() {
+            *l = Instant::now();
+        }
+    }
+
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `total` deliveries arrived, or nothing arrived for `idle`.
+    pub async fn wait(&self, total: u64, idle: Duration) -> Instant {
+        let mut last_count = 0;
+        let mut since = Instant::now();
+        loop {
+            let n = self.delivered();
+            if n >= total {
+                break;
+            }
+            if n != last_count {
+                last_count = n;
+                since = Instant::now();
+            } else if since.elapsed() > idle {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        self.last
+            .lock()
+            .map(|l| *l)
+            .unwrap_or_else(|_| Instant::now())
+    }
+
+    pub fn latency_json(&self) -> serde_json::Value {
+        let Ok(h) = self.latency.lock() else {
+            return serde_json::Value::Null;
+        };
+        let ms = |us: u64| (us as f64 / 1000.0 * 1000.0).round() / 1000.0;
+        serde_json::json!({
+            "p50_ms": ms(h.value_at_quantile(0.5)), "p99_ms": ms(h.value_at_quantile(0.99)),
+            "p999_ms": ms(h.value_at_quantile(0.999)), "max_ms": ms(h.max()),
+        })
+    }
+}
+
+/// How the publisher paces itself.
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    /// As fast as possible.
+    Max,
+    /// At most this many published and not yet delivered.
+    Closed(u64),
+    /// A fixed number of messages per second.
+    Rate(f64),
+}
+
+impl Pace {
+    /// Waits until message `i` may go; returns its intended send time (ns since the
+    /// tracker's epoch). `origin` is when publishing started, in the same clock.
+    pub async fn before(&self, i: u64, t: &Tracker, deliveries_per_msg: u64, origin: u64) -> u64 {
+        match *self {
+            Pace::Max => t.now_ns(),
+            Pace::Closed(n) => {
+                while i * deliveries_per_msg >= t.delivered() + n * deliveries_per_msg {
+                    tokio::task::yield_now().await;
+                    if i * deliveries_per_msg >= t.delivered() + n * deliveries_per_msg {
+                        tokio::time::sleep(Duration::from_micros(50)).await;
+                    }
+                }
+                t.now_ns()
+            }
+            Pace::Rate(r) => {
+                let due = origin + (i as f64 / r * 1e9) as u64;
+                // The timer wheel ticks in milliseconds: sleep to just before the slot,
+                // then yield until it, so sends are spread as scheduled, not in bursts.
+                loop {
+                    let now = t.now_ns();
+                    if now >= due {
+                        break;
+                    }
+                    let left = due - now;
+                    if left > 1_500_000 {
+                        tokio::time::sleep(Duration::from_nanos(left - 1_000_000)).await;
+                    } else {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                due
+            }
+        }
+    }
+}
+
+/// The broker process's CPU seconds (utime + stime) from /proc/<pid>/stat.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// The broker process's resident set size in KiB, from /proc/<pid>/status.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
