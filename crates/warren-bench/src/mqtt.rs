@@ -89,10 +89,8 @@ pub async fn one_to_one(args: &Args) -> anyhow::Result<Run> {
             }
         }
         // QoS 0: keep flushing until the channel is drained and the client disconnects.
-        while acks_needed == 0 {
-            if el.poll().await.is_err() {
-                break;
-            }
+        if acks_needed == 0 {
+            while el.poll().await.is_ok() {}
         }
         Instant::now()
     });
