@@ -1,40 +1,95 @@
 #!/usr/bin/env bash
-# Runs warren-bench against Warren and the reference RabbitMQ alternately (A B A B …),
-# prints one JSON line per run and a table of medians and ratios.
-#   scripts/compare.sh [rounds]
-# Needs ../shared/reference-brokers.sh (RabbitMQ on 5680) and a release build.
+# Runs warren-bench against Warren, RabbitMQ and Mosquitto alternately (A B C, A B C, …)
+# on the same machine in the same run, and prints (and, with --write, puts into
+# docs/PERFORMANCE.md) the medians and the ratios Warren/RabbitMQ and Warren/Mosquitto.
+#   scripts/compare.sh [--rounds N] [--write] [--quick]
+# Needs ../shared/reference-brokers.sh (RabbitMQ: AMQP 5680, MQTT 1890, STOMP 61620;
+# Mosquitto: 1891) and builds Warren and warren-bench in release mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROUNDS=${1:-3}
+ROUNDS=3; WRITE=0; QUICK=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --rounds) ROUNDS=$2; shift ;;
+    --write) WRITE=1 ;;
+    --quick) QUICK=1 ;;
+  esac
+  shift
+done
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/warren-target}"
 cargo build --release -p warren -p warren-bench >/dev/null
 bash ../shared/reference-brokers.sh start >/dev/null
 BENCH=$CARGO_TARGET_DIR/release/warren-bench
 DATA=$(mktemp -d)
-"$CARGO_TARGET_DIR/release/warren" --data-dir "$DATA" --amqp-listen 127.0.0.1:5699 --mqtt-listen off \
-  --stomp-listen off --http-listen off --web-stomp-listen off --web-mqtt-listen off >/dev/null 2>&1 &
+"$CARGO_TARGET_DIR/release/warren" --data-dir "$DATA" --amqp-listen 127.0.0.1:5699 --mqtt-listen 127.0.0.1:1899 \
+  --stomp-listen 127.0.0.1:61699 --http-listen off --web-stomp-listen off --web-mqtt-listen off >/dev/null 2>&1 &
 WARREN_PID=$!
-trap 'kill $WARREN_PID; rm -rf "$DATA"' EXIT
+trap 'kill $WARREN_PID 2>/dev/null; rm -rf "$DATA"' EXIT
 sleep 1
 RABBIT_PID=$(pgrep -f 'beam.smp.*reference' | head -1 || pgrep beam.smp | head -1)
-OUT=$(mktemp)
+MOSQ_PID=$(pgrep -x mosquitto | head -1)
+OUT=${OUT:-$(mktemp)}
+N=1; [ "$QUICK" = 1 ] && N=4   # --quick divides message counts by 4
+
+warren()   { $BENCH --label warren   --broker-pid $WARREN_PID --url amqp://guest:guest@127.0.0.1:5699/%2f --mqtt-port 1899 --stomp-port 61699 "$@" | tee -a "$OUT" || true; }
+rabbitmq() { $BENCH --label rabbitmq --broker-pid "$RABBIT_PID" --url amqp://guest:guest@127.0.0.1:5680/%2f --mqtt-port 1890 --stomp-port 61620 "$@" | tee -a "$OUT" || true; }
+mosquitto() { $BENCH --label mosquitto --broker-pid "$MOSQ_PID" --mqtt-port 1891 "$@" | tee -a "$OUT" || true; }
+
 for round in $(seq "$ROUNDS"); do
-  for scenario in "transient --messages 200000" "confirms --messages 100000" "fanout --messages 30000 --queues 10"; do
-    $BENCH --url amqp://guest:guest@127.0.0.1:5699/%2f --scenario $scenario --label warren --broker-pid $WARREN_PID | tee -a "$OUT"
-    $BENCH --url amqp://guest:guest@127.0.0.1:5680/%2f --scenario $scenario --label rabbitmq --broker-pid "$RABBIT_PID" | tee -a "$OUT"
+  echo "== round $round" >&2
+  for s in "transient --messages $((200000/N))" "confirms --messages $((100000/N))" \
+           "fanout --messages $((30000/N)) --queues 10" "topic --messages $((100000/N)) --bindings 20000" \
+           "stomp-queue --messages $((200000/N))" "stomp-topic --messages $((200000/N))" \
+           "transient --messages $((50000/N)) --rate 10000" "stomp-queue --messages $((50000/N)) --rate 10000"; do
+    warren --scenario $s; rabbitmq --scenario $s
+  done
+  for s in "mqtt-qos0 --messages $((200000/N))" "mqtt-qos1 --messages $((100000/N))" \
+           "mqtt-qos1 --messages $((50000/N)) --rate 10000"; do
+    warren --scenario $s; mosquitto --scenario $s; rabbitmq --scenario $s
+  done
+  for s in "mqtt-qos2 --messages $((50000/N))" "mqtt-fanin --devices $((10000/N)) --duration 10"; do
+    warren --scenario $s; mosquitto --scenario $s
   done
 done
-python3 - "$OUT" <<'PY'
-import json, statistics, sys
+
+python3 - "$OUT" "$WRITE" <<'PY'
+import json, statistics, sys, subprocess, platform, datetime
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-print("\n| scenario | Warren msg/s | RabbitMQ msg/s | ratio | Warren CPU-s/M msgs | RabbitMQ CPU-s/M msgs | CPU ratio |")
-print("|---|---|---|---|---|---|---|")
-for sc in dict.fromkeys(r["scenario"] for r in runs):
-    def med(label, key):
-        v = [r[key] for r in runs if r["scenario"] == sc and r["label"] == label and r[key] is not None]
-        return statistics.median(v) if v else float("nan")
+def med(sc, mode, label, key, sub=None):
+    v = [r[key] if sub is None else (r[key] or {}).get(sub) for r in runs
+         if r["scenario"] == sc and r["mode"] == mode and r["label"] == label]
+    v = [x for x in v if x is not None]
+    return statistics.median(v) if v else None
+def f(x, fmt="{:,.0f}"):
+    return "–" if x is None else fmt.format(x)
+def ratio(a, b):
+    return "–" if a is None or b in (None, 0) else f"{a/b:.2f}×"
+lines = []
+lines.append("| scenario | mode | Warren | RabbitMQ | Mosquitto | W/R | W/M | CPU-s/M msgs W / R / M | p99 ms W / R / M | lost+dup |")
+lines.append("|---|---|---|---|---|---|---|---|---|---|")
+for sc, mode in dict.fromkeys((r["scenario"], r["mode"]) for r in runs):
     key = "deliveries_per_sec" if sc == "fanout" else "msgs_per_sec"
-    w, r = med("warren", key), med("rabbitmq", key)
-    wc, rc = med("warren", "broker_cpu_secs_per_million"), med("rabbitmq", "broker_cpu_secs_per_million")
-    print(f"| {sc}{' (deliveries/s)' if sc == 'fanout' else ''} | {w:,.0f} | {r:,.0f} | {w/r:.2f}× | {wc:.1f} | {rc:.1f} | {wc/rc:.2f}× |")
+    w, r, m = (med(sc, mode, l, key) for l in ("warren", "rabbitmq", "mosquitto"))
+    cpu = " / ".join(f(med(sc, mode, l, "broker_cpu_secs_per_million"), "{:.1f}") for l in ("warren", "rabbitmq", "mosquitto"))
+    p99 = " / ".join(f(med(sc, mode, l, "latency", "p99_ms"), "{:.2f}") for l in ("warren", "rabbitmq", "mosquitto"))
+    bad = sum(x["lost"] + x["duplicates"] for x in runs if x["scenario"] == sc and x["mode"] == mode)
+    unit = " (deliveries/s)" if sc == "fanout" else ""
+    lines.append(f"| {sc}{unit} | {mode} | {f(w)} | {f(r)} | {f(m)} | {ratio(w, r)} | {ratio(w, m)} | {cpu} | {p99} | {bad} |")
+table = "\n".join(lines)
+print(table)
+if sys.argv[2] == "1":
+    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+    rounds = len({(r["scenario"], r["mode"]) for r in runs})
+    block = (f"<!-- compare:begin -->\nMeasured {datetime.date.today()} on {platform.node()} ({cpu}, "
+             f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores), medians of "
+             f"{len(runs)} runs, `scripts/compare.sh --write`:\n\n{table}\n<!-- compare:end -->")
+    p = "docs/PERFORMANCE.md"
+    s = open(p).read()
+    if "<!-- compare:begin -->" in s:
+        a, rest = s.split("<!-- compare:begin -->", 1)
+        _, b = rest.split("<!-- compare:end -->", 1)
+        s = a + block + b
+    else:
+        s += "\n\n## Side by side (scripts/compare.sh)\n\n" + block + "\n"
+    open(p, "w").write(s)
 PY

@@ -1,6 +1,7 @@
 //! STOMP scenarios on a small client over Warren's codec: `stomp-queue` (a `/queue/`
-//! destination, SEND → one subscriber) and `stomp-topic` (`/topic/`). Non-durable,
-//! auto-delete queues, auto ack, so RabbitMQ and Warren do the same work.
+//! destination with RabbitMQ's defaults, SEND → one subscriber) and `stomp-topic`
+//! (`/topic/`), auto ack, so RabbitMQ and Warren do the same work. (RabbitMQ makes a
+//! `/queue/` subscribed with `auto-delete:true` exclusive, so the defaults are kept.)
 
 use std::time::Instant;
 
@@ -59,8 +60,6 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
         .with("id", "0")
         .with("destination", dest.clone())
         .with("ack", "auto")
-        .with("durable", "false")
-        .with("auto-delete", "true")
         .with("receipt", "sub");
     let mut out = BytesMut::new();
     encode(&subscribe, Version::V1_2, &mut out);
@@ -89,8 +88,6 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
         stamp(&mut body, i, sent);
         let mut f = Frame::new("SEND")
             .with("destination", dest.clone())
-            .with("durable", "false")
-            .with("auto-delete", "true")
             .with("content-length", content_length.clone());
         f.body = Bytes::copy_from_slice(&body);
         encode(&f, Version::V1_2, &mut out);
