@@ -1179,11 +1179,17 @@ impl Conn {
     }
 
     async fn release(&mut self, chan: &mut Channel) {
+        let (mut groups, _) = by_queue(chan.unacked.drain(..).collect());
         for (_, info) in chan.consumers.drain() {
             self.consumers.remove(&info.id);
-            info.queue.remove_consumer(info.id).await;
+            // Requeue this queue's unacked together with the removal (SAC order).
+            let seqs = groups
+                .iter()
+                .position(|(q, _)| Arc::ptr_eq(q, &info.queue))
+                .map(|i| groups.swap_remove(i).1)
+                .unwrap_or_default();
+            info.queue.remove_consumer_requeue(info.id, &seqs).await;
         }
-        let (groups, _) = by_queue(chan.unacked.drain(..).collect());
         for (q, seqs) in groups {
             q.requeue(&seqs).await;
         }

@@ -61,7 +61,14 @@ pub fn dead_lettered(
     dl_routing_key: Option<&ShortString>,
 ) -> Message {
     let mut props: Properties = msg.properties.clone();
-    let mut headers = props.headers.take().unwrap_or_default();
+    // The sender-selected CC/BCC keys are spent: RabbitMQ drops them from the copy (the
+    // original keys are kept in the x-death entry's routing-keys).
+    let mut headers: FieldTable = {
+        let mut m = props.headers.take().unwrap_or_default().inner().clone();
+        m.remove("CC");
+        m.remove("BCC");
+        m.into()
+    };
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -699,9 +699,28 @@ impl Queue {
     /// Removes a consumer; its unacked messages stay with its channel. Auto-delete queues
     /// go when their last consumer does.
     pub async fn remove_consumer(self: &Arc<Self>, id: ConsumerId) -> bool {
+        self.remove_consumer_requeue(id, &[]).await
+    }
+
+    /// Removes a consumer and, in the same step, puts `seqs` (its channel's unacked
+    /// messages of this queue) back in order before anything is dispatched again — so with
+    /// single-active-consumer the next consumer gets them first, as in RabbitMQ.
+    pub async fn remove_consumer_requeue(
+        self: &Arc<Self>,
+        id: ConsumerId,
+        seqs: &[MsgSeq],
+    ) -> bool {
         let mut fx = Effects::default();
         let found = {
             let mut s = self.state.lock();
+            if !s.deleted {
+                for &seq in seqs {
+                    if let Some(mut e) = self.settle(&mut s, seq) {
+                        e.redelivered = true;
+                        self.push_back_in_order(&mut s, e);
+                    }
+                }
+            }
             let before = s.consumers.len();
             s.consumers.retain(|c| c.spec.id != id);
             let found = s.consumers.len() != before;

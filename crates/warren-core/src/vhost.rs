@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use amq_protocol_types::{FieldTable, ShortString};
+use amq_protocol_types::{AMQPValue, FieldTable, ShortString};
 use parking_lot::RwLock;
 use warren_store::{Op, Store, StoreQueueId, Ticket};
 
@@ -231,9 +231,15 @@ impl VHost {
 
     /// exchange.delete.
     pub async fn delete_exchange(&self, name: &str, if_unused: bool) -> CoreResult<()> {
-        if name.is_empty() || name.starts_with("amq.") {
+        if name.is_empty() {
+            return Err(CoreError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
+        }
+        if name.starts_with("amq.") {
             return Err(CoreError::access_refused(format!(
-                "operation not permitted on exchange '{name}'"
+                "deletion of system exchange '{name}' in vhost '{}' not allowed",
+                self.name
             )));
         }
         let x = self.exchange(name)?;
@@ -395,6 +401,15 @@ impl VHost {
                 q.durable.to_string(),
             ));
         }
+        // Asking for exclusive use of a shared queue is a lock conflict in RabbitMQ (405).
+        if d.exclusive && q.exclusive_owner.is_none() {
+            return Err(CoreError::locked(format!(
+                "cannot obtain exclusive access to locked queue '{name}' in vhost '{}'. It could \
+                 be originally declared on another connection or the exclusive property value \
+                 does not match that of the original declaration.",
+                self.name
+            )));
+        }
         if q.exclusive_owner.is_some() != d.exclusive {
             return Err(inequivalent(
                 "exclusive",
@@ -434,13 +449,30 @@ impl VHost {
                 _ => false,
             };
             if !same {
-                return Err(inequivalent(
-                    key,
-                    got.map(|v| format!("{v:?}"))
-                        .unwrap_or_else(|| "none".into()),
-                    cur.map(|v| format!("{v:?}"))
-                        .unwrap_or_else(|| "none".into()),
-                ));
+                // RabbitMQ's wording: both sides as values, or "the value 'v' of type 't'"
+                // against "none".
+                let text = match (got, cur) {
+                    (Some(a), Some(b)) => format!(
+                        "received '{}' but current is '{}'",
+                        rabbit_value(a),
+                        rabbit_value(b)
+                    ),
+                    (Some(a), None) => format!(
+                        "received the value '{}' of type '{}' but current is none",
+                        rabbit_value(a),
+                        rabbit_type(a)
+                    ),
+                    (None, Some(b)) => format!(
+                        "received none but current is the value '{}' of type '{}'",
+                        rabbit_value(b),
+                        rabbit_type(b)
+                    ),
+                    (None, None) => String::new(),
+                };
+                return Err(CoreError::precondition(format!(
+                    "inequivalent arg '{key}' for queue '{name}' in vhost '{}': {text}",
+                    self.name
+                )));
             }
         }
         Ok(())
@@ -779,5 +811,41 @@ fn text_of(v: &amq_protocol_types::AMQPValue) -> Option<String> {
         }
         amq_protocol_types::AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
         _ => None,
+    }
+}
+
+/// A field value as RabbitMQ prints it in error texts.
+fn rabbit_value(v: &AMQPValue) -> String {
+    if let Some(i) = crate::queue::int_value(v) {
+        return i.to_string();
+    }
+    match v {
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::Float(f) => f.to_string(),
+        AMQPValue::Double(f) => f.to_string(),
+        other => text_of(other).unwrap_or_else(|| format!("{other:?}")),
+    }
+}
+
+/// RabbitMQ's name for a field type (rabbit_binary_parser).
+fn rabbit_type(v: &AMQPValue) -> &'static str {
+    match v {
+        AMQPValue::Boolean(_) => "bool",
+        AMQPValue::ShortShortInt(_) => "byte",
+        AMQPValue::ShortShortUInt(_) => "unsignedbyte",
+        AMQPValue::ShortInt(_) => "short",
+        AMQPValue::ShortUInt(_) => "unsignedshort",
+        AMQPValue::LongInt(_) => "signedint",
+        AMQPValue::LongUInt(_) => "unsignedint",
+        AMQPValue::LongLongInt(_) => "long",
+        AMQPValue::Float(_) => "float",
+        AMQPValue::Double(_) => "double",
+        AMQPValue::DecimalValue(_) => "decimal",
+        AMQPValue::ShortString(_) | AMQPValue::LongString(_) => "longstr",
+        AMQPValue::FieldArray(_) => "array",
+        AMQPValue::Timestamp(_) => "timestamp",
+        AMQPValue::FieldTable(_) => "table",
+        AMQPValue::ByteArray(_) => "binary",
+        AMQPValue::Void => "void",
     }
 }
