@@ -26,7 +26,7 @@ DATA=$(mktemp -d)
 WARREN_PID=$!
 trap 'kill $WARREN_PID 2>/dev/null; rm -rf "$DATA"' EXIT
 sleep 1
-RABBIT_PID=$(pgrep -f 'beam.smp.*reference' | head -1 || pgrep beam.smp | head -1)
+RABBIT_PID=$(pgrep beam.smp | head -1)
 MOSQ_PID=$(pgrep -x mosquitto | head -1)
 OUT=${OUT:-$(mktemp)}
 N=1; [ "$QUICK" = 1 ] && N=4   # --quick divides message counts by 4
@@ -37,17 +37,20 @@ mosquitto() { $BENCH --label mosquitto --broker-pid "$MOSQ_PID" --mqtt-port 1891
 
 for round in $(seq "$ROUNDS"); do
   echo "== round $round" >&2
-  for s in "transient --messages $((200000/N))" "confirms --messages $((100000/N))" \
-           "fanout --messages $((30000/N)) --queues 10" "topic --messages $((100000/N)) --bindings 20000" \
-           "stomp-queue --messages $((200000/N))" "stomp-topic --messages $((200000/N))" \
+  # Throughput runs are closed loop with 500 in flight (as the reference figures);
+  # confirms use a window of 500 unconfirmed instead.
+  for s in "transient --messages $((200000/N)) --inflight 500" "confirms --messages $((100000/N))" \
+           "fanout --messages $((30000/N)) --queues 10 --inflight 500" \
+           "topic --messages $((100000/N)) --bindings 20000 --inflight 500" \
+           "stomp-queue --messages $((200000/N)) --inflight 500" "stomp-topic --messages $((200000/N)) --inflight 500" \
            "transient --messages $((50000/N)) --rate 10000" "stomp-queue --messages $((50000/N)) --rate 10000"; do
     warren --scenario $s; rabbitmq --scenario $s
   done
-  for s in "mqtt-qos0 --messages $((200000/N))" "mqtt-qos1 --messages $((100000/N))" \
+  for s in "mqtt-qos0 --messages $((200000/N)) --inflight 500" "mqtt-qos1 --messages $((100000/N)) --inflight 500" \
            "mqtt-qos1 --messages $((50000/N)) --rate 10000"; do
     warren --scenario $s; mosquitto --scenario $s; rabbitmq --scenario $s
   done
-  for s in "mqtt-qos2 --messages $((50000/N))" "mqtt-fanin --devices $((10000/N)) --duration 10"; do
+  for s in "mqtt-qos2 --messages $((50000/N)) --inflight 500" "mqtt-fanin --devices $((10000/N)) --duration 10"; do
     warren --scenario $s; mosquitto --scenario $s
   done
 done
