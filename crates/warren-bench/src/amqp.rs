@@ -25,10 +25,14 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
     let (durable, persistent, confirms, queues) = match args.scenario.as_str() {
         "transient" | "topic" => (false, false, false, 1),
         "confirms" => (true, true, true, 1),
+        "fill" => (true, true, true, args.queues),
         _ => (false, false, false, args.queues),
     };
     let topic = args.scenario == "topic";
-    let exchange = if queues > 1 || topic {
+    // `fill`: persistent messages spread over durable queues `fill-<i>` that nobody
+    // consumes (for start-up and backlog measurements); they are left in place.
+    let fill = args.scenario == "fill";
+    let exchange = if (queues > 1 || topic) && !fill {
         let kind = if topic {
             ExchangeKind::Topic
         } else {
@@ -52,7 +56,11 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
     let mut names = Vec::new();
     let mut keep = Vec::new();
     for i in 0..queues {
-        let q = format!("{id}-{i}");
+        let q = if fill {
+            format!("fill-{i}")
+        } else {
+            format!("{id}-{i}")
+        };
         let cch = con_conn.create_channel().await?;
         cch.queue_declare(
             q.as_str().into(),
@@ -64,6 +72,11 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
             FieldTable::default(),
         )
         .await?;
+        if fill {
+            names.push(q.clone());
+            keep.push(cch);
+            continue;
+        }
         if queues > 1 {
             bind(&cch, &q, &exchange, "").await?;
         }
@@ -115,7 +128,9 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
     for i in 0..args.messages {
         let sent = pace.before(i, &tracker, per_msg, origin).await;
         stamp(&mut body, i, sent);
-        let key = if topic {
+        let key = if fill {
+            names[(i % queues as u64) as usize].clone()
+        } else if topic {
             format!("dev.{}.temp", i % args.bindings as u64)
         } else if queues > 1 {
             String::new()
@@ -148,8 +163,13 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
         }
     }
     let publish_done = std::time::Instant::now();
+    let expected = if fill {
+        0
+    } else {
+        args.messages * queues as u64
+    };
     let cleanup = Box::pin(async move {
-        for q in &names {
+        for q in names.iter().filter(|_| !fill) {
             let _ = pch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
@@ -162,7 +182,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
         started,
         tracker,
         published: args.messages,
-        expected: args.messages * queues as u64,
+        expected,
         publish_done,
         cleanup: Some(cleanup),
     })

@@ -1,7 +1,8 @@
 //! `warren-bench`: load for Warren or any other broker over AMQP 0-9-1 (lapin), MQTT
 //! (rumqttc) and STOMP (a client on Warren's codec), one JSON line per run.
 //!
-//! Scenarios: `transient`, `confirms`, `fanout`, `topic` (AMQP); `mqtt-qos0`, `mqtt-qos1`,
+//! Scenarios: `transient`, `confirms`, `fanout`, `topic`, `fill` (AMQP; `fill` leaves
+//! persistent messages in durable queues for start-up measurements); `mqtt-qos0`, `mqtt-qos1`,
 //! `mqtt-qos2`, `mqtt-fanin` (MQTT); `stomp-queue`, `stomp-topic` (STOMP). Load modes: as
 //! fast as possible (default), closed loop (`--inflight N`) and fixed rate (`--rate R`,
 //! latency measured from the schedule, so stalls are not hidden). Every message carries its
@@ -38,7 +39,7 @@ pub struct Args {
     /// STOMP port.
     #[arg(long, default_value_t = 61613)]
     stomp_port: u16,
-    /// transient | confirms | fanout | topic | mqtt-qos0 | mqtt-qos1 | mqtt-qos2 |
+    /// transient | confirms | fanout | topic | fill | mqtt-qos0 | mqtt-qos1 | mqtt-qos2 |
     /// mqtt-fanin | stomp-queue | stomp-topic
     #[arg(long, default_value = "transient")]
     scenario: String,
@@ -135,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
     raise_fd_limit();
     let rss_before = args.broker_pid.and_then(rss_kib);
     let run = match args.scenario.as_str() {
-        "transient" | "confirms" | "fanout" | "topic" => amqp::run(&args).await?,
+        "transient" | "confirms" | "fanout" | "topic" | "fill" => amqp::run(&args).await?,
         "mqtt-qos0" | "mqtt-qos1" | "mqtt-qos2" => mqtt::one_to_one(&args).await?,
         "mqtt-fanin" => mqtt::fan_in(&args).await?,
         "stomp-queue" | "stomp-topic" => stomp::run(&args).await?,
