@@ -53,6 +53,7 @@ class Warren:
         self.dir = tempfile.mkdtemp(prefix="warren-interop-")
         self.port = free_port()
         self.mqtt_port = free_port()
+        self.http_port = free_port()
         self.proc = None
         self.start()
 
@@ -65,11 +66,16 @@ class Warren:
         self.proc = subprocess.Popen(
             [warren_bin(), "--data-dir", os.path.join(self.dir, "data"),
              "--amqp-listen", f"127.0.0.1:{self.port}",
-             "--mqtt-listen", f"127.0.0.1:{self.mqtt_port}", "--stomp-listen", "off", "--http-listen", "off",
+             "--mqtt-listen", f"127.0.0.1:{self.mqtt_port}", "--stomp-listen", "off", "--http-listen", f"127.0.0.1:{self.http_port}",
              "--web-stomp-listen", "off", "--web-mqtt-listen", "off"],
             stdout=log, stderr=log, env={**os.environ, "WARREN_LOG": os.environ.get("WARREN_LOG", "info")})
         wait_port(self.port)
         wait_port(self.mqtt_port)
+        wait_port(self.http_port)
+
+    @property
+    def api_url(self):
+        return f"http://127.0.0.1:{self.http_port}"
 
     def stop(self, sig=signal.SIGTERM):
         if self.proc and self.proc.poll() is None:
@@ -99,6 +105,8 @@ class External:
     def __init__(self, url):
         self.url = url
         self.mqtt_port = int(os.environ.get("MQTT_PORT", "1883"))
+        # e.g. http://127.0.0.1:15680 for the reference RabbitMQ.
+        self.api_url = os.environ.get("HTTP_API_URL")
 
     def close(self):
         pass
@@ -130,6 +138,14 @@ def conn(broker):
 @pytest.fixture
 def ch(conn):
     return conn.channel()
+
+
+@pytest.fixture
+def api_url(broker):
+    """The management API's base URL (guest/guest)."""
+    if not broker.api_url:
+        pytest.skip("set HTTP_API_URL to test an external broker's management API")
+    return broker.api_url
 
 
 @pytest.fixture

@@ -54,6 +54,8 @@ pub struct Server {
     pub amqp_addr: Option<SocketAddr>,
     /// The bound MQTT address, if the listener is on.
     pub mqtt_addr: Option<SocketAddr>,
+    /// The bound management HTTP address, if the listener is on.
+    pub http_addr: Option<SocketAddr>,
     pub broker: Arc<Broker>,
     /// Alarm thresholds, adjustable while running.
     pub limits: Arc<resources::ResourceLimits>,
@@ -140,9 +142,47 @@ impl Server {
                 shutdown_rx.clone(),
             )));
         }
+        let mut http_addr = None;
+        if let Some(listener) = listen("management HTTP", &l.http).await? {
+            http_addr = listener.local_addr().ok();
+            let mut listeners = Vec::new();
+            for (protocol, addr) in [
+                ("amqp", amqp_addr),
+                ("mqtt", mqtt_addr),
+                ("http", http_addr),
+            ] {
+                if let Some(addr) = addr {
+                    listeners.push(warren_http::ListenerInfo {
+                        protocol: protocol.into(),
+                        addr,
+                    });
+                }
+            }
+            let probe_limits = limits.clone();
+            let probe_dir = dir.clone();
+            let http_cfg = warren_http::HttpConfig {
+                listeners,
+                resources: Some(Arc::new(move || warren_http::NodeResources {
+                    mem_used: resources::rss_bytes().unwrap_or(0),
+                    mem_limit: probe_limits
+                        .memory_bytes
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    disk_free: resources::disk_free(&probe_dir).unwrap_or(0),
+                    disk_free_limit: probe_limits
+                        .disk_free_bytes
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                })),
+                ..Default::default()
+            };
+            tasks.push(tokio::spawn(warren_http::serve(
+                listener,
+                broker.clone(),
+                http_cfg,
+                shutdown_rx.clone(),
+            )));
+        }
         for (what, addr) in [
             ("stomp", &l.stomp),
-            ("http", &l.http),
             ("web-stomp", &l.web_stomp),
             ("web-mqtt", &l.web_mqtt),
         ] {
@@ -153,6 +193,7 @@ impl Server {
         Ok(Server {
             amqp_addr,
             mqtt_addr,
+            http_addr,
             broker,
             limits,
             shutdown,

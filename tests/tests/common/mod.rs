@@ -15,6 +15,8 @@ pub struct TestBroker {
     pub url: String,
     pub addr: std::net::SocketAddr,
     pub mqtt_addr: std::net::SocketAddr,
+    /// The management HTTP API.
+    pub http_addr: std::net::SocketAddr,
 }
 
 fn config(dir: &std::path::Path) -> warren::Config {
@@ -22,9 +24,9 @@ fn config(dir: &std::path::Path) -> warren::Config {
     c.storage.data_dir = dir.to_path_buf();
     c.listeners.amqp = "127.0.0.1:0".into();
     c.listeners.mqtt = "127.0.0.1:0".into();
+    c.listeners.http = "127.0.0.1:0".into();
     for l in [
         &mut c.listeners.stomp,
-        &mut c.listeners.http,
         &mut c.listeners.web_stomp,
         &mut c.listeners.web_mqtt,
     ] {
@@ -44,7 +46,9 @@ pub async fn start_in(dir: tempfile::TempDir) -> TestBroker {
         .expect("start warren");
     let addr = server.amqp_addr.expect("amqp listener");
     let mqtt_addr = server.mqtt_addr.expect("mqtt listener");
+    let http_addr = server.http_addr.expect("http listener");
     TestBroker {
+        http_addr,
         mqtt_addr,
         url: format!("amqp://guest:guest@{addr}/%2f"),
         addr,
