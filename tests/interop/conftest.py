@@ -56,6 +56,7 @@ class Warren:
         self.stomp_port = free_port()
         self.web_stomp_port = free_port()
         self.web_mqtt_port = free_port()
+        self.http_port = free_port()
         self.proc = None
         self.start()
 
@@ -72,12 +73,13 @@ class Warren:
             [binary, "--data-dir", self.data_dir,
              "--amqp-listen", f"127.0.0.1:{self.port}",
              "--mqtt-listen", f"127.0.0.1:{self.mqtt_port}",
-             "--stomp-listen", f"127.0.0.1:{self.stomp_port}", "--http-listen", "off",
+             "--stomp-listen", f"127.0.0.1:{self.stomp_port}", "--http-listen", f"127.0.0.1:{self.http_port}",
              "--web-stomp-listen", f"127.0.0.1:{self.web_stomp_port}",
              "--web-mqtt-listen", f"127.0.0.1:{self.web_mqtt_port}"],
             stdout=log, stderr=log, env={**os.environ, "WARREN_LOG": os.environ.get("WARREN_LOG", "info")})
         log.close()
-        for p in (self.port, self.mqtt_port, self.stomp_port, self.web_stomp_port, self.web_mqtt_port):
+        for p in (self.port, self.mqtt_port, self.stomp_port, self.web_stomp_port, self.web_mqtt_port,
+                  self.http_port):
             self.wait_port(p)
 
     def wait_port(self, port, timeout=30.0):
@@ -91,6 +93,10 @@ class Warren:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"port {port} did not open:\n{self.log_tail()}")
+
+    @property
+    def api_url(self):
+        return f"http://127.0.0.1:{self.http_port}"
 
     def stop(self, sig=signal.SIGTERM):
         """Sends `sig` and waits for the process; returns its exit code (negative: killed by
@@ -133,6 +139,8 @@ class External:
         self.stomp_port = int(os.environ.get("STOMP_PORT", "61613"))
         self.web_stomp_port = int(os.environ.get("WEB_STOMP_PORT", "15674"))
         self.web_mqtt_port = int(os.environ.get("WEB_MQTT_PORT", "15675"))
+        # e.g. http://127.0.0.1:15680 for the reference RabbitMQ.
+        self.api_url = os.environ.get("HTTP_API_URL")
 
     def log_tail(self, lines=40):
         return ""
@@ -168,6 +176,14 @@ def conn(broker):
 @pytest.fixture
 def ch(conn):
     return conn.channel()
+
+
+@pytest.fixture
+def api_url(broker):
+    """The management API's base URL (guest/guest)."""
+    if not broker.api_url:
+        pytest.skip("set HTTP_API_URL to test an external broker's management API")
+    return broker.api_url
 
 
 @pytest.fixture

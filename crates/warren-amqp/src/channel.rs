@@ -10,8 +10,8 @@ use amq_protocol::protocol::{access, basic, channel, confirm, exchange, queue, t
 use bytes::{Bytes, BytesMut};
 use warren_amqp_codec as codec;
 use warren_core::{
-    ConsumerId, ConsumerSpec, Credit, Delivery, ExchangeDecl, Message, MsgSeq, Queue, QueueDecl,
-    ShortString, Target, VHost,
+    Access, ConsumerId, ConsumerSpec, Credit, Delivery, ExchangeDecl, Message, MsgSeq, Queue,
+    QueueDecl, ResourceKind, ShortString, Target, VHost,
 };
 
 use crate::connection::{truncate_short, Conn};
@@ -179,6 +179,37 @@ impl Conn {
         })
     }
 
+    /// RabbitMQ's permission check for a channel operation: a refusal is a 403 channel
+    /// error. Results for publishing are cached per connection (RabbitMQ caches per
+    /// channel) until any permission changes.
+    pub(crate) fn check_access(
+        &mut self,
+        ch: u16,
+        access: Access,
+        kind: ResourceKind,
+        name: &str,
+    ) -> Result<(), AmqpError> {
+        let cacheable = access == Access::Write && kind == ResourceKind::Exchange;
+        if cacheable {
+            let generation = self.broker.permissions_generation();
+            if generation != self.perm_generation {
+                self.perm_generation = generation;
+                self.write_allowed.clear();
+            }
+            if self.write_allowed.contains(name) {
+                return Ok(());
+            }
+        }
+        let vhost = self.vhost.as_ref().map(|v| v.name.as_str()).unwrap_or("");
+        self.broker
+            .check_permission(&self.user, vhost, access, kind, name)
+            .map_err(|e| AmqpError::from_core(e, ch, 0, 0))?;
+        if cacheable && self.write_allowed.len() < 64 {
+            self.write_allowed.insert(name.to_owned());
+        }
+        Ok(())
+    }
+
     fn write(&mut self, ch: u16, m: AMQPClass) {
         codec::encode_method(&mut self.out, ch, &m);
     }
@@ -209,6 +240,9 @@ impl Conn {
                 );
             }
             self.channels.insert(ch, Channel::new());
+            if let Some(g) = &self.registration {
+                g.channel_opened(ch);
+            }
             self.write(
                 ch,
                 AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
@@ -286,6 +320,14 @@ impl Conn {
             }
             AMQPClass::Exchange(exchange::AMQPMethod::Declare(d)) => {
                 let nowait = d.nowait;
+                if !d.passive {
+                    self.check_access(
+                        ch,
+                        Access::Configure,
+                        ResourceKind::Exchange,
+                        d.exchange.as_str(),
+                    )?;
+                }
                 vh.declare_exchange(ExchangeDecl {
                     name: d.exchange,
                     kind: d.kind.as_str().to_owned(),
@@ -307,6 +349,12 @@ impl Conn {
                 }
             }
             AMQPClass::Exchange(exchange::AMQPMethod::Delete(d)) => {
+                self.check_access(
+                    ch,
+                    Access::Configure,
+                    ResourceKind::Exchange,
+                    d.exchange.as_str(),
+                )?;
                 match vh.delete_exchange(d.exchange.as_str(), d.if_unused).await {
                     // Deleting a missing exchange succeeds, as in RabbitMQ 3.x.
                     Err(e) if e.kind == warren_core::ErrorKind::NotFound => {}
@@ -320,6 +368,13 @@ impl Conn {
                 }
             }
             AMQPClass::Exchange(exchange::AMQPMethod::Bind(b)) => {
+                self.check_access(
+                    ch,
+                    Access::Write,
+                    ResourceKind::Exchange,
+                    b.destination.as_str(),
+                )?;
+                self.check_access(ch, Access::Read, ResourceKind::Exchange, b.source.as_str())?;
                 vh.exchange(b.destination.as_str()).map_err(core)?;
                 vh.bind(
                     b.source.as_str(),
@@ -337,6 +392,13 @@ impl Conn {
                 }
             }
             AMQPClass::Exchange(exchange::AMQPMethod::Unbind(b)) => {
+                self.check_access(
+                    ch,
+                    Access::Write,
+                    ResourceKind::Exchange,
+                    b.destination.as_str(),
+                )?;
+                self.check_access(ch, Access::Read, ResourceKind::Exchange, b.source.as_str())?;
                 vh.exchange(b.destination.as_str()).map_err(core)?;
                 vh.unbind(
                     b.source.as_str(),
@@ -368,6 +430,14 @@ impl Conn {
                     }
                     return Ok(());
                 }
+                if !d.passive {
+                    // A server-named queue is checked under RabbitMQ's generated prefix.
+                    let name = match d.queue.as_str() {
+                        "" => "amq.gen-",
+                        n => n,
+                    };
+                    self.check_access(ch, Access::Configure, ResourceKind::Queue, name)?;
+                }
                 let (q, _) = vh
                     .declare_queue(
                         QueueDecl {
@@ -395,6 +465,13 @@ impl Conn {
                 }
             }
             AMQPClass::Queue(queue::AMQPMethod::Bind(b)) => {
+                self.check_access(ch, Access::Write, ResourceKind::Queue, b.queue.as_str())?;
+                self.check_access(
+                    ch,
+                    Access::Read,
+                    ResourceKind::Exchange,
+                    b.exchange.as_str(),
+                )?;
                 let q = vh.require_queue(b.queue.as_str(), self.id).map_err(core)?;
                 vh.bind(
                     b.exchange.as_str(),
@@ -412,6 +489,13 @@ impl Conn {
                 }
             }
             AMQPClass::Queue(queue::AMQPMethod::Unbind(b)) => {
+                self.check_access(ch, Access::Write, ResourceKind::Queue, b.queue.as_str())?;
+                self.check_access(
+                    ch,
+                    Access::Read,
+                    ResourceKind::Exchange,
+                    b.exchange.as_str(),
+                )?;
                 let q = vh.require_queue(b.queue.as_str(), self.id).map_err(core)?;
                 vh.unbind(
                     b.exchange.as_str(),
@@ -427,6 +511,7 @@ impl Conn {
                 );
             }
             AMQPClass::Queue(queue::AMQPMethod::Purge(p)) => {
+                self.check_access(ch, Access::Read, ResourceKind::Queue, p.queue.as_str())?;
                 let q = vh.require_queue(p.queue.as_str(), self.id).map_err(core)?;
                 let n = q.purge().await;
                 if !p.nowait {
@@ -439,6 +524,7 @@ impl Conn {
                 }
             }
             AMQPClass::Queue(queue::AMQPMethod::Delete(d)) => {
+                self.check_access(ch, Access::Configure, ResourceKind::Queue, d.queue.as_str())?;
                 let n = match vh
                     .delete_queue(d.queue.as_str(), Some(self.id), d.if_unused, d.if_empty)
                     .await
@@ -504,6 +590,7 @@ impl Conn {
                 });
             }
             AMQPClass::Basic(basic::AMQPMethod::Get(g)) => {
+                self.check_access(ch, Access::Read, ResourceKind::Queue, g.queue.as_str())?;
                 let q = vh.require_queue(g.queue.as_str(), self.id).map_err(core)?;
                 match q.get(g.no_ack).await {
                     None => self.write(
@@ -737,6 +824,7 @@ impl Conn {
             self.chan(ch).reply_queue = Some(q.clone());
             q
         } else {
+            self.check_access(ch, Access::Read, ResourceKind::Queue, c.queue.as_str())?;
             vh.require_queue(c.queue.as_str(), self.id).map_err(core)?
         };
         let priority = c
@@ -1004,6 +1092,13 @@ impl Conn {
         msg: Arc<Message>,
     ) -> Result<(Option<warren_core::Ticket>, bool), AmqpError> {
         let vh = self.vh()?;
+        self.check_access(
+            ch,
+            Access::Write,
+            ResourceKind::Exchange,
+            p.exchange.as_str(),
+        )
+        .map_err(|e| e.at(60, 40))?;
         let x = vh
             .exchange(p.exchange.as_str())
             .map_err(|e| AmqpError::from_core(e, ch, 60, 40))?;
@@ -1172,6 +1267,9 @@ impl Conn {
 
     /// Releases a channel: cancels its consumers and requeues its unacked messages.
     pub(crate) async fn drop_channel(&mut self, ch: u16) {
+        if let Some(g) = &self.registration {
+            g.channel_closed(ch);
+        }
         let Some(mut chan) = self.channels.remove(&ch) else {
             return;
         };

@@ -5,7 +5,7 @@
 //! core. Output is gathered in one `BytesMut` and written after each batch of input or
 //! deliveries (batched socket writes).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use warren_amqp_codec::{self as codec, Frame, HeaderCheck};
 use warren_core::{
-    AMQPValue, AlarmState, Broker, ConnectionId, ConsumerId, Delivery, FieldTable, LongString,
-    Outbox, OutboxEvent, ShortString, VHost,
+    AMQPValue, AlarmState, Broker, ConnectionGuard, ConnectionId, ConnectionInfo, ConsumerId,
+    Delivery, FieldTable, LongString, Outbox, OutboxEvent, ShortString, VHost,
 };
 
 use crate::channel::Channel;
@@ -46,6 +46,8 @@ enum CloseReason {
     HeartbeatTimeout,
     HandshakeTimeout,
     Shutdown,
+    /// Closed from the management API (or its vhost/user was deleted).
+    AdminClosed,
     SocketClosed,
 }
 
@@ -77,6 +79,16 @@ pub(crate) struct Conn {
     pub publisher: bool,
     phase: Phase,
     reason: CloseReason,
+    /// The broker's side of the socket (for the connection's name).
+    local: SocketAddr,
+    /// Client properties from connection.start-ok, shown by the management API.
+    client_properties: FieldTable,
+    /// In the broker's connection registry from connection.open on; dropping it unregisters.
+    pub registration: Option<ConnectionGuard>,
+    /// Exchanges this connection may publish to, valid while the broker's permission
+    /// generation equals `perm_generation`.
+    pub write_allowed: HashSet<String>,
+    pub perm_generation: u64,
 }
 
 pub(crate) async fn run(
@@ -89,7 +101,15 @@ pub(crate) async fn run(
     let (outbox, deliveries) = Outbox::new(cfg.outbox_capacity);
     let synced = broker.store().synced();
     let alarms = broker.alarms.subscribe();
+    let local = socket
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let mut conn = Conn {
+        local,
+        client_properties: FieldTable::default(),
+        registration: None,
+        write_allowed: HashSet::new(),
+        perm_generation: 0,
         alarms,
         blocked_notify: false,
         blocked_sent: false,
@@ -116,6 +136,9 @@ pub(crate) async fn run(
     let mut deliveries = deliveries;
     let result = conn.serve(socket, &mut deliveries, shutdown).await;
     conn.cleanup().await;
+    // Unregister only after cleanup, so the API never lists a connection whose consumers
+    // are gone while it is still there (or the reverse).
+    conn.registration = None;
     warren_core::return_undelivered(&mut deliveries).await;
     match result {
         Ok(()) => {
@@ -235,6 +258,16 @@ impl Conn {
                             return Ok(());
                         }
                     }
+                }
+                reason = wait_close_request(&mut self.registration), if self.phase == Phase::Open => {
+                    self.reason = CloseReason::AdminClosed;
+                    tracing::info!(conn = self.id.0, peer = %self.peer, %reason, "amqp connection closed by request");
+                    self.send_connection_close(
+                        code::CONNECTION_FORCED,
+                        &format!("CONNECTION_FORCED - {reason}"),
+                        0,
+                        0,
+                    );
                 }
                 r = shutdown.changed() => {
                     if r.is_err() || *shutdown.borrow() {
@@ -447,6 +480,7 @@ impl Conn {
                 self.cancel_notify =
                     client_capability(&s.client_properties, "consumer_cancel_notify");
                 self.blocked_notify = client_capability(&s.client_properties, "connection.blocked");
+                self.client_properties = s.client_properties.clone();
                 let mechanism = s.mechanism.as_str().to_owned();
                 let creds = match mechanism.as_str() {
                     "PLAIN" => parse_plain(s.response.as_bytes()),
@@ -517,7 +551,21 @@ impl Conn {
                 let name = o.virtual_host.as_str();
                 match self.broker.vhost(name) {
                     Some(v) => {
+                        if let Err(e) = self.broker.check_vhost_access(&self.user, name) {
+                            tracing::warn!(conn = self.id.0, peer = %self.peer, user = %self.user, vhost = name, "amqp vhost access refused");
+                            return Err(connection_error(code::NOT_ALLOWED, e.text));
+                        }
                         self.vhost = Some(v);
+                        self.registration =
+                            Some(self.broker.connections().register(ConnectionInfo {
+                                id: self.id,
+                                protocol: "AMQP 0-9-1".into(),
+                                user: self.user.clone(),
+                                vhost: name.to_owned(),
+                                peer: self.peer,
+                                local: self.local,
+                                client_properties: std::mem::take(&mut self.client_properties),
+                            }));
                         self.write_method(0, connection::AMQPMethod::OpenOk(connection::OpenOk {}));
                         self.phase = Phase::Open;
                         self.on_alarm();
@@ -634,6 +682,14 @@ impl Conn {
         if let Some(v) = &self.vhost {
             v.connection_closed(self.id).await;
         }
+    }
+}
+
+/// Resolves when the management API asks this connection to close; never if unregistered.
+async fn wait_close_request(registration: &mut Option<ConnectionGuard>) -> String {
+    match registration {
+        Some(g) => g.closed().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -10,10 +10,12 @@ use parking_lot::RwLock;
 use warren_store::{Op, Store, StoreQueueId, Ticket};
 
 use crate::auth::{self, AuthError, User};
+use crate::connections::Connections;
 use crate::error::{CoreError, CoreResult};
 use crate::exchange::{Binding, Exchange, Target};
 use crate::message::Message;
 use crate::meta::{self, BindingRecord, ExchangeRecord, QueueRecord, UserRecord, VHostRecord};
+use crate::permissions::{self, Access, CompiledPermission, PermissionRecord, ResourceKind};
 use crate::queue::QueueConfig;
 use crate::vhost::{QueueDecl, VHost};
 
@@ -44,6 +46,11 @@ pub struct Broker {
     vhosts: RwLock<HashMap<String, Arc<VHost>>>,
     users: RwLock<HashMap<String, UserRecord>>,
     next_store_id: Arc<AtomicU64>,
+    /// (vhost, user) → permission, regexes compiled.
+    permissions: RwLock<HashMap<(String, String), Arc<CompiledPermission>>>,
+    /// Bumped on every permission change, so front-ends may cache check results.
+    permissions_generation: AtomicU64,
+    connections: Arc<Connections>,
     /// Memory and disk alarms; set by the binary's resource monitor.
     pub alarms: crate::alarm::Alarms,
 }
@@ -58,6 +65,9 @@ impl Broker {
             vhosts: RwLock::new(HashMap::new()),
             users: RwLock::new(HashMap::new()),
             next_store_id: Arc::new(AtomicU64::new(1)),
+            permissions: RwLock::new(HashMap::new()),
+            permissions_generation: AtomicU64::new(0),
+            connections: Arc::new(Connections::default()),
             alarms: crate::alarm::Alarms::default(),
         });
         broker.recover()?;
@@ -91,6 +101,36 @@ impl Broker {
         for (_, v) in &vhosts {
             let r: VHostRecord = decode(v)?;
             self.add_vhost_in_memory(&r.name);
+        }
+        for (_, v) in self.store.meta_scan(meta::PERMISSION)? {
+            let r: PermissionRecord = decode(&v)?;
+            match CompiledPermission::new(r) {
+                Ok(p) => {
+                    let key = (p.record.vhost.clone(), p.record.user.clone());
+                    self.permissions.write().insert(key, Arc::new(p));
+                }
+                Err(e) => tracing::warn!(error = %e, "skipping unusable stored permission"),
+            }
+        }
+        // The default user gets ".*" on "/" on first boot, as in RabbitMQ; data dirs made
+        // before permissions existed get it once too (the marker makes a revoke stick).
+        if self
+            .store
+            .meta_scan(meta::PERMISSIONS_INITIALISED)?
+            .is_empty()
+        {
+            if self.users.read().contains_key(&self.config.default_user)
+                && self.vhost("/").is_some()
+            {
+                let p = full_permission(&self.config.default_user, "/");
+                first_boot_ops.push(meta::permission_put(&p));
+                if let Ok(c) = CompiledPermission::new(p) {
+                    self.permissions
+                        .write()
+                        .insert(("/".into(), self.config.default_user.clone()), Arc::new(c));
+                }
+            }
+            first_boot_ops.push(meta::permissions_initialised());
         }
         // Queue store ids are never reused: the counter starts above every recovered one.
         let mut max_id = 0u64;
@@ -204,27 +244,208 @@ impl Broker {
         Ok(self.add_vhost_in_memory(name))
     }
 
+    /// Deletes a vhost with everything in it: its connections are asked to close, its
+    /// queues (and their messages), exchanges, bindings and permissions go. Returns false if
+    /// there was no such vhost.
+    pub async fn delete_vhost(&self, name: &str) -> CoreResult<bool> {
+        let Some(vh) = self.vhosts.write().remove(name) else {
+            return Ok(false);
+        };
+        self.connections
+            .close_vhost(name, &format!("vhost '{name}' is deleted"));
+        for q in vh.queues() {
+            let _ = vh.delete_queue(q.name.as_str(), None, false, false).await;
+        }
+        for x in vh.exchanges() {
+            let n = x.name.as_str();
+            if !n.is_empty() && !n.starts_with("amq.") {
+                let _ = vh.delete_exchange(n, false).await;
+            }
+        }
+        let mut ops = vec![meta::vhost_delete(name)];
+        {
+            let mut perms = self.permissions.write();
+            perms.retain(|(v, u), _| {
+                if v == name {
+                    ops.push(meta::permission_delete(v, u));
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        self.bump_permissions();
+        self.persist(ops).await?;
+        Ok(true)
+    }
+
+    async fn persist(&self, ops: Vec<Op>) -> CoreResult<()> {
+        let t = self.store.submit(ops).await?;
+        self.store.wait_synced(t).await?;
+        Ok(())
+    }
+
     /// Adds or replaces a user (durably).
     pub async fn put_user(&self, name: &str, password: &str, tags: Vec<String>) -> CoreResult<()> {
-        let u = UserRecord {
+        self.put_user_record(UserRecord {
             name: name.into(),
             password_hash: auth::hash_password(password),
             hashing_algorithm: auth::SHA256_ALGORITHM.into(),
             tags,
-        };
-        let t = self.store.submit(vec![meta::user_put(&u)]).await?;
-        self.store.wait_synced(t).await?;
-        self.users.write().insert(name.into(), u);
+        })
+        .await
+    }
+
+    /// Adds or replaces a user from a stored record (a definitions import, or the API's
+    /// `password_hash`). An empty hash means the user cannot log in with a password, as in
+    /// RabbitMQ.
+    pub async fn put_user_record(&self, u: UserRecord) -> CoreResult<()> {
+        self.persist(vec![meta::user_put(&u)]).await?;
+        self.users.write().insert(u.name.clone(), u);
         Ok(())
     }
 
+    /// Deletes a user, its permissions, and asks its connections to close.
     pub async fn delete_user(&self, name: &str) -> CoreResult<bool> {
         if self.users.write().remove(name).is_none() {
             return Ok(false);
         }
-        let t = self.store.submit(vec![meta::user_delete(name)]).await?;
-        self.store.wait_synced(t).await?;
+        let mut ops = vec![meta::user_delete(name)];
+        self.permissions.write().retain(|(v, u), _| {
+            if u == name {
+                ops.push(meta::permission_delete(v, u));
+                false
+            } else {
+                true
+            }
+        });
+        self.bump_permissions();
+        self.persist(ops).await?;
+        self.connections
+            .close_user(name, &format!("user '{name}' is deleted"));
         Ok(true)
+    }
+
+    /// Every user, sorted by name.
+    pub fn users(&self) -> Vec<UserRecord> {
+        let mut v: Vec<UserRecord> = self.users.read().values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn user(&self, name: &str) -> Option<UserRecord> {
+        self.users.read().get(name).cloned()
+    }
+
+    /// The connection registry (management API, metrics; front-ends register there).
+    pub fn connections(&self) -> &Arc<Connections> {
+        &self.connections
+    }
+
+    fn bump_permissions(&self) {
+        self.permissions_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Changes whenever any permission changes: a front-end that caches check results
+    /// (per channel, as RabbitMQ does) drops its cache when this moves.
+    pub fn permissions_generation(&self) -> u64 {
+        self.permissions_generation
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Sets (durably) `user`'s permission on `vhost`. The regexes must compile (else 406
+    /// PRECONDITION_FAILED with the reason); user and vhost must exist (else 404).
+    pub async fn set_permission(&self, p: PermissionRecord) -> CoreResult<()> {
+        if self.vhost(&p.vhost).is_none() {
+            return Err(CoreError::not_found(format!("no vhost '{}'", p.vhost)));
+        }
+        if !self.users.read().contains_key(&p.user) {
+            return Err(CoreError::not_found(format!("no user '{}'", p.user)));
+        }
+        let compiled = CompiledPermission::new(p)?;
+        self.persist(vec![meta::permission_put(&compiled.record)])
+            .await?;
+        let key = (compiled.record.vhost.clone(), compiled.record.user.clone());
+        self.permissions.write().insert(key, Arc::new(compiled));
+        self.bump_permissions();
+        Ok(())
+    }
+
+    /// Removes `user`'s permission on `vhost`; false if there was none.
+    pub async fn clear_permission(&self, vhost: &str, user: &str) -> CoreResult<bool> {
+        let removed = self
+            .permissions
+            .write()
+            .remove(&(vhost.to_owned(), user.to_owned()))
+            .is_some();
+        if removed {
+            self.bump_permissions();
+            self.persist(vec![meta::permission_delete(vhost, user)])
+                .await?;
+        }
+        Ok(removed)
+    }
+
+    /// Every permission, sorted by (vhost, user).
+    pub fn permissions(&self) -> Vec<PermissionRecord> {
+        let mut v: Vec<PermissionRecord> = self
+            .permissions
+            .read()
+            .values()
+            .map(|p| p.record.clone())
+            .collect();
+        v.sort_by(|a, b| (&a.vhost, &a.user).cmp(&(&b.vhost, &b.user)));
+        v
+    }
+
+    pub fn permission(&self, vhost: &str, user: &str) -> Option<PermissionRecord> {
+        self.permissions
+            .read()
+            .get(&(vhost.to_owned(), user.to_owned()))
+            .map(|p| p.record.clone())
+    }
+
+    /// Whether `user` may open a connection to `vhost` (has any permission record there,
+    /// as RabbitMQ's `check_vhost_access`). Front-ends answer a refusal with their "not
+    /// authorised" (AMQP 530 NOT_ALLOWED, MQTT CONNACK 5 / 0x87, STOMP ERROR).
+    pub fn check_vhost_access(&self, user: &str, vhost: &str) -> CoreResult<()> {
+        if self
+            .permissions
+            .read()
+            .contains_key(&(vhost.to_owned(), user.to_owned()))
+        {
+            Ok(())
+        } else {
+            Err(CoreError::new(
+                crate::error::ErrorKind::NotAllowed,
+                format!("access to vhost '{vhost}' refused for user '{user}'"),
+            ))
+        }
+    }
+
+    /// RabbitMQ's resource check: `Ok` if `user` has `access` to the `kind` resource `name`
+    /// in `vhost`, else 403 ACCESS_REFUSED with RabbitMQ's text (`write access to exchange
+    /// 'amq.default' in vhost '/' refused for user 'u'`). The default exchange is checked
+    /// as `amq.default`. MQTT/STOMP map the error to their own answers.
+    pub fn check_permission(
+        &self,
+        user: &str,
+        vhost: &str,
+        access: Access,
+        kind: ResourceKind,
+        name: &str,
+    ) -> CoreResult<()> {
+        let allowed = self
+            .permissions
+            .read()
+            .get(&(vhost.to_owned(), user.to_owned()))
+            .is_some_and(|p| p.allows(access, permissions::resource_name(kind, name)));
+        if allowed {
+            Ok(())
+        } else {
+            Err(permissions::refused(access, kind, name, vhost, user))
+        }
     }
 
     /// Checks a login. `peer` decides whether a loopback-only user may log in.
@@ -291,6 +512,17 @@ impl Broker {
     /// batch — but keep the op for tools).
     pub fn purge_orphans_op(queue: StoreQueueId) -> Op {
         Op::DeleteQueueMessages { queue }
+    }
+}
+
+/// `".*"` for configure, write and read.
+pub fn full_permission(user: &str, vhost: &str) -> PermissionRecord {
+    PermissionRecord {
+        user: user.into(),
+        vhost: vhost.into(),
+        configure: ".*".into(),
+        write: ".*".into(),
+        read: ".*".into(),
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod alarm;
 pub mod auth;
 pub mod broker;
+pub mod connections;
 pub mod consumer;
 pub mod deadletter;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod exchange;
 pub mod ids;
 pub mod message;
 mod meta;
+pub mod permissions;
 pub mod queue;
 pub mod shutdown;
 pub mod topic;
@@ -21,14 +23,16 @@ pub mod vhost;
 
 pub use alarm::{AlarmState, Alarms};
 pub use amq_protocol_types::{AMQPValue, FieldTable, LongString, ShortString};
-pub use broker::{Broker, BrokerConfig};
+pub use broker::{full_permission, Broker, BrokerConfig};
+pub use connections::{ConnectionEntry, ConnectionGuard, ConnectionInfo, Connections};
 pub use consumer::{return_undelivered, ConsumerSpec, Credit, Delivery, Outbox, OutboxEvent};
 pub use error::{CoreError, CoreResult, ErrorKind};
 pub use exchange::{Binding, Exchange, ExchangeKind, Target};
 pub use ids::{ConnectionId, ConsumerId, MsgSeq};
 pub use message::{Message, Properties};
 pub use meta::UserRecord;
-pub use queue::{GetResult, Queue, QueueCounts};
+pub use permissions::{Access, PermissionRecord, ResourceKind};
+pub use queue::{ConsumerInfo, GetResult, Queue, QueueCounts};
 pub use vhost::{ExchangeDecl, PublishOutcome, QueueDecl, VHost};
 pub use warren_store::{Store, StoreOptions, Ticket};
 

@@ -15,6 +15,11 @@ pub(crate) const BINDING: &[u8] = b"b\0";
 pub(crate) const USER: &[u8] = b"u\0";
 /// MQTT retained messages: `r\0<vhost>\0<topic>` → the encoded message.
 pub(crate) const RETAINED: &[u8] = b"r\0";
+/// Permissions: `p\0<vhost>\0<user>` → [`PermissionRecord`](crate::permissions::PermissionRecord).
+pub(crate) const PERMISSION: &[u8] = b"p\0";
+/// Set once the default user's permission was granted, so that data dirs from before
+/// permissions existed get it exactly once (and a later revoke sticks).
+pub(crate) const PERMISSIONS_INITIALISED: &[u8] = b"m\0permissions-initialised";
 
 fn key(prefix: &[u8], parts: &[&str]) -> Vec<u8> {
     let mut k = prefix.to_vec();
@@ -181,5 +186,28 @@ pub(crate) fn user_put(u: &UserRecord) -> Op {
 pub(crate) fn user_delete(name: &str) -> Op {
     Op::DeleteMeta {
         key: key(USER, &[name]),
+    }
+}
+
+pub(crate) fn vhost_delete(name: &str) -> Op {
+    Op::DeleteMeta {
+        key: key(VHOST, &[name]),
+    }
+}
+
+pub(crate) fn permission_put(p: &crate::permissions::PermissionRecord) -> Op {
+    put(key(PERMISSION, &[&p.vhost, &p.user]), p)
+}
+
+pub(crate) fn permission_delete(vhost: &str, user: &str) -> Op {
+    Op::DeleteMeta {
+        key: key(PERMISSION, &[vhost, user]),
+    }
+}
+
+pub(crate) fn permissions_initialised() -> Op {
+    Op::PutMeta {
+        key: PERMISSIONS_INITIALISED.to_vec(),
+        value: b"1".to_vec(),
     }
 }

@@ -226,6 +226,20 @@ pub struct QueueStats {
     pub redelivered: u64,
 }
 
+/// A consumer as the management API lists it.
+#[derive(Debug, Clone)]
+pub struct ConsumerInfo {
+    pub tag: Arc<str>,
+    pub owner: ConnectionId,
+    /// The front-end's token: the AMQP channel number.
+    pub channel: u64,
+    pub no_ack: bool,
+    pub exclusive: bool,
+    pub prefetch: u32,
+    pub priority: i32,
+    pub unacked: u32,
+}
+
 /// A point-in-time view of a queue's counts.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueCounts {
@@ -346,6 +360,24 @@ impl Queue {
             ready_bytes: s.ready_bytes,
             stats: s.stats,
         }
+    }
+
+    /// The consumers attached now, for the management API.
+    pub fn consumers_info(&self) -> Vec<ConsumerInfo> {
+        let s = self.state.lock();
+        s.consumers
+            .iter()
+            .map(|c| ConsumerInfo {
+                tag: c.spec.tag.clone(),
+                owner: c.spec.owner,
+                channel: c.spec.token,
+                no_ack: c.spec.no_ack,
+                exclusive: c.spec.exclusive,
+                prefetch: c.spec.prefetch,
+                priority: c.spec.priority,
+                unacked: c.unacked,
+            })
+            .collect()
     }
 
     pub fn message_count(&self) -> u32 {

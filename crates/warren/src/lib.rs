@@ -61,6 +61,8 @@ pub struct Server {
     pub web_stomp_addr: Option<SocketAddr>,
     /// The bound Web-MQTT address (path `/ws`), if the listener is on.
     pub web_mqtt_addr: Option<SocketAddr>,
+    /// The bound management HTTP address, if the listener is on.
+    pub http_addr: Option<SocketAddr>,
     pub broker: Arc<Broker>,
     /// Alarm thresholds, adjustable while running.
     pub limits: Arc<resources::ResourceLimits>,
@@ -200,8 +202,47 @@ impl Server {
                 shutdown_rx.clone(),
             )));
         }
-        if !is_off(&l.http) {
-            tracing::warn!(addr = %l.http, "management HTTP API not available in this build yet; listener not started");
+        let mut http_addr = None;
+        if let Some(listener) = listen("management HTTP", &l.http).await? {
+            http_addr = listener.local_addr().ok();
+            let mut listeners = Vec::new();
+            for (protocol, addr) in [
+                ("amqp", amqp_addr),
+                ("mqtt", mqtt_addr),
+                ("stomp", stomp_addr),
+                ("http", http_addr),
+                ("http/web-stomp", web_stomp_addr),
+                ("http/web-mqtt", web_mqtt_addr),
+            ] {
+                if let Some(addr) = addr {
+                    listeners.push(warren_http::ListenerInfo {
+                        protocol: protocol.into(),
+                        addr,
+                    });
+                }
+            }
+            let probe_limits = limits.clone();
+            let probe_dir = dir.clone();
+            let http_cfg = warren_http::HttpConfig {
+                listeners,
+                resources: Some(Arc::new(move || warren_http::NodeResources {
+                    mem_used: resources::rss_bytes().unwrap_or(0),
+                    mem_limit: probe_limits
+                        .memory_bytes
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    disk_free: resources::disk_free(&probe_dir).unwrap_or(0),
+                    disk_free_limit: probe_limits
+                        .disk_free_bytes
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                })),
+                ..Default::default()
+            };
+            tasks.push(tokio::spawn(warren_http::serve(
+                listener,
+                broker.clone(),
+                http_cfg,
+                shutdown_rx.clone(),
+            )));
         }
         Ok(Server {
             amqp_addr,
@@ -209,6 +250,7 @@ impl Server {
             stomp_addr,
             web_stomp_addr,
             web_mqtt_addr,
+            http_addr,
             broker,
             limits,
             shutdown,

@@ -98,7 +98,7 @@ fn total_memory() -> Option<u64> {
 }
 
 /// Bytes available to unprivileged users on the filesystem holding `path`.
-fn disk_free(path: &std::path::Path) -> Option<u64> {
+pub fn disk_free(path: &std::path::Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };

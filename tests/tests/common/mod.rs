@@ -20,6 +20,8 @@ pub struct TestBroker {
     pub stomp_addr: std::net::SocketAddr,
     pub web_stomp_addr: std::net::SocketAddr,
     pub web_mqtt_addr: std::net::SocketAddr,
+    /// The management HTTP API.
+    pub http_addr: std::net::SocketAddr,
 }
 
 fn config(dir: &std::path::Path) -> warren::Config {
@@ -31,7 +33,7 @@ fn config(dir: &std::path::Path) -> warren::Config {
     c.listeners.web_stomp = "127.0.0.1:0".into();
     c.listeners.web_mqtt = "127.0.0.1:0".into();
     c.stomp.incomplete_frame_timeout_ms = 1000;
-    c.listeners.http = "off".into();
+    c.listeners.http = "127.0.0.1:0".into();
     c
 }
 
@@ -49,7 +51,9 @@ pub async fn start_in(dir: tempfile::TempDir) -> TestBroker {
     let stomp_addr = server.stomp_addr.expect("stomp listener");
     let web_stomp_addr = server.web_stomp_addr.expect("web-stomp listener");
     let web_mqtt_addr = server.web_mqtt_addr.expect("web-mqtt listener");
+    let http_addr = server.http_addr.expect("http listener");
     TestBroker {
+        http_addr,
         web_mqtt_addr,
         web_stomp_addr,
         mqtt_addr,

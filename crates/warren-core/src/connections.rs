@@ -1,0 +1,253 @@
+//! The broker's registry of client connections, for the management API (list, close) and
+//! metrics. Every front-end registers its connections here once the client is
+//! authenticated and has chosen its vhost.
+//!
+//! # How a front-end uses it
+//! ```ignore
+//! let mut guard = broker.connections().register(ConnectionInfo {
+//!     id: conn_id,
+//!     protocol: "MQTT 3.1.1".into(),
+//!     user: user.clone(),
+//!     vhost: "/".into(),
+//!     peer,
+//!     local,
+//!     client_properties: FieldTable::default(),
+//! });
+//! loop {
+//!     tokio::select! {
+//!         reason = guard.closed() => { /* send the protocol's close (or just drop), then return */ }
+//!         // ... the session's own events ...
+//!     }
+//! }
+//! // Dropping the guard unregisters the connection.
+//! ```
+//! `guard.channel_opened(n)` / `guard.channel_closed(n)` keep the channel list of protocols
+//! that have channels (AMQP); MQTT and STOMP sessions may call `channel_opened(1)` once so
+//! that the API shows one channel, as RabbitMQ does for them.
+//!
+//! # Invariants
+//! - An entry is in the registry exactly as long as its [`ConnectionGuard`] lives.
+//! - The registry lock is a `parking_lot` lock held only to insert, remove or clone the
+//!   entry list, never across an `.await`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use amq_protocol_types::FieldTable;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::watch;
+
+use crate::ids::ConnectionId;
+
+/// What a front-end tells the registry about a new connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub id: ConnectionId,
+    /// As RabbitMQ shows it: `"AMQP 0-9-1"`, `"MQTT 3.1.1"`, `"MQTT 5.0"`, `"STOMP 1.2"`.
+    pub protocol: String,
+    pub user: String,
+    pub vhost: String,
+    pub peer: SocketAddr,
+    /// The broker's side of the socket.
+    pub local: SocketAddr,
+    /// AMQP client properties (empty for other protocols).
+    pub client_properties: FieldTable,
+}
+
+/// One registered connection.
+#[derive(Debug)]
+pub struct ConnectionEntry {
+    pub info: ConnectionInfo,
+    /// RabbitMQ's connection name: `"127.0.0.1:53412 -> 127.0.0.1:5672"`.
+    pub name: String,
+    /// Milliseconds since the Unix epoch.
+    pub connected_at: u64,
+    channels: Mutex<BTreeSet<u16>>,
+    /// Bytes received/sent, if the front-end reports them.
+    pub recv_oct: AtomicU64,
+    pub send_oct: AtomicU64,
+    close: watch::Sender<Option<String>>,
+}
+
+impl ConnectionEntry {
+    /// Open channel numbers, ascending.
+    pub fn channels(&self) -> Vec<u16> {
+        self.channels.lock().iter().copied().collect()
+    }
+
+    /// Asks the front-end to close the connection with `reason` (RabbitMQ's
+    /// `CONNECTION_FORCED - <reason>` for AMQP).
+    pub fn request_close(&self, reason: &str) {
+        self.close.send_replace(Some(reason.to_owned()));
+    }
+}
+
+/// The registry; one per broker.
+#[derive(Debug, Default)]
+pub struct Connections {
+    entries: RwLock<HashMap<ConnectionId, Arc<ConnectionEntry>>>,
+    opened_total: AtomicU64,
+    closed_total: AtomicU64,
+}
+
+impl Connections {
+    /// Registers a connection; it stays listed until the returned guard is dropped.
+    pub fn register(self: &Arc<Self>, info: ConnectionInfo) -> ConnectionGuard {
+        let (tx, rx) = watch::channel(None);
+        let entry = Arc::new(ConnectionEntry {
+            name: format!("{} -> {}", info.peer, info.local),
+            connected_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            channels: Mutex::new(BTreeSet::new()),
+            recv_oct: AtomicU64::new(0),
+            send_oct: AtomicU64::new(0),
+            close: tx,
+            info,
+        });
+        self.entries.write().insert(entry.info.id, entry.clone());
+        self.opened_total.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard {
+            entry,
+            registry: self.clone(),
+            close_rx: rx,
+        }
+    }
+
+    /// Every registered connection (a snapshot).
+    pub fn list(&self) -> Vec<Arc<ConnectionEntry>> {
+        self.entries.read().values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The connection called `name` (RabbitMQ's connection name), if registered.
+    pub fn by_name(&self, name: &str) -> Option<Arc<ConnectionEntry>> {
+        self.entries
+            .read()
+            .values()
+            .find(|e| e.name == name)
+            .cloned()
+    }
+
+    pub fn get(&self, id: ConnectionId) -> Option<Arc<ConnectionEntry>> {
+        self.entries.read().get(&id).cloned()
+    }
+
+    /// Asks every connection to `vhost` to close (the vhost is being deleted).
+    pub fn close_vhost(&self, vhost: &str, reason: &str) {
+        for e in self.list() {
+            if e.info.vhost == vhost {
+                e.request_close(reason);
+            }
+        }
+    }
+
+    /// Asks every connection of `user` to close (the user was deleted).
+    pub fn close_user(&self, user: &str, reason: &str) {
+        for e in self.list() {
+            if e.info.user == user {
+                e.request_close(reason);
+            }
+        }
+    }
+
+    /// Connections opened and closed since start (Prometheus counters).
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.opened_total.load(Ordering::Relaxed),
+            self.closed_total.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Keeps a connection registered; unregisters it on drop.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    entry: Arc<ConnectionEntry>,
+    registry: Arc<Connections>,
+    close_rx: watch::Receiver<Option<String>>,
+}
+
+impl ConnectionGuard {
+    pub fn entry(&self) -> &Arc<ConnectionEntry> {
+        &self.entry
+    }
+
+    /// Resolves when the management API (or a vhost/user deletion) asks this connection to
+    /// close; yields the reason. Cancel-safe: use it in `select!`. Never resolves otherwise.
+    pub async fn closed(&mut self) -> String {
+        loop {
+            if let Some(r) = self.close_rx.borrow_and_update().clone() {
+                return r;
+            }
+            if self.close_rx.changed().await.is_err() {
+                // The sender lives in the entry we hold: cannot happen; wait forever.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    pub fn channel_opened(&self, n: u16) {
+        self.entry.channels.lock().insert(n);
+    }
+
+    pub fn channel_closed(&self, n: u16) {
+        self.entry.channels.lock().remove(&n);
+    }
+
+    /// Adds to the byte counters shown by the API.
+    pub fn add_octets(&self, recv: u64, send: u64) {
+        self.entry.recv_oct.fetch_add(recv, Ordering::Relaxed);
+        self.entry.send_oct.fetch_add(send, Ordering::Relaxed);
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.registry.entries.write().remove(&self.entry.info.id);
+        self.registry.closed_total.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: u64) -> ConnectionInfo {
+        ConnectionInfo {
+            id: ConnectionId(id),
+            protocol: "AMQP 0-9-1".into(),
+            user: "guest".into(),
+            vhost: "/".into(),
+            peer: "127.0.0.1:50000".parse().expect("addr"),
+            local: "127.0.0.1:5672".parse().expect("addr"),
+            client_properties: FieldTable::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn register_close_and_drop() {
+        let reg = Arc::new(Connections::default());
+        let mut g = reg.register(info(1));
+        assert_eq!(reg.len(), 1);
+        let e = reg
+            .by_name("127.0.0.1:50000 -> 127.0.0.1:5672")
+            .expect("listed");
+        e.request_close("bye");
+        assert_eq!(g.closed().await, "bye");
+        drop(g);
+        assert!(reg.is_empty());
+        assert_eq!(reg.totals(), (1, 1));
+    }
+}

@@ -1,0 +1,1565 @@
+//! The `/api` handlers, path by path as RabbitMQ's management plugin has them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use warren_core::{
+    Access, Binding, ConnectionEntry, Exchange, ExchangeDecl, FieldTable, Message, MsgSeq, Queue,
+    QueueDecl, ResourceKind, ShortString, Target, UserRecord, VHost,
+};
+
+use crate::auth::Caller;
+use crate::convert::{
+    decode_payload, encode_payload, json_to_properties, json_to_table, properties_to_json,
+    table_to_json,
+};
+use crate::error::{ApiError, ApiResult};
+use crate::listing::ListParams;
+use crate::stats::Rates;
+use crate::{definitions, AppState, RABBITMQ_COMPAT_VERSION};
+
+type Q = Query<HashMap<String, String>>;
+type St = State<AppState>;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/overview", get(overview))
+        .route("/api/whoami", get(whoami))
+        .route(
+            "/api/extensions",
+            get(|_: Caller| async { Json(json!([])) }),
+        )
+        .route("/api/nodes", get(nodes))
+        .route("/api/nodes/{node}", get(node))
+        .route("/api/vhosts", get(vhosts))
+        .route(
+            "/api/vhosts/{vhost}",
+            get(vhost_get).put(vhost_put).delete(vhost_delete),
+        )
+        .route("/api/vhosts/{vhost}/permissions", get(vhost_permissions))
+        .route("/api/vhosts/{vhost}/connections", get(vhost_connections))
+        .route("/api/vhosts/{vhost}/channels", get(vhost_channels))
+        .route("/api/users", get(users))
+        .route(
+            "/api/users/{user}",
+            get(user_get).put(user_put).delete(user_delete),
+        )
+        .route("/api/users/{user}/permissions", get(user_permissions))
+        .route("/api/permissions", get(permissions))
+        .route(
+            "/api/permissions/{vhost}/{user}",
+            get(permission_get)
+                .put(permission_put)
+                .delete(permission_delete),
+        )
+        .route("/api/connections", get(connections))
+        .route(
+            "/api/connections/{name}",
+            get(connection_get).delete(connection_delete),
+        )
+        .route("/api/connections/{name}/channels", get(connection_channels))
+        .route("/api/channels", get(channels))
+        .route("/api/consumers", get(consumers))
+        .route("/api/consumers/{vhost}", get(consumers_in))
+        .route("/api/exchanges", get(exchanges))
+        .route("/api/exchanges/{vhost}", get(exchanges_in))
+        .route(
+            "/api/exchanges/{vhost}/{name}",
+            get(exchange_get).put(exchange_put).delete(exchange_delete),
+        )
+        .route(
+            "/api/exchanges/{vhost}/{name}/publish",
+            post(exchange_publish),
+        )
+        .route(
+            "/api/exchanges/{vhost}/{name}/bindings/source",
+            get(exchange_bindings_source),
+        )
+        .route(
+            "/api/exchanges/{vhost}/{name}/bindings/destination",
+            get(exchange_bindings_destination),
+        )
+        .route("/api/queues", get(queues))
+        .route("/api/queues/{vhost}", get(queues_in))
+        .route(
+            "/api/queues/{vhost}/{name}",
+            get(queue_get).put(queue_put).delete(queue_delete),
+        )
+        .route(
+            "/api/queues/{vhost}/{name}/contents",
+            axum::routing::delete(queue_purge),
+        )
+        .route("/api/queues/{vhost}/{name}/get", post(queue_get_messages))
+        .route("/api/queues/{vhost}/{name}/bindings", get(queue_bindings))
+        .route("/api/bindings", get(bindings))
+        .route("/api/bindings/{vhost}", get(bindings_in))
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{dtype}/{dest}",
+            get(bindings_between).post(binding_create),
+        )
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{dtype}/{dest}/{props}",
+            get(binding_get).delete(binding_delete),
+        )
+        .route(
+            "/api/definitions",
+            get(definitions::export_all).post(definitions::import_all),
+        )
+        .route(
+            "/api/definitions/{vhost}",
+            get(definitions::export_vhost).post(definitions::import_vhost),
+        )
+        .route("/api/health/checks/alarms", get(health_alarms))
+        .route("/api/health/checks/local-alarms", get(health_alarms))
+        .route("/api/health/checks/virtual-hosts", get(health_ok))
+        .route("/api/health/checks/node-is-quorum-critical", get(health_ok))
+        .route(
+            "/api/health/checks/node-is-mirror-sync-critical",
+            get(health_ok),
+        )
+        .route("/api/aliveness-test/{vhost}", get(aliveness))
+        .fallback(|| async { ApiError::ObjectNotFound })
+}
+
+// ---------------------------------------------------------------- helpers
+
+/// A request body as JSON; an empty body is `{}` (RabbitMQ accepts a bodiless PUT).
+pub(crate) fn body_json(b: &Bytes) -> ApiResult<Value> {
+    if b.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    let v: Value =
+        serde_json::from_slice(b).map_err(|e| ApiError::BadRequest(format!("bad JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::BadRequest(
+            "the body must be a JSON object".into(),
+        ));
+    }
+    Ok(v)
+}
+
+fn bool_field(v: &Value, k: &str, default: bool) -> ApiResult<bool> {
+    match v.get(k) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(Value::String(s)) if s == "true" => Ok(true),
+        Some(Value::String(s)) if s == "false" => Ok(false),
+        Some(_) => Err(ApiError::BadRequest(format!("{k} must be a boolean"))),
+    }
+}
+
+fn str_field<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
+    v.get(k).and_then(Value::as_str)
+}
+
+fn details(rate: f64) -> Value {
+    json!({ "rate": (rate * 10.0).round() / 10.0 })
+}
+
+fn created(was_new: bool) -> Response {
+    if was_new {
+        StatusCode::CREATED.into_response()
+    } else {
+        StatusCode::NO_CONTENT.into_response()
+    }
+}
+
+fn no_content() -> Response {
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// The default exchange appears in paths as `amq.default`.
+fn exchange_path_name(name: &str) -> &str {
+    if name == "amq.default" {
+        ""
+    } else {
+        name
+    }
+}
+
+fn list(params: &Q, items: Vec<Value>) -> ApiResult<Json<Value>> {
+    Ok(Json(ListParams::parse(&params.0)?.apply(items)?))
+}
+
+fn q_flag(params: &Q, k: &str) -> bool {
+    params.0.get(k).is_some_and(|v| v == "true")
+}
+
+// ---------------------------------------------------------------- rendering
+
+pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
+    let c = q.counts();
+    let r: Rates = s.sampler.queue_rates(q.store_id.0);
+    let messages = c.ready as u64 + c.unacked as u64;
+    json!({
+        "name": q.name.as_str(),
+        "vhost": vhost,
+        "durable": q.durable,
+        "auto_delete": q.auto_delete,
+        "exclusive": q.exclusive_owner.is_some(),
+        "arguments": table_to_json(&q.arguments),
+        "node": s.cfg.node_name,
+        "state": "running",
+        "type": "classic",
+        "policy": null,
+        "exclusive_consumer_tag": null,
+        "consumers": c.consumers,
+        "messages": messages,
+        "messages_details": details(r.messages),
+        "messages_ready": c.ready,
+        "messages_ready_details": details(r.ready),
+        "messages_unacknowledged": c.unacked,
+        "messages_unacknowledged_details": details(r.unacked),
+        "message_bytes_ready": c.ready_bytes,
+        "message_stats": {
+            "publish": c.stats.published,
+            "publish_details": details(r.publish),
+            "deliver_get": c.stats.delivered,
+            "deliver_get_details": details(r.deliver_get),
+            "ack": c.stats.acked,
+            "ack_details": details(r.ack),
+            "redeliver": c.stats.redelivered,
+            "redeliver_details": details(r.redeliver),
+        },
+    })
+}
+
+fn exchange_json(vhost: &str, x: &Exchange) -> Value {
+    json!({
+        "name": x.name.as_str(),
+        "vhost": vhost,
+        "type": x.kind.as_str(),
+        "durable": x.durable,
+        "auto_delete": x.auto_delete,
+        "internal": x.internal,
+        "arguments": table_to_json(&x.arguments),
+        "user_who_performed_action": "rmq-internal",
+    })
+}
+
+/// RabbitMQ's `properties_key`: the quoted routing key, `~` and an arguments digest when
+/// there are arguments; `~` alone for an empty key without arguments.
+pub(crate) fn props_key(routing_key: &str, args: &FieldTable) -> String {
+    // RabbitMQ's quote_plus (space as '+'), then '~' quoted: it separates the parts.
+    let quote = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, QUOTE_SET)
+            .to_string()
+            .replace("%20", "+")
+    };
+    if args.inner().is_empty() {
+        if routing_key.is_empty() {
+            "~".into()
+        } else {
+            quote(routing_key)
+        }
+    } else {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        serde_json::to_string(&table_to_json(args))
+            .unwrap_or_default()
+            .hash(&mut h);
+        format!("{}~{:016x}", quote(routing_key), h.finish())
+    }
+}
+
+/// Characters kept by RabbitMQ's `quote_plus` and by the `Location` of a new binding,
+/// except `~`, which separates a properties key's parts.
+const QUOTE_SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.');
+
+pub(crate) fn binding_json(vhost: &str, source: &str, b: &Binding) -> Value {
+    json!({
+        "source": source,
+        "vhost": vhost,
+        "destination": b.target.name(),
+        "destination_type": if b.target.is_queue() { "queue" } else { "exchange" },
+        "routing_key": b.routing_key.as_str(),
+        "arguments": table_to_json(&b.arguments),
+        "properties_key": props_key(b.routing_key.as_str(), &b.arguments),
+    })
+}
+
+/// The implicit binding of the default exchange to a queue, as RabbitMQ lists it.
+fn default_binding_json(vhost: &str, q: &str) -> Value {
+    json!({
+        "source": "",
+        "vhost": vhost,
+        "destination": q,
+        "destination_type": "queue",
+        "routing_key": q,
+        "arguments": {},
+        "properties_key": props_key(q, &FieldTable::default()),
+    })
+}
+
+/// Every binding of a vhost, the implicit default-exchange ones first (as RabbitMQ).
+fn vhost_bindings(vh: &VHost) -> Vec<Value> {
+    let mut queues: Vec<String> = vh
+        .queues()
+        .iter()
+        .map(|q| q.name.as_str().to_owned())
+        .collect();
+    queues.sort();
+    let mut out: Vec<Value> = queues
+        .iter()
+        .map(|q| default_binding_json(&vh.name, q))
+        .collect();
+    let mut explicit: Vec<(ShortString, Binding)> = vh.bindings();
+    explicit.sort_by(|a, b| {
+        (a.0.as_str(), a.1.target.name(), a.1.routing_key.as_str()).cmp(&(
+            b.0.as_str(),
+            b.1.target.name(),
+            b.1.routing_key.as_str(),
+        ))
+    });
+    out.extend(
+        explicit
+            .iter()
+            .map(|(s, b)| binding_json(&vh.name, s.as_str(), b)),
+    );
+    out
+}
+
+fn user_json(u: &UserRecord) -> Value {
+    json!({
+        "name": u.name,
+        "password_hash": u.password_hash,
+        "hashing_algorithm": u.hashing_algorithm,
+        "tags": u.tags,
+        "limits": {},
+    })
+}
+
+fn permission_json(p: &warren_core::PermissionRecord) -> Value {
+    json!({
+        "user": p.user,
+        "vhost": p.vhost,
+        "configure": p.configure,
+        "write": p.write,
+        "read": p.read,
+    })
+}
+
+fn connection_json(s: &AppState, e: &ConnectionEntry) -> Value {
+    let i = &e.info;
+    let mut client = table_to_json(&i.client_properties);
+    if client.as_object().is_some_and(|m| m.is_empty()) {
+        client = json!({});
+    }
+    json!({
+        "name": e.name,
+        "node": s.cfg.node_name,
+        "vhost": i.vhost,
+        "user": i.user,
+        "user_who_performed_action": i.user,
+        "protocol": i.protocol,
+        "host": i.local.ip().to_string(),
+        "port": i.local.port(),
+        "peer_host": i.peer.ip().to_string(),
+        "peer_port": i.peer.port(),
+        "state": "running",
+        "type": "network",
+        "ssl": false,
+        "auth_mechanism": "PLAIN",
+        "channels": e.channels().len(),
+        "connected_at": e.connected_at,
+        "client_properties": client,
+        "recv_oct": e.recv_oct.load(std::sync::atomic::Ordering::Relaxed),
+        "send_oct": e.send_oct.load(std::sync::atomic::Ordering::Relaxed),
+    })
+}
+
+/// Consumers of every visible queue: (vhost, queue, consumer).
+fn all_consumers(
+    s: &AppState,
+    caller: &Caller,
+    only_vhost: Option<&str>,
+) -> Vec<(String, Arc<Queue>, warren_core::ConsumerInfo)> {
+    let mut out = Vec::new();
+    for vh in caller.visible_vhosts(&s.broker) {
+        if only_vhost.is_some_and(|v| v != vh.name) {
+            continue;
+        }
+        for q in vh.queues() {
+            for c in q.consumers_info() {
+                out.push((vh.name.clone(), q.clone(), c));
+            }
+        }
+    }
+    out
+}
+
+fn channel_name(conn: &ConnectionEntry, n: u16) -> String {
+    format!("{} ({n})", conn.name)
+}
+
+fn channels_json(s: &AppState, caller: &Caller, only_vhost: Option<&str>) -> Vec<Value> {
+    let consumers = all_consumers(s, caller, only_vhost);
+    let mut out = Vec::new();
+    let mut conns = visible_connections(s, caller);
+    conns.sort_by(|a, b| a.name.cmp(&b.name));
+    for e in conns {
+        if only_vhost.is_some_and(|v| v != e.info.vhost) {
+            continue;
+        }
+        out.extend(connection_channels_json(s, &e, &consumers));
+    }
+    out
+}
+
+fn connection_channels_json(
+    s: &AppState,
+    e: &ConnectionEntry,
+    consumers: &[(String, Arc<Queue>, warren_core::ConsumerInfo)],
+) -> Vec<Value> {
+    e.channels()
+        .into_iter()
+        .map(|n| {
+            let mine = consumers
+                .iter()
+                .filter(|(_, _, c)| c.owner == e.info.id && c.channel == n as u64);
+            let (count, unacked) =
+                mine.fold((0u32, 0u32), |(k, u), (_, _, c)| (k + 1, u + c.unacked));
+            json!({
+                "name": channel_name(e, n),
+                "number": n,
+                "node": s.cfg.node_name,
+                "vhost": e.info.vhost,
+                "user": e.info.user,
+                "state": "running",
+                "consumer_count": count,
+                "messages_unacknowledged": unacked,
+                "prefetch_count": 0,
+                "confirm": false,
+                "transactional": false,
+                "connection_details": {
+                    "name": e.name,
+                    "peer_host": e.info.peer.ip().to_string(),
+                    "peer_port": e.info.peer.port(),
+                },
+            })
+        })
+        .collect()
+}
+
+fn consumer_json(s: &AppState, vhost: &str, q: &Queue, c: &warren_core::ConsumerInfo) -> Value {
+    let conn = s.broker.connections().get(c.owner);
+    let channel_details = match &conn {
+        Some(e) => json!({
+            "name": channel_name(e, c.channel as u16),
+            "number": c.channel,
+            "connection_name": e.name,
+            "peer_host": e.info.peer.ip().to_string(),
+            "peer_port": e.info.peer.port(),
+            "user": e.info.user,
+            "node": s.cfg.node_name,
+        }),
+        None => json!({}),
+    };
+    json!({
+        "consumer_tag": &*c.tag,
+        "queue": { "name": q.name.as_str(), "vhost": vhost },
+        "channel_details": channel_details,
+        "ack_required": !c.no_ack,
+        "exclusive": c.exclusive,
+        "prefetch_count": c.prefetch,
+        "priority": c.priority,
+        "active": true,
+        "activity_status": "up",
+        "arguments": {},
+    })
+}
+
+fn visible_connections(s: &AppState, caller: &Caller) -> Vec<Arc<ConnectionEntry>> {
+    s.broker
+        .connections()
+        .list()
+        .into_iter()
+        .filter(|e| caller.is_monitor() || e.info.user == caller.name)
+        .collect()
+}
+
+// ---------------------------------------------------------------- overview, nodes
+
+async fn overview(State(s): St, caller: Caller) -> ApiResult<Json<Value>> {
+    let (totals, rates) = s.sampler.global(&s.broker);
+    let vhosts = caller.visible_vhosts(&s.broker);
+    let (mut queues, mut exchanges, mut consumers) = (0usize, 0usize, 0u64);
+    for vh in &vhosts {
+        let qs = vh.queues();
+        queues += qs.len();
+        consumers += qs.iter().map(|q| q.consumer_count() as u64).sum::<u64>();
+        exchanges += vh.exchanges().len();
+    }
+    let conns = visible_connections(&s, &caller);
+    let channels: usize = conns.iter().map(|c| c.channels().len()).sum();
+    let listeners: Vec<Value> = s
+        .cfg
+        .listeners
+        .iter()
+        .map(|l| {
+            json!({
+                "node": s.cfg.node_name,
+                "protocol": l.protocol,
+                "ip_address": l.addr.ip().to_string(),
+                "port": l.addr.port(),
+                "socket_opts": {},
+            })
+        })
+        .collect();
+    let http_port = s
+        .cfg
+        .listeners
+        .iter()
+        .find(|l| l.protocol == "http")
+        .map(|l| l.addr.port().to_string())
+        .unwrap_or_default();
+    let exchange_types: Vec<Value> = ["direct", "fanout", "topic", "headers"]
+        .iter()
+        .map(|t| json!({"name": t, "description": format!("AMQP {t} exchange"), "enabled": true}))
+        .collect();
+    Ok(Json(json!({
+        "management_version": RABBITMQ_COMPAT_VERSION,
+        "rabbitmq_version": RABBITMQ_COMPAT_VERSION,
+        "product_name": "Warren",
+        "product_version": env!("CARGO_PKG_VERSION"),
+        "erlang_version": "none (Rust)",
+        "erlang_full_version": "none (Rust)",
+        "cluster_name": s.cfg.node_name,
+        "node": s.cfg.node_name,
+        "rates_mode": "basic",
+        "disable_stats": false,
+        "enable_queue_totals": true,
+        "is_op_policy_updating_enabled": false,
+        "exchange_types": exchange_types,
+        "message_stats": {
+            "publish": totals.publish,
+            "publish_details": details(rates.publish),
+            "deliver_get": totals.deliver_get,
+            "deliver_get_details": details(rates.deliver_get),
+            "ack": totals.ack,
+            "ack_details": details(rates.ack),
+            "redeliver": totals.redeliver,
+            "redeliver_details": details(rates.redeliver),
+        },
+        "queue_totals": {
+            "messages": totals.ready + totals.unacked,
+            "messages_details": details(rates.messages),
+            "messages_ready": totals.ready,
+            "messages_ready_details": details(rates.ready),
+            "messages_unacknowledged": totals.unacked,
+            "messages_unacknowledged_details": details(rates.unacked),
+        },
+        "object_totals": {
+            "connections": conns.len(),
+            "channels": channels,
+            "consumers": consumers,
+            "exchanges": exchanges,
+            "queues": queues,
+        },
+        "churn_rates": {},
+        "statistics_db_event_queue": 0,
+        "listeners": listeners,
+        "contexts": [{"node": s.cfg.node_name, "description": "RabbitMQ Management", "path": "/", "port": http_port}],
+    })))
+}
+
+async fn whoami(caller: Caller) -> Json<Value> {
+    Json(json!({"name": caller.name, "tags": caller.tags}))
+}
+
+fn node_json(s: &AppState) -> Value {
+    let r = s.resources();
+    let alarms = s.broker.alarms.get();
+    json!({
+        "name": s.cfg.node_name,
+        "type": "disc",
+        "running": true,
+        "being_drained": false,
+        "mem_used": r.mem_used,
+        "mem_limit": r.mem_limit,
+        "mem_alarm": alarms.memory,
+        "disk_free": r.disk_free,
+        "disk_free_limit": r.disk_free_limit,
+        "disk_free_alarm": alarms.disk,
+        "uptime": s.started.elapsed().as_millis() as u64,
+        "processors": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "os_pid": std::process::id().to_string(),
+        "partitions": [],
+        "applications": [{"name": "warren", "description": "Warren message broker", "version": env!("CARGO_PKG_VERSION")}],
+        "rates_mode": "basic",
+    })
+}
+
+async fn nodes(State(s): St, caller: Caller) -> ApiResult<Json<Value>> {
+    caller.require_monitor()?;
+    Ok(Json(json!([node_json(&s)])))
+}
+
+async fn node(State(s): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    caller.require_monitor()?;
+    if name != s.cfg.node_name {
+        return Err(ApiError::ObjectNotFound);
+    }
+    Ok(Json(node_json(&s)))
+}
+
+// ---------------------------------------------------------------- vhosts
+
+fn vhost_json(vh: &VHost) -> Value {
+    let (mut ready, mut unacked) = (0u64, 0u64);
+    for q in vh.queues() {
+        let c = q.counts();
+        ready += c.ready as u64;
+        unacked += c.unacked as u64;
+    }
+    json!({
+        "name": vh.name,
+        "description": "",
+        "tags": [],
+        "metadata": {"description": "", "tags": []},
+        "default_queue_type": "classic",
+        "tracing": false,
+        "messages": ready + unacked,
+        "messages_ready": ready,
+        "messages_unacknowledged": unacked,
+    })
+}
+
+async fn vhosts(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Value>> {
+    let items = caller
+        .visible_vhosts(&s.broker)
+        .iter()
+        .map(|v| vhost_json(v))
+        .collect();
+    list(&params, items)
+}
+
+async fn vhost_get(State(s): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Json<Value>> {
+    let vh = caller.vhost(&s.broker, &v)?;
+    Ok(Json(vhost_json(&vh)))
+}
+
+async fn vhost_put(State(s): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let existed = s.broker.vhost(&v).is_some();
+    s.broker.add_vhost(&v).await?;
+    if !existed {
+        // RabbitMQ grants the creating user full permissions on a new vhost.
+        s.broker
+            .set_permission(warren_core::full_permission(&caller.name, &v))
+            .await?;
+    }
+    Ok(created(!existed))
+}
+
+async fn vhost_delete(State(s): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Response> {
+    caller.require_admin()?;
+    if s.broker.delete_vhost(&v).await? {
+        Ok(no_content())
+    } else {
+        Err(ApiError::ObjectNotFound)
+    }
+}
+
+async fn vhost_permissions(
+    State(s): St,
+    caller: Caller,
+    Path(v): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    caller.vhost(&s.broker, &v)?;
+    Ok(Json(Value::Array(
+        s.broker
+            .permissions()
+            .iter()
+            .filter(|p| p.vhost == v)
+            .map(permission_json)
+            .collect(),
+    )))
+}
+
+async fn vhost_connections(
+    State(s): St,
+    caller: Caller,
+    Path(v): Path<String>,
+    params: Q,
+) -> ApiResult<Json<Value>> {
+    caller.vhost(&s.broker, &v)?;
+    let items = visible_connections(&s, &caller)
+        .iter()
+        .filter(|e| e.info.vhost == v)
+        .map(|e| connection_json(&s, e))
+        .collect();
+    list(&params, items)
+}
+
+async fn vhost_channels(
+    State(s): St,
+    caller: Caller,
+    Path(v): Path<String>,
+    params: Q,
+) -> ApiResult<Json<Value>> {
+    caller.vhost(&s.broker, &v)?;
+    list(&params, channels_json(&s, &caller, Some(&v)))
+}
+
+// ---------------------------------------------------------------- users, permissions
+
+async fn users(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    list(&params, s.broker.users().iter().map(user_json).collect())
+}
+
+async fn user_get(State(s): St, caller: Caller, Path(u): Path<String>) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    s.broker
+        .user(&u)
+        .map(|u| Json(user_json(&u)))
+        .ok_or(ApiError::ObjectNotFound)
+}
+
+/// `tags` as RabbitMQ takes it: a comma-separated string, or (3.9+) a list.
+pub(crate) fn parse_tags(v: Option<&Value>) -> Vec<String> {
+    match v {
+        Some(Value::String(s)) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+async fn user_put(
+    State(s): St,
+    caller: Caller,
+    Path(u): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let b = body_json(&body)?;
+    let tags = parse_tags(b.get("tags"));
+    let existing = s.broker.user(&u);
+    let rec = if let Some(p) = str_field(&b, "password") {
+        UserRecord {
+            name: u.clone(),
+            password_hash: warren_core::auth::hash_password(p),
+            hashing_algorithm: warren_core::auth::SHA256_ALGORITHM.into(),
+            tags,
+        }
+    } else if let Some(h) = str_field(&b, "password_hash") {
+        let algo =
+            str_field(&b, "hashing_algorithm").unwrap_or(warren_core::auth::SHA256_ALGORITHM);
+        if algo != warren_core::auth::SHA256_ALGORITHM {
+            return Err(ApiError::BadRequest(format!(
+                "hashing algorithm {algo} is not supported; use {}",
+                warren_core::auth::SHA256_ALGORITHM
+            )));
+        }
+        UserRecord {
+            name: u.clone(),
+            password_hash: h.to_owned(),
+            hashing_algorithm: algo.to_owned(),
+            tags,
+        }
+    } else if let Some(old) = &existing {
+        // Updating only the tags keeps the password, as RabbitMQ.
+        UserRecord {
+            tags,
+            ..old.clone()
+        }
+    } else {
+        // RabbitMQ creates a user without a password (it can only use other mechanisms).
+        UserRecord {
+            name: u.clone(),
+            password_hash: String::new(),
+            hashing_algorithm: warren_core::auth::SHA256_ALGORITHM.into(),
+            tags,
+        }
+    };
+    s.broker.put_user_record(rec).await?;
+    Ok(created(existing.is_none()))
+}
+
+async fn user_delete(State(s): St, caller: Caller, Path(u): Path<String>) -> ApiResult<Response> {
+    caller.require_admin()?;
+    if s.broker.delete_user(&u).await? {
+        Ok(no_content())
+    } else {
+        Err(ApiError::ObjectNotFound)
+    }
+}
+
+async fn user_permissions(
+    State(s): St,
+    caller: Caller,
+    Path(u): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    if s.broker.user(&u).is_none() {
+        return Err(ApiError::ObjectNotFound);
+    }
+    Ok(Json(Value::Array(
+        s.broker
+            .permissions()
+            .iter()
+            .filter(|p| p.user == u)
+            .map(permission_json)
+            .collect(),
+    )))
+}
+
+async fn permissions(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    list(
+        &params,
+        s.broker.permissions().iter().map(permission_json).collect(),
+    )
+}
+
+async fn permission_get(
+    State(s): St,
+    caller: Caller,
+    Path((v, u)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    s.broker
+        .permission(&v, &u)
+        .map(|p| Json(permission_json(&p)))
+        .ok_or(ApiError::ObjectNotFound)
+}
+
+async fn permission_put(
+    State(s): St,
+    caller: Caller,
+    Path((v, u)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    if s.broker.vhost(&v).is_none() || s.broker.user(&u).is_none() {
+        return Err(ApiError::ObjectNotFound);
+    }
+    let b = body_json(&body)?;
+    let field = |k: &str| {
+        str_field(&b, k)
+            .map(str::to_owned)
+            .ok_or_else(|| ApiError::BadRequest(format!("[{{key_missing,{k}}}]")))
+    };
+    let rec = warren_core::PermissionRecord {
+        user: u.clone(),
+        vhost: v.clone(),
+        configure: field("configure")?,
+        write: field("write")?,
+        read: field("read")?,
+    };
+    let existed = s.broker.permission(&v, &u).is_some();
+    s.broker.set_permission(rec).await?;
+    Ok(created(!existed))
+}
+
+async fn permission_delete(
+    State(s): St,
+    caller: Caller,
+    Path((v, u)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    if s.broker.clear_permission(&v, &u).await? {
+        Ok(no_content())
+    } else {
+        Err(ApiError::ObjectNotFound)
+    }
+}
+
+// ---------------------------------------------------------------- connections, channels
+
+async fn connections(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Value>> {
+    let items = visible_connections(&s, &caller)
+        .iter()
+        .map(|e| connection_json(&s, e))
+        .collect();
+    list(&params, items)
+}
+
+fn find_connection(s: &AppState, caller: &Caller, name: &str) -> ApiResult<Arc<ConnectionEntry>> {
+    let e = s
+        .broker
+        .connections()
+        .by_name(name)
+        .ok_or(ApiError::ObjectNotFound)?;
+    if !caller.is_monitor() && e.info.user != caller.name {
+        return Err(ApiError::NotAuthorised("Not monitor user".into()));
+    }
+    Ok(e)
+}
+
+async fn connection_get(
+    State(s): St,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let e = find_connection(&s, &caller, &name)?;
+    Ok(Json(connection_json(&s, &e)))
+}
+
+/// Closes a connection; `X-Reason` becomes the close reason, as in RabbitMQ.
+async fn connection_delete(
+    State(s): St,
+    caller: Caller,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let e = find_connection(&s, &caller, &name)?;
+    if !caller.is_admin() && e.info.user != caller.name {
+        return Err(ApiError::NotAuthorised("Not administrator user".into()));
+    }
+    let reason = headers
+        .get("x-reason")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("Closed via management plugin");
+    tracing::info!(connection = %name, by = %caller.name, %reason, "closing connection from the API");
+    e.request_close(reason);
+    Ok(no_content())
+}
+
+async fn connection_channels(
+    State(s): St,
+    caller: Caller,
+    Path(name): Path<String>,
+    params: Q,
+) -> ApiResult<Json<Value>> {
+    let e = find_connection(&s, &caller, &name)?;
+    let consumers = all_consumers(&s, &caller, Some(&e.info.vhost));
+    list(&params, connection_channels_json(&s, &e, &consumers))
+}
+
+async fn channels(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Value>> {
+    list(&params, channels_json(&s, &caller, None))
+}
+
+async fn consumers(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Value>> {
+    let items = all_consumers(&s, &caller, None)
+        .iter()
+        .map(|(v, q, c)| consumer_json(&s, v, q, c))
+        .collect();
+    list(&params, items)
+}
+
+async fn consumers_in(
+    State(s): St,
+    caller: Caller,
+    Path(v): Path<String>,
+    params: Q,
+) -> ApiResult<Json<Value>> {
+    caller.vhost(&s.broker, &v)?;
+    let items = all_consumers(&s, &caller, Some(&v))
+        .iter()
+        .map(|(v, q, c)| consumer_json(&s, v, q, c))
+        .collect();
+    list(&params, items)
+}
+
+// ---------------------------------------------------------------- exchanges
+
+async fn exchanges(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Value>> {
+    render_exchanges(caller.visible_vhosts(&s.broker), &params)
+}
+
+async fn exchanges_in(
+    State(s): St,
+    caller: Caller,
+    Path(v): Path<String>,
+    params: Q,
+) -> ApiResult<Json<Value>> {
+    render_exchanges(vec![caller.vhost(&s.broker, &v)?], &params)
+}
+
+fn render_exchanges(vhosts: Vec<Arc<VHost>>, params: &Q) -> ApiResult<Json<Value>> {
+    let p = ListParams::parse(&params.0)?;
+    let mut items = Vec::new();
+    for vh in vhosts {
+        for x in vh.exchanges() {
+            items.push((
+                vh.name.clone(),
+                x.name.as_str().to_owned(),
+                (vh.name.clone(), x),
+            ));
+        }
+    }
+    Ok(Json(p.page_by_name(items, |(v, x)| exchange_json(v, x))?))
+}
+
+async fn exchange_get(
+    State(s): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let vh = caller.vhost(&s.broker, &v)?;
+    let x = vh
+        .exchange(exchange_path_name(&name))
+        .map_err(|_| ApiError::ObjectNotFound)?;
+    Ok(Json(exchange_json(&v, &x)))
+}
+
+async fn exchange_put(
+    State(s): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let vh = caller.vhost(&s.broker, &v)?;
+    let b = body_json(&body)?;
+    let kind =
+        str_field(&b, "type").ok_or_else(|| ApiError::BadRequest("[{key_missing,type}]".into()))?;
+    let name = exchange_path_name(&name);
+    caller.check(
+        &s.broker,
+        &v,
+        Access::Configure,
+        ResourceKind::Exchange,
+        name,
+    )?;
+    let existed = vh.exchange(name).is_ok();
+    let short = ShortString::try_new(name)
+        .map_err(|_| ApiError::BadRequest("exchange name too long".into()))?;
+    vh.declare_exchange(ExchangeDecl {
+        name: short,
+        kind: kind.to_owned(),
+        passive: false,
+        durable: bool_field(&b, "durable", true)?,
+        auto_delete: bool_field(&b, "auto_delete", false)?,
+        internal: bool_field(&b, "internal", false)?,
+        arguments: b.get("arguments").map(json_to_table).unwrap_or_default(),
+    })
+    .await?;
+    Ok(created(!existed))
+}
+
+async fn exchange_delete(
+    State(s): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+    params: Q,
+) -> ApiResult<Response> {
+    let vh = caller.vhost(&s.broker, &v)?;
+    let name = exchange_path_name(&name);
+    vh.exchange(name).map_err(|_| ApiError::ObjectNotFound)?;
+    caller.check(
+        &s.broker,
+        &v,
+        Access::Configure,
+        ResourceKind::Exchange,
+        name,
+    )?;
+    vh.delete_exchange(name, q_flag(&params, "if-unused"))
+        .await?;
+    Ok(no_content())
+}
+
+async fn exchange_publish(
+    State(s): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let vh = caller.vhost(&s.broker, &v)?;
+    let name = exchange_path_name(&name);
+    let x = vh.exchange(name).map_err(|_| ApiError::ObjectNotFound)?;
+    caller.check(&s.broker, &v, Access::Write, ResourceKind::Exchange, name)?;
+    if x.internal {
+        return Err(ApiError::NotAuthorised(format!(
+            "cannot publish to internal exchange '{name}' in vhost '{v}'"
+        )));
+    }
+    let b = body_json(&body)?;
+    let rk = str_field(&b, "routing_key")
+        .ok_or_else(|| ApiError::BadRequest("[{key_missing,routing_key}]".into()))?;
+    let payload = str_field(&b, "payload")
+        .ok_or_else(|| ApiError::BadRequest("[{key_missing,payload}]".into()))?;
+    let encoding = str_field(&b, "payload_encoding").unwrap_or("string");
+    let body = decode_payload(payload, encoding)?;
+    let props = json_to_properties(b.get("properties"))?;
+    let rk = ShortString::try_new(rk)
+        .map_err(|_| ApiError::BadRequest("routing key too long".into()))?;
+    let msg = Arc::new(Message::new(x.name.clone(), rk, props, body));
+    let queues = vh.route(&x, &msg);
+    let outcome = vh.deliver_to(queues, msg).await?;
+    if let Some(t) = outcome.ticket {
+        // Persistent messages are on disk before the answer, as a confirm would be.
+        s.broker
+            .store()
+            .wait_synced(t)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    }
+    Ok(Json(json!({"routed": outcome.routed > 0})))
+}
+
+async fn exchange_bindings_source(
+    State(s): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let vh = caller.vhost(&s.broker, &v)?;
+    let name = exchange_path_name(&name);
+    let x = vh.exchange(name).map_err(|_| ApiError::ObjectNotFound)?;
+    if name.is_empty() {
+        let mut qs: Vec<String> = vh
+            .queues()
+            .iter()
+            .map(|q| q.name.as_str().to_owned())
+            .collect();
+        qs.sort();
+        return Ok(Json(Value::Array(
+            qs.iter().map(|q| default_binding_json(&v, q)).collect(),
+        )));
+    }
+    Ok(Json(Value::Array(
+        x.bindings()
+            .iter()
+            .map(|b| binding_json(&v, name, b))
+            .collect(),
+    )))
+}
+
+async fn exchange_bindings_destination(
+    State(s): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let vh = caller.vhost(&s.broker, &v)?;
+    let name = exchange_path_name(&name);
+    vh.exchange(name).map_err(|_| ApiError::ObjectNotFound)?;
+    let items = vh
+        .bindings()
+        .iter()
+        .filter(|(_, b)| !b.target.is_queue() && b.target.name() == name)
+        .map(|(src, b)| binding_json(&v, src.as_str(), b))
+        .collect();
+    Ok(Json(Value::Array(items)))
+}
+
+// ---------------------------------------------------------------- queues
+
+async fn queues(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Value>> {
+    render_queues(&s, caller.visible_vhosts(&s.broker), &params)
+}
+
+async fn queues_in(
+    State(s): St,
+    caller: Caller,
+    Path(v): Path<String>,
+    params: Q,
+) -> ApiResult<Json<Value>> {
+    let vh = caller.vhost(&s.broker, &v)?;
+    render_queues(&s, vec![vh], &params)
+}
+
+fn render_queues(s: &AppState, vhosts: Vec<Arc<VHost>>, params: &Q) -> ApiResult<Json<Value>> {
+    let p = ListParams::parse(&params.0)?;
+    let mut items = Vec::new();
+    for vh in vhosts {
+        for q in vh.queues() {
+            items.push((vh.name.clone(), q.name.as_str().to_owned(), q));
+        }
+    }
+    Ok(Json(p.page_by_name(items, |q| {
+        let vhost = q
+            .vhost
+            .upgrade()
+            .map(|v| v.name.clone())
+            .unwrap_or_default();
+        queue_json(s, &vhost, q)
+    })?))
+}
+
+fn find_queue(
+    s: &AppState,
+    caller: &Caller,
+    v: &str,
+    name: &str,
+) -> ApiResult<(Arc<VHost>, Arc<Queue>)> {
+    let vh = caller.vhost(&s.broker, v)?;
+    let q = vh.queue(name).map_err(|_| ApiError::ObjectNotFound)?;
+    Ok((vh, q))
+}
+
+async fn queue_get(
+    State(s): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let (_, q) = find_queue(&s, &caller, &v, &name)?;
+    Ok(Json(queue_json(&s, &v, &q)))
+}
+
+async fn queue_put(
+    State(s): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let vh = caller.vhost(&s.broker, &v)?;
+    let b = body_json(&body)?;
+    caller.check(&s.broker, &v, Access::Configure, ResourceKind::Queue, &name)?;
+    let short = ShortString::try_new(name.as_str())
+        .map_err(|_| ApiError::BadRequest("queue name too long".into()))?;
+    let (_, was_new) = vh
+        .declare_queue(
+            QueueDecl {
+                name: short,
+                passive: false,
+                durable: bool_field(&b, "durable", true)?,
+                exclusive: false,
+                auto_delete: bool_field(&b, "auto_delete", false)?,
+                arguments: b.get("arguments").map(json_to_table).unwrap_or_default(),
+            },
+            warren_core::ConnectionId(0),
+        )
+        .await?;
+    Ok(created(was_new))
+}
+
+async fn queue_delete(
+    State(s): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+    params: Q,
+) -> ApiResult<Response> {
+    let (vh, _) = find_queue(&s, &caller, &v, &name)?;
+    caller.check(&s.broker, &v, Access::Configure, ResourceKind::Queue, &name)?;
+    vh.delete_queue(
+        &name,
+        None,
+        q_flag(&params, "if-unused"),
+        q_flag(&params, "if-empty"),
+    )
+    .await?;
+    Ok(no_content())
+}
+
+async fn queue_purge(
+    State(s): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let (_, q) = find_queue(&s, &caller, &v, &name)?;
+    caller.check(&s.broker, &v, Access::Read, ResourceKind::Queue, &name)?;
+    q.purge().await;
+    Ok(no_content())
+}
+
+/// `POST /api/queues/{vhost}/{name}/get` with `count`, `ackmode`
+/// (`ack_requeue_true|ack_requeue_false|reject_requeue_true|reject_requeue_false`),
+/// `encoding` (`auto|base64`) and optional `truncate`.
+async fn queue_get_messages(
+    State(s): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let (_, q) = find_queue(&s, &caller, &v, &name)?;
+    caller.check(&s.broker, &v, Access::Read, ResourceKind::Queue, &name)?;
+    let b = body_json(&body)?;
+    let count = b
+        .get("count")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+        .min(10_000);
+    let requeue = match str_field(&b, "ackmode") {
+        Some("ack_requeue_true") | Some("reject_requeue_true") => true,
+        Some("ack_requeue_false") | Some("reject_requeue_false") => false,
+        Some(other) => return Err(ApiError::BadRequest(format!("unknown ackmode {other}"))),
+        // Before 3.7 the parameter was `requeue`.
+        None => match b.get("requeue") {
+            Some(r) => r.as_bool().unwrap_or(true),
+            None => return Err(ApiError::BadRequest("[{key_missing,ackmode}]".into())),
+        },
+    };
+    let encoding = str_field(&b, "encoding").unwrap_or("auto");
+    if encoding != "auto" && encoding != "base64" {
+        return Err(ApiError::BadRequest(format!(
+            "Unsupported encoding {encoding}"
+        )));
+    }
+    let truncate = b
+        .get("truncate")
+        .and_then(Value::as_u64)
+        .map(|t| t as usize);
+    let mut out = Vec::new();
+    let mut taken: Vec<MsgSeq> = Vec::new();
+    for _ in 0..count {
+        let Some(r) = q.get(false).await else { break };
+        let body = &r.message.body;
+        let shown = &body[..truncate.unwrap_or(body.len()).min(body.len())];
+        let (payload, enc) = encode_payload(shown, encoding);
+        out.push(json!({
+            "payload_bytes": body.len(),
+            "redelivered": r.redelivered,
+            "exchange": r.message.exchange.as_str(),
+            "routing_key": r.message.routing_key.as_str(),
+            "message_count": r.remaining,
+            "properties": properties_to_json(&r.message.properties),
+            "payload": payload,
+            "payload_encoding": enc,
+        }));
+        taken.push(r.seq);
+    }
+    // All are taken before any is requeued, else the same message would come back.
+    if requeue {
+        q.requeue(&taken).await;
+    } else {
+        q.ack(&taken).await;
+    }
+    Ok(Json(Value::Array(out)))
+}
+
+async fn queue_bindings(
+    State(s): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let (vh, q) = find_queue(&s, &caller, &v, &name)?;
+    let mut out = vec![default_binding_json(&v, &name)];
+    let target = Target::Queue(q);
+    out.extend(
+        vh.bindings()
+            .iter()
+            .filter(|(_, b)| b.target == target)
+            .map(|(src, b)| binding_json(&v, src.as_str(), b)),
+    );
+    Ok(Json(Value::Array(out)))
+}
+
+// ---------------------------------------------------------------- bindings
+
+async fn bindings(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Value>> {
+    let mut items = Vec::new();
+    for vh in caller.visible_vhosts(&s.broker) {
+        items.extend(vhost_bindings(&vh));
+    }
+    list(&params, items)
+}
+
+async fn bindings_in(
+    State(s): St,
+    caller: Caller,
+    Path(v): Path<String>,
+    params: Q,
+) -> ApiResult<Json<Value>> {
+    let vh = caller.vhost(&s.broker, &v)?;
+    list(&params, vhost_bindings(&vh))
+}
+
+/// Resolves `e/{source}/{q|e}/{dest}` to the source exchange and the target.
+fn binding_ends(
+    s: &AppState,
+    caller: &Caller,
+    v: &str,
+    source: &str,
+    dtype: &str,
+    dest: &str,
+) -> ApiResult<(Arc<VHost>, Arc<Exchange>, Target)> {
+    let vh = caller.vhost(&s.broker, v)?;
+    let x = vh
+        .exchange(exchange_path_name(source))
+        .map_err(|_| ApiError::ObjectNotFound)?;
+    let target = match dtype {
+        "q" => Target::Queue(vh.queue(dest).map_err(|_| ApiError::ObjectNotFound)?),
+        "e" => {
+            let d = vh
+                .exchange(exchange_path_name(dest))
+                .map_err(|_| ApiError::ObjectNotFound)?;
+            Target::Exchange(d.name.clone())
+        }
+        _ => return Err(ApiError::ObjectNotFound),
+    };
+    Ok((vh, x, target))
+}
+
+async fn bindings_between(
+    State(s): St,
+    caller: Caller,
+    Path((v, source, dtype, dest)): Path<(String, String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    let (vh, x, target) = binding_ends(&s, &caller, &v, &source, &dtype, &dest)?;
+    let mut out = Vec::new();
+    if x.name.as_str().is_empty() {
+        if let Target::Queue(q) = &target {
+            out.push(default_binding_json(&vh.name, q.name.as_str()));
+        }
+    }
+    out.extend(
+        x.bindings()
+            .iter()
+            .filter(|b| b.target == target)
+            .map(|b| binding_json(&v, x.name.as_str(), b)),
+    );
+    Ok(Json(Value::Array(out)))
+}
+
+async fn binding_create(
+    State(s): St,
+    caller: Caller,
+    Path((v, source, dtype, dest)): Path<(String, String, String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let (vh, x, target) = binding_ends(&s, &caller, &v, &source, &dtype, &dest)?;
+    let kind = if target.is_queue() {
+        ResourceKind::Queue
+    } else {
+        ResourceKind::Exchange
+    };
+    caller.check(&s.broker, &v, Access::Write, kind, target.name())?;
+    caller.check(
+        &s.broker,
+        &v,
+        Access::Read,
+        ResourceKind::Exchange,
+        x.name.as_str(),
+    )?;
+    let b = body_json(&body)?;
+    let rk = str_field(&b, "routing_key").unwrap_or("");
+    let args = b.get("arguments").map(json_to_table).unwrap_or_default();
+    let key = props_key(rk, &args);
+    let rk = ShortString::try_new(rk)
+        .map_err(|_| ApiError::BadRequest("routing key too long".into()))?;
+    vh.bind(x.name.as_str(), target, rk, args).await?;
+    // RabbitMQ answers with the new binding's URI (relative to the binding list).
+    let location = format!(
+        "{}/{}",
+        percent_encoding::utf8_percent_encode(&dest, QUOTE_SET),
+        percent_encoding::utf8_percent_encode(&key, QUOTE_SET)
+    );
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)]).into_response())
+}
+
+fn find_binding(x: &Exchange, target: &Target, props: &str) -> Option<Binding> {
+    x.bindings()
+        .into_iter()
+        .find(|b| b.target == *target && props_key(b.routing_key.as_str(), &b.arguments) == props)
+}
+
+async fn binding_get(
+    State(s): St,
+    caller: Caller,
+    Path((v, source, dtype, dest, props)): Path<(String, String, String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    let (_, x, target) = binding_ends(&s, &caller, &v, &source, &dtype, &dest)?;
+    let b = find_binding(&x, &target, &props).ok_or(ApiError::ObjectNotFound)?;
+    Ok(Json(binding_json(&v, x.name.as_str(), &b)))
+}
+
+async fn binding_delete(
+    State(s): St,
+    caller: Caller,
+    Path((v, source, dtype, dest, props)): Path<(String, String, String, String, String)>,
+) -> ApiResult<Response> {
+    let (vh, x, target) = binding_ends(&s, &caller, &v, &source, &dtype, &dest)?;
+    let b = find_binding(&x, &target, &props).ok_or(ApiError::ObjectNotFound)?;
+    let kind = if target.is_queue() {
+        ResourceKind::Queue
+    } else {
+        ResourceKind::Exchange
+    };
+    caller.check(&s.broker, &v, Access::Write, kind, target.name())?;
+    caller.check(
+        &s.broker,
+        &v,
+        Access::Read,
+        ResourceKind::Exchange,
+        x.name.as_str(),
+    )?;
+    vh.unbind(
+        x.name.as_str(),
+        target,
+        b.routing_key.as_str(),
+        &b.arguments,
+    )
+    .await?;
+    Ok(no_content())
+}
+
+// ---------------------------------------------------------------- health
+
+async fn health_alarms(State(s): St, caller: Caller) -> ApiResult<Response> {
+    caller.require_monitor()?;
+    let a = s.broker.alarms.get();
+    if !a.blocked() {
+        return Ok(Json(json!({"status": "ok"})).into_response());
+    }
+    let mut alarms = Vec::new();
+    if a.memory {
+        alarms.push(json!({"node": s.cfg.node_name, "resource": "memory"}));
+    }
+    if a.disk {
+        alarms.push(json!({"node": s.cfg.node_name, "resource": "disk"}));
+    }
+    Ok((
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({
+            "status": "failed",
+            "reason": "resource alarm(s) in effect in the cluster",
+            "alarms": alarms,
+        })),
+    )
+        .into_response())
+}
+
+async fn health_ok(_: Caller) -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Declares `aliveness-test`, publishes to it and gets the message back, as RabbitMQ.
+async fn aliveness(State(s): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Json<Value>> {
+    let vh = caller.vhost(&s.broker, &v)?;
+    caller.check(
+        &s.broker,
+        &v,
+        Access::Configure,
+        ResourceKind::Queue,
+        "aliveness-test",
+    )?;
+    let (q, _) = vh
+        .declare_queue(
+            QueueDecl {
+                name: "aliveness-test".into(),
+                passive: false,
+                durable: false,
+                exclusive: false,
+                auto_delete: false,
+                arguments: FieldTable::default(),
+            },
+            warren_core::ConnectionId(0),
+        )
+        .await?;
+    let x = vh.exchange("")?;
+    let msg = Arc::new(Message::new(
+        "".into(),
+        "aliveness-test".into(),
+        Default::default(),
+        Bytes::from_static(b"test_message"),
+    ));
+    vh.deliver_to(vh.route(&x, &msg), msg).await?;
+    match q.get(true).await {
+        Some(r) if &r.message.body[..] == b"test_message" => Ok(Json(json!({"status": "ok"}))),
+        _ => Ok(Json(
+            json!({"status": "failed", "reason": "message did not come back"}),
+        )),
+    }
+}

@@ -1,0 +1,91 @@
+//! The API's errors, answered as RabbitMQ's management plugin does:
+//! `{"error": ..., "reason": ...}` with its status codes.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use warren_core::{CoreError, ErrorKind};
+
+/// An error response.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 404 for a path naming something that does not exist (RabbitMQ's exact body).
+    #[error("Object Not Found")]
+    ObjectNotFound,
+    /// 401 with `WWW-Authenticate`: no or bad credentials.
+    #[error("login failed: {0}")]
+    LoginFailed(String),
+    /// 401 without a challenge: authenticated but not allowed (RabbitMQ's not_authorised).
+    #[error("not authorised: {0}")]
+    NotAuthorised(String),
+    /// 400 bad_request.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// 404 not_found from an operation (e.g. binding to a missing queue).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// 405 method not allowed.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// 500.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl From<CoreError> for ApiError {
+    /// RabbitMQ's `with_channel`: 404 → not_found, 403 → not_authorised, other AMQP
+    /// errors → bad_request; store failures are 500s.
+    fn from(e: CoreError) -> Self {
+        let text = e.to_string();
+        match e.kind {
+            ErrorKind::NotFound => ApiError::NotFound(text),
+            ErrorKind::AccessRefused | ErrorKind::NotAllowed => ApiError::NotAuthorised(text),
+            ErrorKind::InternalError => ApiError::Internal(text),
+            _ => ApiError::BadRequest(text),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, error, reason) = match &self {
+            ApiError::ObjectNotFound => (
+                StatusCode::NOT_FOUND,
+                "Object Not Found".to_owned(),
+                "Not Found".to_owned(),
+            ),
+            ApiError::LoginFailed(r) => {
+                (StatusCode::UNAUTHORIZED, "not_authorized".into(), r.clone())
+            }
+            ApiError::NotAuthorised(r) => {
+                (StatusCode::UNAUTHORIZED, "not_authorised".into(), r.clone())
+            }
+            ApiError::BadRequest(r) => (StatusCode::BAD_REQUEST, "bad_request".into(), r.clone()),
+            ApiError::NotFound(r) => (StatusCode::NOT_FOUND, "not_found".into(), r.clone()),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed".into(),
+                "Method Not Allowed".into(),
+            ),
+            ApiError::Internal(r) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error".into(),
+                r.clone(),
+            ),
+        };
+        let mut resp = (
+            status,
+            Json(serde_json::json!({"error": error, "reason": reason})),
+        )
+            .into_response();
+        if matches!(self, ApiError::LoginFailed(_)) {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"RabbitMQ Management\""),
+            );
+        }
+        resp
+    }
+}

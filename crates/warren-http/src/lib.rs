@@ -1,0 +1,148 @@
+//! Warren's management HTTP API, compatible with RabbitMQ's management plugin (the same
+//! paths, JSON field names, status codes and basic auth), plus Prometheus metrics at
+//! `/metrics` and a small dashboard at `/`.
+//!
+//! Everything here is a translation of the core's state into RabbitMQ's JSON; no state
+//! lives in this crate except sampled message rates. docs/http-api.md lists what is
+//! implemented and where Warren differs on purpose.
+
+mod api;
+mod auth;
+mod convert;
+mod definitions;
+pub mod error;
+mod listing;
+mod metrics;
+mod stats;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use warren_core::Broker;
+
+pub use error::ApiError;
+
+/// The RabbitMQ version Warren's API presents itself as (clients check it for features).
+pub const RABBITMQ_COMPAT_VERSION: &str = "3.12.0";
+
+/// A listener shown in `/api/overview` (RabbitMQ's `listeners`).
+#[derive(Debug, Clone)]
+pub struct ListenerInfo {
+    /// RabbitMQ's protocol names: `amqp`, `mqtt`, `stomp`, `http`, `http/web-stomp`, …
+    pub protocol: String,
+    pub addr: SocketAddr,
+}
+
+/// Resource readings for `/api/nodes` and the metrics (the binary owns the monitor).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeResources {
+    pub mem_used: u64,
+    pub mem_limit: u64,
+    pub disk_free: u64,
+    pub disk_free_limit: u64,
+}
+
+/// Reads the node's resources on demand.
+pub type ResourceProbe = Arc<dyn Fn() -> NodeResources + Send + Sync>;
+
+/// Settings of the HTTP listener.
+#[derive(Clone)]
+pub struct HttpConfig {
+    /// RabbitMQ-style node name, e.g. `warren@host`.
+    pub node_name: String,
+    pub listeners: Vec<ListenerInfo>,
+    pub resources: Option<ResourceProbe>,
+    /// How often message rates are sampled (RabbitMQ: 5 s).
+    pub sample_period: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            node_name: default_node_name(),
+            listeners: Vec::new(),
+            resources: None,
+            sample_period: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `warren@<hostname>`, like RabbitMQ's `rabbit@<hostname>`.
+pub fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("warren@{host}")
+}
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub broker: Arc<Broker>,
+    pub(crate) sampler: Arc<stats::Sampler>,
+    pub(crate) cfg: Arc<HttpConfig>,
+    pub(crate) started: Instant,
+}
+
+impl AppState {
+    pub fn new(broker: Arc<Broker>, cfg: HttpConfig) -> Self {
+        let sampler = Arc::new(stats::Sampler::default());
+        sampler.sample(&broker);
+        Self {
+            broker,
+            sampler,
+            cfg: Arc::new(cfg),
+            started: Instant::now(),
+        }
+    }
+
+    pub(crate) fn resources(&self) -> NodeResources {
+        self.cfg.resources.as_ref().map(|f| f()).unwrap_or_default()
+    }
+}
+
+/// The whole HTTP application (API, metrics, dashboard).
+pub fn router(state: AppState) -> Router {
+    api::routes()
+        .merge(metrics::routes())
+        .route("/", axum::routing::get(dashboard))
+        .with_state(state)
+}
+
+/// The embedded dashboard: one page that uses only the API.
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("dashboard.html"))
+}
+
+/// Serves the API on `listener` until `shutdown` becomes true.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    cfg: HttpConfig,
+    shutdown: watch::Receiver<bool>,
+) {
+    let period = cfg.sample_period;
+    let state = AppState::new(broker.clone(), cfg);
+    let sampler = tokio::spawn(state.sampler.clone().run(broker, period, shutdown.clone()));
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let mut stop = shutdown.clone();
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            while !*stop.borrow() {
+                if stop.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "http listener failed");
+    }
+    let _ = sampler.await;
+}

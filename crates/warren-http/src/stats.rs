@@ -1,0 +1,203 @@
+//! Message rates for the API (`*_details.rate`), sampled every few seconds.
+//!
+//! Queues count their publishes, deliveries and acks under the lock they already take
+//! for each of those operations; this sampler turns the counters into per-second rates by
+//! differencing two samples, so nothing extra runs on the message path. Global totals add
+//! the last counts of queues that have since been deleted, so they never go backwards.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use std::sync::RwLock;
+
+use warren_core::{Broker, QueueCounts};
+
+/// Per-second rates of one queue or of the whole broker.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Rates {
+    pub publish: f64,
+    pub deliver_get: f64,
+    pub ack: f64,
+    pub redeliver: f64,
+    pub messages: f64,
+    pub ready: f64,
+    pub unacked: f64,
+}
+
+/// Counters summed over queues.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    pub publish: u64,
+    pub deliver_get: u64,
+    pub ack: u64,
+    pub redeliver: u64,
+    pub ready: u64,
+    pub unacked: u64,
+}
+
+impl Totals {
+    fn add(&mut self, c: &QueueCounts) {
+        self.publish += c.stats.published;
+        self.deliver_get += c.stats.delivered;
+        self.ack += c.stats.acked;
+        self.redeliver += c.stats.redelivered;
+        self.ready += c.ready as u64;
+        self.unacked += c.unacked as u64;
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Sample {
+    counts: QueueCounts,
+    rates: Rates,
+}
+
+#[derive(Default)]
+struct State {
+    at: Option<Instant>,
+    queues: HashMap<u64, Sample>,
+    /// Message counters of deleted queues.
+    retired: Totals,
+    global: Totals,
+    global_rates: Rates,
+}
+
+/// The sampler; one per HTTP server.
+#[derive(Default)]
+pub struct Sampler {
+    state: RwLock<State>,
+}
+
+fn rate(now: u64, before: u64, secs: f64) -> f64 {
+    if secs <= 0.0 {
+        return 0.0;
+    }
+    (now.saturating_sub(before)) as f64 / secs
+}
+
+fn signed_rate(now: u64, before: u64, secs: f64) -> f64 {
+    if secs <= 0.0 {
+        return 0.0;
+    }
+    (now as f64 - before as f64) / secs
+}
+
+fn rates_between(now: &Totals, before: &Totals, secs: f64) -> Rates {
+    Rates {
+        publish: rate(now.publish, before.publish, secs),
+        deliver_get: rate(now.deliver_get, before.deliver_get, secs),
+        ack: rate(now.ack, before.ack, secs),
+        redeliver: rate(now.redeliver, before.redeliver, secs),
+        messages: signed_rate(now.ready + now.unacked, before.ready + before.unacked, secs),
+        ready: signed_rate(now.ready, before.ready, secs),
+        unacked: signed_rate(now.unacked, before.unacked, secs),
+    }
+}
+
+impl Sampler {
+    /// Takes one sample of every queue.
+    pub fn sample(&self, broker: &Broker) {
+        let now = Instant::now();
+        let mut fresh: HashMap<u64, QueueCounts> = HashMap::new();
+        for vh in broker.vhosts() {
+            for q in vh.queues() {
+                fresh.insert(q.store_id.0, q.counts());
+            }
+        }
+        let Ok(mut st) = self.state.write() else {
+            return;
+        };
+        let secs = st
+            .at
+            .map(|t| now.duration_since(t).as_secs_f64())
+            .unwrap_or(0.0);
+        let mut queues = HashMap::with_capacity(fresh.len());
+        let mut global = Totals::default();
+        for (id, counts) in fresh {
+            let mut t = Totals::default();
+            t.add(&counts);
+            global.add(&counts);
+            let rates = match st.queues.get(&id) {
+                Some(prev) => {
+                    let mut p = Totals::default();
+                    p.add(&prev.counts);
+                    rates_between(&t, &p, secs)
+                }
+                None => Rates::default(),
+            };
+            queues.insert(id, Sample { counts, rates });
+        }
+        let mut retired = st.retired;
+        for (id, old) in st.queues.iter() {
+            if !queues.contains_key(id) {
+                retired.publish += old.counts.stats.published;
+                retired.deliver_get += old.counts.stats.delivered;
+                retired.ack += old.counts.stats.acked;
+                retired.redeliver += old.counts.stats.redelivered;
+            }
+        }
+        global.publish += retired.publish;
+        global.deliver_get += retired.deliver_get;
+        global.ack += retired.ack;
+        global.redeliver += retired.redeliver;
+        let global_rates = if st.at.is_some() {
+            rates_between(&global, &st.global, secs)
+        } else {
+            Rates::default()
+        };
+        *st = State {
+            at: Some(now),
+            queues,
+            retired,
+            global,
+            global_rates,
+        };
+    }
+
+    /// The rates of queue `store_id` at the last sample (zero for a new queue).
+    pub fn queue_rates(&self, store_id: u64) -> Rates {
+        self.state
+            .read()
+            .ok()
+            .and_then(|s| s.queues.get(&store_id).map(|x| x.rates))
+            .unwrap_or_default()
+    }
+
+    /// Global counters: live queues now plus deleted queues' last counts.
+    pub fn global(&self, broker: &Broker) -> (Totals, Rates) {
+        let mut t = Totals::default();
+        for vh in broker.vhosts() {
+            for q in vh.queues() {
+                t.add(&q.counts());
+            }
+        }
+        let (retired, rates) = self
+            .state
+            .read()
+            .map(|s| (s.retired, s.global_rates))
+            .unwrap_or_default();
+        t.publish += retired.publish;
+        t.deliver_get += retired.deliver_get;
+        t.ack += retired.ack;
+        t.redeliver += retired.redeliver;
+        (t, rates)
+    }
+
+    /// Samples every `period` until `shutdown`.
+    pub async fn run(
+        self: Arc<Self>,
+        broker: Arc<Broker>,
+        period: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.sample(&broker),
+                r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return },
+            }
+        }
+    }
+}

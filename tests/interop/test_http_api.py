@@ -1,0 +1,143 @@
+"""The management HTTP API with `requests`, as RabbitMQ's docs describe it, plus a
+permission denial seen by pika (403 ACCESS_REFUSED).
+
+Every test also passes against RabbitMQ:
+  AMQP_URL=amqp://guest:guest@127.0.0.1:5680/ HTTP_API_URL=http://127.0.0.1:15680 pytest test_http_api.py
+"""
+import urllib.parse
+
+import pika
+import pytest
+import requests
+from pika.exceptions import ChannelClosedByBroker
+
+AUTH = ("guest", "guest")
+
+
+def q(s):
+    return urllib.parse.quote(s, safe="")
+
+
+def test_overview_and_auth(api_url):
+    r = requests.get(f"{api_url}/api/overview")
+    assert r.status_code == 401
+    assert r.headers["WWW-Authenticate"].startswith("Basic")
+    o = requests.get(f"{api_url}/api/overview", auth=AUTH).json()
+    for k in ("management_version", "rabbitmq_version", "node", "object_totals", "queue_totals", "listeners"):
+        assert k in o
+    assert requests.get(f"{api_url}/api/whoami", auth=AUTH).json()["name"] == "guest"
+    r = requests.get(f"{api_url}/api/queues/%2F/no-such-queue-here", auth=AUTH)
+    assert r.status_code == 404
+    assert r.json() == {"error": "Object Not Found", "reason": "Not Found"}
+
+
+def test_queue_lifecycle_publish_get(api_url, name):
+    base = f"{api_url}/api/queues/%2F/{q(name)}"
+    assert requests.put(base, json={"durable": True, "auto_delete": False, "arguments": {}}, auth=AUTH).status_code == 201
+    assert requests.put(base, json={"durable": True, "auto_delete": False, "arguments": {}}, auth=AUTH).status_code == 204
+    r = requests.post(f"{api_url}/api/exchanges/%2F/amq.default/publish", auth=AUTH,
+                      json={"properties": {"delivery_mode": 2}, "routing_key": name, "payload": "hello", "payload_encoding": "string"})
+    assert r.json() == {"routed": True}
+    got = requests.post(f"{base}/get", auth=AUTH, json={"count": 1, "ackmode": "ack_requeue_true", "encoding": "auto"}).json()
+    assert got[0]["payload"] == "hello"
+    assert got[0]["routing_key"] == name
+    assert got[0]["properties"]["delivery_mode"] == 2
+    info = requests.get(base, auth=AUTH).json()
+    for k in ("name", "vhost", "durable", "auto_delete", "exclusive", "arguments", "messages", "messages_ready",
+              "messages_unacknowledged", "consumers", "state", "node"):
+        assert k in info, k
+    assert info["messages"] in (0, 1)  # RabbitMQ's counts lag by its stats interval
+    assert requests.delete(f"{base}/contents", auth=AUTH).status_code == 204
+    assert requests.delete(base, auth=AUTH).status_code == 204
+    assert requests.get(base, auth=AUTH).status_code == 404
+
+
+def test_exchange_and_binding(api_url, name):
+    x = f"{api_url}/api/exchanges/%2F/{q(name)}-x"
+    assert requests.put(x, json={"type": "topic", "durable": False}, auth=AUTH).status_code == 201
+    requests.put(f"{api_url}/api/queues/%2F/{q(name)}", json={"durable": False}, auth=AUTH)
+    r = requests.post(f"{api_url}/api/bindings/%2F/e/{q(name)}-x/q/{q(name)}", json={"routing_key": "a.*", "arguments": {}}, auth=AUTH)
+    assert r.status_code == 201
+    assert "Location" in r.headers
+    bs = requests.get(f"{api_url}/api/bindings/%2F/e/{q(name)}-x/q/{q(name)}", auth=AUTH).json()
+    assert [b["routing_key"] for b in bs] == ["a.*"]
+    props = bs[0]["properties_key"]
+    r = requests.post(f"{x}/publish", auth=AUTH, json={"properties": {}, "routing_key": "a.b", "payload": "x", "payload_encoding": "string"})
+    assert r.json() == {"routed": True}
+    assert requests.delete(f"{api_url}/api/bindings/%2F/e/{q(name)}-x/q/{q(name)}/{q(props)}", auth=AUTH).status_code == 204
+    r = requests.post(f"{x}/publish", auth=AUTH, json={"properties": {}, "routing_key": "a.b", "payload": "x", "payload_encoding": "string"})
+    assert r.json() == {"routed": False}
+    assert requests.delete(x, auth=AUTH).status_code == 204
+    requests.delete(f"{api_url}/api/queues/%2F/{q(name)}", auth=AUTH)
+
+
+def test_pagination(api_url, name):
+    for i in range(12):
+        requests.put(f"{api_url}/api/queues/%2F/{q(name)}-{i:02}", json={"durable": False}, auth=AUTH)
+    r = requests.get(f"{api_url}/api/queues/%2F", auth=AUTH,
+                     params={"page": 2, "page_size": 5, "name": f"^{name}-", "use_regex": "true"}).json()
+    assert r["filtered_count"] == 12
+    assert r["page"] == 2 and r["page_size"] == 5 and r["page_count"] == 3
+    assert r["item_count"] == 5
+    assert [i["name"] for i in r["items"]] == [f"{name}-{i:02}" for i in range(5, 10)]
+    for i in range(12):
+        requests.delete(f"{api_url}/api/queues/%2F/{q(name)}-{i:02}", auth=AUTH)
+
+
+def test_permission_denied_seen_by_pika(api_url, broker, name):
+    user = f"{name}-u"
+    assert requests.put(f"{api_url}/api/users/{user}", json={"password": "pw", "tags": ""}, auth=AUTH).status_code == 201
+    r = requests.put(f"{api_url}/api/permissions/%2F/{user}", auth=AUTH,
+                     json={"configure": "^allowed-", "write": "^allowed-", "read": "^allowed-"})
+    assert r.status_code == 201
+    params = pika.URLParameters(broker.url)
+    params.credentials = pika.PlainCredentials(user, "pw")
+    conn = pika.BlockingConnection(params)
+    try:
+        ch = conn.channel()
+        ch.queue_declare(f"allowed-{name}", auto_delete=True)
+        with pytest.raises(ChannelClosedByBroker) as e:
+            ch.queue_declare(f"denied-{name}")
+        assert e.value.reply_code == 403
+        assert e.value.reply_text == (
+            f"ACCESS_REFUSED - configure access to queue 'denied-{name}' in vhost '/' refused for user '{user}'")
+    finally:
+        conn.close()
+        requests.delete(f"{api_url}/api/users/{user}", auth=AUTH)
+
+
+def test_close_connection(api_url, broker, name):
+    params = pika.URLParameters(broker.url)
+    params.client_properties = {"connection_name": name}
+    conn = pika.BlockingConnection(params)
+    import time
+    deadline = time.time() + 10
+    mine = []
+    while time.time() < deadline and not mine:
+        conns = requests.get(f"{api_url}/api/connections", auth=AUTH).json()
+        mine = [c for c in conns if c.get("client_properties", {}).get("connection_name") == name]
+        time.sleep(0.2)
+    assert mine, "connection listed"
+    r = requests.delete(f"{api_url}/api/connections/{q(mine[0]['name'])}", auth=AUTH, headers={"X-Reason": "test"})
+    assert r.status_code == 204
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as e:
+        for _ in range(100):
+            conn.process_data_events(time_limit=0.1)
+    assert e.value.reply_code == 320
+
+
+def test_definitions_export_import(api_url, name):
+    defs = requests.get(f"{api_url}/api/definitions", auth=AUTH).json()
+    for k in ("users", "vhosts", "permissions", "queues", "exchanges", "bindings"):
+        assert k in defs
+    assert any(u["name"] == "guest" and u["password_hash"] for u in defs["users"])
+    new = {"queues": [{"name": f"{name}-def", "vhost": "/", "durable": True, "auto_delete": False, "arguments": {}}]}
+    r = requests.post(f"{api_url}/api/definitions", json=new, auth=AUTH)
+    assert r.status_code in (200, 201, 204)
+    assert requests.get(f"{api_url}/api/queues/%2F/{q(name)}-def", auth=AUTH).status_code == 200
+    requests.delete(f"{api_url}/api/queues/%2F/{q(name)}-def", auth=AUTH)
+
+
+def test_health_and_aliveness(api_url):
+    assert requests.get(f"{api_url}/api/health/checks/alarms", auth=AUTH).json()["status"] == "ok"
+    assert requests.get(f"{api_url}/api/aliveness-test/%2F", auth=AUTH).json() == {"status": "ok"}

@@ -1,0 +1,965 @@
+//! The management HTTP API over real HTTP/1.1 (a raw socket client: no extra crates),
+//! against an in-process broker, endpoint by endpoint, with RabbitMQ's status codes and
+//! field names. Permission enforcement is checked over AMQP with lapin.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {} body {:?}: {e}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+struct Api {
+    addr: std::net::SocketAddr,
+    auth: Option<(String, String)>,
+}
+
+impl Api {
+    fn new(b: &common::TestBroker) -> Self {
+        Api {
+            addr: b.http_addr,
+            auth: Some(("guest".into(), "guest".into())),
+        }
+    }
+
+    fn as_user(&self, u: &str, p: &str) -> Self {
+        Api {
+            addr: self.addr,
+            auth: Some((u.into(), p.into())),
+        }
+    }
+
+    async fn req(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
+        let mut s = TcpStream::connect(self.addr).await.expect("connect http");
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if let Some((u, p)) = &self.auth {
+            let cred = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+            req.push_str(&format!("Authorization: Basic {cred}\r\n"));
+        }
+        req.push_str("\r\n");
+        req.push_str(&body);
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+            .await
+            .expect("response within 10 s")
+            .expect("read");
+        parse(&raw)
+    }
+
+    async fn get(&self, path: &str) -> Resp {
+        self.req("GET", path, None).await
+    }
+    async fn put(&self, path: &str, body: Value) -> Resp {
+        self.req("PUT", path, Some(body)).await
+    }
+    async fn post(&self, path: &str, body: Value) -> Resp {
+        self.req("POST", path, Some(body)).await
+    }
+    async fn delete(&self, path: &str) -> Resp {
+        self.req("DELETE", path, None).await
+    }
+}
+
+/// Parses an HTTP/1.1 response (Content-Length or chunked).
+fn parse(raw: &[u8]) -> Resp {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of headers");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    if chunked {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size = usize::from_str_radix(
+                String::from_utf8_lossy(&rest[..eol])
+                    .split(';')
+                    .next()
+                    .unwrap_or("0")
+                    .trim(),
+                16,
+            )
+            .unwrap_or(0);
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+            rest = &rest[eol + 2 + size + 2..];
+        }
+        body = out;
+    }
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_overview_whoami_nodes() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    let anon = Api {
+        addr: b.http_addr,
+        auth: None,
+    };
+    let r = anon.get("/api/overview").await;
+    assert_eq!(r.status, 401);
+    assert!(r
+        .header("www-authenticate")
+        .is_some_and(|v| v.starts_with("Basic")));
+    assert_eq!(
+        api.as_user("guest", "wrong")
+            .get("/api/overview")
+            .await
+            .status,
+        401
+    );
+
+    let o = api.get("/api/overview").await.json();
+    assert_eq!(o["product_name"], "Warren");
+    for k in [
+        "management_version",
+        "rabbitmq_version",
+        "node",
+        "object_totals",
+        "queue_totals",
+        "message_stats",
+        "listeners",
+    ] {
+        assert!(o.get(k).is_some(), "overview lacks {k}: {o}");
+    }
+    assert_eq!(o["object_totals"]["exchanges"], 6);
+    let listeners = o["listeners"].as_array().expect("listeners");
+    assert!(listeners
+        .iter()
+        .any(|l| l["protocol"] == "amqp" && l["port"] == b.addr.port()));
+
+    assert_eq!(
+        api.get("/api/whoami").await.json(),
+        json!({"name": "guest", "tags": ["administrator"]})
+    );
+    let nodes = api.get("/api/nodes").await.json();
+    assert_eq!(nodes[0]["running"], true);
+    assert_eq!(nodes[0]["mem_alarm"], false);
+    assert!(nodes[0]["mem_used"].as_u64().unwrap_or(0) > 0);
+
+    let r = api.get("/api/nosuch").await;
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        r.json(),
+        json!({"error": "Object Not Found", "reason": "Not Found"})
+    );
+
+    // A user without a management tag cannot log in to the API.
+    assert_eq!(
+        api.put("/api/users/plain", json!({"password": "p", "tags": ""}))
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        api.as_user("plain", "p").get("/api/overview").await.status,
+        401
+    );
+    // A monitoring user may read but not administer.
+    api.put(
+        "/api/users/mon",
+        json!({"password": "m", "tags": "monitoring"}),
+    )
+    .await;
+    let mon = api.as_user("mon", "m");
+    assert_eq!(mon.get("/api/overview").await.status, 200);
+    assert_eq!(mon.get("/api/users").await.status, 401);
+    assert_eq!(
+        mon.put("/api/vhosts/x", json!({})).await.json()["error"],
+        "not_authorised"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vhosts_users_permissions() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    assert_eq!(api.put("/api/vhosts/dev", json!({})).await.status, 201);
+    assert_eq!(api.put("/api/vhosts/dev", json!({})).await.status, 204);
+    let v = api.get("/api/vhosts/dev").await.json();
+    assert_eq!(v["name"], "dev");
+    let names: Vec<Value> = api
+        .get("/api/vhosts")
+        .await
+        .json()
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|v| v["name"].clone())
+        .collect();
+    assert_eq!(names, vec![json!("/"), json!("dev")]);
+    // The creator got full permissions on the new vhost, as in RabbitMQ.
+    assert_eq!(
+        api.get("/api/permissions/dev/guest").await.json()["configure"],
+        ".*"
+    );
+
+    assert_eq!(
+        api.put(
+            "/api/users/alice",
+            json!({"password": "secret", "tags": "management"})
+        )
+        .await
+        .status,
+        201
+    );
+    let u = api.get("/api/users/alice").await.json();
+    assert_eq!(u["tags"], json!(["management"]));
+    assert_eq!(u["hashing_algorithm"], "rabbit_password_hashing_sha256");
+    // Tags-only update keeps the password.
+    assert_eq!(
+        api.put(
+            "/api/users/alice",
+            json!({"tags": ["management", "monitoring"]})
+        )
+        .await
+        .status,
+        204
+    );
+    assert_eq!(
+        api.as_user("alice", "secret")
+            .get("/api/whoami")
+            .await
+            .json()["tags"],
+        json!(["management", "monitoring"])
+    );
+    // password_hash in RabbitMQ's format: "test12" from RabbitMQ's docs.
+    assert_eq!(
+        api.put(
+            "/api/users/bob",
+            json!({"password_hash": "kI3GCqW5JLMJa4iX1lo7X4D6XbYqlLgxIs30+P6tENUV2POR", "tags": "administrator"})
+        )
+        .await
+        .status,
+        201
+    );
+    assert_eq!(
+        api.as_user("bob", "test12").get("/api/whoami").await.status,
+        200
+    );
+
+    let r = api
+        .put("/api/permissions/dev/alice", json!({"configure": "^a"}))
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        api.put(
+            "/api/permissions/dev/alice",
+            json!({"configure": "(", "write": "", "read": ""})
+        )
+        .await
+        .status,
+        400
+    );
+    assert_eq!(
+        api.put(
+            "/api/permissions/dev/alice",
+            json!({"configure": "^a", "write": ".*", "read": ".*"})
+        )
+        .await
+        .status,
+        201
+    );
+    assert_eq!(
+        api.put(
+            "/api/permissions/dev/alice",
+            json!({"configure": "^al", "write": ".*", "read": ".*"})
+        )
+        .await
+        .status,
+        204
+    );
+    let p = api.get("/api/permissions/dev/alice").await.json();
+    assert_eq!(
+        p,
+        json!({"user": "alice", "vhost": "dev", "configure": "^al", "write": ".*", "read": ".*"})
+    );
+    let all = api.get("/api/permissions").await.json();
+    assert!(all.as_array().expect("list").len() >= 3);
+    assert_eq!(
+        api.get("/api/users/alice/permissions")
+            .await
+            .json()
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(
+        api.get("/api/vhosts/dev/permissions")
+            .await
+            .json()
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    // A management user sees only vhosts it has permissions on.
+    let alice = api.as_user("alice", "secret");
+    api.put(
+        "/api/users/carol",
+        json!({"password": "c", "tags": "management"}),
+    )
+    .await;
+    let carol = api.as_user("carol", "c");
+    assert_eq!(carol.get("/api/vhosts").await.json(), json!([]));
+    assert_eq!(
+        alice
+            .get("/api/vhosts")
+            .await
+            .json()
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+
+    assert_eq!(api.delete("/api/permissions/dev/alice").await.status, 204);
+    assert_eq!(api.delete("/api/permissions/dev/alice").await.status, 404);
+    assert_eq!(api.delete("/api/users/alice").await.status, 204);
+    assert_eq!(api.get("/api/users/alice").await.status, 404);
+    assert_eq!(api.delete("/api/vhosts/dev").await.status, 204);
+    assert_eq!(api.get("/api/vhosts/dev").await.status, 404);
+    assert_eq!(api.delete("/api/vhosts/dev").await.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_exchanges_bindings_publish_get() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    assert_eq!(
+        api.put(
+            "/api/queues/%2F/orders",
+            json!({"durable": true, "arguments": {"x-max-length": 10}})
+        )
+        .await
+        .status,
+        201
+    );
+    assert_eq!(
+        api.put(
+            "/api/queues/%2F/orders",
+            json!({"durable": true, "arguments": {"x-max-length": 10}})
+        )
+        .await
+        .status,
+        204
+    );
+    // Inequivalent re-declare.
+    let r = api
+        .put("/api/queues/%2F/orders", json!({"durable": false}))
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "bad_request");
+    let q = api.get("/api/queues/%2F/orders").await.json();
+    assert_eq!(q["arguments"], json!({"x-max-length": 10}));
+    assert_eq!(q["state"], "running");
+    assert_eq!(q["type"], "classic");
+    assert_eq!(q["messages"], 0);
+    assert_eq!(api.get("/api/queues/%2F/nope").await.status, 404);
+    assert_eq!(api.get("/api/queues/nohost").await.status, 404);
+
+    assert_eq!(
+        api.put(
+            "/api/exchanges/%2F/shop",
+            json!({"type": "topic", "durable": true})
+        )
+        .await
+        .status,
+        201
+    );
+    assert_eq!(
+        api.put("/api/exchanges/%2F/bad", json!({})).await.status,
+        400
+    );
+    let x = api.get("/api/exchanges/%2F/shop").await.json();
+    assert_eq!(x["type"], "topic");
+    assert_eq!(
+        api.get("/api/exchanges/%2F/amq.default").await.json()["name"],
+        ""
+    );
+    assert_eq!(
+        api.get("/api/exchanges/%2F")
+            .await
+            .json()
+            .as_array()
+            .map(Vec::len),
+        Some(7)
+    );
+
+    let r = api
+        .post(
+            "/api/bindings/%2F/e/shop/q/orders",
+            json!({"routing_key": "order.*", "arguments": {}}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.header("location"), Some("orders/order.%252A"));
+    let list = api.get("/api/bindings/%2F/e/shop/q/orders").await.json();
+    assert_eq!(list[0]["routing_key"], "order.*");
+    // The properties key is URL-encoded in paths, like any path segment.
+    let props = percent_encode(list[0]["properties_key"].as_str().expect("props"));
+    let one = api
+        .get(&format!("/api/bindings/%2F/e/shop/q/orders/{props}"))
+        .await;
+    assert_eq!(one.status, 200, "{}", one.text());
+    let qb = api.get("/api/queues/%2F/orders/bindings").await.json();
+    assert_eq!(qb.as_array().map(Vec::len), Some(2), "{qb}");
+    assert_eq!(qb[0]["source"], "");
+    let src = api
+        .get("/api/exchanges/%2F/shop/bindings/source")
+        .await
+        .json();
+    assert_eq!(src.as_array().map(Vec::len), Some(1));
+    let all = api.get("/api/bindings/%2F").await.json();
+    assert!(all
+        .as_array()
+        .expect("list")
+        .iter()
+        .any(|b| b["source"] == "shop"));
+
+    // Exchange-to-exchange.
+    api.put("/api/exchanges/%2F/audit", json!({"type": "fanout"}))
+        .await;
+    assert_eq!(
+        api.post(
+            "/api/bindings/%2F/e/shop/e/audit",
+            json!({"routing_key": "#"})
+        )
+        .await
+        .status,
+        201
+    );
+    assert_eq!(
+        api.get("/api/exchanges/%2F/audit/bindings/destination")
+            .await
+            .json()[0]["source"],
+        "shop"
+    );
+
+    let r = api
+        .post(
+            "/api/exchanges/%2F/shop/publish",
+            json!({"routing_key": "order.new", "payload": "hello", "payload_encoding": "string", "properties": {"delivery_mode": 2, "headers": {"h": 1}}}),
+        )
+        .await;
+    assert_eq!(r.json(), json!({"routed": true}));
+    let r = api
+        .post(
+            "/api/exchanges/%2F/shop/publish",
+            json!({"routing_key": "nothing", "payload": "", "payload_encoding": "string", "properties": {}}),
+        )
+        .await;
+    assert_eq!(r.json(), json!({"routed": false}));
+    api.post(
+        "/api/exchanges/%2F/amq.default/publish",
+        json!({"routing_key": "orders", "payload": "//4=", "payload_encoding": "base64", "properties": {}}),
+    )
+    .await;
+    assert_eq!(
+        api.get("/api/queues/%2F/orders").await.json()["messages"],
+        2
+    );
+
+    let got = api
+        .post(
+            "/api/queues/%2F/orders/get",
+            json!({"count": 5, "ackmode": "ack_requeue_true", "encoding": "auto"}),
+        )
+        .await
+        .json();
+    assert_eq!(got.as_array().map(Vec::len), Some(2));
+    assert_eq!(got[0]["payload"], "hello");
+    assert_eq!(got[0]["payload_encoding"], "string");
+    assert_eq!(got[0]["properties"]["headers"], json!({"h": 1}));
+    assert_eq!(got[0]["routing_key"], "order.new");
+    assert_eq!(got[1]["payload"], "//4=");
+    assert_eq!(got[1]["payload_encoding"], "base64");
+    assert_eq!(
+        api.get("/api/queues/%2F/orders").await.json()["messages"],
+        2
+    );
+    let got = api
+        .post(
+            "/api/queues/%2F/orders/get",
+            json!({"count": 1, "ackmode": "ack_requeue_false", "encoding": "base64"}),
+        )
+        .await
+        .json();
+    assert_eq!(got[0]["payload"], "aGVsbG8=");
+    assert_eq!(got[0]["redelivered"], true);
+    let q = api.get("/api/queues/%2F/orders").await.json();
+    assert_eq!(q["messages"], 1);
+    assert_eq!(q["message_stats"]["publish"], 2);
+    assert!(q["message_stats"]["deliver_get"].as_u64().unwrap_or(0) >= 3);
+    assert!(q["message_stats"]["publish_details"]["rate"].is_number());
+    assert_eq!(
+        api.post("/api/queues/%2F/orders/get", json!({"count": 1}))
+            .await
+            .status,
+        400
+    );
+
+    assert_eq!(
+        api.delete("/api/queues/%2F/orders/contents").await.status,
+        204
+    );
+    assert_eq!(
+        api.get("/api/queues/%2F/orders").await.json()["messages"],
+        0
+    );
+
+    let r = api
+        .delete(&format!("/api/bindings/%2F/e/shop/q/orders/{props}"))
+        .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        api.get(&format!("/api/bindings/%2F/e/shop/q/orders/{props}"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        api.delete("/api/exchanges/%2F/shop?if-unused=true")
+            .await
+            .status,
+        400
+    );
+    assert_eq!(api.delete("/api/exchanges/%2F/shop").await.status, 204);
+    assert_eq!(api.delete("/api/exchanges/%2F/shop").await.status, 404);
+    assert_eq!(api.delete("/api/queues/%2F/orders").await.status, 204);
+    assert_eq!(api.get("/api/queues/%2F/orders").await.status, 404);
+    assert_eq!(
+        api.get("/api/aliveness-test/%2F").await.json(),
+        json!({"status": "ok"})
+    );
+    assert_eq!(
+        api.get("/api/health/checks/alarms").await.json(),
+        json!({"status": "ok"})
+    );
+    assert_eq!(api.get("/api/health/checks/local-alarms").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pagination_like_rabbitmq() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    for i in 0..25 {
+        api.put(
+            &format!("/api/queues/%2F/p{i:02}"),
+            json!({"durable": false}),
+        )
+        .await;
+    }
+    api.put("/api/queues/%2F/other", json!({})).await;
+    let r = api.get("/api/queues/%2F?page=2&page_size=10").await.json();
+    assert_eq!(r["page"], 2);
+    assert_eq!(r["page_size"], 10);
+    assert_eq!(r["page_count"], 3);
+    assert_eq!(r["item_count"], 10);
+    assert_eq!(r["filtered_count"], 26);
+    assert_eq!(r["total_count"], 26);
+    // "other" sorts first.
+    assert_eq!(r["items"][0]["name"], "p09");
+    let r = api
+        .get("/api/queues?page=1&page_size=100&name=%5Ep0&use_regex=true")
+        .await
+        .json();
+    assert_eq!(r["filtered_count"], 10);
+    assert_eq!(r["total_count"], 26);
+    let r = api.get("/api/queues?page=1&name=OTH").await.json();
+    assert_eq!(r["filtered_count"], 1);
+    let r = api
+        .get("/api/queues?page=1&page_size=2&columns=name,messages")
+        .await
+        .json();
+    assert_eq!(r["items"][0], json!({"name": "other", "messages": 0}));
+    assert_eq!(api.get("/api/queues?page=9").await.status, 400);
+    assert_eq!(
+        api.get("/api/queues?page_size=501&page=1").await.status,
+        400
+    );
+    // Without page: a plain array.
+    assert_eq!(
+        api.get("/api/queues").await.json().as_array().map(Vec::len),
+        Some(26)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_channels_consumers_and_close() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    let (conn, ch) = b.channel().await;
+    common::declare(&ch, "work", FieldTable::default()).await;
+    let _consumer = ch
+        .basic_consume(
+            "work".into(),
+            "ctag-1".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let conns = api.get("/api/connections").await.json();
+    let c = &conns[0];
+    assert_eq!(c["user"], "guest");
+    assert_eq!(c["vhost"], "/");
+    assert_eq!(c["protocol"], "AMQP 0-9-1");
+    assert_eq!(c["channels"], 1);
+    let name = c["name"].as_str().expect("name").to_owned();
+    assert!(name.ends_with(&format!("-> {}", b.addr)), "{name}");
+    assert!(c["client_properties"]["product"].is_string(), "{c}");
+
+    let chans = api.get("/api/channels").await.json();
+    assert_eq!(chans[0]["number"], 1);
+    assert_eq!(chans[0]["consumer_count"], 1);
+    assert_eq!(chans[0]["connection_details"]["name"], name.as_str());
+    let cons = api.get("/api/consumers").await.json();
+    assert_eq!(cons[0]["consumer_tag"], "ctag-1");
+    assert_eq!(cons[0]["queue"], json!({"name": "work", "vhost": "/"}));
+    assert_eq!(cons[0]["ack_required"], true);
+    assert_eq!(
+        api.get("/api/consumers/%2F")
+            .await
+            .json()
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    let o = api.get("/api/overview").await.json();
+    assert_eq!(o["object_totals"]["connections"], 1);
+    assert_eq!(o["object_totals"]["consumers"], 1);
+
+    let path = format!("/api/connections/{}", percent_encode(&name));
+    assert_eq!(api.get(&path).await.json()["name"], name.as_str());
+    assert_eq!(api.delete(&path).await.status, 204);
+    // The client sees connection.close 320 and the registry empties.
+    for _ in 0..50 {
+        if !conn.status().connected() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!conn.status().connected());
+    for _ in 0..50 {
+        if api.get("/api/connections").await.json() == json!([]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(api.get("/api/connections").await.json(), json!([]));
+    assert_eq!(api.get(&path).await.status, 404);
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_round_trip() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    let defs = json!({
+        "rabbit_version": "3.10.0",
+        "users": [{"name": "imported", "password_hash": "kI3GCqW5JLMJa4iX1lo7X4D6XbYqlLgxIs30+P6tENUV2POR",
+                   "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": "management", "limits": {}}],
+        "vhosts": [{"name": "/"}, {"name": "imp"}],
+        "permissions": [{"user": "imported", "vhost": "imp", "configure": ".*", "write": ".*", "read": ".*"}],
+        "topic_permissions": [], "parameters": [], "global_parameters": [], "policies": [],
+        "queues": [{"name": "iq", "vhost": "imp", "durable": true, "auto_delete": false, "arguments": {"x-queue-type": "classic"}}],
+        "exchanges": [{"name": "ix", "vhost": "imp", "type": "direct", "durable": true, "auto_delete": false, "internal": false, "arguments": {}}],
+        "bindings": [{"source": "ix", "vhost": "imp", "destination": "iq", "destination_type": "queue", "routing_key": "k", "arguments": {}}]
+    });
+    let r = api.post("/api/definitions", defs.clone()).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    // Idempotent.
+    assert_eq!(api.post("/api/definitions", defs).await.status, 204);
+    assert_eq!(
+        api.as_user("imported", "test12")
+            .get("/api/whoami")
+            .await
+            .status,
+        200
+    );
+    let out = api.get("/api/definitions").await.json();
+    assert!(out["users"]
+        .as_array()
+        .expect("users")
+        .iter()
+        .any(|u| u["name"] == "imported"
+            && u["password_hash"] == "kI3GCqW5JLMJa4iX1lo7X4D6XbYqlLgxIs30+P6tENUV2POR"));
+    assert!(out["queues"]
+        .as_array()
+        .expect("queues")
+        .iter()
+        .any(|q| q["name"] == "iq" && q["vhost"] == "imp"));
+    assert!(out["bindings"]
+        .as_array()
+        .expect("bindings")
+        .iter()
+        .any(|b| b["source"] == "ix" && b["destination"] == "iq" && b["routing_key"] == "k"));
+    assert!(out["permissions"]
+        .as_array()
+        .expect("permissions")
+        .iter()
+        .any(|p| p["user"] == "imported" && p["vhost"] == "imp"));
+    let v = api.get("/api/definitions/imp").await.json();
+    assert_eq!(v["queues"][0]["name"], "iq");
+    assert!(v["queues"][0].get("vhost").is_none());
+
+    // The export imports into a fresh broker and survives its restart.
+    let b2 = common::start().await;
+    let api2 = Api::new(&b2);
+    assert_eq!(api2.post("/api/definitions", out).await.status, 204);
+    let b2 = b2.restart().await;
+    let api2 = Api::new(&b2);
+    assert_eq!(api2.get("/api/queues/imp/iq").await.status, 200);
+    assert_eq!(api2.get("/api/permissions/imp/imported").await.status, 200);
+    assert_eq!(
+        api2.get("/api/bindings/imp/e/ix/q/iq").await.json()[0]["routing_key"],
+        "k"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_text() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    api.put("/api/queues/%2F/m1", json!({})).await;
+    api.post(
+        "/api/exchanges/%2F/amq.default/publish",
+        json!({"routing_key": "m1", "payload": "x", "payload_encoding": "string", "properties": {}}),
+    )
+    .await;
+    let anon = Api {
+        addr: b.http_addr,
+        auth: None,
+    };
+    let r = anon.get("/metrics").await;
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/plain")));
+    let t = r.text();
+    for needle in [
+        "rabbitmq_connections 0",
+        "rabbitmq_queues 1",
+        "rabbitmq_global_messages_received_total 1",
+        "rabbitmq_queue_messages_ready{vhost=\"/\",queue=\"m1\"} 1",
+        "rabbitmq_queue_messages_unacked{vhost=\"/\",queue=\"m1\"} 0",
+        "rabbitmq_alarms_memory_used_watermark 0",
+        "# TYPE rabbitmq_global_messages_received_total counter",
+    ] {
+        assert!(t.contains(needle), "metrics lack {needle}:\n{t}");
+    }
+    let page = anon.get("/").await;
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("/api/overview"));
+}
+
+/// Permissions over AMQP: RabbitMQ's 403 ACCESS_REFUSED texts and 530 for a vhost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_permissions_enforced() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    api.put("/api/users/limited", json!({"password": "pw", "tags": ""}))
+        .await;
+    let url = format!("amqp://limited:pw@{}/%2f", b.addr);
+    // No permission on "/": 530 at connection.open.
+    let e = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect_err("vhost refused");
+    assert!(
+        format!("{e:?}").contains("access to vhost '/' refused for user 'limited'"),
+        "{e:?}"
+    );
+    api.put(
+        "/api/permissions/%2F/limited",
+        json!({"configure": "^limited\\.", "write": "^limited\\.", "read": "^limited\\."}),
+    )
+    .await;
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_declare(
+        "limited.q".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("allowed declare");
+    let e = ch
+        .queue_declare(
+            "other".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("refused declare");
+    assert_eq!(common::reply_code(&e), Some(403));
+    assert!(format!("{e:?}").contains(
+        "ACCESS_REFUSED - configure access to queue 'other' in vhost '/' refused for user 'limited'"
+    ), "{e:?}");
+    // Publishing to the default exchange needs write on amq.default.
+    let ch = conn.create_channel().await.expect("channel");
+    ch.basic_publish(
+        "".into(),
+        "limited.q".into(),
+        BasicPublishOptions::default(),
+        b"x",
+        BasicProperties::default(),
+    )
+    .await
+    .expect("publish sent");
+    let e = ch
+        .basic_get("limited.q".into(), BasicGetOptions::default())
+        .await
+        .expect_err("channel closed by the refused publish");
+    assert_eq!(common::reply_code(&e), Some(403));
+    assert!(
+        format!("{e:?}").contains("write access to exchange 'amq.default'"),
+        "{e:?}"
+    );
+    // Granting write on amq.default takes effect on the open connection.
+    api.put(
+        "/api/permissions/%2F/limited",
+        json!({"configure": "^limited\\.", "write": "^(limited\\.|amq\\.default$)", "read": "^limited\\."}),
+    )
+    .await;
+    let ch = conn.create_channel().await.expect("channel");
+    common::publish(&ch, "", "limited.q", b"y").await;
+    assert_eq!(
+        common::get(&ch, "limited.q").await.as_deref(),
+        Some(&b"y"[..])
+    );
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// docs/PERFORMANCE.md: listing 100k queues page by page (500 a page, RabbitMQ's maximum).
+/// Ignored by default (about a minute); run with
+/// `cargo test --release -p warren-tests --test http_api -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn list_100k_queues_page_by_page() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    let broker = &b.server.as_ref().expect("server").broker;
+    let vh = broker.vhost("/").expect("vhost");
+    let n = 100_000;
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        vh.declare_queue(
+            warren_core::QueueDecl {
+                name: format!("perf-{i:06}").as_str().into(),
+                passive: false,
+                durable: false,
+                exclusive: false,
+                auto_delete: false,
+                arguments: Default::default(),
+            },
+            warren_core::ConnectionId(0),
+        )
+        .await
+        .expect("declare");
+    }
+    println!("declared {n} queues in {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let mut page = 1;
+    let mut seen = 0;
+    let mut slowest = Duration::ZERO;
+    loop {
+        let t1 = std::time::Instant::now();
+        let r = api
+            .get(&format!("/api/queues/%2F?page={page}&page_size=500"))
+            .await
+            .json();
+        slowest = slowest.max(t1.elapsed());
+        seen += r["item_count"].as_u64().expect("count");
+        if page >= r["page_count"].as_u64().expect("pages") as usize {
+            break;
+        }
+        page += 1;
+    }
+    let all = t.elapsed();
+    assert_eq!(seen, n as u64);
+    println!(
+        "listed {n} queues in {page} pages of 500: {all:?} total, {:?} per page, slowest page {slowest:?}",
+        all / page as u32
+    );
+    let t = std::time::Instant::now();
+    let r = api.get("/api/overview").await;
+    assert_eq!(r.status, 200);
+    println!("overview with {n} queues: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let r = api.get("/metrics").await;
+    println!(
+        "/metrics with {n} queues: {:?} ({} bytes)",
+        t.elapsed(),
+        r.body.len()
+    );
+}
