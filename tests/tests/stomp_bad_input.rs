@@ -129,3 +129,59 @@ async fn stomp_topics_meet_mqtt() {
     assert_eq!(&m.body[..], &payload[..]);
     driver.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissions_and_the_connection_registry() {
+    use warren_core::permissions::PermissionRecord;
+    let b = start().await;
+    let broker = b.server.as_ref().unwrap().broker.clone();
+    broker.put_user("reader", "pw", vec![]).await.unwrap();
+    broker.put_user("nobody", "pw", vec![]).await.unwrap();
+    broker
+        .set_permission(PermissionRecord {
+            user: "reader".into(),
+            vhost: "/".into(),
+            configure: "^$".into(),
+            write: "^$".into(),
+            read: ".*".into(),
+        })
+        .await
+        .unwrap();
+    // No permission on the vhost at all: refused at CONNECT.
+    let (mut c, f) =
+        StompClient::connect_with(b.stomp_addr, &[("login", "nobody"), ("passcode", "pw")]).await;
+    assert_eq!(f.command, "ERROR");
+    assert_eq!(f.get("message"), Some("Bad CONNECT"));
+    assert!(c.closed().await);
+    // Listed in the registry as RabbitMQ lists STOMP connections.
+    let (mut c, f) =
+        StompClient::connect_with(b.stomp_addr, &[("login", "reader"), ("passcode", "pw")]).await;
+    assert_eq!(f.command, "CONNECTED");
+    let listed = broker.connections().list();
+    assert!(listed
+        .iter()
+        .any(|e| e.info.protocol == "STOMP 1.2" && e.info.user == "reader"));
+    // Publishing needs write on the exchange.
+    c.send(send_frame("/topic/x", b"no")).await;
+    let e = c.recv().await.unwrap();
+    assert_eq!(e.command, "ERROR");
+    assert_eq!(e.get("message"), Some("access_refused"));
+    let body = String::from_utf8_lossy(&e.body).into_owned();
+    assert!(
+        body.contains("ACCESS_REFUSED - write access to exchange 'amq.topic' in vhost '/' refused for user 'reader'"),
+        "{body}"
+    );
+    assert!(c.closed().await);
+    // Declaring /queue/ needs configure on the queue.
+    let (mut c, _) =
+        StompClient::connect_with(b.stomp_addr, &[("login", "reader"), ("passcode", "pw")]).await;
+    c.send(
+        Frame::new("SUBSCRIBE")
+            .with("id", "s")
+            .with("destination", "/queue/private"),
+    )
+    .await;
+    let e = c.recv().await.unwrap();
+    assert_eq!(e.get("message"), Some("access_refused"));
+    assert!(c.closed().await);
+}

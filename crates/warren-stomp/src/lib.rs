@@ -76,7 +76,8 @@ impl StompFrontend {
                         continue;
                     };
                     let _ = socket.set_nodelay(true);
-                    tasks.spawn(session::run(socket, peer, self.clone(), shutdown.clone()));
+                    let local = socket.local_addr().unwrap_or(peer);
+                    tasks.spawn(session::run(socket, peer, local, self.clone(), shutdown.clone()));
                 }
                 _ = shutdown.changed() => break,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -85,15 +86,17 @@ impl StompFrontend {
         warren_core::shutdown::drain_connections(&mut tasks, Duration::from_secs(5)).await;
     }
 
-    /// Runs one STOMP session over any byte stream (a TCP socket, a WebSocket).
+    /// Runs one STOMP session over any byte stream (a TCP socket, a WebSocket). `local`
+    /// is the listener's address (shown in the management API's connection name).
     pub async fn handle_stream<S>(
         self: Arc<Self>,
         stream: S,
         peer: SocketAddr,
+        local: SocketAddr,
         shutdown: watch::Receiver<bool>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        session::run(stream, peer, self, shutdown).await
+        session::run(stream, peer, local, self, shutdown).await
     }
 }

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
+use warren_core::permissions::{Access, ResourceKind};
 use warren_core::{
-    AlarmState, ConnectionId, ConsumerId, ConsumerSpec, CoreError, Credit, Delivery, FieldTable,
+    AlarmState, ConnectionGuard, ConnectionId, ConnectionInfo, ConsumerId, ConsumerSpec, CoreError, Credit, Delivery, FieldTable,
     Message, MsgSeq, Outbox, OutboxEvent, Queue, QueueDecl, ShortString, Target, Ticket, VHost,
 };
 
@@ -107,11 +108,14 @@ struct Session {
     /// Whether this connection has published (alarms stop reading from publishers).
     publisher: bool,
     alarms: watch::Receiver<AlarmState>,
+    /// Listed in the management API while it lives; its `closed()` is the API's close.
+    registration: ConnectionGuard,
 }
 
 pub(crate) async fn run<S>(
     stream: S,
     peer: SocketAddr,
+    local: SocketAddr,
     fe: Arc<StompFrontend>,
     mut shutdown: watch::Receiver<bool>,
 ) where
@@ -153,7 +157,7 @@ pub(crate) async fn run<S>(
         let _ = wr.write_all(&out).await;
         return;
     }
-    let (mut session, mut deliveries) = match connect_session(&fe, peer, &connect) {
+    let (mut session, mut deliveries) = match connect_session(&fe, peer, local, &connect) {
         Ok(s) => s,
         Err((version, stop)) => {
             let mut out = BytesMut::new();
@@ -246,6 +250,7 @@ fn error_frame(out: &mut BytesMut, version: Version, stop: &Stop) {
 fn connect_session(
     fe: &Arc<StompFrontend>,
     peer: SocketAddr,
+    local: SocketAddr,
     c: &Frame,
 ) -> Result<(Session, mpsc::Receiver<Delivery>), (Version, Stop)> {
     let version = match c.get("accept-version") {
@@ -281,10 +286,23 @@ fn connect_session(
     let Some(vhost) = fe.broker.vhost(vhost_name) else {
         return Err(bad(format!("Virtual host '{vhost_name}' access denied")));
     };
+    if fe.broker.check_vhost_access(&user, vhost_name).is_err() {
+        return Err(bad(format!("Virtual host '{vhost_name}' access denied")));
+    }
+    let id = ConnectionId::next();
+    let registration = fe.broker.connections().register(ConnectionInfo {
+        id,
+        protocol: format!("STOMP {}", version.as_str()),
+        user: user.clone(),
+        vhost: vhost_name.to_owned(),
+        peer,
+        local,
+        client_properties: FieldTable::default(),
+    });
     let (outbox, deliveries) = Outbox::new(OUTBOX);
     let session = Session {
         fe: fe.clone(),
-        id: ConnectionId::next(),
+        id,
         peer,
         version,
         session_id: warren_core::vhost::generated_name("session-"),
@@ -303,6 +321,7 @@ fn connect_session(
         temp_queues: HashMap::new(),
         publisher: false,
         alarms: fe.broker.alarms.subscribe(),
+        registration,
     };
     Ok((session, deliveries))
 }
@@ -441,8 +460,19 @@ impl Session {
                 _ = shutdown.changed() => {
                     return Err(Stop::error("Server shutdown", "The broker is shutting down"));
                 }
+                reason = self.registration.closed() => {
+                    return Err(Stop::error("Connection forced", format!("CONNECTION_FORCED - {reason}")));
+                }
             }
         }
+    }
+
+    /// RabbitMQ's permission check for this session's user; 403 becomes an ERROR frame.
+    fn allow(&self, access: Access, kind: ResourceKind, name: &str) -> Step {
+        self.fe
+            .broker
+            .check_permission(&self.user, &self.vhost.name, access, kind, name)
+            .map_err(Stop::core)
     }
 
     /// Moves receipts whose writes are synced (or that wait for nothing) to the output.
@@ -599,6 +629,7 @@ impl Session {
 
     /// `/queue/<name>`: declared durable (RabbitMQ's defaults), `x-` headers as arguments.
     async fn declare_named(&mut self, name: &str, f: &Frame) -> Step {
+        self.allow(Access::Configure, ResourceKind::Queue, name)?;
         let arguments =
             props::queue_arguments(f).map_err(|e| Stop::error("Invalid header", e.to_string()))?;
         let decl = QueueDecl {
@@ -739,6 +770,8 @@ impl Session {
             )
             .await
             .map_err(Stop::core)?;
+        self.allow(Access::Write, ResourceKind::Queue, q.name.as_str())?;
+        self.allow(Access::Read, ResourceKind::Exchange, exchange)?;
         self.vhost
             .bind(
                 exchange,
@@ -759,6 +792,7 @@ impl Session {
         prefetch: u32,
         durable_queue: bool,
     ) -> Step {
+        self.allow(Access::Read, ResourceKind::Queue, queue.name.as_str())?;
         let token = self.next_token;
         self.next_token += 1;
         let consumer = ConsumerId::next();

@@ -167,7 +167,7 @@ impl Server {
         if let Some(listener) = listen("Web-MQTT (/ws)", &l.web_mqtt).await? {
             web_mqtt_addr = listener.local_addr().ok();
             let fe = mqtt.clone();
-            let session: websocket::SessionFn = Arc::new(move |stream, peer, shutdown| {
+            let session: websocket::SessionFn = Arc::new(move |stream, peer, _local, shutdown| {
                 Box::pin(fe.clone().handle_stream(stream, peer, shutdown))
             });
             // MQTT-6.0.0-3: the subprotocol is "mqtt" (mqttv3.1 for old 3.1 clients).
@@ -191,8 +191,8 @@ impl Server {
         if let Some(listener) = listen("Web-STOMP (/ws)", &l.web_stomp).await? {
             web_stomp_addr = listener.local_addr().ok();
             let fe = stomp.clone();
-            let session: websocket::SessionFn = Arc::new(move |stream, peer, shutdown| {
-                Box::pin(fe.clone().handle_stream(stream, peer, shutdown))
+            let session: websocket::SessionFn = Arc::new(move |stream, peer, local, shutdown| {
+                Box::pin(fe.clone().handle_stream(stream, peer, local, shutdown))
             });
             tasks.push(tokio::spawn(websocket::serve(
                 listener,

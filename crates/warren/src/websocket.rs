@@ -20,10 +20,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Runs one protocol session over the byte stream of an accepted WebSocket.
+/// Runs one protocol session over the byte stream of an accepted WebSocket
+/// (stream, peer address, listener address, shutdown).
 pub type SessionFn = Arc<
     dyn Fn(
             DuplexStream,
+            SocketAddr,
             SocketAddr,
             watch::Receiver<bool>,
         ) -> Pin<Box<dyn Future<Output = ()> + Send>>
@@ -47,6 +49,7 @@ struct Transport {
     framing: Framing,
     session: SessionFn,
     shutdown: watch::Receiver<bool>,
+    local: SocketAddr,
 }
 
 /// Bytes buffered between the WebSocket and the session in each direction.
@@ -60,11 +63,19 @@ pub async fn serve(
     session: SessionFn,
     shutdown: watch::Receiver<bool>,
 ) {
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "websocket listener has no address");
+            return;
+        }
+    };
     let t = Transport {
         protocols,
         framing,
         session,
         shutdown: shutdown.clone(),
+        local,
     };
     let app = Router::new().route("/ws", get(upgrade)).with_state(t);
     let mut stop = shutdown;
@@ -94,7 +105,7 @@ async fn upgrade(
 /// WebSocket messages, until either side ends.
 async fn bridge(socket: WebSocket, peer: SocketAddr, t: Transport) {
     let (app_side, our_side) = tokio::io::duplex(PIPE);
-    let session = tokio::spawn((t.session)(app_side, peer, t.shutdown.clone()));
+    let session = tokio::spawn((t.session)(app_side, peer, t.local, t.shutdown.clone()));
     let (mut from_app, mut to_app) = tokio::io::split(our_side);
     let (mut ws_tx, mut ws_rx) = socket.split();
     let mut text = t.framing == Framing::TextPreferred;
