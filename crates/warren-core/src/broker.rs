@@ -425,7 +425,7 @@ impl Broker {
     }
 
     /// RabbitMQ's resource check: `Ok` if `user` has `access` to the `kind` resource `name`
-    /// in `vhost`, else 403 ACCESS_REFUSED with RabbitMQ's text (`write access to exchange
+    /// in `vhost`, else 403 ACCESS_REFUSED with RabbitMQ's text (`access to exchange
     /// 'amq.default' in vhost '/' refused for user 'u'`). The default exchange is checked
     /// as `amq.default`. MQTT/STOMP map the error to their own answers.
     pub fn check_permission(
