@@ -163,12 +163,16 @@ async fn permissions_and_the_connection_registry() {
         .any(|e| e.info.protocol == "STOMP 1.2" && e.info.user == "reader"));
     // Publishing needs write on the exchange.
     c.send(send_frame("/topic/x", b"no")).await;
-    let e = c.recv().await.unwrap();
+    let e = c
+        .recv_within(Duration::from_secs(5))
+        .await
+        .expect("ERROR for SEND")
+        .unwrap();
     assert_eq!(e.command, "ERROR");
     assert_eq!(e.get("message"), Some("access_refused"));
     let body = String::from_utf8_lossy(&e.body).into_owned();
     assert!(
-        body.contains("ACCESS_REFUSED - write access to exchange 'amq.topic' in vhost '/' refused for user 'reader'"),
+        body.contains("ACCESS_REFUSED - access to exchange 'amq.topic' in vhost '/' refused for user 'reader'"),
         "{body}"
     );
     assert!(c.closed().await);
@@ -181,7 +185,11 @@ async fn permissions_and_the_connection_registry() {
             .with("destination", "/queue/private"),
     )
     .await;
-    let e = c.recv().await.unwrap();
+    let e = c
+        .recv_within(Duration::from_secs(5))
+        .await
+        .expect("ERROR for SUBSCRIBE")
+        .unwrap();
     assert_eq!(e.get("message"), Some("access_refused"));
     assert!(c.closed().await);
 }

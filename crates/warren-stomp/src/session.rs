@@ -13,8 +13,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use warren_core::permissions::{Access, ResourceKind};
 use warren_core::{
-    AlarmState, ConnectionGuard, ConnectionId, ConnectionInfo, ConsumerId, ConsumerSpec, CoreError, Credit, Delivery, FieldTable,
-    Message, MsgSeq, Outbox, OutboxEvent, Queue, QueueDecl, ShortString, Target, Ticket, VHost,
+    AlarmState, ConnectionGuard, ConnectionId, ConnectionInfo, ConsumerId, ConsumerSpec, CoreError,
+    Credit, Delivery, FieldTable, Message, MsgSeq, Outbox, OutboxEvent, Queue, QueueDecl,
+    ShortString, Target, Ticket, VHost,
 };
 
 use crate::codec::{self, CodecError, Decoded, Frame, Version};
@@ -617,6 +618,7 @@ impl Session {
                 properties.reply_to = Some(short(&format!("/reply-queue/{real}"))?);
             }
         }
+        self.allow(Access::Write, ResourceKind::Exchange, &exchange)?;
         let msg = Message::new(short(&exchange)?, short(&routing_key)?, properties, f.body);
         self.publisher = true;
         let out = self
@@ -755,6 +757,9 @@ impl Session {
         };
         let arguments =
             props::queue_arguments(f).map_err(|e| Stop::error("Invalid header", e.to_string()))?;
+        if !name.is_empty() {
+            self.allow(Access::Configure, ResourceKind::Queue, &name)?;
+        }
         let (q, _) = self
             .vhost
             .declare_queue(
