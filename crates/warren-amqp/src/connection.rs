@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::{connection, AMQPClass};
 use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use warren_amqp_codec::{self as codec, Frame, HeaderCheck};
 use warren_core::{
@@ -91,9 +91,14 @@ pub(crate) struct Conn {
     pub perm_generation: u64,
 }
 
-pub(crate) async fn run(
-    socket: TcpStream,
+/// The byte streams a connection runs over: TCP, TLS, a WebSocket's bytes.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
+
+pub(crate) async fn run<S: Stream>(
+    socket: S,
     peer: SocketAddr,
+    local: SocketAddr,
     broker: Arc<Broker>,
     cfg: Arc<AmqpConfig>,
     shutdown: watch::Receiver<bool>,
@@ -101,9 +106,6 @@ pub(crate) async fn run(
     let (outbox, deliveries) = Outbox::new(cfg.outbox_capacity);
     let synced = broker.store().synced();
     let alarms = broker.alarms.subscribe();
-    let local = socket
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let mut conn = Conn {
         local,
         client_properties: FieldTable::default(),
@@ -151,13 +153,13 @@ pub(crate) async fn run(
 }
 
 impl Conn {
-    async fn serve(
+    async fn serve<S: Stream>(
         &mut self,
-        mut socket: TcpStream,
+        socket: S,
         deliveries: &mut mpsc::Receiver<Delivery>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), AmqpError> {
-        let (mut rd, mut wr) = socket.split();
+        let (mut rd, mut wr) = tokio::io::split(socket);
         let mut rbuf = BytesMut::with_capacity(64 * 1024);
         // Protocol header (AMQP 0-9-1 §4.2.2): a wrong one is answered with ours, then close.
         let deadline = tokio::time::Instant::now() + self.cfg.handshake_timeout;

@@ -12,6 +12,7 @@ pub mod error;
 mod fastpath;
 mod props;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,49 +55,93 @@ impl Default for AmqpConfig {
     }
 }
 
-/// Accepts AMQP connections on `listener` until `shutdown` becomes true; then asks every
-/// connection to close (connection.close 320) and waits for them.
+/// The AMQP front-end: shared by the plain listener and the TLS (AMQPS) listener.
+pub struct AmqpFrontend {
+    broker: Arc<Broker>,
+    config: Arc<AmqpConfig>,
+    /// `max_connections` across every listener.
+    limit: Arc<Semaphore>,
+}
+
+impl AmqpFrontend {
+    pub fn new(broker: Arc<Broker>, config: AmqpConfig) -> Arc<Self> {
+        let limit = Arc::new(Semaphore::new(if config.max_connections == 0 {
+            Semaphore::MAX_PERMITS
+        } else {
+            config.max_connections
+        }));
+        Arc::new(Self {
+            broker,
+            config: Arc::new(config),
+            limit,
+        })
+    }
+
+    /// Accepts AMQP connections on `listener` until `shutdown` becomes true; then asks
+    /// every connection to close (connection.close 320) and waits for them.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (socket, peer) = match accepted {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "amqp accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = socket.set_nodelay(true);
+                    let local = socket.local_addr().unwrap_or(peer);
+                    tasks.spawn(self.clone().handle_stream(socket, peer, local, shutdown.clone()));
+                }
+                _ = shutdown.changed() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        // Connections see the same shutdown signal and close themselves.
+        warren_core::shutdown::drain_connections(&mut tasks, Duration::from_secs(5)).await;
+    }
+
+    /// Runs one AMQP connection over any byte stream (TCP, TLS). `local` is the listener's
+    /// address, for the connection's name.
+    pub async fn handle_stream<S: connection::Stream>(
+        self: Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "amqp connection refused: connection limit reached");
+            return;
+        };
+        connection::run(
+            stream,
+            peer,
+            local,
+            self.broker.clone(),
+            self.config.clone(),
+            shutdown,
+        )
+        .await;
+        drop(permit);
+    }
+}
+
+/// Accepts AMQP connections on `listener` until `shutdown` (a front-end of its own).
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
     config: AmqpConfig,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let config = Arc::new(config);
-    let limit = Arc::new(Semaphore::new(if config.max_connections == 0 {
-        Semaphore::MAX_PERMITS
-    } else {
-        config.max_connections
-    }));
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (socket, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "amqp accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    tracing::warn!(%peer, "amqp connection refused: connection limit reached");
-                    continue;
-                };
-                let _ = socket.set_nodelay(true);
-                let broker = broker.clone();
-                let config = config.clone();
-                let shutdown = shutdown.clone();
-                tasks.spawn(async move {
-                    connection::run(socket, peer, broker, config, shutdown).await;
-                    drop(permit);
-                });
-            }
-            _ = shutdown.changed() => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-        }
-    }
-    // Connections see the same shutdown signal and close themselves.
-    warren_core::shutdown::drain_connections(&mut tasks, Duration::from_secs(5)).await;
+    AmqpFrontend::new(broker, config)
+        .serve(listener, shutdown)
+        .await
 }

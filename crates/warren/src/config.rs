@@ -15,7 +15,24 @@ pub struct Config {
     pub auth: Auth,
     pub limits: Limits,
     pub stomp: Stomp,
+    pub tls: Tls,
     pub log: Log,
+}
+
+/// TLS: PEM files; the TLS listeners start only when `cert_file` and `key_file` are set.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    pub cert_file: String,
+    pub key_file: String,
+    /// CA bundle for client certificates; when set, TLS clients must present one.
+    pub ca_file: String,
+}
+
+impl Tls {
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.trim().is_empty() && !self.key_file.trim().is_empty()
+    }
 }
 
 /// STOMP front-end limits; each breach is answered with an ERROR frame, then close.
@@ -50,6 +67,10 @@ pub struct Listeners {
     pub http: String,
     pub web_stomp: String,
     pub web_mqtt: String,
+    /// TLS listeners (only with `[tls]` certificates).
+    pub amqps: String,
+    pub mqtts: String,
+    pub stomps: String,
 }
 
 impl Default for Listeners {
@@ -61,6 +82,9 @@ impl Default for Listeners {
             http: "0.0.0.0:15672".into(),
             web_stomp: "0.0.0.0:15674".into(),
             web_mqtt: "0.0.0.0:15675".into(),
+            amqps: "0.0.0.0:5671".into(),
+            mqtts: "0.0.0.0:8883".into(),
+            stomps: "0.0.0.0:61614".into(),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod resources;
+pub mod tls;
 pub mod websocket;
 
 use std::net::SocketAddr;
@@ -23,6 +24,8 @@ pub enum ServerError {
         dir: String,
         source: warren_store::StoreError,
     },
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
     #[error("recovery failed: {0}")]
     Recovery(#[from] warren_core::CoreError),
     #[error("cannot listen on {addr} ({what}): {source}")]
@@ -49,6 +52,14 @@ async fn listen(what: &'static str, addr: &str) -> Result<Option<TcpListener>, S
     Ok(Some(listener))
 }
 
+/// Addresses of the TLS listeners.
+#[derive(Debug, Clone, Default)]
+pub struct TlsAddrs {
+    pub amqps: Option<SocketAddr>,
+    pub mqtts: Option<SocketAddr>,
+    pub stomps: Option<SocketAddr>,
+}
+
 /// A running broker.
 pub struct Server {
     /// The bound AMQP address (useful with port 0), if the listener is on.
@@ -61,6 +72,8 @@ pub struct Server {
     pub web_stomp_addr: Option<SocketAddr>,
     /// The bound Web-MQTT address (path `/ws`), if the listener is on.
     pub web_mqtt_addr: Option<SocketAddr>,
+    /// The bound TLS listeners, if `[tls]` is configured.
+    pub tls_addrs: TlsAddrs,
     /// The bound management HTTP address, if the listener is on.
     pub http_addr: Option<SocketAddr>,
     pub broker: Arc<Broker>,
@@ -133,22 +146,22 @@ impl Server {
         )));
         let mut amqp_addr = None;
         let l = &config.listeners;
-        if let Some(listener) = listen("AMQP 0-9-1", &l.amqp).await? {
-            amqp_addr = listener.local_addr().ok();
-            let amqp_cfg = warren_amqp::AmqpConfig {
+        let amqp = warren_amqp::AmqpFrontend::new(
+            broker.clone(),
+            warren_amqp::AmqpConfig {
                 frame_max: config.amqp.frame_max,
                 channel_max: config.amqp.channel_max,
                 heartbeat: config.amqp.heartbeat,
                 max_connections: config.amqp.max_connections,
                 max_message_size: config.limits.max_message_size,
                 ..Default::default()
-            };
-            tasks.push(tokio::spawn(warren_amqp::serve(
-                listener,
-                broker.clone(),
-                amqp_cfg,
-                shutdown_rx.clone(),
-            )));
+            },
+        );
+        if let Some(listener) = listen("AMQP 0-9-1", &l.amqp).await? {
+            amqp_addr = listener.local_addr().ok();
+            tasks.push(tokio::spawn(
+                amqp.clone().serve(listener, shutdown_rx.clone()),
+            ));
         }
         let mqtt_cfg = warren_mqtt::MqttConfig {
             default_user: config.auth.default_user.clone(),
@@ -202,6 +215,59 @@ impl Server {
                 shutdown_rx.clone(),
             )));
         }
+        let mut tls_addrs = TlsAddrs::default();
+        if config.tls.enabled() {
+            let ca = (!config.tls.ca_file.trim().is_empty())
+                .then(|| std::path::PathBuf::from(&config.tls.ca_file));
+            let acceptor = tls::acceptor(
+                std::path::Path::new(&config.tls.cert_file),
+                std::path::Path::new(&config.tls.key_file),
+                ca.as_deref(),
+            )?;
+            let (a, m, st) = (amqp.clone(), mqtt.clone(), stomp.clone());
+            let sessions: [(
+                &'static str,
+                &String,
+                tls::TlsSessionFn,
+                &mut Option<SocketAddr>,
+            ); 3] = [
+                (
+                    "AMQPS",
+                    &l.amqps,
+                    Arc::new(move |s, peer, local, sd| {
+                        Box::pin(a.clone().handle_stream(s, peer, local, sd))
+                    }),
+                    &mut tls_addrs.amqps,
+                ),
+                (
+                    "MQTTS",
+                    &l.mqtts,
+                    Arc::new(move |s, peer, _local, sd| {
+                        Box::pin(m.clone().handle_stream(s, peer, sd))
+                    }),
+                    &mut tls_addrs.mqtts,
+                ),
+                (
+                    "STOMP over TLS",
+                    &l.stomps,
+                    Arc::new(move |s, peer, local, sd| {
+                        Box::pin(st.clone().handle_stream(s, peer, local, sd))
+                    }),
+                    &mut tls_addrs.stomps,
+                ),
+            ];
+            for (what, addr, session, slot) in sessions {
+                if let Some(listener) = listen(what, addr).await? {
+                    *slot = listener.local_addr().ok();
+                    tasks.push(tokio::spawn(tls::serve(
+                        listener,
+                        acceptor.clone(),
+                        session,
+                        shutdown_rx.clone(),
+                    )));
+                }
+            }
+        }
         let mut http_addr = None;
         if let Some(listener) = listen("management HTTP", &l.http).await? {
             http_addr = listener.local_addr().ok();
@@ -213,6 +279,9 @@ impl Server {
                 ("http", http_addr),
                 ("http/web-stomp", web_stomp_addr),
                 ("http/web-mqtt", web_mqtt_addr),
+                ("amqp/ssl", tls_addrs.amqps),
+                ("mqtt/ssl", tls_addrs.mqtts),
+                ("stomp/ssl", tls_addrs.stomps),
             ] {
                 if let Some(addr) = addr {
                     listeners.push(warren_http::ListenerInfo {
@@ -251,6 +320,7 @@ impl Server {
             web_stomp_addr,
             web_mqtt_addr,
             http_addr,
+            tls_addrs,
             broker,
             limits,
             shutdown,

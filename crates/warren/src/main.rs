@@ -36,6 +36,15 @@ struct Args {
     /// MQTT-over-WebSocket listen address (path /ws) [default: 0.0.0.0:15675], or `off`.
     #[arg(long, env = "WARREN_WEB_MQTT_LISTEN")]
     web_mqtt_listen: Option<String>,
+    /// AMQPS (TLS) listen address [default: 0.0.0.0:5671], or `off`; needs [tls] files.
+    #[arg(long, env = "WARREN_AMQPS_LISTEN")]
+    amqps_listen: Option<String>,
+    /// MQTTS (TLS) listen address [default: 0.0.0.0:8883], or `off`; needs [tls] files.
+    #[arg(long, env = "WARREN_MQTTS_LISTEN")]
+    mqtts_listen: Option<String>,
+    /// STOMP-over-TLS listen address [default: 0.0.0.0:61614], or `off`; needs [tls] files.
+    #[arg(long, env = "WARREN_STOMPS_LISTEN")]
+    stomps_listen: Option<String>,
     /// Log format: `human` or `json`.
     #[arg(long, env = "WARREN_LOG_FORMAT")]
     log_format: Option<String>,
@@ -58,6 +67,9 @@ fn main() -> anyhow::Result<()> {
         (&mut l.http, &args.http_listen),
         (&mut l.web_stomp, &args.web_stomp_listen),
         (&mut l.web_mqtt, &args.web_mqtt_listen),
+        (&mut l.amqps, &args.amqps_listen),
+        (&mut l.mqtts, &args.mqtts_listen),
+        (&mut l.stomps, &args.stomps_listen),
     ] {
         if let Some(v) = arg {
             *slot = v.clone();

@@ -24,7 +24,7 @@ pub struct TestBroker {
     pub http_addr: std::net::SocketAddr,
 }
 
-fn config(dir: &std::path::Path) -> warren::Config {
+pub fn config(dir: &std::path::Path) -> warren::Config {
     let mut c = warren::Config::default();
     c.storage.data_dir = dir.to_path_buf();
     c.listeners.amqp = "127.0.0.1:0".into();
