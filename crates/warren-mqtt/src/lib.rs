@@ -7,10 +7,12 @@ mod session;
 pub mod topic;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use warren_core::{Broker, ConnectionId, Message};
@@ -97,46 +99,96 @@ impl Shared {
     }
 }
 
-/// Accepts MQTT connections until `shutdown`.
+/// A running MQTT front-end: the state every connection shares. TCP connections come
+/// through [`MqttFrontend::serve`]; other transports (MQTT over WebSocket) hand their byte
+/// stream to [`MqttFrontend::handle_stream`], so every transport runs the same session code.
+pub struct MqttFrontend {
+    shared: Arc<Shared>,
+    config: Arc<MqttConfig>,
+}
+
+impl MqttFrontend {
+    /// Creates the front-end and loads the retained messages from the store (they survive
+    /// restarts).
+    pub fn new(broker: Arc<Broker>, config: MqttConfig) -> Arc<Self> {
+        let mut retained = HashMap::new();
+        match broker.load_retained() {
+            Ok(all) => {
+                for (vhost, topic_name, msg) in all {
+                    retained.insert(
+                        format!("{vhost}\0{topic_name}"),
+                        (topic_name, Arc::new(msg)),
+                    );
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "retained messages could not be loaded"),
+        }
+        let shared = Arc::new(Shared {
+            broker,
+            sessions: Mutex::new(HashMap::new()),
+            retained: Mutex::new(retained),
+        });
+        Arc::new(Self {
+            shared,
+            config: Arc::new(config),
+        })
+    }
+
+    /// Accepts MQTT connections on `listener` until `shutdown`, then gives the open ones
+    /// a grace period to close.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((socket, peer)) = accepted else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let _ = socket.set_nodelay(true);
+                    tasks.spawn(self.clone().handle_stream(socket, peer, shutdown.clone()));
+                }
+                _ = shutdown.changed() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        warren_core::shutdown::drain_connections(&mut tasks, Duration::from_secs(5)).await;
+    }
+
+    /// Runs one MQTT connection over `stream` to its end: any transport that yields the
+    /// MQTT byte stream (a TCP socket, a WebSocket's binary messages). `shutdown` closes
+    /// it (MQTT 5: DISCONNECT 0x8B).
+    pub async fn handle_stream<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        session::run(
+            stream,
+            peer,
+            self.shared.clone(),
+            self.config.clone(),
+            shutdown,
+        )
+        .await
+    }
+}
+
+/// Accepts MQTT connections until `shutdown` (a thin wrapper over [`MqttFrontend`]).
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
     config: MqttConfig,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    // Retained messages survive restarts: load them from the store.
-    let mut retained = HashMap::new();
-    match broker.load_retained() {
-        Ok(all) => {
-            for (vhost, topic_name, msg) in all {
-                retained.insert(
-                    format!("{vhost}\0{topic_name}"),
-                    (topic_name, Arc::new(msg)),
-                );
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "retained messages could not be loaded"),
-    }
-    let shared = Arc::new(Shared {
-        broker,
-        sessions: Mutex::new(HashMap::new()),
-        retained: Mutex::new(retained),
-    });
-    let config = Arc::new(config);
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((socket, peer)) = accepted else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let _ = socket.set_nodelay(true);
-                tasks.spawn(session::run(socket, peer, shared.clone(), config.clone(), shutdown.clone()));
-            }
-            _ = shutdown.changed() => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-        }
-    }
-    warren_core::shutdown::drain_connections(&mut tasks, Duration::from_secs(5)).await;
+    MqttFrontend::new(broker, config)
+        .serve(listener, shutdown)
+        .await
 }

@@ -21,8 +21,7 @@ use mqtt5_protocol::packet::pubrel::PubRelPacket;
 use mqtt5_protocol::packet::suback::{SubAckPacket, SubAckReasonCode};
 use mqtt5_protocol::packet::unsuback::{UnsubAckPacket, UnsubAckReasonCode};
 use mqtt5_protocol::{Packet, QoS, ReasonCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use warren_core::{
     AMQPValue, ConnectionId, ConsumerId, ConsumerSpec, Credit, Delivery, FieldTable, Message,
@@ -84,13 +83,17 @@ struct Session {
     keep_alive: u16,
 }
 
-pub(crate) async fn run(
-    mut socket: TcpStream,
+/// Serves one MQTT connection over any byte stream (TCP, or a WebSocket's binary frames).
+pub(crate) async fn run<S>(
+    socket: S,
     peer: SocketAddr,
     shared: Arc<Shared>,
     cfg: Arc<MqttConfig>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(socket);
     let mut rbuf = BytesMut::with_capacity(8 * 1024);
     // MQTT-3.1.0-1: the first packet must be CONNECT, within the connect timeout.
     let connect = match tokio::time::timeout(cfg.connect_timeout, async {
@@ -100,7 +103,7 @@ pub(crate) async fn run(
                 Ok(None) => {}
                 Err(e) => return Err(e),
             }
-            match socket.read_buf(&mut rbuf).await {
+            match rd.read_buf(&mut rbuf).await {
                 Ok(0) | Err(_) => return Ok(None),
                 Ok(_) => {}
             }
@@ -116,20 +119,20 @@ pub(crate) async fn run(
         _ => return,
     };
     let Some((mut session, mut deliveries, kicked)) =
-        connect_session(&mut socket, peer, shared, cfg, *connect).await
+        connect_session(&mut wr, peer, shared, cfg, *connect).await
     else {
         return;
     };
     let end = session
-        .serve(socket, rbuf, &mut deliveries, kicked, &mut shutdown)
+        .serve(rd, wr, rbuf, &mut deliveries, kicked, &mut shutdown)
         .await;
     session.close(end).await;
     warren_core::return_undelivered(&mut deliveries).await;
 }
 
 /// CONNECT handling (MQTT-3.1.4): checks, auth, takeover, the session queue, CONNACK.
-async fn connect_session(
-    socket: &mut TcpStream,
+async fn connect_session<W: AsyncWrite + Unpin>(
+    socket: &mut W,
     peer: SocketAddr,
     shared: Arc<Shared>,
     cfg: Arc<MqttConfig>,
@@ -368,15 +371,19 @@ fn mqtt_message(topic_name: &str, payload: Bytes, qos: u8) -> Option<Message> {
 }
 
 impl Session {
-    async fn serve(
+    async fn serve<R, W>(
         &mut self,
-        mut socket: TcpStream,
+        mut rd: R,
+        mut wr: W,
         mut rbuf: BytesMut,
         deliveries: &mut mpsc::Receiver<Delivery>,
         mut kicked: watch::Receiver<bool>,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> End {
-        let (mut rd, mut wr) = socket.split();
+    ) -> End
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         let keep_alive = Duration::from_millis(self.cfg_keepalive_ms());
         let mut last_read = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
