@@ -15,6 +15,9 @@ pub(crate) const BINDING: &[u8] = b"b\0";
 pub(crate) const USER: &[u8] = b"u\0";
 /// MQTT retained messages: `r\0<vhost>\0<topic>` → the encoded message.
 pub(crate) const RETAINED: &[u8] = b"r\0";
+/// MQTT session state (expiry, QoS 2 packet ids): `m\0<vhost>\0<client id>` → bytes the
+/// MQTT front-end encodes; the core only stores them.
+pub(crate) const MQTT_SESSION: &[u8] = b"m\0";
 
 fn key(prefix: &[u8], parts: &[&str]) -> Vec<u8> {
     let mut k = prefix.to_vec();
@@ -172,6 +175,10 @@ pub(crate) fn binding_delete(vhost: &str, x: &Exchange, b: &Binding) -> Option<O
 
 pub(crate) fn retained_key(vhost: &str, topic: &str) -> Vec<u8> {
     key(RETAINED, &[vhost, topic])
+}
+
+pub(crate) fn mqtt_session_key(vhost: &str, client_id: &str) -> Vec<u8> {
+    key(MQTT_SESSION, &[vhost, client_id])
 }
 
 pub(crate) fn user_put(u: &UserRecord) -> Op {

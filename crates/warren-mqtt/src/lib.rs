@@ -4,6 +4,7 @@
 
 pub mod codec;
 mod session;
+mod state;
 pub mod topic;
 
 use std::collections::HashMap;
@@ -33,6 +34,9 @@ pub struct MqttConfig {
     pub default_pass: String,
     /// Refuse CONNECT without username when false.
     pub allow_anonymous: bool,
+    /// Topic aliases a 5.0 client may use towards the server (CONNACK Topic Alias
+    /// Maximum); each costs one stored topic per connection.
+    pub topic_alias_maximum: u16,
 }
 
 impl Default for MqttConfig {
@@ -45,15 +49,23 @@ impl Default for MqttConfig {
             default_user: "guest".into(),
             default_pass: "guest".into(),
             allow_anonymous: true,
+            topic_alias_maximum: 16,
         }
     }
 }
 
 /// State shared by every MQTT connection.
+///
+/// Lock order: `sessions` before `parked` (never the other way); both are held only for
+/// map lookups, never across an `.await`.
 pub(crate) struct Shared {
     pub broker: Arc<Broker>,
     /// Live sessions by `vhost \0 client id`, with the signal that takes one over.
     pub sessions: Mutex<HashMap<String, (ConnectionId, watch::Sender<bool>)>>,
+    /// Persistent sessions with no connection, by `vhost \0 client id`: their QoS 2 state
+    /// and a generation that their pending will / expiry timer checks, so a reconnect
+    /// (which removes the entry) cancels both.
+    pub parked: Mutex<HashMap<String, session::Parked>>,
     /// Retained messages by `vhost \0 topic`: the in-memory copy of what the store holds.
     retained: Mutex<HashMap<String, (String, Arc<Message>)>>,
 }
@@ -126,8 +138,10 @@ impl MqttFrontend {
         let shared = Arc::new(Shared {
             broker,
             sessions: Mutex::new(HashMap::new()),
+            parked: Mutex::new(HashMap::new()),
             retained: Mutex::new(retained),
         });
+        session::recover_sessions(&shared);
         Arc::new(Self {
             shared,
             config: Arc::new(config),
