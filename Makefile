@@ -63,10 +63,12 @@ lint: deps
 	cargo fmt --all -- --check
 	cargo clippy --release --workspace --all-targets -- -D warnings
 
-## fuzz-smoke: short libFuzzer runs of the AMQP and STOMP frame decoders (needs cargo-fuzz).
+## fuzz-smoke: short libFuzzer runs of the AMQP frame, STOMP frame and MQTT packet
+## decoders (needs cargo-fuzz).
 fuzz-smoke:
 	cd fuzz && mkdir -p corpus/amqp_frame && RUSTC_BOOTSTRAP=1 cargo fuzz run amqp_frame corpus/amqp_frame seeds/amqp_frame -- -max_total_time=60
 	cd fuzz && mkdir -p corpus/stomp_frame && RUSTC_BOOTSTRAP=1 cargo fuzz run stomp_frame corpus/stomp_frame seeds/stomp_frame -- -max_total_time=60
+	cd fuzz && mkdir -p corpus/mqtt_packet && RUSTC_BOOTSTRAP=1 cargo fuzz run mqtt_packet corpus/mqtt_packet seeds/mqtt_packet -- -max_total_time=60
 
 clean-data:
 	rm -rf ./data

@@ -502,6 +502,38 @@ impl Broker {
         Ok(out)
     }
 
+    /// Stores (`Some`) or deletes (`None`) the durable state record of an MQTT session
+    /// (its expiry and in-flight QoS 2 packet ids; the front-end owns the encoding);
+    /// returns the ticket to wait for.
+    pub async fn store_mqtt_session(
+        &self,
+        vhost: &str,
+        client_id: &str,
+        state: Option<Vec<u8>>,
+    ) -> CoreResult<Ticket> {
+        let key = meta::mqtt_session_key(vhost, client_id);
+        let op = match state {
+            Some(value) => Op::PutMeta { key, value },
+            None => Op::DeleteMeta { key },
+        };
+        Ok(self.store.submit(vec![op]).await?)
+    }
+
+    /// Every stored MQTT session record as (vhost, client id, bytes).
+    pub fn load_mqtt_sessions(&self) -> CoreResult<Vec<(String, String, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for (k, v) in self.store.meta_scan(meta::MQTT_SESSION)? {
+            let rest = &k[meta::MQTT_SESSION.len()..];
+            let Some(sep) = rest.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let vhost = String::from_utf8_lossy(&rest[..sep]).into_owned();
+            let client_id = String::from_utf8_lossy(&rest[sep + 1..]).into_owned();
+            out.push((vhost, client_id, v));
+        }
+        Ok(out)
+    }
+
     /// Flushes the store: everything submitted so far is on disk when this returns.
     pub fn flush(&self) {
         self.store.close();

@@ -17,9 +17,13 @@ pub(crate) const USER: &[u8] = b"u\0";
 pub(crate) const RETAINED: &[u8] = b"r\0";
 /// Permissions: `p\0<vhost>\0<user>` → [`PermissionRecord`](crate::permissions::PermissionRecord).
 pub(crate) const PERMISSION: &[u8] = b"p\0";
-/// Set once the default user's permission was granted, so that data dirs from before
-/// permissions existed get it exactly once (and a later revoke sticks).
-pub(crate) const PERMISSIONS_INITIALISED: &[u8] = b"m\0permissions-initialised";
+/// Broker settings live under `s\0` (`m\0` is MQTT sessions). Set once the default
+/// user's permission was granted, so that data dirs from before permissions existed get
+/// it exactly once (and a later revoke sticks).
+pub(crate) const PERMISSIONS_INITIALISED: &[u8] = b"s\0permissions-initialised";
+/// MQTT session state (expiry, QoS 2 packet ids): `m\0<vhost>\0<client id>` → bytes the
+/// MQTT front-end encodes; the core only stores them.
+pub(crate) const MQTT_SESSION: &[u8] = b"m\0";
 
 fn key(prefix: &[u8], parts: &[&str]) -> Vec<u8> {
     let mut k = prefix.to_vec();
@@ -177,6 +181,10 @@ pub(crate) fn binding_delete(vhost: &str, x: &Exchange, b: &Binding) -> Option<O
 
 pub(crate) fn retained_key(vhost: &str, topic: &str) -> Vec<u8> {
     key(RETAINED, &[vhost, topic])
+}
+
+pub(crate) fn mqtt_session_key(vhost: &str, client_id: &str) -> Vec<u8> {
+    key(MQTT_SESSION, &[vhost, client_id])
 }
 
 pub(crate) fn user_put(u: &UserRecord) -> Op {

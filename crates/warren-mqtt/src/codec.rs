@@ -2,7 +2,7 @@
 //! bytes" answer, so the remaining-length varint is peeked here first (MQTT-2.2.3), then the
 //! whole packet is split off the buffer without copying.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use mqtt5_protocol::packet::MqttPacket;
 use mqtt5_protocol::{FixedHeader, Packet};
 
@@ -16,6 +16,10 @@ pub enum CodecError {
     TooLarge { size: usize, max: usize },
     #[error("malformed packet: {0}")]
     Malformed(String),
+    /// MQTT-3.1.2-2: a CONNECT with a protocol level other than 3 (as "MQIsdp"), 4 or 5;
+    /// answered with CONNACK 0x01 before closing.
+    #[error("unsupported protocol level {0}")]
+    UnsupportedLevel(u8),
 }
 
 /// Decodes one packet; `Ok(None)` until it is complete. `version` is 0 before CONNECT
@@ -45,6 +49,13 @@ pub fn decode(buf: &mut BytesMut, version: u8, max: usize) -> Result<Option<Pack
         return Ok(None);
     }
     let mut frame = buf.split_to(total).freeze();
+    let mut mqisdp = false;
+    if version == 0 && frame[0] >> 4 == 1 {
+        if let Some(rewritten) = check_connect_header(&frame[header..])? {
+            frame = rewritten;
+            mqisdp = true;
+        }
+    }
     let fh = FixedHeader::decode(&mut frame).map_err(|e| CodecError::Malformed(e.to_string()))?;
     let packet = if version == 0 {
         Packet::decode_from_body(fh.packet_type, &fh, &mut frame)
@@ -52,7 +63,54 @@ pub fn decode(buf: &mut BytesMut, version: u8, max: usize) -> Result<Option<Pack
         Packet::decode_from_body_with_version(fh.packet_type, &fh, &mut frame, version)
     }
     .map_err(|e| CodecError::Malformed(e.to_string()))?;
-    Ok(Some(packet))
+    Ok(Some(match packet {
+        Packet::Connect(mut c) if mqisdp => {
+            c.protocol_version = 3;
+            Packet::Connect(c)
+        }
+        other => other,
+    }))
+}
+
+/// Peeks the protocol name and level of a CONNECT body (MQTT-3.1.2-1/2). MQTT 3.1
+/// (`MQIsdp`, level 3) differs from 3.1.1 only in its header, so it is rewritten as a
+/// level-4 CONNECT (returned) and decoded as such; RabbitMQ accepts 3.1 too.
+fn check_connect_header(body: &[u8]) -> Result<Option<Bytes>, CodecError> {
+    let short = || CodecError::Malformed("short CONNECT".into());
+    let n = u16::from_be_bytes([
+        *body.first().ok_or_else(short)?,
+        *body.get(1).ok_or_else(short)?,
+    ]) as usize;
+    let name = body.get(2..2 + n).ok_or_else(short)?;
+    let level = *body.get(2 + n).ok_or_else(short)?;
+    match (name, level) {
+        (b"MQTT", 4 | 5) => Ok(None),
+        (b"MQTT", l) => Err(CodecError::UnsupportedLevel(l)),
+        (b"MQIsdp", 3) => {
+            let rest = &body[3 + n..];
+            let len = 7 + rest.len();
+            let mut out = BytesMut::with_capacity(len + 5);
+            out.extend_from_slice(&[0x10]);
+            let mut x = len;
+            loop {
+                let mut b = (x & 0x7f) as u8;
+                x >>= 7;
+                if x > 0 {
+                    b |= 0x80;
+                }
+                out.extend_from_slice(&[b]);
+                if x == 0 {
+                    break;
+                }
+            }
+            out.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4]);
+            out.extend_from_slice(rest);
+            Ok(Some(out.freeze()))
+        }
+        (b"MQIsdp", l) => Err(CodecError::UnsupportedLevel(l)),
+        // MQTT-3.1.2-1: another protocol name; the server may close without CONNACK.
+        _ => Err(CodecError::Malformed("unknown protocol name".into())),
+    }
 }
 
 /// Appends an encoded packet.
@@ -105,6 +163,86 @@ mod tests {
                 assert!(c.clean_start);
                 assert_eq!(c.keep_alive, 60);
                 assert_eq!(c.client_id, "a");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn mqtt31_connect_is_accepted_as_level_3() {
+        // MQTT 3.1 CONNECT: "MQIsdp", level 3, clean session, keep-alive 10, client id
+        // longer than 23 characters (3.1 limited it; RabbitMQ does not enforce it).
+        let id = b"a-client-id-longer-than-23-chars";
+        let mut raw = vec![0x10u8, (12 + 2 + id.len()) as u8];
+        raw.extend_from_slice(&[0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 10]);
+        raw.extend_from_slice(&[0, id.len() as u8]);
+        raw.extend_from_slice(id);
+        let mut b = BytesMut::from(&raw[..]);
+        match decode(&mut b, 0, 1024).unwrap() {
+            Some(Packet::Connect(c)) => {
+                assert_eq!(c.protocol_version, 3);
+                assert_eq!(c.keep_alive, 10);
+                assert_eq!(c.client_id.as_bytes(), id);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn unsupported_level_is_reported() {
+        let raw = [
+            0x10u8, 13, 0, 4, b'M', b'Q', b'T', b'T', 6, 0x02, 0, 60, 0, 1, b'a',
+        ];
+        let mut b = BytesMut::from(&raw[..]);
+        assert!(matches!(
+            decode(&mut b, 0, 1024),
+            Err(CodecError::UnsupportedLevel(6))
+        ));
+    }
+
+    #[test]
+    fn v5_publish_from_spec_bytes() {
+        // PUBLISH QoS 1, topic "a/b", packet id 10, properties: message expiry 60,
+        // topic alias 1; payload "hi".
+        let raw = [
+            0x32u8, 18, 0, 3, b'a', b'/', b'b', 0, 10, 8, 0x02, 0, 0, 0, 60, 0x23, 0, 1, b'h', b'i',
+        ];
+        let mut b = BytesMut::from(&raw[..]);
+        match decode(&mut b, 5, 1024).unwrap() {
+            Some(Packet::Publish(p)) => {
+                assert_eq!(p.topic_name, "a/b");
+                assert_eq!(p.packet_id, Some(10));
+                assert_eq!(p.properties.get_message_expiry_interval(), Some(60));
+                assert_eq!(p.properties.get_topic_alias(), Some(1));
+                assert_eq!(&p.payload[..], b"hi");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn qos3_publish_is_malformed() {
+        // MQTT-3.3.1-4: both QoS bits set.
+        let raw = [0x36u8, 5, 0, 1, b'a', 0, 1];
+        let mut b = BytesMut::from(&raw[..]);
+        assert!(decode(&mut b, 4, 1024).is_err());
+    }
+
+    #[test]
+    fn v5_subscribe_options_from_spec_bytes() {
+        // SUBSCRIBE id 1, properties: subscription identifier 7; filter "t" with QoS 1,
+        // no-local, retain-as-published, retain handling 2.
+        let raw = [0x82u8, 9, 0, 1, 2, 0x0B, 7, 0, 1, b't', 0b0010_1101];
+        let mut b = BytesMut::from(&raw[..]);
+        match decode(&mut b, 5, 1024).unwrap() {
+            Some(Packet::Subscribe(s)) => {
+                assert_eq!(s.properties.get_subscription_identifier(), Some(7));
+                let o = &s.filters[0].options;
+                assert_eq!(o.qos as u8, 1);
+                assert!(o.no_local);
+                assert!(o.retain_as_published);
+                assert_eq!(o.retain_handling as u8, 2);
             }
             other => panic!("{other:?}"),
         }

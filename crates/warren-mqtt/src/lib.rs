@@ -4,6 +4,7 @@
 
 pub mod codec;
 mod session;
+mod state;
 pub mod topic;
 
 use std::collections::HashMap;
@@ -33,6 +34,9 @@ pub struct MqttConfig {
     pub default_pass: String,
     /// Refuse CONNECT without username when false.
     pub allow_anonymous: bool,
+    /// Topic aliases a 5.0 client may use towards the server (CONNACK Topic Alias
+    /// Maximum); each costs one stored topic per connection.
+    pub topic_alias_maximum: u16,
 }
 
 impl Default for MqttConfig {
@@ -45,15 +49,23 @@ impl Default for MqttConfig {
             default_user: "guest".into(),
             default_pass: "guest".into(),
             allow_anonymous: true,
+            topic_alias_maximum: 16,
         }
     }
 }
 
 /// State shared by every MQTT connection.
+///
+/// Lock order: `sessions` before `parked` (never the other way); both are held only for
+/// map lookups, never across an `.await`.
 pub(crate) struct Shared {
     pub broker: Arc<Broker>,
     /// Live sessions by `vhost \0 client id`, with the signal that takes one over.
     pub sessions: Mutex<HashMap<String, (ConnectionId, watch::Sender<bool>)>>,
+    /// Persistent sessions with no connection, by `vhost \0 client id`: their QoS 2 state
+    /// and a generation that their pending will / expiry timer checks, so a reconnect
+    /// (which removes the entry) cancels both.
+    pub parked: Mutex<HashMap<String, session::Parked>>,
     /// Retained messages by `vhost \0 topic`: the in-memory copy of what the store holds.
     retained: Mutex<HashMap<String, (String, Arc<Message>)>>,
 }
@@ -99,14 +111,17 @@ impl Shared {
     }
 }
 
-/// The MQTT front-end: shared by the TCP listener and the Web-MQTT transport.
+/// A running MQTT front-end: the state every connection shares. TCP connections come
+/// through [`MqttFrontend::serve`]; other transports (MQTT over WebSocket) hand their byte
+/// stream to [`MqttFrontend::handle_stream`], so every transport runs the same session code.
 pub struct MqttFrontend {
     shared: Arc<Shared>,
     config: Arc<MqttConfig>,
 }
 
 impl MqttFrontend {
-    /// Loads the retained messages from the store (they survive restarts).
+    /// Creates the front-end and loads the retained messages from the store (they survive
+    /// restarts).
     pub fn new(broker: Arc<Broker>, config: MqttConfig) -> Arc<Self> {
         let mut retained = HashMap::new();
         match broker.load_retained() {
@@ -123,15 +138,18 @@ impl MqttFrontend {
         let shared = Arc::new(Shared {
             broker,
             sessions: Mutex::new(HashMap::new()),
+            parked: Mutex::new(HashMap::new()),
             retained: Mutex::new(retained),
         });
+        session::recover_sessions(&shared);
         Arc::new(Self {
             shared,
             config: Arc::new(config),
         })
     }
 
-    /// Accepts MQTT connections until `shutdown`.
+    /// Accepts MQTT connections on `listener` until `shutdown`, then gives the open ones
+    /// a grace period to close.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
@@ -146,7 +164,7 @@ impl MqttFrontend {
                         continue;
                     };
                     let _ = socket.set_nodelay(true);
-                    tasks.spawn(session::run(socket, peer, self.shared.clone(), self.config.clone(), shutdown.clone()));
+                    tasks.spawn(self.clone().handle_stream(socket, peer, shutdown.clone()));
                 }
                 _ = shutdown.changed() => break,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -155,7 +173,9 @@ impl MqttFrontend {
         warren_core::shutdown::drain_connections(&mut tasks, Duration::from_secs(5)).await;
     }
 
-    /// Runs one MQTT session over any byte stream (a WebSocket's, for Web-MQTT).
+    /// Runs one MQTT connection over `stream` to its end: any transport that yields the
+    /// MQTT byte stream (a TCP socket, a WebSocket's binary messages). `shutdown` closes
+    /// it (MQTT 5: DISCONNECT 0x8B).
     pub async fn handle_stream<S>(
         self: Arc<Self>,
         stream: S,
@@ -175,7 +195,7 @@ impl MqttFrontend {
     }
 }
 
-/// Accepts MQTT connections until `shutdown` (a front-end of its own).
+/// Accepts MQTT connections until `shutdown` (a thin wrapper over [`MqttFrontend`]).
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,

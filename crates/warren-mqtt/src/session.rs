@@ -1,11 +1,13 @@
 //! One MQTT connection: CONNECT, the packet loop, QoS 0/1/2 in both directions, keep-alive,
-//! wills, and the session queue it consumes from.
+//! wills, session expiry, and the session queue it consumes from.
 //!
 //! Each session owns a queue `mqtt-subscription-<client id>qos1` (RabbitMQ's name); each
-//! subscription is a binding of it on `amq.topic`. Clean sessions use an exclusive
-//! auto-delete queue; persistent sessions a durable one that outlives the connection.
+//! subscription is a binding of it on `amq.topic` whose arguments carry the subscription
+//! options. A session that ends with its connection (3.1.1 clean session, 5.0 session
+//! expiry 0) uses an exclusive auto-delete queue; a persistent one a durable queue that
+//! outlives the connection, plus a [`SessionRecord`] for what a queue cannot hold.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,12 +15,14 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use mqtt5_protocol::packet::connack::ConnAckPacket;
 use mqtt5_protocol::packet::connect::ConnectPacket;
+use mqtt5_protocol::packet::disconnect::DisconnectPacket;
 use mqtt5_protocol::packet::puback::PubAckPacket;
 use mqtt5_protocol::packet::pubcomp::PubCompPacket;
 use mqtt5_protocol::packet::publish::PublishPacket;
 use mqtt5_protocol::packet::pubrec::PubRecPacket;
 use mqtt5_protocol::packet::pubrel::PubRelPacket;
 use mqtt5_protocol::packet::suback::{SubAckPacket, SubAckReasonCode};
+use mqtt5_protocol::packet::subscribe::TopicFilter;
 use mqtt5_protocol::packet::unsuback::{UnsubAckPacket, UnsubAckReasonCode};
 use mqtt5_protocol::{Packet, QoS, ReasonCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -29,11 +33,24 @@ use warren_core::{
 };
 
 use crate::codec::{self, CodecError};
+use crate::state::{now_ms, SessionRecord, NEVER};
 use crate::topic;
 use crate::{MqttConfig, Shared};
 
 /// The header carrying an MQTT publish's QoS through AMQP (RabbitMQ's name).
 const QOS_HEADER: &str = "x-mqtt-publish-qos";
+/// The publishing client id, for no-local subscriptions (MQTT-3.8.3-3).
+const ORIGIN_HEADER: &str = "x-mqtt-client-id";
+/// Set when the message was published with RETAIN (for retain-as-published).
+const RETAIN_HEADER: &str = "x-mqtt-retain";
+/// Unix ms at which a message with an expiry interval expires, so deliveries carry the
+/// remaining interval (MQTT-3.3.2-6).
+const EXPIRY_HEADER: &str = "x-mqtt-expiry-at";
+/// MQTT 5 payload format indicator (1 = UTF-8), passed on to 5.0 subscribers.
+const FORMAT_HEADER: &str = "x-mqtt-payload-format";
+/// Binding arguments holding a subscription's options (survive restarts with the binding).
+const SUB_OPTS_ARG: &str = "x-mqtt-sub-opts";
+const SUB_ID_ARG: &str = "x-mqtt-sub-id";
 
 /// Why the connection ended (for the log, and whether the will fires).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,12 +64,85 @@ enum End {
     Shutdown,
 }
 
+/// 5.0 DISCONNECT reason codes the server sends (MQTT 5 §3.14.2.1).
+mod rc {
+    pub const MALFORMED: u8 = 0x81;
+    pub const PROTOCOL_ERROR: u8 = 0x82;
+    pub const SHUTTING_DOWN: u8 = 0x8B;
+    pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
+    pub const TAKEN_OVER: u8 = 0x8E;
+    pub const TOPIC_NAME_INVALID: u8 = 0x90;
+    pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
+    pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
+    pub const PACKET_TOO_LARGE: u8 = 0x95;
+}
+
 /// A delivery sent with QoS ≥ 1 and not yet acknowledged.
 struct Inflight {
-    queue: Option<Arc<Queue>>,
-    seq: MsgSeq,
-    /// PUBREC seen (QoS 2): waiting for PUBCOMP.
+    /// The queue message, until it is settled (PUBACK, or PUBREC for QoS 2).
+    queue: Option<(Arc<Queue>, MsgSeq)>,
+    /// Holds one unit of the session's credit (the client's receive maximum).
+    credit: bool,
+    /// PUBREC seen (QoS 2): PUBREL sent, waiting for PUBCOMP.
     released: bool,
+}
+
+/// A subscription's options (MQTT 5 §3.8.3.1), kept with the binding arguments.
+#[derive(Debug, Clone)]
+struct Sub {
+    qos: u8,
+    no_local: bool,
+    retain_as_published: bool,
+    id: Option<u32>,
+    /// The binding's arguments, as bound (unbinding needs them exactly).
+    args: FieldTable,
+}
+
+impl Sub {
+    fn from_args(args: FieldTable) -> Sub {
+        let get = |k: &str| args.inner().get(k).and_then(warren_core::queue::int_value);
+        let opts = get(SUB_OPTS_ARG).unwrap_or(0);
+        Sub {
+            qos: get(QOS_HEADER).unwrap_or(1).clamp(0, 2) as u8,
+            no_local: opts & 1 != 0,
+            retain_as_published: opts & 2 != 0,
+            id: get(SUB_ID_ARG).and_then(|v| u32::try_from(v).ok()),
+            args,
+        }
+    }
+
+    fn new(qos: u8, no_local: bool, retain_as_published: bool, id: Option<u32>) -> Sub {
+        let mut args = FieldTable::default();
+        args.insert(QOS_HEADER.into(), AMQPValue::ShortShortUInt(qos));
+        let opts = u8::from(no_local) | (u8::from(retain_as_published) << 1);
+        if opts != 0 {
+            args.insert(SUB_OPTS_ARG.into(), AMQPValue::ShortShortUInt(opts));
+        }
+        if let Some(id) = id {
+            args.insert(SUB_ID_ARG.into(), AMQPValue::LongUInt(id));
+        }
+        Sub {
+            qos,
+            no_local,
+            retain_as_published,
+            id,
+            args,
+        }
+    }
+}
+
+/// A persistent session without a connection (see [`Shared::parked`]).
+pub(crate) struct Parked {
+    pub record: SessionRecord,
+    /// Changes at every park, so a timer of an earlier disconnect does nothing.
+    pub generation: u64,
+}
+
+/// A will waiting for its delay (MQTT 5 will delay interval).
+struct PendingWill {
+    msg: Arc<Message>,
+    retain: bool,
+    delay: u32,
 }
 
 struct Session {
@@ -60,41 +150,57 @@ struct Session {
     cfg: Arc<MqttConfig>,
     id: ConnectionId,
     peer: SocketAddr,
+    /// 4 for 3.1 and 3.1.1 (3.1 is decoded as 3.1.1), or 5.
     version: u8,
     client_id: String,
+    /// `vhost \0 client id`: the key of [`Shared::sessions`] and [`Shared::parked`].
+    key: String,
     vhost: Arc<VHost>,
     queue: Option<Arc<Queue>>,
     consumer: Option<ConsumerId>,
     outbox: Arc<Outbox>,
+    /// Outbound QoS ≥ 1 deliveries in flight across all of this session's consumers,
+    /// limited to the client's receive maximum (MQTT-3.3.4-9).
+    credit: Arc<Credit>,
     out: BytesMut,
-    /// Filter → granted QoS.
-    subscriptions: HashMap<String, u8>,
+    subscriptions: HashMap<String, Sub>,
     /// Shared subscriptions `$share/<group>/<filter>`: the group's queue, this session's
-    /// consumer on it, the granted QoS.
-    shared_subs: HashMap<String, (Arc<Queue>, ConsumerId, u8)>,
+    /// consumer on it, the granted QoS and subscription identifier.
+    shared_subs: HashMap<String, (Arc<Queue>, ConsumerId, u8, Option<u32>)>,
     inflight: HashMap<u16, Inflight>,
     next_pkid: u16,
-    /// Inbound QoS 2 packet ids between PUBREC and PUBREL (duplicates are not routed twice).
-    incoming_qos2: HashSet<u16>,
+    /// Inbound QoS 2 packet ids between PUBREC and PUBREL (duplicates are not routed twice);
+    /// at most the server's receive maximum.
+    incoming_qos2: Vec<u16>,
+    /// Client → server topic aliases (at most `cfg.topic_alias_maximum`).
     topic_aliases: HashMap<u16, String>,
-    will: Option<Arc<Message>>,
-    will_retain: bool,
-    clean: bool,
+    /// Server → client topic aliases (at most min(client's maximum, 64)).
+    out_aliases: HashMap<String, u16>,
+    will: Option<PendingWill>,
+    /// Seconds; 0 = the session ends with the connection, [`NEVER`] = it never expires.
+    session_expiry: u32,
+    /// The session expiry asked for in CONNECT (MQTT-3.14.2-2 forbids raising 0 later).
+    connect_expiry: u32,
     keep_alive: u16,
+    /// The client's Maximum Packet Size (MQTT-3.1.2-24); larger PUBLISHes are dropped.
+    client_max_packet: usize,
+    client_alias_max: u16,
 }
 
-/// The byte streams a session runs over: a TCP socket, or a WebSocket's bytes (Web-MQTT).
-pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
-
-pub(crate) async fn run<S: Stream>(
-    mut socket: S,
+/// Serves one MQTT connection over any byte stream (TCP, or a WebSocket's binary frames).
+pub(crate) async fn run<S>(
+    socket: S,
     peer: SocketAddr,
     shared: Arc<Shared>,
     cfg: Arc<MqttConfig>,
     mut shutdown: watch::Receiver<bool>,
-) {
-    let mut rbuf = BytesMut::with_capacity(8 * 1024);
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(socket);
+    // Small at first: an idle connection keeps this buffer (docs/PERFORMANCE.md); it grows
+    // to the packet being read, bounded by `max_packet_size`.
+    let mut rbuf = BytesMut::with_capacity(256);
     // MQTT-3.1.0-1: the first packet must be CONNECT, within the connect timeout.
     let connect = match tokio::time::timeout(cfg.connect_timeout, async {
         loop {
@@ -103,7 +209,7 @@ pub(crate) async fn run<S: Stream>(
                 Ok(None) => {}
                 Err(e) => return Err(e),
             }
-            match socket.read_buf(&mut rbuf).await {
+            match rd.read_buf(&mut rbuf).await {
                 Ok(0) | Err(_) => return Ok(None),
                 Ok(_) => {}
             }
@@ -112,33 +218,153 @@ pub(crate) async fn run<S: Stream>(
     .await
     {
         Ok(Ok(Some(Packet::Connect(c)))) => c,
+        Ok(Err(CodecError::UnsupportedLevel(level))) => {
+            // MQTT-3.1.2-2: CONNACK 0x01 (unacceptable protocol level), then close.
+            tracing::debug!(%peer, level, "mqtt: unsupported protocol level");
+            let _ = wr.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+            return;
+        }
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "mqtt: bad first packet");
             return;
         }
+        // MQTT-3.1.0-1: anything else first closes the connection.
         _ => return,
     };
     let Some((mut session, mut deliveries, kicked)) =
-        connect_session(&mut socket, peer, shared, cfg, *connect).await
+        connect_session(&mut wr, peer, shared, cfg, *connect).await
     else {
         return;
     };
     let end = session
-        .serve(socket, rbuf, &mut deliveries, kicked, &mut shutdown)
+        .serve(rd, wr, rbuf, &mut deliveries, kicked, &mut shutdown)
         .await;
     session.close(end).await;
     warren_core::return_undelivered(&mut deliveries).await;
 }
 
+/// Loads the persistent session records at start-up and restarts their expiry clocks; a
+/// session whose expiry passed while the broker was down is deleted now.
+pub(crate) fn recover_sessions(shared: &Arc<Shared>) {
+    let records = match shared.broker.load_mqtt_sessions() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "mqtt session records could not be loaded");
+            return;
+        }
+    };
+    let now = now_ms();
+    for (vhost, client_id, raw) in records {
+        let Some(mut record) = SessionRecord::decode(&raw) else {
+            tracing::warn!(%vhost, %client_id, "skipping unreadable mqtt session record");
+            continue;
+        };
+        // Connected when the broker stopped: the session was left at the restart.
+        if record.disconnected_at == 0 {
+            record.disconnected_at = now;
+        }
+        let key = format!("{vhost}\0{client_id}");
+        let expiry = record.expiry;
+        let left = record.disconnected_at;
+        let generation = warren_core::ids::next_id();
+        shared
+            .parked
+            .lock()
+            .insert(key.clone(), Parked { record, generation });
+        if expiry != NEVER {
+            let deadline = left.saturating_add(expiry as u64 * 1000);
+            let wait = Duration::from_millis(deadline.saturating_sub(now));
+            spawn_park_timer(shared.clone(), vhost, client_id, generation, None, wait);
+        }
+    }
+}
+
+/// After `expire_in`, deletes the parked session (queue, bindings, record) unless a
+/// connection resumed it; first publishes `will` after its delay, likewise only if the
+/// session is still parked (MQTT-3.1.3-9).
+///
+/// The timer holds only a `Weak` to the front-end while it sleeps, so a stopped broker
+/// releases its store (a restart on the same data dir must find it unlocked).
+fn spawn_park_timer(
+    shared: Arc<Shared>,
+    vhost: String,
+    client_id: String,
+    generation: u64,
+    will: Option<PendingWill>,
+    expire_in: Duration,
+) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let weak = Arc::downgrade(&shared);
+    drop(shared);
+    let key = format!("{vhost}\0{client_id}");
+    rt.spawn(async move {
+        let still_parked = |shared: &Shared| {
+            shared
+                .parked
+                .lock()
+                .get(&key)
+                .is_some_and(|p| p.generation == generation)
+        };
+        let start = tokio::time::Instant::now();
+        if let Some(w) = will {
+            // The will waits for its delay or the end of the session, whichever is first.
+            let wait = Duration::from_secs(w.delay as u64).min(expire_in);
+            tokio::time::sleep(wait).await;
+            let Some(shared) = weak.upgrade() else { return };
+            if !still_parked(&shared) {
+                return;
+            }
+            let Some(vh) = shared.broker.vhost(&vhost) else {
+                return;
+            };
+            publish_will(&shared, &vh, w.msg, w.retain).await;
+        }
+        if expire_in == Duration::MAX {
+            return;
+        }
+        tokio::time::sleep_until(start + expire_in).await;
+        let Some(shared) = weak.upgrade() else { return };
+        {
+            let mut parked = shared.parked.lock();
+            if parked.get(&key).is_none_or(|p| p.generation != generation) {
+                return;
+            }
+            parked.remove(&key);
+        }
+        tracing::info!(%vhost, %client_id, "mqtt session expired");
+        if let Some(vh) = shared.broker.vhost(&vhost) {
+            let _ = vh
+                .delete_queue(&queue_name(&client_id), None, false, false)
+                .await;
+        }
+        let _ = shared
+            .broker
+            .store_mqtt_session(&vhost, &client_id, None)
+            .await;
+    });
+}
+
+async fn publish_will(shared: &Shared, vhost: &VHost, msg: Arc<Message>, retain: bool) {
+    let topic_name = topic::to_mqtt(msg.routing_key.as_str());
+    if retain {
+        shared.retain(&vhost.name, &topic_name, msg.clone()).await;
+    }
+    let _ = vhost.publish("amq.topic", msg).await;
+}
+
 /// CONNECT handling (MQTT-3.1.4): checks, auth, takeover, the session queue, CONNACK.
-async fn connect_session<S: Stream>(
-    socket: &mut S,
+async fn connect_session<W: AsyncWrite + Unpin>(
+    socket: &mut W,
     peer: SocketAddr,
     shared: Arc<Shared>,
     cfg: Arc<MqttConfig>,
     c: ConnectPacket,
 ) -> Option<(Session, mpsc::Receiver<Delivery>, watch::Receiver<bool>)> {
-    let version = c.protocol_version;
+    let level = c.protocol_version;
+    // MQTT 3.1 (level 3) is decoded as 3.1.1 and answered as 3.1.1 (same CONNACK).
+    let version = if level == 3 { 4 } else { level };
     let refuse = |code: ReasonCode| {
         let mut out = BytesMut::new();
         if version == 5 {
@@ -148,14 +374,8 @@ async fn connect_session<S: Stream>(
         }
         out
     };
-    if version != 4 && version != 5 {
-        // MQTT-3.1.2-2: unsupported level → return code 0x01 and close.
-        let mut out = BytesMut::new();
-        out.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
-        let _ = socket.write_all(&out).await;
-        return None;
-    }
     // MQTT-3.1.3-7/8: an empty client id needs a clean session (3.1.1); 5.0 assigns one.
+    // The 3.1 limit of 23 characters is not enforced (as in RabbitMQ).
     let mut assigned = None;
     let client_id = if c.client_id.is_empty() {
         if version == 4 && !c.clean_start {
@@ -167,8 +387,8 @@ async fn connect_session<S: Stream>(
         let id = warren_core::vhost::generated_name("warren-");
         assigned = Some(id.clone());
         id
-    } else if c.client_id.len() > 200 {
-        // Its queue name must stay a short string.
+    } else if c.client_id.len() > 200 || c.client_id.contains('\0') {
+        // Its queue name must stay a short string; NUL separates the parts of store keys.
         let _ = socket
             .write_all(&refuse(ReasonCode::ClientIdentifierNotValid))
             .await;
@@ -176,6 +396,27 @@ async fn connect_session<S: Stream>(
     } else {
         c.client_id.clone()
     };
+    // Session lifetime: 3.1.1 clean session ↔ 5.0 clean start + session expiry interval
+    // (MQTT-3.1.2-11: absent = 0; 0xFFFFFFFF = never).
+    let session_expiry = if version == 5 {
+        c.properties.get_session_expiry_interval().unwrap_or(0)
+    } else if c.clean_start {
+        0
+    } else {
+        NEVER
+    };
+    // MQTT-3.1.2-21/22 (5.0 §3.1.2.11): the client's limits on what it receives.
+    let client_receive_max = c.properties.get_receive_maximum().unwrap_or(u16::MAX);
+    let client_max_packet = c
+        .properties
+        .get_maximum_packet_size()
+        .map(|m| m as usize)
+        .unwrap_or(usize::MAX);
+    if version == 5 && (client_receive_max == 0 || client_max_packet == 0) {
+        // Receive Maximum / Maximum Packet Size 0 is a protocol error.
+        let _ = socket.write_all(&refuse(ReasonCode::ProtocolError)).await;
+        return None;
+    }
     // Credentials: `vhost:user` selects the vhost, as RabbitMQ's MQTT plugin does; no
     // username means the configured default user (RabbitMQ's mqtt.default_user).
     let (vhost_name, user, pass) = match &c.username {
@@ -217,12 +458,15 @@ async fn connect_session<S: Stream>(
     let (kick_tx, kicked) = watch::channel(false);
     let key = format!("{vhost_name}\0{client_id}");
     let previous = shared.sessions.lock().insert(key.clone(), (id, kick_tx));
+    // A parked session is resumed (or, with clean start, discarded): its timers stop.
+    let parked = shared.parked.lock().remove(&key);
+    let qname = queue_name(&client_id);
     if let Some(old) = previous {
         let _ = old.1.send(true);
         // Give it a moment to release its exclusive queue.
         for _ in 0..50 {
             if vhost
-                .queue(&queue_name(&client_id))
+                .queue(&qname)
                 .map(|q| q.exclusive_owner != Some(old.0))
                 .unwrap_or(true)
             {
@@ -231,42 +475,71 @@ async fn connect_session<S: Stream>(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    let clean = c.clean_start;
-    let qname = queue_name(&client_id);
-    if clean {
+    // MQTT-3.1.2-4 / 3.1.2-5: clean start discards any existing session.
+    let had_session = parked.is_some() || vhost.queue(&qname).is_ok();
+    let mut record = parked.map(|p| p.record).unwrap_or_default();
+    if c.clean_start {
         let _ = vhost.delete_queue(&qname, None, false, false).await;
-    }
-    let declared = vhost
-        .declare_queue(
-            QueueDecl {
-                name: qname.as_str().into(),
-                passive: false,
-                durable: !clean,
-                exclusive: clean,
-                auto_delete: clean,
-                arguments: FieldTable::default(),
-            },
-            id,
-        )
-        .await;
-    let (queue, existed) = match declared {
-        Ok((q, created)) => (q, !created),
-        Err(e) => {
-            tracing::warn!(%peer, client_id, error = %e, "mqtt session queue unavailable");
-            let _ = socket
-                .write_all(&refuse(ReasonCode::ServerUnavailable))
+        if had_session {
+            let _ = shared
+                .broker
+                .store_mqtt_session(&vhost_name, &client_id, None)
                 .await;
-            shared.sessions.lock().remove(&key);
-            return None;
+        }
+        record = SessionRecord::default();
+    }
+    let existing = vhost.queue(&qname).ok().filter(|q| !q.is_deleted());
+    let (queue, existed) = match existing {
+        Some(q) => (q, true),
+        None => {
+            let persistent = session_expiry > 0;
+            let declared = vhost
+                .declare_queue(
+                    QueueDecl {
+                        name: qname.as_str().into(),
+                        passive: false,
+                        durable: persistent,
+                        exclusive: !persistent,
+                        auto_delete: !persistent,
+                        arguments: FieldTable::default(),
+                    },
+                    id,
+                )
+                .await;
+            match declared {
+                Ok((q, created)) => (q, !created),
+                Err(e) => {
+                    tracing::warn!(%peer, client_id, error = %e, "mqtt session queue unavailable");
+                    let _ = socket
+                        .write_all(&refuse(ReasonCode::ServerUnavailable))
+                        .await;
+                    let mut sessions = shared.sessions.lock();
+                    if sessions.get(&key).is_some_and(|(i, _)| *i == id) {
+                        sessions.remove(&key);
+                    }
+                    return None;
+                }
+            }
         }
     };
+    if !existed {
+        // A new session starts without QoS 2 state (a record left by a deleted queue).
+        record = SessionRecord::default();
+    }
+    // MQTT-3.2.2-2/3: Session Present only when an existing session is resumed.
+    let session_present = !c.clean_start && existed;
     let mut ack = if version == 5 {
-        ConnAckPacket::new(!clean && existed, ReasonCode::Success)
+        ConnAckPacket::new(session_present, ReasonCode::Success)
             .with_receive_maximum(cfg.receive_maximum)
+            .with_maximum_packet_size(cfg.max_packet_size.min(u32::MAX as usize) as u32)
+            .with_topic_alias_maximum(cfg.topic_alias_maximum)
+            .with_retain_available(true)
+            .with_wildcard_subscription_available(true)
+            .with_subscription_identifier_available(true)
             .with_shared_subscription_available(true)
             .with_maximum_qos(2)
     } else {
-        ConnAckPacket::new_v311(!clean && existed, ReasonCode::Success)
+        ConnAckPacket::new_v311(session_present, ReasonCode::Success)
     };
     if let (Some(a), 5) = (assigned, version) {
         ack = ack.with_assigned_client_id(a);
@@ -274,14 +547,31 @@ async fn connect_session<S: Stream>(
     let mut out = BytesMut::new();
     codec::encode(&ack, &mut out);
     if socket.write_all(&out).await.is_err() {
+        let mut sessions = shared.sessions.lock();
+        if sessions.get(&key).is_some_and(|(i, _)| *i == id) {
+            sessions.remove(&key);
+        }
         return None;
     }
-    let will = c
-        .will
-        .as_ref()
-        .and_then(|w| mqtt_message(&w.topic, Bytes::from(w.payload.clone()), w.qos as u8))
-        .map(Arc::new);
-    let will_retain = c.will.as_ref().is_some_and(|w| w.retain);
+    let will = c.will.as_ref().and_then(|w| {
+        let mut msg = mqtt_message(&w.topic, Bytes::from(w.payload.clone()), w.qos as u8)?;
+        if version == 5 {
+            let mut props = mqtt5_protocol::Properties::default();
+            w.properties.apply_to_publish_properties(&mut props);
+            map_v5_properties(&props, &mut msg.properties);
+        }
+        set_origin(&mut msg, &client_id, w.retain);
+        Some(PendingWill {
+            msg: Arc::new(msg),
+            retain: w.retain,
+            delay: w.properties.will_delay_interval.unwrap_or(0),
+        })
+    });
+    let credit = Arc::new(Credit::default());
+    credit.limit.store(
+        u32::from(client_receive_max.min(cfg.receive_maximum).max(1)),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let (outbox, deliveries) = Outbox::new(cfg.receive_maximum as usize * 2);
     let mut s = Session {
         shared,
@@ -290,36 +580,58 @@ async fn connect_session<S: Stream>(
         peer,
         version,
         client_id,
+        key,
         vhost,
         queue: Some(queue.clone()),
         consumer: None,
         outbox,
-        out: BytesMut::with_capacity(8 * 1024),
+        credit,
+        out: BytesMut::new(),
         subscriptions: HashMap::new(),
         shared_subs: HashMap::new(),
         inflight: HashMap::new(),
         next_pkid: 1,
-        incoming_qos2: HashSet::new(),
+        incoming_qos2: record.incoming_qos2.clone(),
         topic_aliases: HashMap::new(),
+        out_aliases: HashMap::new(),
         will,
-        will_retain,
-        clean,
+        session_expiry,
+        connect_expiry: session_expiry,
         keep_alive: c.keep_alive,
+        client_max_packet,
+        client_alias_max: if version == 5 {
+            c.properties.get_topic_alias_maximum().unwrap_or(0)
+        } else {
+            0
+        },
     };
-    if !clean {
-        // Restore the filters of a persistent session from its bindings.
+    if existed {
+        // Restore the subscriptions of a resumed session from its bindings.
         for (_, b) in s.vhost.bindings() {
             if matches!(&b.target, Target::Queue(q) if Arc::ptr_eq(q, &queue)) {
-                let qos = b
-                    .arguments
-                    .inner()
-                    .get(QOS_HEADER)
-                    .and_then(warren_core::queue::int_value)
-                    .unwrap_or(1) as u8;
-                s.subscriptions
-                    .insert(topic::to_mqtt(b.routing_key.as_str()), qos);
+                s.subscriptions.insert(
+                    topic::filter_to_mqtt(b.routing_key.as_str()),
+                    Sub::from_args(b.arguments.clone()),
+                );
             }
         }
+        // MQTT-4.4.0-1: PUBREL again for outbound QoS 2 messages the client has (PUBREC
+        // seen) but whose PUBCOMP never came.
+        for pkid in &record.outgoing_pubrel {
+            s.inflight.insert(
+                *pkid,
+                Inflight {
+                    queue: None,
+                    credit: false,
+                    released: true,
+                },
+            );
+            codec::encode(&PubRelPacket::new(*pkid), &mut s.out);
+        }
+    }
+    if s.session_expiry > 0 {
+        // Connected: the record says so (a crash counts from the restart).
+        s.persist().await;
     }
     let consumer = ConsumerId::next();
     let spec = ConsumerSpec {
@@ -330,14 +642,14 @@ async fn connect_session<S: Stream>(
         no_ack: false,
         exclusive: false,
         priority: 0,
-        prefetch: cfg.receive_maximum as u32,
-        channel_credit: Arc::new(Credit::default()),
+        prefetch: 0,
+        channel_credit: s.credit.clone(),
         outbox: s.outbox.clone(),
     };
     if queue.add_consumer(spec).await.is_ok() {
         s.consumer = Some(consumer);
     }
-    tracing::info!(%peer, client_id = %s.client_id, version, clean, "mqtt connection opened");
+    tracing::info!(%peer, client_id = %s.client_id, level, session_expiry, session_present, "mqtt connection opened");
     Some((s, deliveries, kicked))
 }
 
@@ -370,17 +682,65 @@ fn mqtt_message(topic_name: &str, payload: Bytes, qos: u8) -> Option<Message> {
     ))
 }
 
+/// Marks who published a message and whether with RETAIN (for no-local and
+/// retain-as-published at delivery).
+fn set_origin(msg: &mut Message, client_id: &str, retain: bool) {
+    let h = msg
+        .properties
+        .headers
+        .get_or_insert_with(FieldTable::default);
+    // A long string: the AMQP field-table codec has no short-string values.
+    h.insert(
+        ORIGIN_HEADER.into(),
+        AMQPValue::LongString(client_id.as_bytes().into()),
+    );
+    if retain {
+        h.insert(RETAIN_HEADER.into(), AMQPValue::Boolean(true));
+    }
+}
+
+fn header<'a>(m: &'a Message, k: &str) -> Option<&'a AMQPValue> {
+    m.properties.headers.as_ref().and_then(|h| h.inner().get(k))
+}
+
+/// Seconds left of a message's expiry interval: `None` without one, `Some(0)` when expired.
+fn remaining_expiry(m: &Message) -> Option<u32> {
+    let at = warren_core::queue::int_value(header(m, EXPIRY_HEADER)?)? as u64;
+    let now = now_ms();
+    if at <= now {
+        return Some(0);
+    }
+    Some(((at - now).div_ceil(1000)).min(u32::MAX as u64) as u32)
+}
+
+/// What a delivery is sent with.
+struct Outgoing<'a> {
+    topic: &'a str,
+    msg: &'a Message,
+    qos: u8,
+    retain: bool,
+    dup: bool,
+    /// The queue message it settles, and whether it holds a credit unit.
+    track: Option<(Arc<Queue>, MsgSeq)>,
+    sub_ids: Vec<u32>,
+}
+
 impl Session {
-    async fn serve<S: Stream>(
+    async fn serve<R, W>(
         &mut self,
-        socket: S,
+        mut rd: R,
+        mut wr: W,
         mut rbuf: BytesMut,
         deliveries: &mut mpsc::Receiver<Delivery>,
         mut kicked: watch::Receiver<bool>,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> End {
-        let (mut rd, mut wr) = tokio::io::split(socket);
-        let keep_alive = Duration::from_millis(self.cfg_keepalive_ms());
+    ) -> End
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        // MQTT-3.1.2-24: one and a half keep-alive periods of silence.
+        let keep_alive = Duration::from_millis(self.keep_alive as u64 * 1500);
         let mut last_read = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
@@ -395,7 +755,13 @@ impl Session {
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        self.protocol_error(&e);
+                        let code = match e {
+                            // MQTT-3.2.2-? / §4.13: a packet over our Maximum Packet Size.
+                            CodecError::TooLarge { .. } => rc::PACKET_TOO_LARGE,
+                            // MQTT-1.5.5-1, MQTT-3.3.1-4: malformed.
+                            _ => rc::MALFORMED,
+                        };
+                        self.protocol_error(code, &e.to_string());
                         let _ = wr.write_all(&self.out).await;
                         return End::ProtocolError;
                     }
@@ -406,6 +772,13 @@ impl Session {
                     return End::SocketClosed;
                 }
                 self.out.clear();
+                // Do not keep a large write buffer on an idle connection.
+                if self.out.capacity() > 64 * 1024 {
+                    self.out = BytesMut::new();
+                }
+            }
+            if rbuf.is_empty() && rbuf.capacity() > 64 * 1024 {
+                rbuf = BytesMut::with_capacity(256);
             }
             tokio::select! {
                 r = rd.read_buf(&mut rbuf) => match r {
@@ -430,44 +803,49 @@ impl Session {
                     }
                 }
                 _ = tick.tick() => {
-                    // MQTT-3.1.2-24: one and a half keep-alive periods of silence.
                     if !keep_alive.is_zero() && last_read.elapsed() > keep_alive {
+                        self.disconnect(rc::KEEP_ALIVE_TIMEOUT, "keep alive timeout");
+                        let _ = wr.write_all(&self.out).await;
                         return End::KeepAliveTimeout;
                     }
                 }
                 _ = kicked.changed() => {
-                    if self.version == 5 {
-                        // 0x8E Session taken over.
-                        self.out.extend_from_slice(&[0xE0, 0x01, 0x8E]);
-                        let _ = wr.write_all(&self.out).await;
-                    }
+                    // MQTT-3.1.4-3: DISCONNECT 0x8E to the connection taken over.
+                    self.disconnect(rc::TAKEN_OVER, "session taken over");
+                    let _ = wr.write_all(&self.out).await;
                     return End::TakenOver;
                 }
                 _ = shutdown.changed() => {
-                    if self.version == 5 {
-                        // 0x8B Server shutting down.
-                        self.out.extend_from_slice(&[0xE0, 0x01, 0x8B]);
-                        let _ = wr.write_all(&self.out).await;
-                    }
+                    self.disconnect(rc::SHUTTING_DOWN, "server shutting down");
+                    let _ = wr.write_all(&self.out).await;
                     return End::Shutdown;
                 }
             }
         }
     }
 
-    fn cfg_keepalive_ms(&self) -> u64 {
-        self.keep_alive as u64 * 1500
+    /// Queues a 5.0 DISCONNECT with `code` (and a reason string when it fits the client's
+    /// Maximum Packet Size, MQTT-3.14.2-3); nothing for 3.1.1, which has no server
+    /// DISCONNECT.
+    fn disconnect(&mut self, code: u8, reason: &str) {
+        if self.version != 5 {
+            return;
+        }
+        let code = ReasonCode::from_u8(code).unwrap_or(ReasonCode::UnspecifiedError);
+        let before = self.out.len();
+        codec::encode(
+            &DisconnectPacket::new(code).with_reason_string(reason.to_owned()),
+            &mut self.out,
+        );
+        if self.out.len() - before > self.client_max_packet {
+            self.out.truncate(before);
+            codec::encode(&DisconnectPacket::new(code), &mut self.out);
+        }
     }
 
-    fn protocol_error(&mut self, e: &CodecError) {
-        tracing::info!(peer = %self.peer, client_id = %self.client_id, error = %e, "mqtt protocol error");
-        if self.version == 5 {
-            let code = match e {
-                CodecError::TooLarge { .. } => 0x95,
-                _ => 0x81,
-            };
-            self.out.extend_from_slice(&[0xE0, 0x01, code]);
-        }
+    fn protocol_error(&mut self, code: u8, why: &str) {
+        tracing::info!(peer = %self.peer, client_id = %self.client_id, error = why, "mqtt protocol error");
+        self.disconnect(code, why);
     }
 
     fn next_pkid(&mut self) -> u16 {
@@ -480,6 +858,49 @@ impl Session {
         }
     }
 
+    /// Writes the session record (persistent sessions only); the ticket to wait for before
+    /// telling the client anything that depends on it.
+    async fn persist(&self) -> Option<warren_core::Ticket> {
+        if self.session_expiry == 0 {
+            return None;
+        }
+        let record = self.record(0);
+        match self
+            .shared
+            .broker
+            .store_mqtt_session(&self.vhost.name, &self.client_id, Some(record.encode()))
+            .await
+        {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(client_id = %self.client_id, error = %e, "mqtt session record not stored");
+                None
+            }
+        }
+    }
+
+    fn record(&self, disconnected_at: u64) -> SessionRecord {
+        let mut outgoing_pubrel: Vec<u16> = self
+            .inflight
+            .iter()
+            .filter(|(_, i)| i.released)
+            .map(|(k, _)| *k)
+            .collect();
+        outgoing_pubrel.sort_unstable();
+        SessionRecord {
+            expiry: self.session_expiry,
+            disconnected_at,
+            incoming_qos2: self.incoming_qos2.clone(),
+            outgoing_pubrel,
+        }
+    }
+
+    async fn wait(&self, ticket: Option<warren_core::Ticket>) {
+        if let Some(t) = ticket {
+            let _ = self.shared.broker.store().wait_synced(t).await;
+        }
+    }
+
     /// Handles one packet; `Err` ends the connection.
     async fn handle(&mut self, p: Packet) -> Result<(), End> {
         match p {
@@ -489,19 +910,46 @@ impl Session {
                 Ok(())
             }
             Packet::PubRec(r) => {
+                // MQTT-4.3.3-? (method A): the message is the client's now: settle it in the
+                // queue, remember the id (durably) until PUBCOMP, send PUBREL.
+                let mut settle = None;
                 if let Some(i) = self.inflight.get_mut(&r.packet_id) {
+                    if r.reason_code.is_error() {
+                        // 5.0: PUBREC ≥ 0x80 ends the exchange; the message is not redelivered.
+                        let i = self.inflight.remove(&r.packet_id);
+                        if let Some(i) = i {
+                            self.finish_inflight(i, true).await;
+                        }
+                        return Ok(());
+                    }
                     i.released = true;
+                    settle = i.queue.take();
+                }
+                if let Some((q, seq)) = settle {
+                    let t = self.persist().await;
+                    self.wait(t).await;
+                    q.ack(&[seq]).await;
                 }
                 codec::encode(&PubRelPacket::new(r.packet_id), &mut self.out);
                 Ok(())
             }
             Packet::PubComp(c) => {
+                let was_released = self.inflight.get(&c.packet_id).is_some_and(|i| i.released);
                 self.settle(c.packet_id).await;
+                if was_released {
+                    self.persist().await;
+                }
                 Ok(())
             }
             Packet::PubRel(r) => {
-                // MQTT-4.3.3: release the packet id, answer PUBCOMP even if unknown.
-                self.incoming_qos2.remove(&r.packet_id);
+                // MQTT-4.3.3-10: release the packet id; PUBCOMP even if unknown. The record
+                // without the id is synced first, or a restart could take the client's next
+                // PUBLISH reusing this id for a duplicate.
+                if let Some(pos) = self.incoming_qos2.iter().position(|i| *i == r.packet_id) {
+                    self.incoming_qos2.swap_remove(pos);
+                    let t = self.persist().await;
+                    self.wait(t).await;
+                }
                 codec::encode(&PubCompPacket::new(r.packet_id), &mut self.out);
                 Ok(())
             }
@@ -511,16 +959,31 @@ impl Session {
                 } else {
                     SubAckPacket::new_v311(s.packet_id)
                 };
+                // MQTT 5 §3.8.2.1.2: one subscription identifier per SUBSCRIBE; 0 is a
+                // protocol error.
+                let sub_id = s.properties.get_subscription_identifier();
+                if sub_id == Some(0) {
+                    self.protocol_error(rc::PROTOCOL_ERROR, "subscription identifier 0");
+                    return Err(End::ProtocolError);
+                }
                 let mut retained = Vec::new();
-                for f in s.filters {
-                    let code = self
-                        .subscribe(&f.filter, f.options.qos as u8, &mut retained)
-                        .await;
+                for f in &s.filters {
+                    let code = self.subscribe(f, sub_id, &mut retained).await;
                     ack = ack.add_reason_code(code);
                 }
                 codec::encode(&ack, &mut self.out);
-                for (t, m, qos) in retained {
-                    self.send_publish(&t, &m, qos, true, false, None);
+                for (t, m, qos, ids) in retained {
+                    // MQTT-3.3.1-8: retained messages sent for a new subscription have
+                    // RETAIN set.
+                    self.send_publish(Outgoing {
+                        topic: &t,
+                        msg: &m,
+                        qos,
+                        retain: true,
+                        dup: false,
+                        track: None,
+                        sub_ids: ids,
+                    });
                 }
                 Ok(())
             }
@@ -531,27 +994,27 @@ impl Session {
                     UnsubAckPacket::new_v311(u.packet_id)
                 };
                 for f in u.filters {
-                    if let Some((q, c, _)) = self.shared_subs.remove(&f) {
+                    if let Some((q, c, _, _)) = self.shared_subs.remove(&f) {
                         q.remove_consumer(c).await;
                         if self.version == 5 {
                             ack.reason_codes.push(UnsubAckReasonCode::Success);
                         }
                         continue;
                     }
-                    let existed = self.subscriptions.remove(&f).is_some();
-                    if let Some(q) = &self.queue {
+                    let existed = self.subscriptions.remove(&f);
+                    if let (Some(q), Some(sub)) = (&self.queue, &existed) {
                         let _ = self
                             .vhost
                             .unbind(
                                 "amq.topic",
                                 Target::Queue(q.clone()),
                                 &topic::to_amqp(&f),
-                                &FieldTable::default(),
+                                &sub.args,
                             )
                             .await;
                     }
                     if self.version == 5 {
-                        ack.reason_codes.push(if existed {
+                        ack.reason_codes.push(if existed.is_some() {
                             UnsubAckReasonCode::Success
                         } else {
                             UnsubAckReasonCode::NoSubscriptionExisted
@@ -566,7 +1029,20 @@ impl Session {
                 Ok(())
             }
             Packet::Disconnect(d) => {
-                // MQTT 5: reason 0x04 asks for the will anyway.
+                if self.version == 5 {
+                    if let Some(e) = d.properties.get_session_expiry_interval() {
+                        // MQTT-3.14.2-2: a session expiry of 0 at CONNECT cannot be raised.
+                        if self.connect_expiry == 0 && e != 0 {
+                            self.protocol_error(
+                                rc::PROTOCOL_ERROR,
+                                "session expiry raised from 0 at DISCONNECT",
+                            );
+                            return Err(End::ProtocolError);
+                        }
+                        self.session_expiry = e;
+                    }
+                }
+                // MQTT-3.14.4-3: no will after DISCONNECT; 5.0 reason 0x04 asks for it.
                 if d.reason_code != ReasonCode::DisconnectWithWillMessage {
                     self.will = None;
                 }
@@ -574,14 +1050,14 @@ impl Session {
             }
             // MQTT-3.1.0-2: a second CONNECT is a protocol error.
             Packet::Connect(_) => {
-                self.protocol_error(&CodecError::Malformed("second CONNECT".into()));
+                self.protocol_error(rc::PROTOCOL_ERROR, "second CONNECT");
                 Err(End::ProtocolError)
             }
             other => {
-                self.protocol_error(&CodecError::Malformed(format!(
-                    "unexpected {}",
-                    other.packet_type_name()
-                )));
+                // Server-to-client packets (CONNACK, SUBACK, …) from a client; AUTH is not
+                // supported (no authentication method was agreed).
+                let why = format!("unexpected {}", other.packet_type_name());
+                self.protocol_error(rc::PROTOCOL_ERROR, &why);
                 Err(End::ProtocolError)
             }
         }
@@ -589,66 +1065,74 @@ impl Session {
 
     async fn subscribe(
         &mut self,
-        filter: &str,
-        requested: u8,
-        retained: &mut Vec<(String, Arc<Message>, u8)>,
+        f: &TopicFilter,
+        sub_id: Option<u32>,
+        retained: &mut Vec<(String, Arc<Message>, u8, Vec<u32>)>,
     ) -> SubAckReasonCode {
+        let filter = f.filter.as_str();
+        let o = &f.options;
+        let invalid = if self.version == 5 {
+            SubAckReasonCode::TopicFilterInvalid
+        } else {
+            SubAckReasonCode::UnspecifiedError
+        };
         // MQTT-4.7.1: wildcards only as whole levels, `#` last.
-        if !mqtt5_protocol::is_valid_topic_filter(filter) {
-            return if self.version == 5 {
-                SubAckReasonCode::TopicFilterInvalid
-            } else {
-                SubAckReasonCode::UnspecifiedError
-            };
+        if !mqtt5_protocol::is_valid_topic_filter(filter) || filter.len() > MAX_TOPIC_BYTES {
+            return invalid;
         }
-        if filter.len() > MAX_TOPIC_BYTES {
-            return if self.version == 5 {
-                SubAckReasonCode::TopicFilterInvalid
-            } else {
-                SubAckReasonCode::UnspecifiedError
-            };
-        }
+        let qos = (o.qos as u8).min(2);
         if let Some(rest) = filter.strip_prefix("$share/") {
-            return self.subscribe_shared(filter, rest, requested.min(2)).await;
+            // MQTT-3.8.3-4: no-local on a shared subscription is a protocol error; refuse
+            // the filter rather than the connection.
+            if o.no_local {
+                return invalid;
+            }
+            return self.subscribe_shared(filter, rest, qos, sub_id).await;
         }
         let Some(q) = self.queue.clone() else {
             return SubAckReasonCode::UnspecifiedError;
         };
-        let qos = requested.min(2);
         let key = topic::to_amqp(filter);
+        let sub = Sub::new(qos, o.no_local, o.retain_as_published, sub_id);
         // Re-subscribing replaces the subscription (MQTT-3.8.4-3): one binding per filter.
-        let _ = self
-            .vhost
-            .unbind(
-                "amq.topic",
-                Target::Queue(q.clone()),
-                &key,
-                &FieldTable::default(),
-            )
-            .await;
+        let previous = self.subscriptions.get(filter).cloned();
+        if let Some(prev) = &previous {
+            let _ = self
+                .vhost
+                .unbind("amq.topic", Target::Queue(q.clone()), &key, &prev.args)
+                .await;
+        }
         if let Err(e) = self
             .vhost
             .bind(
                 "amq.topic",
                 Target::Queue(q),
                 key.as_str().into(),
-                FieldTable::default(),
+                sub.args.clone(),
             )
             .await
         {
             tracing::warn!(error = %e, "mqtt subscribe failed");
             return SubAckReasonCode::UnspecifiedError;
         }
-        self.subscriptions.insert(filter.to_owned(), qos);
-        for (t, m) in self.shared.retained_matching(&self.vhost.name, filter) {
-            let mq = msg_qos(&m).min(qos);
-            retained.push((t, m, mq));
+        self.subscriptions.insert(filter.to_owned(), sub);
+        // MQTT 5 §3.8.3.1 retain handling: 0 always, 1 only for a new subscription, 2
+        // never (3.1.1: always).
+        let send_retained = match o.retain_handling as u8 {
+            0 => true,
+            1 => previous.is_none(),
+            _ => false,
+        };
+        if send_retained {
+            for (t, m) in self.shared.retained_matching(&self.vhost.name, filter) {
+                if remaining_expiry(&m) == Some(0) {
+                    continue;
+                }
+                let mq = msg_qos(&m).min(qos);
+                retained.push((t, m, mq, sub_id.into_iter().collect()));
+            }
         }
-        match qos {
-            0 => SubAckReasonCode::GrantedQoS0,
-            1 => SubAckReasonCode::GrantedQoS1,
-            _ => SubAckReasonCode::GrantedQoS2,
-        }
+        granted(qos)
     }
 
     async fn publish(&mut self, p: PublishPacket) -> Result<(), End> {
@@ -656,13 +1140,17 @@ impl Session {
         let mut topic_name = p.topic_name.clone();
         if self.version == 5 {
             if let Some(alias) = p.properties.get_topic_alias() {
+                // MQTT-3.3.2-8/9: alias 0 or above our Topic Alias Maximum.
+                if alias == 0 || alias > self.cfg.topic_alias_maximum {
+                    self.protocol_error(rc::TOPIC_ALIAS_INVALID, "topic alias out of range");
+                    return Err(End::ProtocolError);
+                }
                 if topic_name.is_empty() {
                     match self.topic_aliases.get(&alias) {
                         Some(t) => topic_name = t.clone(),
                         None => {
-                            self.protocol_error(&CodecError::Malformed(
-                                "unknown topic alias".into(),
-                            ));
+                            // MQTT-3.3.4-? : an alias never set is a protocol error.
+                            self.protocol_error(rc::PROTOCOL_ERROR, "unknown topic alias");
                             return Err(End::ProtocolError);
                         }
                     }
@@ -671,34 +1159,39 @@ impl Session {
                 }
             }
         }
-        // MQTT-3.3.2-2: no wildcards in a topic name.
+        // MQTT-3.3.2-2: no wildcards in a topic name; MQTT-4.7.3-1: not empty.
         if !mqtt5_protocol::is_valid_topic_name(&topic_name) {
-            self.protocol_error(&CodecError::Malformed(format!(
-                "invalid topic name {topic_name:?}"
-            )));
+            let why = format!("invalid topic name {topic_name:?}");
+            self.protocol_error(rc::TOPIC_NAME_INVALID, &why);
             return Err(End::ProtocolError);
         }
         if qos == 2 {
             if let Some(id) = p.packet_id {
-                if !self.incoming_qos2.insert(id) {
-                    // A duplicate before PUBREL: acknowledged, not routed again (exactly once).
+                if self.incoming_qos2.contains(&id) {
+                    // A duplicate before PUBREL: acknowledged, not routed again (exactly once,
+                    // MQTT-4.3.3-? method B); this survives restarts through the record.
                     codec::encode(&PubRecPacket::new(id), &mut self.out);
                     return Ok(());
+                }
+                // MQTT-3.3.4-8: more unreleased QoS 2 publishes than our Receive Maximum.
+                // 3.1.1 has no such limit; its 16-bit packet ids bound the set anyway.
+                if self.version == 5
+                    && self.incoming_qos2.len() >= self.cfg.receive_maximum as usize
+                {
+                    self.protocol_error(rc::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded");
+                    return Err(End::ProtocolError);
                 }
             }
         }
         let Some(mut msg) = mqtt_message(&topic_name, p.payload.clone(), qos) else {
-            self.protocol_error(&CodecError::Malformed(format!(
-                "topic name longer than {MAX_TOPIC_BYTES} bytes"
-            )));
+            let why = format!("topic name longer than {MAX_TOPIC_BYTES} bytes");
+            self.protocol_error(rc::TOPIC_NAME_INVALID, &why);
             return Err(End::ProtocolError);
         };
         if self.version == 5 {
             map_v5_properties(&p.properties, &mut msg.properties);
         }
-        if let Some(secs) = p.properties.get_message_expiry_interval() {
-            msg.properties.expiration = Some((secs as u64 * 1000).to_string().as_str().into());
-        }
+        set_origin(&mut msg, &self.client_id, p.retain);
         let msg = Arc::new(msg);
         let retained_ticket = if p.retain {
             self.shared
@@ -714,11 +1207,16 @@ impl Session {
                 retained_ticket
             }
         };
-        if qos > 0 {
-            // PUBACK/PUBREC only once a durable copy is synced.
-            if let Some(t) = ticket {
-                let _ = self.shared.broker.store().wait_synced(t).await;
+        let mut ticket = ticket;
+        if qos == 2 {
+            if let Some(id) = p.packet_id {
+                self.incoming_qos2.push(id);
+                ticket = ticket.max(self.persist().await);
             }
+        }
+        if qos > 0 {
+            // PUBACK/PUBREC only once a durable copy (and the QoS 2 id) is synced.
+            self.wait(ticket).await;
             if let Some(id) = p.packet_id {
                 if qos == 1 {
                     codec::encode(&PubAckPacket::new(id), &mut self.out);
@@ -732,8 +1230,14 @@ impl Session {
 
     /// `$share/<group>/<filter>`: competing consumers on one queue per group and filter
     /// (MQTT 5 §4.8.2), bound on `amq.topic` like any subscription; the queue goes with
-    /// its last member.
-    async fn subscribe_shared(&mut self, full: &str, rest: &str, qos: u8) -> SubAckReasonCode {
+    /// its last member. No retained messages are sent for it (MQTT 5 §4.8.2).
+    async fn subscribe_shared(
+        &mut self,
+        full: &str,
+        rest: &str,
+        qos: u8,
+        sub_id: Option<u32>,
+    ) -> SubAckReasonCode {
         let invalid = if self.version == 5 {
             SubAckReasonCode::TopicFilterInvalid
         } else {
@@ -746,7 +1250,7 @@ impl Session {
         if group.is_empty() || group.contains(['+', '#']) || filter.is_empty() {
             return invalid;
         }
-        if let Some((q, c, _)) = self.shared_subs.remove(full) {
+        if let Some((q, c, _, _)) = self.shared_subs.remove(full) {
             q.remove_consumer(c).await;
         }
         let name = format!("mqtt-shared-{group}-{filter}");
@@ -793,154 +1297,316 @@ impl Session {
             no_ack: false,
             exclusive: false,
             priority: 0,
-            prefetch: self.cfg.receive_maximum as u32,
-            channel_credit: Arc::new(Credit::default()),
+            prefetch: 0,
+            channel_credit: self.credit.clone(),
             outbox: self.outbox.clone(),
         };
         if q.add_consumer(spec).await.is_err() {
             return SubAckReasonCode::UnspecifiedError;
         }
-        self.shared_subs.insert(full.to_owned(), (q, consumer, qos));
-        match qos {
-            0 => SubAckReasonCode::GrantedQoS0,
-            1 => SubAckReasonCode::GrantedQoS1,
-            _ => SubAckReasonCode::GrantedQoS2,
-        }
+        self.shared_subs
+            .insert(full.to_owned(), (q, consumer, qos, sub_id));
+        granted(qos)
     }
 
-    /// Writes a delivery from the session queue (or a shared-subscription queue) as PUBLISH.
+    /// Writes a delivery from the session queue (or a shared-subscription queue) as PUBLISH:
+    /// once per message however many subscriptions match (MQTT-3.3.4-2), at the highest
+    /// granted QoS, with every matching subscription identifier (MQTT-3.3.4-3).
     async fn deliver(&mut self, d: Delivery) {
         let t = topic::to_mqtt(d.message.routing_key.as_str());
-        let shared = self
+        let mut granted_qos = None;
+        let mut sub_ids = Vec::new();
+        let mut rap = false;
+        if let Some((_, _, qos, id)) = self
             .shared_subs
             .values()
-            .find(|(q, c, _)| *c == d.consumer && Arc::ptr_eq(q, &d.queue))
-            .map(|(_, _, qos)| *qos);
-        let granted = shared.unwrap_or_else(|| {
-            self.subscriptions
-                .iter()
-                .filter(|(f, _)| topic::matches(f, &t))
-                .map(|(_, q)| *q)
-                .max()
-                .unwrap_or(0)
-        });
-        let qos = msg_qos(&d.message).min(granted);
-        if qos == 0 {
-            d.queue.ack(&[d.seq]).await;
-            self.send_publish(&t, &d.message, 0, false, false, None);
+            .find(|(q, c, _, _)| *c == d.consumer && Arc::ptr_eq(q, &d.queue))
+        {
+            granted_qos = Some(*qos);
+            sub_ids.extend(id);
         } else {
-            let queue = d.queue.clone();
-            self.send_publish(
-                &t,
-                &d.message,
-                qos,
-                false,
-                d.redelivered,
-                Some((queue, d.seq)),
+            let from_self = matches!(header(&d.message, ORIGIN_HEADER),
+                Some(AMQPValue::LongString(o)) if o.as_bytes() == self.client_id.as_bytes());
+            // MQTT-4.7.2-1 ($-topics and leading wildcards) is applied here too: the AMQP
+            // binding `#` matches `$SYS.x`, the MQTT filter `#` does not.
+            for (f, s) in &self.subscriptions {
+                if !topic::matches(f, &t) || (s.no_local && from_self) {
+                    continue;
+                }
+                granted_qos = Some(granted_qos.unwrap_or(0).max(s.qos));
+                sub_ids.extend(s.id);
+                rap |= s.retain_as_published;
+            }
+        }
+        let expired = remaining_expiry(&d.message) == Some(0);
+        let Some(granted_qos) = granted_qos.filter(|_| !expired) else {
+            // No subscription wants it (no-local, `$` topic, literal `*`), or it expired.
+            self.give_back(1).await;
+            d.queue.ack(&[d.seq]).await;
+            return;
+        };
+        let qos = msg_qos(&d.message).min(granted_qos);
+        // MQTT-3.3.1-12/13: RETAIN is kept only for retain-as-published subscriptions.
+        let retain = rap
+            && matches!(
+                header(&d.message, RETAIN_HEADER),
+                Some(AMQPValue::Boolean(true))
             );
+        let msg = d.message.clone();
+        if qos == 0 {
+            self.give_back(1).await;
+            d.queue.ack(&[d.seq]).await;
+            self.send_publish(Outgoing {
+                topic: &t,
+                msg: &msg,
+                qos: 0,
+                retain,
+                dup: false,
+                track: None,
+                sub_ids,
+            });
+        } else {
+            let sent = self.send_publish(Outgoing {
+                topic: &t,
+                msg: &msg,
+                qos,
+                retain,
+                dup: d.redelivered,
+                track: Some((d.queue.clone(), d.seq)),
+                sub_ids,
+            });
+            if !sent {
+                self.give_back(1).await;
+                d.queue.ack(&[d.seq]).await;
+            }
         }
     }
 
-    fn send_publish(
-        &mut self,
-        topic_name: &str,
-        msg: &Message,
-        qos: u8,
-        retain: bool,
-        dup: bool,
-        track: Option<(Arc<Queue>, MsgSeq)>,
-    ) {
-        let q = match qos {
+    /// Returns credit units; if the session was at the client's receive maximum, its
+    /// queues may deliver again.
+    async fn give_back(&mut self, n: u32) {
+        if self.credit.give_back(n) {
+            if let Some(q) = &self.queue {
+                q.kick().await;
+            }
+            let shared: Vec<Arc<Queue>> =
+                self.shared_subs.values().map(|(q, ..)| q.clone()).collect();
+            for q in shared {
+                q.kick().await;
+            }
+        }
+    }
+
+    /// Encodes a PUBLISH; false if it was dropped for exceeding the client's Maximum Packet
+    /// Size (MQTT-3.1.2-25: discarded as if sent).
+    fn send_publish(&mut self, o: Outgoing<'_>) -> bool {
+        let q = match o.qos {
             0 => QoS::AtMostOnce,
             1 => QoS::AtLeastOnce,
             _ => QoS::ExactlyOnce,
         };
-        let payload = msg.body.clone();
+        let payload = o.msg.body.clone();
+        let mut new_alias = None;
         let mut p = if self.version == 5 {
-            let mut p = PublishPacket::new(topic_name, payload, q);
-            v5_properties_of(msg, &mut p);
+            let mut p = PublishPacket::new(o.topic, payload, q);
+            v5_properties_of(o.msg, &mut p);
+            if let Some(secs) = remaining_expiry(o.msg) {
+                p.properties.set_message_expiry_interval(secs.max(1));
+            }
+            for id in &o.sub_ids {
+                p.properties.set_subscription_identifier(*id);
+            }
+            // Server → client topic aliases when the client allows them (MQTT 5 §3.3.2.3.4).
+            if self.client_alias_max > 0 {
+                if let Some(a) = self.out_aliases.get(o.topic) {
+                    p.properties.set_topic_alias(*a);
+                    p.topic_name.clear();
+                } else if self.out_aliases.len() < self.client_alias_max.min(64) as usize {
+                    let a = self.out_aliases.len() as u16 + 1;
+                    p.properties.set_topic_alias(a);
+                    new_alias = Some(a);
+                }
+            }
             p
         } else {
-            PublishPacket::new_v311(topic_name, payload, q)
+            PublishPacket::new_v311(o.topic, payload, q)
         };
-        p = p.with_retain(retain).with_dup(dup && qos > 0);
-        if qos > 0 {
+        p = p.with_retain(o.retain).with_dup(o.dup && o.qos > 0);
+        let id = if o.qos > 0 {
             let id = self.next_pkid();
             p = p.with_packet_id(id);
-            let (queue, seq) = match track {
-                Some((q, s)) => (Some(q), s),
-                None => (None, MsgSeq(0)),
-            };
+            Some(id)
+        } else {
+            None
+        };
+        let before = self.out.len();
+        codec::encode(&p, &mut self.out);
+        if self.out.len() - before > self.client_max_packet {
+            self.out.truncate(before);
+            tracing::debug!(client_id = %self.client_id, "publish larger than the client's maximum packet size dropped");
+            return false;
+        }
+        if let Some(a) = new_alias {
+            self.out_aliases.insert(o.topic.to_owned(), a);
+        }
+        if let Some(id) = id {
+            let credit = o.track.is_some();
             self.inflight.insert(
                 id,
                 Inflight {
-                    queue,
-                    seq,
+                    queue: o.track,
+                    credit,
                     released: false,
                 },
             );
         }
-        codec::encode(&p, &mut self.out);
+        true
     }
 
     async fn settle(&mut self, pkid: u16) {
         if let Some(i) = self.inflight.remove(&pkid) {
-            if let Some(q) = i.queue {
-                q.ack(&[i.seq]).await;
+            self.finish_inflight(i, true).await;
+        }
+    }
+
+    /// Acks (`ack`) or requeues the queue message of a finished delivery and returns its
+    /// credit.
+    async fn finish_inflight(&mut self, i: Inflight, ack: bool) {
+        if let Some((q, seq)) = i.queue {
+            if ack {
+                q.ack(&[seq]).await;
+            } else {
+                q.requeue(&[seq]).await;
             }
+        }
+        if i.credit {
+            self.give_back(1).await;
         }
     }
 
     async fn close(&mut self, end: End) {
         tracing::info!(peer = %self.peer, client_id = %self.client_id, reason = ?end, "mqtt connection closed");
-        // Unacknowledged deliveries go back to the session queue, redelivered (with DUP).
-        let mut by_queue: Vec<(Arc<Queue>, Vec<MsgSeq>)> = Vec::new();
-        for (_, i) in self.inflight.drain() {
-            if let Some(q) = i.queue {
-                match by_queue.iter_mut().find(|(x, _)| Arc::ptr_eq(x, &q)) {
-                    Some((_, v)) => v.push(i.seq),
-                    None => by_queue.push((q, vec![i.seq])),
-                }
+        // Still the session's connection (not taken over)?
+        let owner = {
+            let mut sessions = self.shared.sessions.lock();
+            if sessions
+                .get(&self.key)
+                .is_some_and(|(id, _)| *id == self.id)
+            {
+                sessions.remove(&self.key);
+                true
+            } else {
+                false
             }
-            let _ = i.released;
-        }
+        };
         if let (Some(q), Some(c)) = (&self.queue, self.consumer) {
             q.remove_consumer(c).await;
         }
-        for (_, (q, c, _)) in self.shared_subs.drain() {
+        for (_, (q, c, _, _)) in self.shared_subs.drain() {
             q.remove_consumer(c).await;
+        }
+        // Unacknowledged deliveries go back to their queues, redelivered (with DUP);
+        // released QoS 2 ids stay in the session for PUBREL on reconnect.
+        let mut by_queue: Vec<(Arc<Queue>, Vec<MsgSeq>)> = Vec::new();
+        for i in self.inflight.values_mut() {
+            if let Some((q, seq)) = i.queue.take() {
+                match by_queue.iter_mut().find(|(x, _)| Arc::ptr_eq(x, &q)) {
+                    Some((_, v)) => v.push(seq),
+                    None => by_queue.push((q, vec![seq])),
+                }
+            }
         }
         for (q, seqs) in by_queue {
             q.requeue(&seqs).await;
         }
+        let ends = owner && self.session_expiry == 0;
+        // The will: on any end but DISCONNECT (MQTT-3.1.2-8), after the will delay or when
+        // the session ends, whichever is first (MQTT-3.1.3-9); not if another connection
+        // resumed the session within the delay.
+        let mut delayed_will = None;
         if end != End::Normal {
-            if let Some(will) = self.will.take() {
-                let topic_name = topic::to_mqtt(will.routing_key.as_str());
-                if self.will_retain {
-                    self.shared
-                        .retain(&self.vhost.name, &topic_name, will.clone())
-                        .await;
+            if let Some(w) = self.will.take() {
+                if w.delay == 0 || ends {
+                    publish_will(&self.shared, &self.vhost, w.msg, w.retain).await;
+                } else if owner {
+                    delayed_will = Some(w);
                 }
-                let _ = self.vhost.publish("amq.topic", will).await;
             }
         }
-        if self.clean {
+        if !owner {
+            return;
+        }
+        if ends {
+            // MQTT-3.1.2-? : session expiry 0, the session ends with the connection.
+            let _ = self
+                .vhost
+                .delete_queue(&queue_name(&self.client_id), None, false, false)
+                .await;
             self.vhost.connection_closed(self.id).await;
+            if self.connect_expiry != 0 {
+                let _ = self
+                    .shared
+                    .broker
+                    .store_mqtt_session(&self.vhost.name, &self.client_id, None)
+                    .await;
+            }
+            return;
         }
-        let key = format!("{}\0{}", self.vhost.name, self.client_id);
-        let mut sessions = self.shared.sessions.lock();
-        if sessions.get(&key).is_some_and(|(id, _)| *id == self.id) {
-            sessions.remove(&key);
+        let record = self.record(now_ms());
+        let _ = self
+            .shared
+            .broker
+            .store_mqtt_session(&self.vhost.name, &self.client_id, Some(record.encode()))
+            .await;
+        let generation = warren_core::ids::next_id();
+        {
+            let sessions = self.shared.sessions.lock();
+            // Parked only if nobody connected meanwhile (lock order: sessions, parked).
+            if sessions.contains_key(&self.key) {
+                return;
+            }
+            self.shared
+                .parked
+                .lock()
+                .insert(self.key.clone(), Parked { record, generation });
         }
-        drop(sessions);
+        let expire_in = if self.session_expiry == NEVER {
+            Duration::MAX
+        } else {
+            Duration::from_secs(self.session_expiry as u64)
+        };
+        if delayed_will.is_some() || expire_in != Duration::MAX {
+            spawn_park_timer(
+                self.shared.clone(),
+                self.vhost.name.clone(),
+                self.client_id.clone(),
+                generation,
+                delayed_will,
+                expire_in,
+            );
+        }
+    }
+}
+
+fn granted(qos: u8) -> SubAckReasonCode {
+    match qos {
+        0 => SubAckReasonCode::GrantedQoS0,
+        1 => SubAckReasonCode::GrantedQoS1,
+        _ => SubAckReasonCode::GrantedQoS2,
     }
 }
 
 /// MQTT 5 PUBLISH properties into the core's AMQP-style properties, as RabbitMQ maps them:
 /// content type, response topic (→ reply_to, as a routing key), correlation data (→
-/// correlation_id when it is short UTF-8, else a header), user properties (→ headers).
+/// correlation_id when it is short UTF-8, else a header), user properties (→ headers);
+/// message expiry (→ per-message TTL `expiration`, plus the deadline for the remaining
+/// interval at delivery), payload format indicator (→ a header for 5.0 subscribers).
 fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
     use mqtt5_protocol::{PropertyId, PropertyValue};
+    let expiry = p.get_message_expiry_interval();
+    if let Some(secs) = expiry {
+        props.expiration = Some((secs as u64 * 1000).to_string().as_str().into());
+    }
     if let Some(PropertyValue::Utf8String(ct)) = p.get(PropertyId::ContentType) {
         if ct.len() <= MAX_TOPIC_BYTES {
             props.content_type = Some(ct.as_str().into());
@@ -952,6 +1618,15 @@ fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
         }
     }
     let headers = props.headers.get_or_insert_with(FieldTable::default);
+    if let Some(secs) = expiry {
+        headers.insert(
+            EXPIRY_HEADER.into(),
+            AMQPValue::LongLongInt((now_ms() + secs as u64 * 1000) as i64),
+        );
+    }
+    if let Some(PropertyValue::Byte(1)) = p.get(PropertyId::PayloadFormatIndicator) {
+        headers.insert(FORMAT_HEADER.into(), AMQPValue::ShortShortUInt(1));
+    }
     if let Some(PropertyValue::BinaryData(cd)) = p.get(PropertyId::CorrelationData) {
         match std::str::from_utf8(cd) {
             Ok(s) if s.len() <= 255 => props.correlation_id = Some(s.into()),
@@ -989,6 +1664,9 @@ fn v5_properties_of(m: &Message, p: &mut PublishPacket) {
             .set_correlation_data(Bytes::copy_from_slice(c.as_str().as_bytes()));
     }
     if let Some(h) = &props.headers {
+        if h.inner().contains_key(FORMAT_HEADER) {
+            p.properties.set_payload_format_indicator(true);
+        }
         for (k, v) in h.inner() {
             if k.as_str().starts_with("x-") {
                 continue;

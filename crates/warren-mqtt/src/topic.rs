@@ -15,8 +15,20 @@ pub fn to_amqp(topic: &str) -> String {
         .collect()
 }
 
-/// An AMQP routing key as the MQTT topic a subscriber sees.
+/// An AMQP routing key as the MQTT topic a subscriber sees (a `*` in a key is a literal
+/// character, as in an MQTT topic name).
 pub fn to_mqtt(key: &str) -> String {
+    key.chars()
+        .map(|c| match c {
+            '.' => '/',
+            '/' => '.',
+            other => other,
+        })
+        .collect()
+}
+
+/// An AMQP binding key as the MQTT filter it came from (`*` ↔ `+`).
+pub fn filter_to_mqtt(key: &str) -> String {
     key.chars()
         .map(|c| match c {
             '.' => '/',
@@ -56,8 +68,19 @@ mod tests {
         assert_eq!(to_amqp("sensors/+/temp"), "sensors.*.temp");
         assert_eq!(to_amqp("a/#"), "a.#");
         assert_eq!(to_amqp("v1.2/x"), "v1/2.x");
-        for t in ["a/b", "v1.2/x", "/leading", "trailing/", "a//b", "$SYS/x"] {
+        for t in [
+            "a/b",
+            "v1.2/x",
+            "/leading",
+            "trailing/",
+            "a//b",
+            "$SYS/x",
+            "a/*b",
+        ] {
             assert_eq!(to_mqtt(&to_amqp(t)), t);
+        }
+        for f in ["a/+/c", "a/#", "v1.2/+", "+"] {
+            assert_eq!(filter_to_mqtt(&to_amqp(f)), f);
         }
     }
 

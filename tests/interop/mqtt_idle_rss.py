@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Broker RSS growth per idle MQTT connection (docs/PERFORMANCE.md).
+
+Opens N MQTT 3.1.1 connections (clean session, keep-alive 0, CONNECT + CONNACK, then
+idle) and reports the broker's VmRSS growth per connection, read from /proc/<pid>/status.
+
+    ulimit -n 65536
+    python3 tests/interop/mqtt_idle_rss.py --pid $(pidof warren) --port 1883 -n 10000
+"""
+import argparse
+import socket
+import struct
+import time
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def connect_packet(client_id):
+    cid = client_id.encode()
+    body = b"\x00\x04MQTT\x04\x02\x00\x00" + struct.pack(">H", len(cid)) + cid
+    return bytes([0x10, len(body)]) + body
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pid", type=int, required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=1883)
+    ap.add_argument("-n", type=int, default=10000)
+    ap.add_argument("--settle", type=float, default=3.0)
+    a = ap.parse_args()
+    # Warm up: the first connections pay one-off allocations (runtime, buffers, pools).
+    warm = []
+    for i in range(100):
+        s = socket.create_connection((a.host, a.port))
+        s.sendall(connect_packet(f"warm-{i}"))
+        assert s.recv(4)[:2] == b"\x20\x02"
+        warm.append(s)
+    time.sleep(a.settle)
+    before = rss_kb(a.pid)
+    socks = []
+    t0 = time.time()
+    for i in range(a.n):
+        s = socket.create_connection((a.host, a.port))
+        s.sendall(connect_packet(f"idle-{i}"))
+        ack = s.recv(4)
+        assert ack[:2] == b"\x20\x02" and ack[3] == 0, ack
+        socks.append(s)
+    took = time.time() - t0
+    time.sleep(a.settle)
+    after = rss_kb(a.pid)
+    per = (after - before) * 1024 / a.n
+    print(f"connections={a.n} connect_time={took:.1f}s rss_before={before}KB "
+          f"rss_after={after}KB growth={after - before}KB per_connection={per:.0f}B")
+    for s in socks + warm:
+        s.close()
+
+
+if __name__ == "__main__":
+    main()
