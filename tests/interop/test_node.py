@@ -44,3 +44,17 @@ def test_live_example_in_chromium(broker):
     if os.environ.get("SCREENSHOT"):
         env["SCREENSHOT"] = os.environ["SCREENSHOT"]
     run_node(broker, "live_example.test.mjs", env)
+
+
+def test_dashboard_in_chromium(broker):
+    """The dashboard at / logs in, creates a queue, publishes and sees the count change.
+    SCREENSHOT_DASHBOARD=path saves a screenshot of the queue page (docs/dashboard.png)."""
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    if not os.path.exists(chromium):
+        pytest.fail(f"{chromium} missing: `make deps` installs Debian's chromium")
+    if broker.external:
+        pytest.skip("the dashboard is Warren's own page")
+    env = {"CHROMIUM": chromium, "HTTP_API_URL": broker.api_url}
+    if os.environ.get("SCREENSHOT_DASHBOARD"):
+        env["SCREENSHOT_DASHBOARD"] = os.path.abspath(os.environ["SCREENSHOT_DASHBOARD"])
+    run_node(broker, "dashboard.test.mjs", env)

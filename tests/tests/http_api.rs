@@ -146,6 +146,28 @@ fn parse(raw: &[u8]) -> Resp {
     }
 }
 
+/// A page's script (`X-Requested-With: XMLHttpRequest`, as the dashboard sends) gets the
+/// 401 without a `WWW-Authenticate` challenge, so browsers leave the login to the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_requests_get_no_auth_challenge() {
+    let b = common::start().await;
+    let cred = base64::engine::general_purpose::STANDARD.encode("guest:wrong");
+    let mut s = TcpStream::connect(b.http_addr).await.expect("connect http");
+    let req = format!(
+        "GET /api/whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Requested-With: XMLHttpRequest\r\nAuthorization: Basic {cred}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("response within 10 s")
+        .expect("read");
+    let r = parse(&raw);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate"), None);
+    assert_eq!(r.json()["error"], "not_authorized");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_overview_whoami_nodes() {
     let b = common::start().await;

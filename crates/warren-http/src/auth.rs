@@ -111,11 +111,15 @@ where
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0.ip())
             .ok_or_else(|| ApiError::Internal("no peer address".into()))?;
-        let (user, pass) = basic_credentials(parts)
-            .ok_or_else(|| ApiError::LoginFailed("Not_Authorized".into()))?;
+        let challenge = !is_script_request(parts);
+        let refused = |reason: &str| ApiError::LoginFailed {
+            reason: reason.into(),
+            challenge,
+        };
+        let (user, pass) = basic_credentials(parts).ok_or_else(|| refused("Not_Authorized"))?;
         let u = app.broker.authenticate(&user, &pass, peer).map_err(|e| {
             tracing::info!(%user, %peer, error = %e, "http login refused");
-            ApiError::LoginFailed("Not_Authorized".into())
+            refused("Not_Authorized")
         })?;
         let caller = Caller {
             name: u.name,
@@ -123,10 +127,21 @@ where
         };
         if !(caller.is_monitor() || caller.has_tag("management") || caller.has_tag("policymaker")) {
             tracing::info!(user = %caller.name, "http login refused: no management tag");
-            return Err(ApiError::LoginFailed("Not management user".into()));
+            return Err(refused("Not management user"));
         }
         Ok(caller)
     }
+}
+
+/// A request made by a page's script (`X-Requested-With: XMLHttpRequest`, the convention
+/// jQuery and Spring use): it gets no `WWW-Authenticate` challenge, so a browser leaves
+/// the login to the page instead of showing its own dialog.
+fn is_script_request(parts: &Parts) -> bool {
+    parts
+        .headers
+        .get("x-requested-with")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("XMLHttpRequest"))
 }
 
 /// `Authorization: Basic base64(user:pass)`; `None` when absent or malformed.

@@ -12,9 +12,12 @@ pub enum ApiError {
     /// 404 for a path naming something that does not exist (RabbitMQ's exact body).
     #[error("Object Not Found")]
     ObjectNotFound,
-    /// 401 with `WWW-Authenticate`: no or bad credentials.
-    #[error("login failed: {0}")]
-    LoginFailed(String),
+    /// 401: no or bad credentials. `challenge` adds `WWW-Authenticate` as RabbitMQ does;
+    /// it is off for script requests (`X-Requested-With: XMLHttpRequest`, sent by the
+    /// dashboard) because a challenge makes browsers pop up their own login dialog over
+    /// the page's form, and a headless browser waits on it forever.
+    #[error("login failed: {reason}")]
+    LoginFailed { reason: String, challenge: bool },
     /// 401 without a challenge: authenticated but not allowed (RabbitMQ's not_authorised).
     #[error("not authorised: {0}")]
     NotAuthorised(String),
@@ -56,9 +59,11 @@ impl IntoResponse for ApiError {
                 "Object Not Found".to_owned(),
                 "Not Found".to_owned(),
             ),
-            ApiError::LoginFailed(r) => {
-                (StatusCode::UNAUTHORIZED, "not_authorized".into(), r.clone())
-            }
+            ApiError::LoginFailed { reason, .. } => (
+                StatusCode::UNAUTHORIZED,
+                "not_authorized".into(),
+                reason.clone(),
+            ),
             ApiError::NotAuthorised(r) => {
                 (StatusCode::UNAUTHORIZED, "not_authorised".into(), r.clone())
             }
@@ -80,7 +85,13 @@ impl IntoResponse for ApiError {
             Json(serde_json::json!({"error": error, "reason": reason})),
         )
             .into_response();
-        if matches!(self, ApiError::LoginFailed(_)) {
+        if matches!(
+            self,
+            ApiError::LoginFailed {
+                challenge: true,
+                ..
+            }
+        ) {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"RabbitMQ Management\""),

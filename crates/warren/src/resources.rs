@@ -90,11 +90,36 @@ pub fn rss_bytes() -> Option<u64> {
     Some(pages * page_size())
 }
 
+/// The memory this process may use: the machine's RAM, or the container's cgroup limit when
+/// that is lower. In a container /proc/meminfo shows the host's RAM, so a watermark taken
+/// from it alone can sit above the container's limit and the broker gets OOM-killed before
+/// the alarm ever blocks a publisher.
 fn total_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let ram = kb * 1024;
+    Some(cgroup_memory_limit().map_or(ram, |limit| limit.min(ram)))
+}
+
+/// The cgroup memory limit: v2 `memory.max`, else v1 `memory.limit_in_bytes`.
+fn cgroup_memory_limit() -> Option<u64> {
+    [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|p| parse_cgroup_limit(&std::fs::read_to_string(p).ok()?))
+}
+
+/// A limit file's content; `max` (v2) means none. v1's "no limit" is a huge number, which
+/// the caller's `min` with the RAM size takes care of.
+fn parse_cgroup_limit(text: &str) -> Option<u64> {
+    let t = text.trim();
+    if t == "max" {
+        return None;
+    }
+    t.parse().ok().filter(|&n| n > 0)
 }
 
 /// Bytes available to unprivileged users on the filesystem holding `path`.
@@ -116,6 +141,13 @@ mod tests {
         let rss = rss_bytes().unwrap();
         assert!(rss > 1 << 20 && rss < 1 << 40, "rss {rss}");
         assert!(total_memory().unwrap() > rss);
+        assert_eq!(parse_cgroup_limit("max\n"), None);
+        assert_eq!(parse_cgroup_limit("536870912\n"), Some(536870912));
+        assert_eq!(
+            parse_cgroup_limit("9223372036854771712"),
+            Some(9223372036854771712)
+        );
+        assert_eq!(parse_cgroup_limit(""), None);
         assert!(disk_free(std::path::Path::new("/")).unwrap() > 0);
     }
 }
