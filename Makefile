@@ -30,7 +30,8 @@ run: deps
 	cargo run --release -p warren -- --data-dir ./data
 
 build: deps
-	cargo build --release --workspace --all-targets
+	# Benches are checked by `make lint` (clippy --all-targets), not built here.
+	cargo build --release --workspace --bins --tests
 
 ## test: the whole suite: Rust unit and integration tests, then the interop suite
 ## (pika, kombu, Celery, paho, stomp.py; stompjs and the live example in Chromium)

@@ -32,18 +32,20 @@ async fn connect(o: MqttOptions) -> (AsyncClient, EventLoop) {
     }
 }
 
-/// Polls the event loop until a PUBLISH arrives.
+/// Polls the event loop until a PUBLISH arrives (10 s in all: keep-alive pings must not
+/// keep a missing message waiting for ever).
 async fn next_publish(el: &mut EventLoop) -> rumqttc::Publish {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), el.poll())
-            .await
-            .expect("publish in time")
-        {
-            Ok(Event::Incoming(Packet::Publish(p))) => return p,
-            Ok(_) => {}
-            Err(e) => panic!("mqtt connection failed: {e}"),
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => return p,
+                Ok(_) => {}
+                Err(e) => panic!("mqtt connection failed: {e}"),
+            }
         }
-    }
+    })
+    .await
+    .expect("publish in time")
 }
 
 /// Polls until a PUBACK: the broker has routed (and, if durable, synced) the publish.
@@ -226,6 +228,8 @@ async fn persistent_session_keeps_messages_while_offline() {
     c.disconnect().await.unwrap();
     let _ = tokio::time::timeout(Duration::from_millis(300), el.poll()).await;
     drop(el);
+    // Let the broker finish closing the first connection before publishing.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let (p, pel) = connect(opts(&b, "producer")).await;
     drive(pel);
     p.publish("jobs/1", QoS::AtLeastOnce, false, "queued while offline")

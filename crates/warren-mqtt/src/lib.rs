@@ -164,7 +164,8 @@ impl MqttFrontend {
                         continue;
                     };
                     let _ = socket.set_nodelay(true);
-                    tasks.spawn(self.clone().handle_stream(socket, peer, shutdown.clone()));
+                    let local = socket.local_addr().unwrap_or(peer);
+                    tasks.spawn(self.clone().handle_stream(socket, peer, local, shutdown.clone()));
                 }
                 _ = shutdown.changed() => break,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -176,10 +177,12 @@ impl MqttFrontend {
     /// Runs one MQTT connection over `stream` to its end: any transport that yields the
     /// MQTT byte stream (a TCP socket, a WebSocket's binary messages). `shutdown` closes
     /// it (MQTT 5: DISCONNECT 0x8B).
+    /// `local` is the listener's address (for the management API's connection name).
     pub async fn handle_stream<S>(
         self: Arc<Self>,
         stream: S,
         peer: SocketAddr,
+        local: SocketAddr,
         shutdown: watch::Receiver<bool>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -187,6 +190,7 @@ impl MqttFrontend {
         session::run(
             stream,
             peer,
+            local,
             self.shared.clone(),
             self.config.clone(),
             shutdown,

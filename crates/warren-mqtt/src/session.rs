@@ -27,10 +27,12 @@ use mqtt5_protocol::packet::unsuback::{UnsubAckPacket, UnsubAckReasonCode};
 use mqtt5_protocol::{Packet, QoS, ReasonCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
+use warren_core::permissions::{Access, ResourceKind};
 use warren_core::{
     AMQPValue, ConnectionId, ConsumerId, ConsumerSpec, Credit, Delivery, FieldTable, Message,
     MsgSeq, Outbox, OutboxEvent, Properties, Queue, QueueDecl, ShortString, Target, VHost,
 };
+use warren_core::{ConnectionGuard, ConnectionInfo};
 
 use crate::codec::{self, CodecError};
 use crate::state::{now_ms, SessionRecord, NEVER};
@@ -146,6 +148,10 @@ struct PendingWill {
 }
 
 struct Session {
+    /// The authenticated user, for permission checks.
+    user: String,
+    /// Listed in the management API while it lives; its `closed()` is the API's close.
+    registration: ConnectionGuard,
     shared: Arc<Shared>,
     cfg: Arc<MqttConfig>,
     id: ConnectionId,
@@ -191,6 +197,7 @@ struct Session {
 pub(crate) async fn run<S>(
     socket: S,
     peer: SocketAddr,
+    local: SocketAddr,
     shared: Arc<Shared>,
     cfg: Arc<MqttConfig>,
     mut shutdown: watch::Receiver<bool>,
@@ -232,7 +239,7 @@ pub(crate) async fn run<S>(
         _ => return,
     };
     let Some((mut session, mut deliveries, kicked)) =
-        connect_session(&mut wr, peer, shared, cfg, *connect).await
+        connect_session(&mut wr, peer, local, shared, cfg, *connect).await
     else {
         return;
     };
@@ -358,6 +365,7 @@ async fn publish_will(shared: &Shared, vhost: &VHost, msg: Arc<Message>, retain:
 async fn connect_session<W: AsyncWrite + Unpin>(
     socket: &mut W,
     peer: SocketAddr,
+    local: SocketAddr,
     shared: Arc<Shared>,
     cfg: Arc<MqttConfig>,
     c: ConnectPacket,
@@ -453,7 +461,30 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         let _ = socket.write_all(&refuse(ReasonCode::NotAuthorized)).await;
         return None;
     };
+    // No permissions in the vhost: CONNACK 5 / 0x87, as RabbitMQ's MQTT plugin.
+    if shared
+        .broker
+        .check_vhost_access(&user, &vhost_name)
+        .is_err()
+    {
+        tracing::warn!(%peer, %user, vhost = %vhost_name, "mqtt vhost access refused");
+        let _ = socket.write_all(&refuse(ReasonCode::NotAuthorized)).await;
+        return None;
+    }
     let id = ConnectionId::next();
+    let registration = shared.broker.connections().register(ConnectionInfo {
+        id,
+        protocol: if version == 5 {
+            "MQTT 5.0".into()
+        } else {
+            "MQTT 3.1.1".into()
+        },
+        user: user.clone(),
+        vhost: vhost_name.clone(),
+        peer,
+        local,
+        client_properties: FieldTable::default(),
+    });
     // Session takeover (MQTT-3.1.4-2): the older connection with this client id goes.
     let (kick_tx, kicked) = watch::channel(false);
     let key = format!("{vhost_name}\0{client_id}");
@@ -574,6 +605,8 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     );
     let (outbox, deliveries) = Outbox::new(cfg.receive_maximum as usize * 2);
     let mut s = Session {
+        user: user.clone(),
+        registration,
         shared,
         cfg: cfg.clone(),
         id,
@@ -817,6 +850,12 @@ impl Session {
                 }
                 _ = shutdown.changed() => {
                     self.disconnect(rc::SHUTTING_DOWN, "server shutting down");
+                    let _ = wr.write_all(&self.out).await;
+                    return End::Shutdown;
+                }
+                reason = self.registration.closed() => {
+                    // Closed from the management API: 0x98 Administrative action (5.0).
+                    self.disconnect(0x98, &reason);
                     let _ = wr.write_all(&self.out).await;
                     return End::Shutdown;
                 }
@@ -1081,6 +1120,14 @@ impl Session {
             return invalid;
         }
         let qos = (o.qos as u8).min(2);
+        // Subscribing binds to amq.topic: read on the exchange (RabbitMQ's check).
+        if !self.may_use_topic_exchange(Access::Read) {
+            return if self.version == 5 {
+                SubAckReasonCode::NotAuthorized
+            } else {
+                SubAckReasonCode::UnspecifiedError
+            };
+        }
         if let Some(rest) = filter.strip_prefix("$share/") {
             // MQTT-3.8.3-4: no-local on a shared subscription is a protocol error; refuse
             // the filter rather than the connection.
@@ -1182,6 +1229,29 @@ impl Session {
                     return Err(End::ProtocolError);
                 }
             }
+        }
+        // Publishing needs write on amq.topic (RabbitMQ's MQTT plugin). 5.0 answers a
+        // QoS ≥ 1 publish with 0x87 and drops it; 3.1.1 has no negative ack, so the
+        // connection closes, as in RabbitMQ.
+        if !self.may_use_topic_exchange(Access::Write) {
+            tracing::info!(client_id = %self.client_id, user = %self.user, "mqtt publish refused: no write permission on amq.topic");
+            if self.version != 5 {
+                return Err(End::ProtocolError);
+            }
+            if let Some(id) = p.packet_id {
+                if qos == 1 {
+                    codec::encode(
+                        &PubAckPacket::new_with_reason(id, ReasonCode::NotAuthorized),
+                        &mut self.out,
+                    );
+                } else if qos == 2 {
+                    codec::encode(
+                        &PubRecPacket::new_with_reason(id, ReasonCode::NotAuthorized),
+                        &mut self.out,
+                    );
+                }
+            }
+            return Ok(());
         }
         let Some(mut msg) = mqtt_message(&topic_name, p.payload.clone(), qos) else {
             let why = format!("topic name longer than {MAX_TOPIC_BYTES} bytes");
@@ -1482,6 +1552,20 @@ impl Session {
         if i.credit {
             self.give_back(1).await;
         }
+    }
+
+    /// RabbitMQ's MQTT checks: write on `amq.topic` to publish, read to subscribe.
+    fn may_use_topic_exchange(&self, access: Access) -> bool {
+        self.shared
+            .broker
+            .check_permission(
+                &self.user,
+                &self.vhost.name,
+                access,
+                ResourceKind::Exchange,
+                "amq.topic",
+            )
+            .is_ok()
     }
 
     async fn close(&mut self, end: End) {

@@ -180,8 +180,8 @@ impl Server {
         if let Some(listener) = listen("Web-MQTT (/ws)", &l.web_mqtt).await? {
             web_mqtt_addr = listener.local_addr().ok();
             let fe = mqtt.clone();
-            let session: websocket::SessionFn = Arc::new(move |stream, peer, _local, shutdown| {
-                Box::pin(fe.clone().handle_stream(stream, peer, shutdown))
+            let session: websocket::SessionFn = Arc::new(move |stream, peer, local, shutdown| {
+                Box::pin(fe.clone().handle_stream(stream, peer, local, shutdown))
             });
             // MQTT-6.0.0-3: the subprotocol is "mqtt" (mqttv3.1 for old 3.1 clients).
             tasks.push(tokio::spawn(websocket::serve(
@@ -242,8 +242,8 @@ impl Server {
                 (
                     "MQTTS",
                     &l.mqtts,
-                    Arc::new(move |s, peer, _local, sd| {
-                        Box::pin(m.clone().handle_stream(s, peer, sd))
+                    Arc::new(move |s, peer, local, sd| {
+                        Box::pin(m.clone().handle_stream(s, peer, local, sd))
                     }),
                     &mut tls_addrs.mqtts,
                 ),
