@@ -152,6 +152,8 @@ struct Session {
     user: String,
     /// Listed in the management API while it lives; its `closed()` is the API's close.
     registration: ConnectionGuard,
+    /// The write check on `amq.topic` and the permission generation it was made at.
+    publish_allowed: Option<(u64, bool)>,
     shared: Arc<Shared>,
     cfg: Arc<MqttConfig>,
     id: ConnectionId,
@@ -607,6 +609,7 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     let mut s = Session {
         user: user.clone(),
         registration,
+        publish_allowed: None,
         shared,
         cfg: cfg.clone(),
         id,
@@ -1233,7 +1236,7 @@ impl Session {
         // Publishing needs write on amq.topic (RabbitMQ's MQTT plugin). 5.0 answers a
         // QoS ≥ 1 publish with 0x87 and drops it; 3.1.1 has no negative ack, so the
         // connection closes, as in RabbitMQ.
-        if !self.may_use_topic_exchange(Access::Write) {
+        if !self.may_publish() {
             tracing::info!(client_id = %self.client_id, user = %self.user, "mqtt publish refused: no write permission on amq.topic");
             if self.version != 5 {
                 return Err(End::ProtocolError);
@@ -1551,6 +1554,19 @@ impl Session {
         }
         if i.credit {
             self.give_back(1).await;
+        }
+    }
+
+    /// Write on `amq.topic`, checked once per permission change rather than per publish.
+    fn may_publish(&mut self) -> bool {
+        let generation = self.shared.broker.permissions_generation();
+        match self.publish_allowed {
+            Some((g, ok)) if g == generation => ok,
+            _ => {
+                let ok = self.may_use_topic_exchange(Access::Write);
+                self.publish_allowed = Some((generation, ok));
+                ok
+            }
         }
     }
 

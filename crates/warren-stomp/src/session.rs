@@ -111,6 +111,9 @@ struct Session {
     alarms: watch::Receiver<AlarmState>,
     /// Listed in the management API while it lives; its `closed()` is the API's close.
     registration: ConnectionGuard,
+    /// Exchanges this session may publish to, valid at `perm_generation`.
+    write_allowed: HashSet<String>,
+    perm_generation: u64,
 }
 
 pub(crate) async fn run<S>(
@@ -323,6 +326,8 @@ fn connect_session(
         publisher: false,
         alarms: fe.broker.alarms.subscribe(),
         registration,
+        write_allowed: HashSet::new(),
+        perm_generation: 0,
     };
     Ok((session, deliveries))
 }
@@ -476,6 +481,24 @@ impl Session {
             .map_err(Stop::core)
     }
 
+    /// Write on `exchange`, remembered until the permissions change (every SEND asks).
+    fn allow_publish(&mut self, exchange: &str) -> Step {
+        let generation = self.fe.broker.permissions_generation();
+        if generation != self.perm_generation {
+            self.perm_generation = generation;
+            self.write_allowed.clear();
+        }
+        if self.write_allowed.contains(exchange) {
+            return Ok(());
+        }
+        self.allow(Access::Write, ResourceKind::Exchange, exchange)?;
+        // Bounded: a client sending to many exchanges just re-checks the rest.
+        if self.write_allowed.len() < 64 {
+            self.write_allowed.insert(exchange.to_owned());
+        }
+        Ok(())
+    }
+
     /// Moves receipts whose writes are synced (or that wait for nothing) to the output.
     fn flush_receipts(&mut self, store: &warren_core::Store) {
         while let Some((t, _)) = self.receipts.front() {
@@ -618,7 +641,7 @@ impl Session {
                 properties.reply_to = Some(short(&format!("/reply-queue/{real}"))?);
             }
         }
-        self.allow(Access::Write, ResourceKind::Exchange, &exchange)?;
+        self.allow_publish(&exchange)?;
         let msg = Message::new(short(&exchange)?, short(&routing_key)?, properties, f.body);
         self.publisher = true;
         let out = self
