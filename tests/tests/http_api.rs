@@ -807,6 +807,69 @@ async fn definitions_round_trip() {
     );
 }
 
+/// A file exported by a real RabbitMQ 3.10 (tests/fixtures/README.md says what is in it)
+/// imports, and what it defines appears, its password hashes included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_rabbitmq_export_imports() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    let raw = include_str!("../fixtures/rabbitmq-3.10-definitions.json");
+    let defs: Value = serde_json::from_str(raw).expect("fixture is JSON");
+    let r = api.post("/api/definitions", defs).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    for (user, pass, tag) in [
+        ("orders-svc", "s3cret", "management"),
+        ("monitor", "watch", "monitoring"),
+    ] {
+        let who = api.as_user(user, pass).get("/api/whoami").await;
+        assert_eq!(who.status, 200, "{user} logs in with RabbitMQ's hash");
+        assert_eq!(who.json()["tags"][0], tag);
+    }
+    assert_eq!(api.get("/api/vhosts/shop").await.status, 200);
+    let q = api.get("/api/queues/shop/orders.created").await.json();
+    assert_eq!(q["durable"], true);
+    assert_eq!(q["arguments"]["x-dead-letter-exchange"], "orders.dlx");
+    assert_eq!(q["arguments"]["x-max-priority"], 5);
+    assert_eq!(api.get("/api/queues/shop/orders.dead").await.status, 200);
+    assert_eq!(
+        api.get("/api/exchanges/shop/orders").await.json()["type"],
+        "topic"
+    );
+    assert_eq!(
+        api.get("/api/exchanges/shop/orders.dlx").await.json()["type"],
+        "fanout"
+    );
+    let qb = api
+        .get("/api/bindings/shop/e/orders/q/orders.created")
+        .await
+        .json();
+    assert_eq!(qb[0]["routing_key"], "order.created.*");
+    let eb = api
+        .get("/api/bindings/shop/e/amq.topic/e/orders")
+        .await
+        .json();
+    assert_eq!(eb[0]["routing_key"], "orders.#");
+    let p = api.get("/api/permissions/shop/orders-svc").await.json();
+    assert_eq!(p["configure"], "^orders\\.");
+    assert_eq!(p["write"], "^(orders|amq\\.topic)");
+    // The imported password works over AMQP too, in the imported vhost.
+    let url = format!("amqp://orders-svc:s3cret@{}/shop", b.addr);
+    let c = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .expect("orders-svc connects to shop");
+    let ch = c.create_channel().await.expect("channel");
+    ch.queue_declare(
+        "orders.created".into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("the imported queue is there");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_text() {
     let b = common::start().await;
