@@ -3,6 +3,8 @@
 
 Opens N MQTT 3.1.1 connections (clean session, keep-alive 0, CONNECT + CONNACK, then
 idle) and reports the broker's VmRSS growth per connection, read from /proc/<pid>/status.
+With --subscribe each connection also subscribes (QoS 1) to its own command topic
+`cmd/<client id>`, as a device waiting for commands does.
 
     ulimit -n 65536
     python3 tests/interop/mqtt_idle_rss.py --pid $(pidof warren) --port 1883 -n 10000
@@ -27,6 +29,12 @@ def connect_packet(client_id):
     return bytes([0x10, len(body)]) + body
 
 
+def subscribe_packet(topic):
+    t = topic.encode()
+    body = b"\x00\x01" + struct.pack(">H", len(t)) + t + b"\x01"
+    return bytes([0x82, len(body)]) + body
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pid", type=int, required=True)
@@ -34,6 +42,7 @@ def main():
     ap.add_argument("--port", type=int, default=1883)
     ap.add_argument("-n", type=int, default=10000)
     ap.add_argument("--settle", type=float, default=3.0)
+    ap.add_argument("--subscribe", action="store_true")
     a = ap.parse_args()
     # Warm up: the first connections pay one-off allocations (runtime, buffers, pools).
     warm = []
@@ -51,12 +60,16 @@ def main():
         s.sendall(connect_packet(f"idle-{i}"))
         ack = s.recv(4)
         assert ack[:2] == b"\x20\x02" and ack[3] == 0, ack
+        if a.subscribe:
+            s.sendall(subscribe_packet(f"cmd/idle-{i}"))
+            suback = s.recv(5)
+            assert suback[:1] == b"\x90" and suback[4] == 1, suback
         socks.append(s)
     took = time.time() - t0
     time.sleep(a.settle)
     after = rss_kb(a.pid)
     per = (after - before) * 1024 / a.n
-    print(f"connections={a.n} connect_time={took:.1f}s rss_before={before}KB "
+    print(f"subscribed={a.subscribe} connections={a.n} connect_time={took:.1f}s rss_before={before}KB "
           f"rss_after={after}KB growth={after - before}KB per_connection={per:.0f}B")
     for s in socks + warm:
         s.close()

@@ -62,6 +62,20 @@ async fn wait_puback(el: &mut EventLoop) {
     }
 }
 
+/// Polls until a SUBACK: the subscription's binding exists.
+async fn wait_suback(el: &mut EventLoop) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), el.poll())
+            .await
+            .expect("suback in time")
+        {
+            Ok(Event::Incoming(Packet::SubAck(_))) => return,
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 /// Polls for `ms` and fails on any PUBLISH.
 async fn no_publish(el: &mut EventLoop, ms: u64) {
     let end = tokio::time::Instant::now() + Duration::from_millis(ms);
@@ -224,18 +238,18 @@ async fn persistent_session_keeps_messages_while_offline() {
     o.set_clean_session(false);
     let (c, mut el) = connect(o.clone()).await;
     c.subscribe("jobs/#", QoS::AtLeastOnce).await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_millis(300), el.poll()).await;
+    // One poll may only queue the SUBSCRIBE: wait for its SUBACK, or the DISCONNECT
+    // below can close a connection that never subscribed.
+    wait_suback(&mut el).await;
     c.disconnect().await.unwrap();
     let _ = tokio::time::timeout(Duration::from_millis(300), el.poll()).await;
     drop(el);
-    // Let the broker finish closing the first connection before publishing.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (p, pel) = connect(opts(&b, "producer")).await;
-    drive(pel);
+    let (p, mut pel) = connect(opts(&b, "producer")).await;
     p.publish("jobs/1", QoS::AtLeastOnce, false, "queued while offline")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_puback(&mut pel).await;
+    drive(pel);
     let (_c2, mut el2) = connect(o).await;
     let got = next_publish(&mut el2).await;
     assert_eq!(got.payload, Bytes::from_static(b"queued while offline"));

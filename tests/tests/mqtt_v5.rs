@@ -524,8 +524,9 @@ async fn unacked_outbound_messages_are_redelivered_with_dup_after_a_restart() {
     p.publish("rd/t", QoS::ExactlyOnce, false, "q2")
         .await
         .unwrap();
-    let (t, _) = read_packet(&mut s).await.unwrap();
+    let (t, first) = read_packet(&mut s).await.unwrap();
     assert_eq!(t & 0xF6, 0x34, "QoS 2 PUBLISH, not acknowledged");
+    let first_id = [first[6], first[7]];
     drop(s);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let b = b.restart().await;
@@ -536,8 +537,10 @@ async fn unacked_outbound_messages_are_redelivered_with_dup_after_a_restart() {
     assert_eq!(t & 0xF6, 0x34);
     assert!(t & 0x08 != 0, "DUP on redelivery");
     assert!(body.ends_with(b"q2"));
-    // PUBREC → PUBREL; after a reconnect the PUBREL (not the PUBLISH) is sent again.
+    // MQTT-4.4.0-1: resent with its original packet id.
     let id = [body[6], body[7]];
+    assert_eq!(id, first_id, "original packet id");
+    // PUBREC → PUBREL; after a reconnect the PUBREL (not the PUBLISH) is sent again.
     s.write_all(&[0x50, 2, id[0], id[1]]).await.unwrap();
     assert_eq!(read_packet(&mut s).await.unwrap(), (0x62, id.to_vec()));
     drop(s);
@@ -612,4 +615,163 @@ async fn receive_maximum_exceeded_disconnects_with_0x93() {
         }
         assert_eq!(t, 0x50);
     }
+}
+
+/// SUBSCRIBE (3.1.1) of `topic` at QoS 1 with packet id 1.
+fn subscribe_qos1(topic: &str) -> Vec<u8> {
+    let mut body = vec![0, 1];
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.push(1);
+    let mut p = vec![0x82, body.len() as u8];
+    p.extend(body);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_resends_unacked_publishes_with_their_original_ids() {
+    let b = start().await;
+    let p = publisher(&b, "ids-pub").await;
+    let mut s = raw(&b).await;
+    s.write_all(&connect_v4("ids", false)).await.unwrap();
+    assert_eq!(read_packet(&mut s).await.unwrap().0, 0x20);
+    s.write_all(&subscribe_qos1("ids/t")).await.unwrap();
+    assert_eq!(read_packet(&mut s).await.unwrap(), (0x90, vec![0, 1, 1]));
+    for n in 0..3u8 {
+        p.publish("ids/t", QoS::AtLeastOnce, false, vec![b'm', b'0' + n])
+            .await
+            .unwrap();
+    }
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        let (t, body) = read_packet(&mut s).await.unwrap();
+        assert_eq!(t & 0xF6, 0x32, "QoS 1 PUBLISH");
+        first.push(([body[7], body[8]], body[9..].to_vec()));
+    }
+    // Acknowledge the middle one only.
+    let (acked, _) = first[1].clone();
+    s.write_all(&[0x40, 2, acked[0], acked[1]]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut s = raw(&b).await;
+    s.write_all(&connect_v4("ids", false)).await.unwrap();
+    assert_eq!(read_packet(&mut s).await.unwrap(), (0x20, vec![1, 0]));
+    let mut again = Vec::new();
+    for _ in 0..2 {
+        let (t, body) = read_packet(&mut s).await.unwrap();
+        assert_eq!(t, 0x3A, "QoS 1 PUBLISH with DUP");
+        again.push(([body[7], body[8]], body[9..].to_vec()));
+    }
+    assert_eq!(again, vec![first[0].clone(), first[2].clone()]);
+    // New messages get ids that do not collide with the resent ones.
+    s.write_all(&[0x40, 2, again[0].0[0], again[0].0[1]])
+        .await
+        .unwrap();
+    p.publish("ids/t", QoS::AtLeastOnce, false, "fresh")
+        .await
+        .unwrap();
+    let (t, body) = read_packet(&mut s).await.unwrap();
+    assert_eq!(t, 0x32);
+    assert_ne!([body[7], body[8]], again[1].0, "fresh id is not in use");
+    assert!(body.ends_with(b"fresh"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_will_survives_a_restart_and_goes_once() {
+    let b = start().await;
+    let mut o = persistent(&b, "will-restart", 600);
+    o.set_last_will(LastWill::new(
+        "wills/restart",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+        Some(LastWillProperties {
+            delay_interval: Some(3),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: vec![],
+        }),
+    ));
+    let (_c, el, _) = connect(o).await;
+    drop(el);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = b.restart().await;
+    let (w, mut wel, _) = connect(persistent(&b, "will-restart-watch", 600)).await;
+    w.subscribe("wills/#", QoS::AtLeastOnce).await.unwrap();
+    suback(&mut wel).await;
+    let got = publishes_within(&mut wel, 5000).await;
+    assert_eq!(got.len(), 1, "the will, once, after the restart: {got:?}");
+    assert_eq!(got[0].topic, Bytes::from("wills/restart"));
+    // Sent: another restart does not send it again.
+    drop((w, wel));
+    let b = b.restart().await;
+    let (_w, mut wel, _) = connect(persistent(&b, "will-restart-watch", 600)).await;
+    assert!(publishes_within(&mut wel, 1500).await.is_empty());
+}
+
+/// A 5.0 CONNECT (clean start) with the given properties and optional username.
+fn connect_v5(id: &str, props: &[u8], user: Option<&str>) -> Vec<u8> {
+    let flags = 2 | if user.is_some() { 0x80 } else { 0 };
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, flags, 0, 30];
+    body.push(props.len() as u8);
+    body.extend_from_slice(props);
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id.as_bytes());
+    if let Some(u) = user {
+        body.extend_from_slice(&(u.len() as u16).to_be_bytes());
+        body.extend_from_slice(u.as_bytes());
+    }
+    let mut p = vec![0x10, body.len() as u8];
+    p.extend(body);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enhanced_authentication_is_refused_with_0x8c() {
+    let b = start().await;
+    let mut s = raw(&b).await;
+    // Authentication Method (0x15) "SCRAM-SHA-1".
+    let mut props = vec![0x15, 0, 11];
+    props.extend_from_slice(b"SCRAM-SHA-1");
+    s.write_all(&connect_v5("scram", &props, None))
+        .await
+        .unwrap();
+    let (t, body) = read_packet(&mut s).await.unwrap();
+    assert_eq!((t, &body[..2]), (0x20, &[0u8, 0x8C][..]), "MQTT-4.12.0-1");
+    assert!(read_packet(&mut s).await.is_none(), "closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_clients_are_refused_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = common::config(dir.path());
+    c.mqtt.allow_anonymous = false;
+    let server = warren::Server::start(&c).await.unwrap();
+    let addr = server.mqtt_addr.unwrap();
+    // 3.1.1 without username: 0x05 not authorized.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&connect_v4("anon", true)).await.unwrap();
+    assert_eq!(read_packet(&mut s).await.unwrap(), (0x20, vec![0, 5]));
+    // 5.0 without username: 0x87.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&connect_v5("anon5", &[], None)).await.unwrap();
+    let (t, body) = read_packet(&mut s).await.unwrap();
+    assert_eq!((t, &body[..2]), (0x20, &[0u8, 0x87][..]));
+    // A client that names its user still logs in.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut p = connect_v4("named", true);
+    // Username + password flags, then the strings.
+    p[9] |= 0xC0;
+    for f in ["guest", "guest"] {
+        p.extend_from_slice(&(f.len() as u16).to_be_bytes());
+        p.extend_from_slice(f.as_bytes());
+    }
+    p[1] = (p.len() - 2) as u8;
+    s.write_all(&p).await.unwrap();
+    assert_eq!(read_packet(&mut s).await.unwrap(), (0x20, vec![0, 0]));
+    server.shutdown().await;
 }

@@ -14,11 +14,11 @@ use amq_protocol::protocol::{connection, AMQPClass};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use warren_amqp_codec::{self as codec, Frame, HeaderCheck};
 use warren_core::{
     AMQPValue, AlarmState, Broker, ConnectionGuard, ConnectionId, ConnectionInfo, ConsumerId,
-    Delivery, FieldTable, LongString, Outbox, OutboxEvent, ShortString, VHost,
+    FieldTable, LongString, Outbox, OutboxEvent, ShortString, VHost,
 };
 
 use crate::channel::Channel;
@@ -156,7 +156,7 @@ impl Conn {
     async fn serve<S: Stream>(
         &mut self,
         socket: S,
-        deliveries: &mut mpsc::Receiver<Delivery>,
+        deliveries: &mut warren_core::Deliveries,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), AmqpError> {
         let (mut rd, mut wr) = tokio::io::split(socket);

@@ -4,8 +4,10 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
+use std::collections::VecDeque;
+
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::ids::{ConnectionId, ConsumerId, MsgSeq};
 use crate::message::Message;
@@ -84,7 +86,7 @@ pub struct Delivery {
 /// Gives back the deliveries still waiting in a closed connection's outbox: they were
 /// never written, so each goes back to its queue (no-ack ones were already settled).
 /// Call after the connection's consumers are removed, so nothing new arrives.
-pub async fn return_undelivered(rx: &mut mpsc::Receiver<Delivery>) {
+pub async fn return_undelivered(rx: &mut Deliveries) {
     rx.close();
     while let Ok(d) = rx.try_recv() {
         if !d.no_ack {
@@ -104,31 +106,62 @@ pub enum OutboxEvent {
 
 /// A connection's inbox of deliveries: bounded, so a consumer that cannot keep up stalls
 /// its queues instead of growing memory.
+///
+/// A mutex-guarded `VecDeque` rather than a tokio mpsc: an empty one allocates nothing
+/// (tokio's channel allocates a 32-slot block up front, ~2 KB per connection, which idle
+/// MQTT devices pay for nothing), and it gives its memory back when drained after a burst.
 #[derive(Debug)]
 pub struct Outbox {
-    tx: mpsc::Sender<Delivery>,
+    inbox: Mutex<Inbox>,
+    /// Wakes the receiver when a delivery arrives (a stored permit covers the race
+    /// between its check and its wait).
+    ready: Notify,
     events: Mutex<Vec<OutboxEvent>>,
     notify: Notify,
 }
 
+#[derive(Debug)]
+struct Inbox {
+    items: VecDeque<Delivery>,
+    capacity: usize,
+    /// The receiver is closed or gone: deliveries are handed back.
+    closed: bool,
+}
+
+/// Slots an idle outbox keeps after a burst; beyond this its buffer is freed when it
+/// runs empty.
+const IDLE_SLOTS: usize = 32;
+
 impl Outbox {
     /// A new outbox holding at most `capacity` deliveries, and its receiving end.
-    pub fn new(capacity: usize) -> (Arc<Outbox>, mpsc::Receiver<Delivery>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        (
-            Arc::new(Outbox {
-                tx,
-                events: Mutex::new(Vec::new()),
-                notify: Notify::new(),
+    pub fn new(capacity: usize) -> (Arc<Outbox>, Deliveries) {
+        let outbox = Arc::new(Outbox {
+            inbox: Mutex::new(Inbox {
+                items: VecDeque::new(),
+                capacity: capacity.max(1),
+                closed: false,
             }),
-            rx,
-        )
+            ready: Notify::new(),
+            events: Mutex::new(Vec::new()),
+            notify: Notify::new(),
+        });
+        (outbox.clone(), Deliveries { outbox })
     }
 
     pub(crate) fn try_deliver(&self, d: Delivery) -> Result<(), Delivery> {
-        self.tx.try_send(d).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d) => d,
-        })
+        {
+            let mut inbox = self.inbox.lock();
+            if inbox.closed || inbox.items.len() >= inbox.capacity {
+                return Err(d);
+            }
+            inbox.items.push_back(d);
+            if inbox.items.len() > 1 {
+                // The receiver was woken for the first one and drains them all.
+                return Ok(());
+            }
+        }
+        self.ready.notify_one();
+        Ok(())
     }
 
     pub(crate) fn note_stalled(&self, q: Weak<Queue>) {
@@ -148,5 +181,53 @@ impl Outbox {
     /// Resolves when events are pending.
     pub async fn events_ready(&self) {
         self.notify.notified().await
+    }
+}
+
+/// The receiving end of an [`Outbox`], owned by the connection.
+#[derive(Debug)]
+pub struct Deliveries {
+    outbox: Arc<Outbox>,
+}
+
+/// Nothing to take right now ([`Deliveries::try_recv`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Empty;
+
+impl Deliveries {
+    /// The next delivery; `None` once closed and drained.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        loop {
+            match self.try_recv() {
+                Ok(d) => return Some(d),
+                Err(Empty) if self.outbox.inbox.lock().closed => return None,
+                Err(Empty) => self.outbox.ready.notified().await,
+            }
+        }
+    }
+
+    /// The next delivery if one is waiting. Running empty gives a large buffer back.
+    pub fn try_recv(&mut self) -> Result<Delivery, Empty> {
+        let mut inbox = self.outbox.inbox.lock();
+        match inbox.items.pop_front() {
+            Some(d) => Ok(d),
+            None => {
+                if inbox.items.capacity() > IDLE_SLOTS {
+                    inbox.items = VecDeque::new();
+                }
+                Err(Empty)
+            }
+        }
+    }
+
+    /// No more deliveries are accepted; those waiting can still be taken.
+    pub fn close(&mut self) {
+        self.outbox.inbox.lock().closed = true;
+    }
+}
+
+impl Drop for Deliveries {
+    fn drop(&mut self) {
+        self.close();
     }
 }

@@ -25,7 +25,9 @@ pub use alarm::{AlarmState, Alarms};
 pub use amq_protocol_types::{AMQPValue, FieldTable, LongString, ShortString};
 pub use broker::{full_permission, Broker, BrokerConfig};
 pub use connections::{ConnectionEntry, ConnectionGuard, ConnectionInfo, Connections};
-pub use consumer::{return_undelivered, ConsumerSpec, Credit, Delivery, Outbox, OutboxEvent};
+pub use consumer::{
+    return_undelivered, ConsumerSpec, Credit, Deliveries, Delivery, Outbox, OutboxEvent,
+};
 pub use error::{CoreError, CoreResult, ErrorKind};
 pub use exchange::{Binding, Exchange, ExchangeKind, Target};
 pub use ids::{ConnectionId, ConsumerId, MsgSeq};

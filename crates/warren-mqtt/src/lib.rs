@@ -210,3 +210,27 @@ pub async fn serve(
         .serve(listener, shutdown)
         .await
 }
+
+#[cfg(test)]
+mod footprint {
+    use super::*;
+
+    /// An idle connection is its task's future plus what it points at; the future is
+    /// allocated whole for as long as the connection lives (docs/PERFORMANCE.md, idle
+    /// MQTT connection), so its size is watched here.
+    #[tokio::test]
+    async fn the_connection_task_stays_small() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = warren_core::Store::open(dir.path(), warren_core::StoreOptions::default())
+            .expect("store");
+        let broker = Broker::open(store, warren_core::BrokerConfig::default()).expect("broker");
+        let fe = MqttFrontend::new(broker, MqttConfig::default());
+        let (stream, _peer) = tokio::io::duplex(64);
+        let addr: SocketAddr = ([127, 0, 0, 1], 1883).into();
+        let (_tx, shutdown) = watch::channel(false);
+        let task = fe.handle_stream(stream, addr, addr, shutdown);
+        let size = std::mem::size_of_val(&task);
+        println!("mqtt connection future: {size} bytes");
+        assert!(size <= 2560, "the connection future grew to {size} bytes");
+    }
+}

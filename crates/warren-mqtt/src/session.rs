@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use mqtt5_protocol::packet::connack::ConnAckPacket;
@@ -26,7 +26,7 @@ use mqtt5_protocol::packet::subscribe::TopicFilter;
 use mqtt5_protocol::packet::unsuback::{UnsubAckPacket, UnsubAckReasonCode};
 use mqtt5_protocol::{Packet, QoS, ReasonCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use warren_core::permissions::{Access, ResourceKind};
 use warren_core::{
     AMQPValue, ConnectionId, ConsumerId, ConsumerSpec, Credit, Delivery, FieldTable, Message,
@@ -35,7 +35,7 @@ use warren_core::{
 use warren_core::{ConnectionGuard, ConnectionInfo};
 
 use crate::codec::{self, CodecError};
-use crate::state::{now_ms, SessionRecord, NEVER};
+use crate::state::{now_ms, SessionRecord, StoredWill, NEVER};
 use crate::topic;
 use crate::{MqttConfig, Shared};
 
@@ -48,6 +48,9 @@ const RETAIN_HEADER: &str = "x-mqtt-retain";
 /// Unix ms at which a message with an expiry interval expires, so deliveries carry the
 /// remaining interval (MQTT-3.3.2-6).
 const EXPIRY_HEADER: &str = "x-mqtt-expiry-at";
+/// MQTT 5 user properties in their original order, with repeated names, when a header
+/// table (one value per name, sorted) cannot hold them.
+const USER_PROPS_HEADER: &str = "x-mqtt-user-properties";
 /// MQTT 5 payload format indicator (1 = UTF-8), passed on to 5.0 subscribers.
 const FORMAT_HEADER: &str = "x-mqtt-payload-format";
 /// Binding arguments holding a subscription's options (survive restarts with the binding).
@@ -59,6 +62,8 @@ const SUB_ID_ARG: &str = "x-mqtt-sub-id";
 enum End {
     /// DISCONNECT: no will (MQTT-3.14.4-3).
     Normal,
+    /// 5.0 DISCONNECT with reason 0x04: a normal end that still sends the will.
+    NormalWithWill,
     SocketClosed,
     ProtocolError,
     KeepAliveTimeout,
@@ -144,7 +149,28 @@ pub(crate) struct Parked {
 struct PendingWill {
     msg: Arc<Message>,
     retain: bool,
-    delay: u32,
+    delay: Duration,
+}
+
+impl PendingWill {
+    /// As the session record keeps it: due `delay` after `now` (unix ms).
+    fn stored(&self, now: u64) -> StoredWill {
+        StoredWill {
+            due: now.saturating_add(self.delay.as_millis().min(u64::MAX as u128) as u64),
+            retain: self.retain,
+            message: self.msg.encode().to_vec(),
+        }
+    }
+
+    /// A will read back from a session record at start-up; `None` if unreadable.
+    fn from_stored(w: &StoredWill, now: u64) -> Option<PendingWill> {
+        let msg = Message::decode(Bytes::from(w.message.clone())).ok()?;
+        Some(PendingWill {
+            msg: Arc::new(msg),
+            retain: w.retain,
+            delay: Duration::from_millis(w.due.saturating_sub(now)),
+        })
+    }
 }
 
 struct Session {
@@ -177,6 +203,10 @@ struct Session {
     shared_subs: HashMap<String, (Arc<Queue>, ConsumerId, u8, Option<u32>)>,
     inflight: HashMap<u16, Inflight>,
     next_pkid: u16,
+    /// Packet ids of PUBLISHes a previous connection of this session sent and never saw
+    /// acknowledged, by session-queue seq: their redelivery reuses the id (MQTT-4.4.0-1).
+    /// Cleared once the queue delivers a message that is not a redelivery.
+    reserved_ids: HashMap<u64, u16>,
     /// Inbound QoS 2 packet ids between PUBREC and PUBREL (duplicates are not routed twice);
     /// at most the server's receive maximum.
     incoming_qos2: Vec<u16>,
@@ -211,7 +241,7 @@ pub(crate) async fn run<S>(
     // to the packet being read, bounded by `max_packet_size`.
     let mut rbuf = BytesMut::with_capacity(256);
     // MQTT-3.1.0-1: the first packet must be CONNECT, within the connect timeout.
-    let connect = match tokio::time::timeout(cfg.connect_timeout, async {
+    let connect = match Box::pin(tokio::time::timeout(cfg.connect_timeout, async {
         loop {
             match codec::decode(&mut rbuf, 0, cfg.max_packet_size) {
                 Ok(Some(p)) => return Ok(Some(p)),
@@ -223,7 +253,7 @@ pub(crate) async fn run<S>(
                 Ok(_) => {}
             }
         }
-    })
+    }))
     .await
     {
         Ok(Ok(Some(Packet::Connect(c)))) => c,
@@ -240,15 +270,17 @@ pub(crate) async fn run<S>(
         // MQTT-3.1.0-1: anything else first closes the connection.
         _ => return,
     };
+    // Connecting and closing run once: boxed, their state does not widen the future that
+    // an idle connection keeps for its whole life.
     let Some((mut session, mut deliveries, kicked)) =
-        connect_session(&mut wr, peer, local, shared, cfg, *connect).await
+        Box::pin(connect_session(&mut wr, peer, local, shared, cfg, *connect)).await
     else {
         return;
     };
     let end = session
         .serve(rd, wr, rbuf, &mut deliveries, kicked, &mut shutdown)
         .await;
-    session.close(end).await;
+    Box::pin(session.close(end)).await;
     warren_core::return_undelivered(&mut deliveries).await;
 }
 
@@ -275,15 +307,27 @@ pub(crate) fn recover_sessions(shared: &Arc<Shared>) {
         let key = format!("{vhost}\0{client_id}");
         let expiry = record.expiry;
         let left = record.disconnected_at;
+        // A delayed will still pending at the stop goes when it is due (or now, if late).
+        let will = record.will.as_ref().and_then(|w| {
+            let will = PendingWill::from_stored(w, now);
+            if will.is_none() {
+                tracing::warn!(%vhost, %client_id, "skipping unreadable delayed will");
+            }
+            will
+        });
         let generation = warren_core::ids::next_id();
         shared
             .parked
             .lock()
             .insert(key.clone(), Parked { record, generation });
-        if expiry != NEVER {
+        let wait = if expiry == NEVER {
+            Duration::MAX
+        } else {
             let deadline = left.saturating_add(expiry as u64 * 1000);
-            let wait = Duration::from_millis(deadline.saturating_sub(now));
-            spawn_park_timer(shared.clone(), vhost, client_id, generation, None, wait);
+            Duration::from_millis(deadline.saturating_sub(now))
+        };
+        if will.is_some() || expiry != NEVER {
+            spawn_park_timer(shared.clone(), vhost, client_id, generation, will, wait);
         }
     }
 }
@@ -319,7 +363,7 @@ fn spawn_park_timer(
         let start = tokio::time::Instant::now();
         if let Some(w) = will {
             // The will waits for its delay or the end of the session, whichever is first.
-            let wait = Duration::from_secs(w.delay as u64).min(expire_in);
+            let wait = w.delay.min(expire_in);
             tokio::time::sleep(wait).await;
             let Some(shared) = weak.upgrade() else { return };
             if !still_parked(&shared) {
@@ -329,6 +373,17 @@ fn spawn_park_timer(
                 return;
             };
             publish_will(&shared, &vh, w.msg, w.retain).await;
+            // Sent: the record must not send it again after a restart.
+            let record = shared.parked.lock().get_mut(&key).and_then(|p| {
+                p.record.will.take()?;
+                Some(p.record.clone())
+            });
+            if let Some(r) = record {
+                let _ = shared
+                    .broker
+                    .store_mqtt_session(&vhost, &client_id, Some(r.encode()))
+                    .await;
+            }
         }
         if expire_in == Duration::MAX {
             return;
@@ -355,7 +410,23 @@ fn spawn_park_timer(
     });
 }
 
-async fn publish_will(shared: &Shared, vhost: &VHost, msg: Arc<Message>, retain: bool) {
+async fn publish_will(shared: &Shared, vhost: &VHost, mut msg: Arc<Message>, retain: bool) {
+    // MQTT 5 §3.1.3.2.4: a will's Message Expiry Interval counts from when it is published.
+    if let Ok(Some(ttl)) = msg.expiration_ms() {
+        let mut properties = msg.properties.clone();
+        if let Some(h) = properties.headers.as_mut() {
+            h.insert(
+                EXPIRY_HEADER.into(),
+                AMQPValue::LongLongInt((now_ms() + ttl) as i64),
+            );
+        }
+        msg = Arc::new(Message::new(
+            msg.exchange.clone(),
+            msg.routing_key.clone(),
+            properties,
+            msg.body.clone(),
+        ));
+    }
     let topic_name = topic::to_mqtt(msg.routing_key.as_str());
     if retain {
         shared.retain(&vhost.name, &topic_name, msg.clone()).await;
@@ -371,7 +442,7 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     shared: Arc<Shared>,
     cfg: Arc<MqttConfig>,
     c: ConnectPacket,
-) -> Option<(Session, mpsc::Receiver<Delivery>, watch::Receiver<bool>)> {
+) -> Option<(Session, warren_core::Deliveries, watch::Receiver<bool>)> {
     let level = c.protocol_version;
     // MQTT 3.1 (level 3) is decoded as 3.1.1 and answered as 3.1.1 (same CONNACK).
     let version = if level == 3 { 4 } else { level };
@@ -425,6 +496,15 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     if version == 5 && (client_receive_max == 0 || client_max_packet == 0) {
         // Receive Maximum / Maximum Packet Size 0 is a protocol error.
         let _ = socket.write_all(&refuse(ReasonCode::ProtocolError)).await;
+        return None;
+    }
+    // MQTT-4.12.0-1: no enhanced authentication method is supported, so a CONNECT that
+    // names one gets 0x8C Bad Authentication Method (as in Mosquitto without plugins).
+    if version == 5 && c.properties.get_authentication_method().is_some() {
+        tracing::info!(%peer, "mqtt enhanced authentication refused: no method supported");
+        let _ = socket
+            .write_all(&refuse(ReasonCode::BadAuthenticationMethod))
+            .await;
         return None;
     }
     // Credentials: `vhost:user` selects the vhost, as RabbitMQ's MQTT plugin does; no
@@ -509,7 +589,8 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         }
     }
     // MQTT-3.1.2-4 / 3.1.2-5: clean start discards any existing session.
-    let had_session = parked.is_some() || vhost.queue(&qname).is_ok();
+    let parked_record = parked.is_some();
+    let had_session = parked_record || vhost.queue(&qname).is_ok();
     let mut record = parked.map(|p| p.record).unwrap_or_default();
     if c.clean_start {
         let _ = vhost.delete_queue(&qname, None, false, false).await;
@@ -521,42 +602,13 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         }
         record = SessionRecord::default();
     }
+    // The session queue exists once the session has subscribed (it is created on the
+    // first SUBSCRIBE, as in RabbitMQ): a device that only publishes holds no queue.
     let existing = vhost.queue(&qname).ok().filter(|q| !q.is_deleted());
-    let (queue, existed) = match existing {
-        Some(q) => (q, true),
-        None => {
-            let persistent = session_expiry > 0;
-            let declared = vhost
-                .declare_queue(
-                    QueueDecl {
-                        name: qname.as_str().into(),
-                        passive: false,
-                        durable: persistent,
-                        exclusive: !persistent,
-                        auto_delete: !persistent,
-                        arguments: FieldTable::default(),
-                    },
-                    id,
-                )
-                .await;
-            match declared {
-                Ok((q, created)) => (q, !created),
-                Err(e) => {
-                    tracing::warn!(%peer, client_id, error = %e, "mqtt session queue unavailable");
-                    let _ = socket
-                        .write_all(&refuse(ReasonCode::ServerUnavailable))
-                        .await;
-                    let mut sessions = shared.sessions.lock();
-                    if sessions.get(&key).is_some_and(|(i, _)| *i == id) {
-                        sessions.remove(&key);
-                    }
-                    return None;
-                }
-            }
-        }
-    };
+    let had_record = parked_record && !c.clean_start;
+    let existed = existing.is_some() || had_record;
     if !existed {
-        // A new session starts without QoS 2 state (a record left by a deleted queue).
+        // A new session starts without QoS 2 state.
         record = SessionRecord::default();
     }
     // MQTT-3.2.2-2/3: Session Present only when an existing session is resumed.
@@ -597,7 +649,7 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         Some(PendingWill {
             msg: Arc::new(msg),
             retain: w.retain,
-            delay: w.properties.will_delay_interval.unwrap_or(0),
+            delay: Duration::from_secs(w.properties.will_delay_interval.unwrap_or(0) as u64),
         })
     });
     let credit = Arc::new(Credit::default());
@@ -618,7 +670,7 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         client_id,
         key,
         vhost,
-        queue: Some(queue.clone()),
+        queue: None,
         consumer: None,
         outbox,
         credit,
@@ -627,6 +679,7 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         shared_subs: HashMap::new(),
         inflight: HashMap::new(),
         next_pkid: 1,
+        reserved_ids: HashMap::new(),
         incoming_qos2: record.incoming_qos2.clone(),
         topic_aliases: HashMap::new(),
         out_aliases: HashMap::new(),
@@ -641,16 +694,20 @@ async fn connect_session<W: AsyncWrite + Unpin>(
             0
         },
     };
-    if existed {
+    if let Some(queue) = &existing {
         // Restore the subscriptions of a resumed session from its bindings.
         for (_, b) in s.vhost.bindings() {
-            if matches!(&b.target, Target::Queue(q) if Arc::ptr_eq(q, &queue)) {
+            if matches!(&b.target, Target::Queue(q) if Arc::ptr_eq(q, queue)) {
                 s.subscriptions.insert(
                     topic::filter_to_mqtt(b.routing_key.as_str()),
                     Sub::from_args(b.arguments.clone()),
                 );
             }
         }
+    }
+    if existed {
+        // MQTT-4.4.0-1: unacknowledged PUBLISHes go again with their original ids.
+        s.reserved_ids = record.outgoing_unacked.iter().copied().collect();
         // MQTT-4.4.0-1: PUBREL again for outbound QoS 2 messages the client has (PUBREC
         // seen) but whose PUBCOMP never came.
         for pkid in &record.outgoing_pubrel {
@@ -668,22 +725,17 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     if s.session_expiry > 0 {
         // Connected: the record says so (a crash counts from the restart).
         s.persist().await;
+    } else if had_session && !c.clean_start {
+        // Resumed with expiry 0: the session ends with this connection; its old record
+        // (and any delayed will in it) must not outlive it in the store.
+        let _ = s
+            .shared
+            .broker
+            .store_mqtt_session(&s.vhost.name, &s.client_id, None)
+            .await;
     }
-    let consumer = ConsumerId::next();
-    let spec = ConsumerSpec {
-        id: consumer,
-        tag: Arc::from("mqtt"),
-        token: 0,
-        owner: id,
-        no_ack: false,
-        exclusive: false,
-        priority: 0,
-        prefetch: 0,
-        channel_credit: s.credit.clone(),
-        outbox: s.outbox.clone(),
-    };
-    if queue.add_consumer(spec).await.is_ok() {
-        s.consumer = Some(consumer);
+    if let Some(queue) = existing {
+        s.attach(queue).await;
     }
     tracing::info!(%peer, client_id = %s.client_id, level, session_expiry, session_present, "mqtt connection opened");
     Some((s, deliveries, kicked))
@@ -756,6 +808,8 @@ struct Outgoing<'a> {
     qos: u8,
     retain: bool,
     dup: bool,
+    /// The packet id to reuse (a redelivery, MQTT-4.4.0-1); `None` takes a fresh one.
+    pkid: Option<u16>,
     /// The queue message it settles, and whether it holds a credit unit.
     track: Option<(Arc<Queue>, MsgSeq)>,
     sub_ids: Vec<u32>,
@@ -767,7 +821,7 @@ impl Session {
         mut rd: R,
         mut wr: W,
         mut rbuf: BytesMut,
-        deliveries: &mut mpsc::Receiver<Delivery>,
+        deliveries: &mut warren_core::Deliveries,
         mut kicked: watch::Receiver<bool>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> End
@@ -775,16 +829,19 @@ impl Session {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        // MQTT-3.1.2-24: one and a half keep-alive periods of silence.
+        // MQTT-3.1.2-24: one and a half keep-alive periods of silence. One timer, moved
+        // forward only when it fires (not at every read), so an idle connection costs no
+        // wake-ups until its keep-alive is due.
         let keep_alive = Duration::from_millis(self.keep_alive as u64 * 1500);
-        let mut last_read = Instant::now();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut last_read = tokio::time::Instant::now();
+        let keep_alive_timer = tokio::time::sleep(keep_alive);
+        tokio::pin!(keep_alive_timer);
         loop {
             // Packets that arrived with CONNECT.
             loop {
                 match codec::decode(&mut rbuf, self.version, self.cfg.max_packet_size) {
                     Ok(Some(p)) => {
-                        if let Err(end) = self.handle(p).await {
+                        if let Err(end) = Box::pin(self.handle(p)).await {
                             let _ = wr.write_all(&self.out).await;
                             return end;
                         }
@@ -819,13 +876,13 @@ impl Session {
             tokio::select! {
                 r = rd.read_buf(&mut rbuf) => match r {
                     Ok(0) | Err(_) => return End::SocketClosed,
-                    Ok(_) => last_read = Instant::now(),
+                    Ok(_) => last_read = tokio::time::Instant::now(),
                 },
                 Some(d) = deliveries.recv() => {
-                    self.deliver(d).await;
+                    Box::pin(self.deliver(d)).await;
                     while self.out.len() < 64 * 1024 {
                         match deliveries.try_recv() {
-                            Ok(d) => self.deliver(d).await,
+                            Ok(d) => Box::pin(self.deliver(d)).await,
                             Err(_) => break,
                         }
                     }
@@ -833,17 +890,18 @@ impl Session {
                 _ = self.outbox.events_ready() => {
                     for ev in self.outbox.take_events() {
                         match ev {
-                            OutboxEvent::Stalled(q) => if let Some(q) = q.upgrade() { q.resume(&self.outbox).await },
+                            OutboxEvent::Stalled(q) => if let Some(q) = q.upgrade() { Box::pin(q.resume(&self.outbox)).await },
                             OutboxEvent::Cancelled(_) => { self.consumer = None; self.queue = None; }
                         }
                     }
                 }
-                _ = tick.tick() => {
-                    if !keep_alive.is_zero() && last_read.elapsed() > keep_alive {
+                _ = &mut keep_alive_timer, if !keep_alive.is_zero() => {
+                    if last_read.elapsed() >= keep_alive {
                         self.disconnect(rc::KEEP_ALIVE_TIMEOUT, "keep alive timeout");
                         let _ = wr.write_all(&self.out).await;
                         return End::KeepAliveTimeout;
                     }
+                    keep_alive_timer.as_mut().reset(last_read + keep_alive);
                 }
                 _ = kicked.changed() => {
                     // MQTT-3.1.4-3: DISCONNECT 0x8E to the connection taken over.
@@ -894,7 +952,7 @@ impl Session {
         loop {
             let id = self.next_pkid;
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-            if !self.inflight.contains_key(&id) {
+            if !self.inflight.contains_key(&id) && !self.reserved_ids.values().any(|r| *r == id) {
                 return id;
             }
         }
@@ -929,11 +987,23 @@ impl Session {
             .map(|(k, _)| *k)
             .collect();
         outgoing_pubrel.sort_unstable();
+        let mut outgoing_unacked: Vec<(u64, u16)> =
+            self.reserved_ids.iter().map(|(s, id)| (*s, *id)).collect();
+        for (id, i) in &self.inflight {
+            if let Some((q, seq)) = &i.queue {
+                if self.is_own_queue(q) {
+                    outgoing_unacked.push((seq.0, *id));
+                }
+            }
+        }
+        outgoing_unacked.sort_unstable();
         SessionRecord {
             expiry: self.session_expiry,
             disconnected_at,
             incoming_qos2: self.incoming_qos2.clone(),
             outgoing_pubrel,
+            outgoing_unacked,
+            will: None,
         }
     }
 
@@ -1023,6 +1093,7 @@ impl Session {
                         qos,
                         retain: true,
                         dup: false,
+                        pkid: None,
                         track: None,
                         sub_ids: ids,
                     });
@@ -1085,9 +1156,10 @@ impl Session {
                     }
                 }
                 // MQTT-3.14.4-3: no will after DISCONNECT; 5.0 reason 0x04 asks for it.
-                if d.reason_code != ReasonCode::DisconnectWithWillMessage {
-                    self.will = None;
+                if d.reason_code == ReasonCode::DisconnectWithWillMessage {
+                    return Err(End::NormalWithWill);
                 }
+                self.will = None;
                 Err(End::Normal)
             }
             // MQTT-3.1.0-2: a second CONNECT is a protocol error.
@@ -1139,7 +1211,7 @@ impl Session {
             }
             return self.subscribe_shared(filter, rest, qos, sub_id).await;
         }
-        let Some(q) = self.queue.clone() else {
+        let Some(q) = self.ensure_queue().await else {
             return SubAckReasonCode::UnspecifiedError;
         };
         let key = topic::to_amqp(filter);
@@ -1183,6 +1255,66 @@ impl Session {
             }
         }
         granted(qos)
+    }
+
+    /// The session queue, declared on first use: exclusive and auto-delete for a session
+    /// that ends with the connection, durable for a persistent one.
+    async fn ensure_queue(&mut self) -> Option<Arc<Queue>> {
+        if let Some(q) = self.queue.as_ref().filter(|q| !q.is_deleted()) {
+            return Some(q.clone());
+        }
+        let persistent = self.session_expiry > 0;
+        let declared = self
+            .vhost
+            .declare_queue(
+                QueueDecl {
+                    name: queue_name(&self.client_id).as_str().into(),
+                    passive: false,
+                    durable: persistent,
+                    exclusive: !persistent,
+                    auto_delete: !persistent,
+                    arguments: FieldTable::default(),
+                },
+                self.id,
+            )
+            .await;
+        match declared {
+            Ok((q, _)) => {
+                self.attach(q.clone()).await;
+                Some(q)
+            }
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, client_id = %self.client_id, error = %e, "mqtt session queue unavailable");
+                None
+            }
+        }
+    }
+
+    /// A consumer of this session (acknowledged deliveries, credit shared by the session).
+    fn consumer_spec(&self, tag: &str) -> (ConsumerId, ConsumerSpec) {
+        let id = ConsumerId::next();
+        let spec = ConsumerSpec {
+            id,
+            tag: Arc::from(tag),
+            token: 0,
+            owner: self.id,
+            no_ack: false,
+            exclusive: false,
+            priority: 0,
+            prefetch: 0,
+            channel_credit: self.credit.clone(),
+            outbox: self.outbox.clone(),
+        };
+        (id, spec)
+    }
+
+    /// Makes `queue` the session queue and consumes from it.
+    async fn attach(&mut self, queue: Arc<Queue>) {
+        let (consumer, spec) = self.consumer_spec("mqtt");
+        if queue.add_consumer(spec).await.is_ok() {
+            self.consumer = Some(consumer);
+        }
+        self.queue = Some(queue);
     }
 
     async fn publish(&mut self, p: PublishPacket) -> Result<(), End> {
@@ -1361,19 +1493,7 @@ impl Session {
         {
             return SubAckReasonCode::UnspecifiedError;
         }
-        let consumer = ConsumerId::next();
-        let spec = ConsumerSpec {
-            id: consumer,
-            tag: Arc::from("mqtt-shared"),
-            token: 0,
-            owner: self.id,
-            no_ack: false,
-            exclusive: false,
-            priority: 0,
-            prefetch: 0,
-            channel_credit: self.credit.clone(),
-            outbox: self.outbox.clone(),
-        };
+        let (consumer, spec) = self.consumer_spec("mqtt-shared");
         if q.add_consumer(spec).await.is_err() {
             return SubAckReasonCode::UnspecifiedError;
         }
@@ -1435,16 +1555,19 @@ impl Session {
                 qos: 0,
                 retain,
                 dup: false,
+                pkid: None,
                 track: None,
                 sub_ids,
             });
         } else {
+            let pkid = self.reused_pkid(&d);
             let sent = self.send_publish(Outgoing {
                 topic: &t,
                 msg: &msg,
                 qos,
                 retain,
                 dup: d.redelivered,
+                pkid,
                 track: Some((d.queue.clone(), d.seq)),
                 sub_ids,
             });
@@ -1453,6 +1576,24 @@ impl Session {
                 d.queue.ack(&[d.seq]).await;
             }
         }
+    }
+
+    /// The original packet id of a redelivery from the session queue (MQTT-4.4.0-1). A
+    /// first delivery means the redeliveries are through (requeued messages go first), so
+    /// the ids left reserved are of messages gone otherwise (expired, purged) and are freed.
+    fn reused_pkid(&mut self, d: &Delivery) -> Option<u16> {
+        if self.reserved_ids.is_empty() || !self.is_own_queue(&d.queue) {
+            return None;
+        }
+        if !d.redelivered {
+            self.reserved_ids.clear();
+            return None;
+        }
+        self.reserved_ids.remove(&d.seq.0)
+    }
+
+    fn is_own_queue(&self, q: &Arc<Queue>) -> bool {
+        self.queue.as_ref().is_some_and(|own| Arc::ptr_eq(own, q))
     }
 
     /// Returns credit units; if the session was at the client's receive maximum, its
@@ -1506,7 +1647,10 @@ impl Session {
         };
         p = p.with_retain(o.retain).with_dup(o.dup && o.qos > 0);
         let id = if o.qos > 0 {
-            let id = self.next_pkid();
+            let id = o
+                .pkid
+                .filter(|id| !self.inflight.contains_key(id))
+                .unwrap_or_else(|| self.next_pkid());
             p = p.with_packet_id(id);
             Some(id)
         } else {
@@ -1605,11 +1749,16 @@ impl Session {
         for (_, (q, c, _, _)) in self.shared_subs.drain() {
             q.remove_consumer(c).await;
         }
-        // Unacknowledged deliveries go back to their queues, redelivered (with DUP);
-        // released QoS 2 ids stay in the session for PUBREL on reconnect.
+        // Unacknowledged deliveries go back to their queues, redelivered with DUP and, from
+        // the session queue, their packet ids (MQTT-4.4.0-1); released QoS 2 ids stay in
+        // the session for PUBREL on reconnect.
+        let own = self.queue.clone();
         let mut by_queue: Vec<(Arc<Queue>, Vec<MsgSeq>)> = Vec::new();
-        for i in self.inflight.values_mut() {
+        for (id, i) in self.inflight.iter_mut() {
             if let Some((q, seq)) = i.queue.take() {
+                if own.as_ref().is_some_and(|o| Arc::ptr_eq(o, &q)) {
+                    self.reserved_ids.insert(seq.0, *id);
+                }
                 match by_queue.iter_mut().find(|(x, _)| Arc::ptr_eq(x, &q)) {
                     Some((_, v)) => v.push(seq),
                     None => by_queue.push((q, vec![seq])),
@@ -1626,7 +1775,7 @@ impl Session {
         let mut delayed_will = None;
         if end != End::Normal {
             if let Some(w) = self.will.take() {
-                if w.delay == 0 || ends {
+                if w.delay.is_zero() || ends {
                     publish_will(&self.shared, &self.vhost, w.msg, w.retain).await;
                 } else if owner {
                     delayed_will = Some(w);
@@ -1652,7 +1801,9 @@ impl Session {
             }
             return;
         }
-        let record = self.record(now_ms());
+        let now = now_ms();
+        let mut record = self.record(now);
+        record.will = delayed_will.as_ref().map(|w| w.stored(now));
         let _ = self
             .shared
             .broker
@@ -1738,6 +1889,12 @@ fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
             }
         }
     }
+    // User properties become headers; a table keeps one value per name in name order, so
+    // when the list has repeated names or another order the list itself travels too
+    // (MQTT-3.3.2-17/18: forwarded unaltered, in order).
+    let mut last: Option<&str> = None;
+    let mut in_table_order = true;
+    let mut pairs = Vec::new();
     for (id, v) in p.iter() {
         if let (PropertyId::UserProperty, PropertyValue::Utf8StringPair(k, v)) = (id, v) {
             if k.len() <= 255 {
@@ -1746,8 +1903,43 @@ fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
                     AMQPValue::LongString(v.as_bytes().into()),
                 );
             }
+            in_table_order &= last.is_none_or(|l| l < k.as_str());
+            last = Some(k.as_str());
+            pairs.push(AMQPValue::FieldArray(
+                vec![
+                    AMQPValue::LongString(k.as_bytes().into()),
+                    AMQPValue::LongString(v.as_bytes().into()),
+                ]
+                .into(),
+            ));
         }
     }
+    if !in_table_order {
+        headers.insert(
+            USER_PROPS_HEADER.into(),
+            AMQPValue::FieldArray(pairs.into()),
+        );
+    }
+}
+
+/// The user properties list kept by [`map_v5_properties`], as (name, value) pairs.
+fn user_props_list(h: &FieldTable) -> Option<Vec<(String, String)>> {
+    let AMQPValue::FieldArray(a) = h.inner().get(USER_PROPS_HEADER)? else {
+        return None;
+    };
+    a.as_slice()
+        .iter()
+        .map(|pair| match pair {
+            AMQPValue::FieldArray(kv) => match kv.as_slice() {
+                [AMQPValue::LongString(k), AMQPValue::LongString(v)] => Some((
+                    String::from_utf8_lossy(k.as_bytes()).into_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
 }
 
 /// The reverse of [`map_v5_properties`] for a delivery to an MQTT 5 client.
@@ -1767,8 +1959,18 @@ fn v5_properties_of(m: &Message, p: &mut PublishPacket) {
         if h.inner().contains_key(FORMAT_HEADER) {
             p.properties.set_payload_format_indicator(true);
         }
+        let listed = user_props_list(h);
+        if let Some(list) = &listed {
+            for (k, v) in list {
+                p.properties.add_user_property(k.clone(), v.clone());
+            }
+        }
         for (k, v) in h.inner() {
-            if k.as_str().starts_with("x-") {
+            if k.as_str().starts_with("x-")
+                || listed
+                    .as_ref()
+                    .is_some_and(|l| l.iter().any(|(n, _)| n == k.as_str()))
+            {
                 continue;
             }
             let text = match v {

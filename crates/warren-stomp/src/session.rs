@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use warren_core::permissions::{Access, ResourceKind};
 use warren_core::{
     AlarmState, ConnectionGuard, ConnectionId, ConnectionInfo, ConsumerId, ConsumerSpec, CoreError,
@@ -256,7 +256,7 @@ fn connect_session(
     peer: SocketAddr,
     local: SocketAddr,
     c: &Frame,
-) -> Result<(Session, mpsc::Receiver<Delivery>), (Version, Stop)> {
+) -> Result<(Session, warren_core::Deliveries), (Version, Stop)> {
     let version = match c.get("accept-version") {
         None => Version::V1_0,
         Some(list) => match list.split(',').filter_map(Version::parse).max() {
@@ -339,7 +339,7 @@ impl Session {
         rd: &mut R,
         wr: &mut W,
         mut rbuf: BytesMut,
-        deliveries: &mut mpsc::Receiver<Delivery>,
+        deliveries: &mut warren_core::Deliveries,
         shutdown: &mut watch::Receiver<bool>,
         send_every: Option<Duration>,
         expect_every: Option<Duration>,

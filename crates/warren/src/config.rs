@@ -15,6 +15,7 @@ pub struct Config {
     pub auth: Auth,
     pub limits: Limits,
     pub stomp: Stomp,
+    pub mqtt: Mqtt,
     pub tls: Tls,
     pub log: Log,
 }
@@ -53,6 +54,37 @@ impl Default for Stomp {
             max_headers: 1000,
             max_header_length: 65536,
             incomplete_frame_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// MQTT front-end settings (RabbitMQ's `mqtt.*` keys where they correspond).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Mqtt {
+    /// A CONNECT without username logs in as `default_user` (RabbitMQ's
+    /// `mqtt.allow_anonymous`); false refuses it (CONNACK 0x05 / 0x87).
+    pub allow_anonymous: bool,
+    pub default_user: String,
+    pub default_pass: String,
+    /// Vhost of usernames without a `vhost:` prefix (RabbitMQ's `mqtt.vhost`).
+    pub vhost: String,
+    /// Largest packet accepted, bytes (advertised as Maximum Packet Size in 5.0).
+    pub max_packet_size: usize,
+    /// QoS ≥ 1 deliveries in flight per session and unreleased inbound QoS 2 publishes
+    /// (advertised as Receive Maximum in 5.0).
+    pub receive_maximum: u16,
+}
+
+impl Default for Mqtt {
+    fn default() -> Self {
+        Self {
+            allow_anonymous: true,
+            default_user: "guest".into(),
+            default_pass: "guest".into(),
+            vhost: "/".into(),
+            max_packet_size: 16 * 1024 * 1024,
+            receive_maximum: 100,
         }
     }
 }
@@ -232,6 +264,9 @@ mod tests {
         assert_eq!(c.amqp.frame_max, d.amqp.frame_max);
         assert_eq!(c.auth.loopback_users, d.auth.loopback_users);
         assert_eq!(c.limits.max_message_size, d.limits.max_message_size);
+        assert_eq!(c.mqtt.allow_anonymous, d.mqtt.allow_anonymous);
+        assert_eq!(c.mqtt.receive_maximum, d.mqtt.receive_maximum);
+        assert_eq!(c.mqtt.max_packet_size, d.mqtt.max_packet_size);
     }
 
     #[test]

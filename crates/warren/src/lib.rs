@@ -164,8 +164,13 @@ impl Server {
             ));
         }
         let mqtt_cfg = warren_mqtt::MqttConfig {
-            default_user: config.auth.default_user.clone(),
-            default_pass: config.auth.default_pass.clone(),
+            allow_anonymous: config.mqtt.allow_anonymous,
+            default_user: config.mqtt.default_user.clone(),
+            default_pass: config.mqtt.default_pass.clone(),
+            default_vhost: config.mqtt.vhost.clone(),
+            // Below 4 KiB a CONNECT with a will may not fit.
+            max_packet_size: config.mqtt.max_packet_size.max(4096),
+            receive_maximum: config.mqtt.receive_maximum.max(1),
             ..Default::default()
         };
         let mqtt = warren_mqtt::MqttFrontend::new(broker.clone(), mqtt_cfg);
