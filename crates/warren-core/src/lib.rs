@@ -19,6 +19,7 @@ pub mod permissions;
 pub mod queue;
 pub mod shutdown;
 pub mod topic;
+pub mod topic_permissions;
 pub mod vhost;
 
 pub use alarm::{AlarmState, Alarms};
@@ -33,6 +34,7 @@ pub use message::{Message, Properties};
 pub use meta::UserRecord;
 pub use permissions::{Access, PermissionRecord, ResourceKind};
 pub use queue::{ConsumerInfo, GetResult, Queue, QueueCounts};
+pub use topic_permissions::{TopicPermissionRecord, TopicPermissions};
 pub use vhost::{ExchangeDecl, PublishOutcome, QueueDecl, VHost};
 pub use warren_store::{Store, StoreOptions, Ticket};
 

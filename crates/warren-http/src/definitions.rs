@@ -4,8 +4,8 @@
 //!
 //! Import is additive and idempotent like RabbitMQ's: existing objects are kept (an
 //! inequivalent queue or exchange is an error), missing ones are created in dependency
-//! order: users, vhosts, permissions, exchanges, queues, bindings. Policies, parameters and
-//! topic permissions are accepted and ignored (logged).
+//! order: users, vhosts, permissions, topic permissions, exchanges, queues, bindings.
+//! Policies and parameters are accepted and ignored (logged).
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -13,7 +13,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
-use warren_core::{ExchangeDecl, PermissionRecord, QueueDecl, ShortString, Target, UserRecord};
+use warren_core::{
+    ExchangeDecl, PermissionRecord, QueueDecl, ShortString, Target, TopicPermissionRecord,
+    UserRecord,
+};
 
 use crate::api::{body_json, parse_tags};
 use crate::auth::Caller;
@@ -117,7 +120,11 @@ fn export(s: &AppState, only: Option<&str>) -> Value {
             .iter()
             .map(|p| json!({"user": p.user, "vhost": p.vhost, "configure": p.configure, "write": p.write, "read": p.read}))
             .collect::<Vec<_>>());
-        out["topic_permissions"] = json!([]);
+        out["topic_permissions"] = json!(b
+            .topic_permissions()
+            .iter()
+            .map(crate::topic_permissions::topic_permission_json)
+            .collect::<Vec<_>>());
         out["global_parameters"] = json!([]);
     }
     out
@@ -226,12 +233,19 @@ pub async fn import(s: &AppState, defs: &Value, only: Option<&str>) -> ApiResult
             .await?;
         }
     }
-    for k in [
-        "policies",
-        "parameters",
-        "global_parameters",
-        "topic_permissions",
-    ] {
+    if only.is_none() {
+        for p in arr(defs, "topic_permissions") {
+            b.set_topic_permission(TopicPermissionRecord {
+                user: text(p, "user")?.to_owned(),
+                vhost: text(p, "vhost")?.to_owned(),
+                exchange: text(p, "exchange")?.to_owned(),
+                write: text(p, "write")?.to_owned(),
+                read: text(p, "read")?.to_owned(),
+            })
+            .await?;
+        }
+    }
+    for k in ["policies", "parameters", "global_parameters"] {
         if !arr(defs, k).is_empty() {
             tracing::warn!(
                 section = k,
