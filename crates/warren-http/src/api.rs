@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use warren_core::definitions::parse_tags;
 use warren_core::{
     Access, Binding, ConnectionEntry, Exchange, ExchangeDecl, FieldTable, Message, MsgSeq, Queue,
     QueueDecl, ResourceKind, ShortString, Target, UserRecord, VHost,
@@ -734,24 +735,6 @@ async fn user_get(State(s): St, caller: Caller, Path(u): Path<String>) -> ApiRes
         .user(&u)
         .map(|u| Json(user_json(&u)))
         .ok_or(ApiError::ObjectNotFound)
-}
-
-/// `tags` as RabbitMQ takes it: a comma-separated string, or (3.9+) a list.
-pub(crate) fn parse_tags(v: Option<&Value>) -> Vec<String> {
-    match v {
-        Some(Value::String(s)) => s
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(str::to_owned)
-            .collect(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_owned)
-            .collect(),
-        _ => Vec::new(),
-    }
 }
 
 async fn user_put(

@@ -7,7 +7,8 @@ use axum::extract::{Path, State};
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde_json::Value;
+use warren_core::definitions::topic_permission_json;
 use warren_core::TopicPermissionRecord;
 
 use crate::api::{body_json, created, list, no_content, required_str, Q};
@@ -26,16 +27,6 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/api/users/{user}/topic-permissions", get(of_user))
         .route("/api/vhosts/{vhost}/topic-permissions", get(of_vhost))
-}
-
-pub(crate) fn topic_permission_json(p: &TopicPermissionRecord) -> Value {
-    json!({
-        "user": p.user,
-        "vhost": p.vhost,
-        "exchange": p.exchange,
-        "write": p.write,
-        "read": p.read,
-    })
 }
 
 fn matching(s: &AppState, keep: impl Fn(&TopicPermissionRecord) -> bool) -> Vec<Value> {
