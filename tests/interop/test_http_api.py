@@ -112,6 +112,41 @@ def test_permission_denied_seen_by_pika(api_url, broker, name):
         requests.delete(f"{api_url}/api/users/{user}", auth=AUTH)
 
 
+def test_topic_permission_denied_seen_by_pika(api_url, broker, name):
+    """RabbitMQ's topic authorisation: set through the API, enforced on a publish."""
+    user = f"{name}-t"
+    assert requests.put(f"{api_url}/api/users/{user}", json={"password": "pw", "tags": ""}, auth=AUTH).status_code == 201
+    try:
+        assert requests.put(f"{api_url}/api/permissions/%2F/{user}", auth=AUTH,
+                            json={"configure": ".*", "write": ".*", "read": ".*"}).status_code == 201
+        r = requests.put(f"{api_url}/api/topic-permissions/%2F/{user}", auth=AUTH,
+                         json={"exchange": "amq.topic", "write": "^{username}\\.", "read": ".*"})
+        assert r.status_code == 201
+        listed = requests.get(f"{api_url}/api/topic-permissions/%2F/{user}", auth=AUTH).json()
+        assert listed == [{"user": user, "vhost": "/", "exchange": "amq.topic",
+                           "write": "^{username}\\.", "read": ".*"}]
+        assert any(p["user"] == user for p in requests.get(f"{api_url}/api/topic-permissions", auth=AUTH).json())
+        params = pika.URLParameters(broker.url)
+        params.credentials = pika.PlainCredentials(user, "pw")
+        conn = pika.BlockingConnection(params)
+        try:
+            ch = conn.channel()
+            ch.confirm_delivery()
+            ch.basic_publish("amq.topic", f"{user}.ok", b"allowed")
+            with pytest.raises(ChannelClosedByBroker) as e:
+                ch.basic_publish("amq.topic", "other.key", b"denied")
+            assert e.value.reply_code == 403
+            assert e.value.reply_text == (
+                "ACCESS_REFUSED - write access to topic 'other.key' in exchange 'amq.topic' "
+                f"in vhost '/' refused for user '{user}'")
+        finally:
+            conn.close()
+        assert requests.delete(f"{api_url}/api/topic-permissions/%2F/{user}", auth=AUTH).status_code == 204
+        assert requests.get(f"{api_url}/api/topic-permissions/%2F/{user}", auth=AUTH).status_code == 404
+    finally:
+        requests.delete(f"{api_url}/api/users/{user}", auth=AUTH)
+
+
 def test_close_connection(api_url, broker, name):
     params = pika.URLParameters(broker.url)
     params.client_properties = {"connection_name": name}

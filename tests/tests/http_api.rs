@@ -751,7 +751,8 @@ async fn definitions_round_trip() {
                    "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": "management", "limits": {}}],
         "vhosts": [{"name": "/"}, {"name": "imp"}],
         "permissions": [{"user": "imported", "vhost": "imp", "configure": ".*", "write": ".*", "read": ".*"}],
-        "topic_permissions": [], "parameters": [], "global_parameters": [], "policies": [],
+        "topic_permissions": [{"user": "imported", "vhost": "imp", "exchange": "amq.topic", "write": "^a", "read": ".*"}],
+        "parameters": [], "global_parameters": [], "policies": [],
         "queues": [{"name": "iq", "vhost": "imp", "durable": true, "auto_delete": false, "arguments": {"x-queue-type": "classic"}}],
         "exchanges": [{"name": "ix", "vhost": "imp", "type": "direct", "durable": true, "auto_delete": false, "internal": false, "arguments": {}}],
         "bindings": [{"source": "ix", "vhost": "imp", "destination": "iq", "destination_type": "queue", "routing_key": "k", "arguments": {}}]
@@ -789,6 +790,10 @@ async fn definitions_round_trip() {
         .expect("permissions")
         .iter()
         .any(|p| p["user"] == "imported" && p["vhost"] == "imp"));
+    assert_eq!(
+        out["topic_permissions"],
+        json!([{"user": "imported", "vhost": "imp", "exchange": "amq.topic", "write": "^a", "read": ".*"}])
+    );
     let v = api.get("/api/definitions/imp").await.json();
     assert_eq!(v["queues"][0]["name"], "iq");
     assert!(v["queues"][0].get("vhost").is_none());
@@ -801,6 +806,10 @@ async fn definitions_round_trip() {
     let api2 = Api::new(&b2);
     assert_eq!(api2.get("/api/queues/imp/iq").await.status, 200);
     assert_eq!(api2.get("/api/permissions/imp/imported").await.status, 200);
+    assert_eq!(
+        api2.get("/api/topic-permissions/imp/imported").await.json()[0]["write"],
+        "^a"
+    );
     assert_eq!(
         api2.get("/api/bindings/imp/e/ix/q/iq").await.json()[0]["routing_key"],
         "k"
@@ -1056,5 +1065,127 @@ async fn list_100k_queues_page_by_page() {
         "/metrics with {n} queues: {:?} ({} bytes)",
         t.elapsed(),
         r.body.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_permissions_endpoints() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    assert_eq!(api.get("/api/topic-permissions").await.json(), json!([]));
+    assert_eq!(
+        api.put("/api/users/tp", json!({"password": "pw", "tags": ""}))
+            .await
+            .status,
+        201
+    );
+    // No rule yet: 404, as RabbitMQ.
+    assert_eq!(api.get("/api/topic-permissions/%2F/tp").await.status, 404);
+    let put = |x: &str, w: &str| json!({"exchange": x, "write": w, "read": ".*"});
+    let r = api
+        .put("/api/topic-permissions/%2F/tp", put("amq.topic", "^a"))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = api
+        .put("/api/topic-permissions/%2F/tp", put("t2", "^b"))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    // Replacing the rule of one exchange.
+    let r = api
+        .put("/api/topic-permissions/%2F/tp", put("amq.topic", "^c"))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let listed = api.get("/api/topic-permissions/%2F/tp").await.json();
+    assert_eq!(
+        listed,
+        json!([
+            {"user": "tp", "vhost": "/", "exchange": "amq.topic", "write": "^c", "read": ".*"},
+            {"user": "tp", "vhost": "/", "exchange": "t2", "write": "^b", "read": ".*"},
+        ])
+    );
+    assert_eq!(api.get("/api/topic-permissions").await.json(), listed);
+    assert_eq!(
+        api.get("/api/users/tp/topic-permissions").await.json(),
+        listed
+    );
+    assert_eq!(
+        api.get("/api/vhosts/%2F/topic-permissions").await.json(),
+        listed
+    );
+    assert_eq!(
+        api.get("/api/users/nobody/topic-permissions").await.status,
+        404
+    );
+    // Bad input: a missing key, a regex that does not compile, an unknown user or vhost.
+    let r = api
+        .put(
+            "/api/topic-permissions/%2F/tp",
+            json!({"exchange": "x", "write": ".*"}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("key_missing"), "{}", r.text());
+    let r = api
+        .put("/api/topic-permissions/%2F/tp", put("x", "("))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(
+        api.put("/api/topic-permissions/%2F/ghost", put("x", ".*"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        api.put("/api/topic-permissions/nope/tp", put("x", ".*"))
+            .await
+            .status,
+        404
+    );
+    // Only administrators.
+    assert_eq!(
+        api.as_user("tp", "pw")
+            .get("/api/topic-permissions")
+            .await
+            .status,
+        401
+    );
+    // Enforced on the API's own publish, as RabbitMQ's management plugin does.
+    assert_eq!(
+        api.put(
+            "/api/topic-permissions/%2F/guest",
+            put("amq.topic", "^ok\\.")
+        )
+        .await
+        .status,
+        201
+    );
+    let publish = |rk: &str| json!({"routing_key": rk, "payload": "x", "payload_encoding": "string", "properties": {}});
+    assert_eq!(
+        api.post("/api/exchanges/%2F/amq.topic/publish", publish("ok.1"))
+            .await
+            .status,
+        200
+    );
+    let r = api
+        .post("/api/exchanges/%2F/amq.topic/publish", publish("no.1"))
+        .await;
+    assert!(
+        r.status == 401 || r.status == 403,
+        "{} {}",
+        r.status,
+        r.text()
+    );
+    // DELETE removes all of the user's rules in the vhost.
+    assert_eq!(
+        api.delete("/api/topic-permissions/%2F/tp").await.status,
+        204
+    );
+    assert_eq!(
+        api.delete("/api/topic-permissions/%2F/tp").await.status,
+        404
+    );
+    assert_eq!(
+        api.get("/api/users/tp/topic-permissions").await.json(),
+        json!([])
     );
 }

@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::mqtt::poll_until;
 use common::*;
 use rumqttc::v5::mqttbytes::v5::{
     ConnectReturnCode, Filter, LastWill, LastWillProperties, Packet, Publish, PublishProperties,
@@ -44,27 +45,6 @@ async fn connect(o: MqttOptions) -> (AsyncClient, EventLoop, bool) {
             }
             Ok(_) => {}
             Err(e) => panic!("mqtt connect failed: {e}"),
-        }
-    }
-}
-
-async fn poll_until<T>(
-    el: &mut EventLoop,
-    what: &str,
-    mut f: impl FnMut(Packet) -> Option<T>,
-) -> T {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), el.poll())
-            .await
-            .unwrap_or_else(|_| panic!("{what} in time"))
-        {
-            Ok(Event::Incoming(p)) => {
-                if let Some(t) = f(p) {
-                    return t;
-                }
-            }
-            Ok(_) => {}
-            Err(e) => panic!("mqtt connection failed waiting for {what}: {e}"),
         }
     }
 }

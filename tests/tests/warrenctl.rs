@@ -1,5 +1,5 @@
 //! `warrenctl`, the real binary, against in-process brokers: declare, list (table and
-//! JSON), purge, delete, add-user, set-permissions, status, and definitions exported from
+//! JSON), purge, delete, add-user, set-permissions, set-topic-permissions, status, and definitions exported from
 //! one broker and imported into another.
 //!
 //! The binary lives in another package (crates/warrenctl), so `CARGO_BIN_EXE_warrenctl` is
@@ -211,6 +211,30 @@ async fn users_permissions_export_import() {
         .find(|l| l.starts_with("alice"))
         .unwrap_or_else(|| panic!("no alice:\n{users}"));
     assert!(alice.contains("management,monitoring"), "{users}");
+    ok(
+        &b,
+        &[
+            "set-topic-permissions",
+            "alice",
+            "amq.topic",
+            "^alice\\.",
+            ".*",
+        ],
+    )
+    .await;
+    let topics = ok(&b, &["list-topic-permissions", "--vhost", "/"])
+        .await
+        .stdout;
+    assert!(
+        topics
+            .lines()
+            .any(|l| l.contains("alice") && l.contains("amq.topic") && l.contains("^alice\\.")),
+        "{topics}"
+    );
+    let topics = ok(&b, &["list", "topic-permissions", "--format", "json"])
+        .await
+        .json();
+    assert_eq!(topics[0]["write"], "^alice\\.", "{topics}");
     // The global --user/--password are alice's now, not the positional arguments above.
     let vhosts = ok(
         &b,

@@ -10,8 +10,8 @@ use amq_protocol::protocol::{access, basic, channel, confirm, exchange, queue, t
 use bytes::{Bytes, BytesMut};
 use warren_amqp_codec as codec;
 use warren_core::{
-    Access, ConsumerId, ConsumerSpec, Credit, Delivery, ExchangeDecl, Message, MsgSeq, Queue,
-    QueueDecl, ResourceKind, ShortString, Target, VHost,
+    Access, ConsumerId, ConsumerSpec, Credit, Delivery, Exchange, ExchangeDecl, ExchangeKind,
+    Message, MsgSeq, Queue, QueueDecl, ResourceKind, ShortString, Target, VHost,
 };
 
 use crate::connection::{truncate_short, Conn};
@@ -210,6 +210,71 @@ impl Conn {
         Ok(())
     }
 
+    /// RabbitMQ's topic authorisation on a publish (`write`) to exchange `x`: checked only
+    /// if `x` is a topic exchange with a rule for this user; the rules are re-read when the
+    /// permissions change, so the usual publish costs a generation load and a hash lookup.
+    pub(crate) fn check_topic_write(
+        &mut self,
+        ch: u16,
+        x: &Exchange,
+        routing_key: &str,
+    ) -> Result<(), AmqpError> {
+        let generation = self.broker.permissions_generation();
+        if self
+            .topic_perms
+            .as_ref()
+            .is_none_or(|(g, _)| *g != generation)
+        {
+            let vhost = self.vhost.as_ref().map(|v| v.name.as_str()).unwrap_or("");
+            self.topic_perms = Some((
+                generation,
+                self.broker.topic_permissions_of(vhost, &self.user),
+            ));
+        }
+        let Some((_, Some(tp))) = &self.topic_perms else {
+            return Ok(());
+        };
+        let name = x.name.as_str();
+        if !tp.covers(name)
+            || x.kind != ExchangeKind::Topic
+            || tp.allows(name, Access::Write, routing_key)
+        {
+            return Ok(());
+        }
+        let vhost = self.vhost.as_ref().map(|v| v.name.as_str()).unwrap_or("");
+        tracing::info!(user = %self.user, exchange = name, routing_key, "topic write refused");
+        Err(AmqpError::from_core(
+            warren_core::topic_permissions::refused(
+                Access::Write,
+                routing_key,
+                name,
+                vhost,
+                &self.user,
+            ),
+            ch,
+            60,
+            40,
+        ))
+    }
+
+    /// RabbitMQ's `read` topic check on a binding's source exchange (queue.bind/unbind,
+    /// exchange.bind/unbind: `rabbit_channel:binding_action`). A missing source is left
+    /// to the bind itself to report.
+    fn check_topic_read(
+        &self,
+        ch: u16,
+        vh: &VHost,
+        source: &str,
+        routing_key: &str,
+    ) -> Result<(), AmqpError> {
+        let Ok(x) = vh.exchange(source) else {
+            return Ok(());
+        };
+        self.broker
+            .check_topic_permission(&self.user, &vh.name, &x, Access::Read, routing_key)
+            .map_err(|e| AmqpError::from_core(e, ch, 0, 0))
+    }
+
     fn write(&mut self, ch: u16, m: AMQPClass) {
         codec::encode_method(&mut self.out, ch, &m);
     }
@@ -375,6 +440,7 @@ impl Conn {
                     b.destination.as_str(),
                 )?;
                 self.check_access(ch, Access::Read, ResourceKind::Exchange, b.source.as_str())?;
+                self.check_topic_read(ch, &vh, b.source.as_str(), b.routing_key.as_str())?;
                 vh.exchange(b.destination.as_str()).map_err(core)?;
                 vh.bind(
                     b.source.as_str(),
@@ -399,6 +465,7 @@ impl Conn {
                     b.destination.as_str(),
                 )?;
                 self.check_access(ch, Access::Read, ResourceKind::Exchange, b.source.as_str())?;
+                self.check_topic_read(ch, &vh, b.source.as_str(), b.routing_key.as_str())?;
                 vh.exchange(b.destination.as_str()).map_err(core)?;
                 vh.unbind(
                     b.source.as_str(),
@@ -472,6 +539,7 @@ impl Conn {
                     ResourceKind::Exchange,
                     b.exchange.as_str(),
                 )?;
+                self.check_topic_read(ch, &vh, b.exchange.as_str(), b.routing_key.as_str())?;
                 let q = vh.require_queue(b.queue.as_str(), self.id).map_err(core)?;
                 vh.bind(
                     b.exchange.as_str(),
@@ -496,6 +564,7 @@ impl Conn {
                     ResourceKind::Exchange,
                     b.exchange.as_str(),
                 )?;
+                self.check_topic_read(ch, &vh, b.exchange.as_str(), b.routing_key.as_str())?;
                 let q = vh.require_queue(b.queue.as_str(), self.id).map_err(core)?;
                 vh.unbind(
                     b.exchange.as_str(),
@@ -1114,6 +1183,8 @@ impl Conn {
             )
             .at(60, 40));
         }
+        // After the internal check, as rabbit_channel orders them.
+        self.check_topic_write(ch, &x, p.routing_key.as_str())?;
         let queues = vh.route(&x, &msg);
         let unroutable = queues.is_empty();
         let outcome = vh

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use warren_amqp_codec::{self as codec, Frame, HeaderCheck};
 use warren_core::{
     AMQPValue, AlarmState, Broker, ConnectionGuard, ConnectionId, ConnectionInfo, ConsumerId,
-    FieldTable, LongString, Outbox, OutboxEvent, ShortString, VHost,
+    FieldTable, LongString, Outbox, OutboxEvent, ShortString, TopicPermissions, VHost,
 };
 
 use crate::channel::Channel;
@@ -89,6 +89,9 @@ pub(crate) struct Conn {
     /// generation equals `perm_generation`.
     pub write_allowed: HashSet<String>,
     pub perm_generation: u64,
+    /// The user's topic permissions in this vhost and the permission generation they were
+    /// read at (`None` until first needed).
+    pub topic_perms: Option<(u64, Option<Arc<TopicPermissions>>)>,
 }
 
 /// The byte streams a connection runs over: TCP, TLS, a WebSocket's bytes.
@@ -112,6 +115,7 @@ pub(crate) async fn run<S: Stream>(
         registration: None,
         write_allowed: HashSet::new(),
         perm_generation: 0,
+        topic_perms: None,
         alarms,
         blocked_notify: false,
         blocked_sent: false,

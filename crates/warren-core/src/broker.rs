@@ -17,6 +17,7 @@ use crate::message::Message;
 use crate::meta::{self, BindingRecord, ExchangeRecord, QueueRecord, UserRecord, VHostRecord};
 use crate::permissions::{self, Access, CompiledPermission, PermissionRecord, ResourceKind};
 use crate::queue::QueueConfig;
+use crate::topic_permissions::{self, TopicPermissionRecord, TopicPermissions};
 use crate::vhost::{QueueDecl, VHost};
 
 /// Settings the core needs.
@@ -48,6 +49,9 @@ pub struct Broker {
     next_store_id: Arc<AtomicU64>,
     /// (vhost, user) → permission, regexes compiled.
     permissions: RwLock<HashMap<(String, String), Arc<CompiledPermission>>>,
+    /// (vhost, user) → topic permissions by exchange; replaced whole on a change so
+    /// front-ends can hold the `Arc` until the generation moves.
+    topic_permissions: RwLock<HashMap<(String, String), Arc<TopicPermissions>>>,
     /// Bumped on every permission change, so front-ends may cache check results.
     permissions_generation: AtomicU64,
     connections: Arc<Connections>,
@@ -66,6 +70,7 @@ impl Broker {
             users: RwLock::new(HashMap::new()),
             next_store_id: Arc::new(AtomicU64::new(1)),
             permissions: RwLock::new(HashMap::new()),
+            topic_permissions: RwLock::new(HashMap::new()),
             permissions_generation: AtomicU64::new(0),
             connections: Arc::new(Connections::default()),
             alarms: crate::alarm::Alarms::default(),
@@ -110,6 +115,16 @@ impl Broker {
                     self.permissions.write().insert(key, Arc::new(p));
                 }
                 Err(e) => tracing::warn!(error = %e, "skipping unusable stored permission"),
+            }
+        }
+        for (_, v) in self.store.meta_scan(meta::TOPIC_PERMISSION)? {
+            let r: TopicPermissionRecord = decode(&v)?;
+            let mut map = self.topic_permissions.write();
+            let entry = map
+                .entry((r.vhost.clone(), r.user.clone()))
+                .or_insert_with(|| Arc::new(TopicPermissions::default()));
+            if let Err(e) = Arc::make_mut(entry).insert(r) {
+                tracing::warn!(error = %e, "skipping unusable stored topic permission");
             }
         }
         // The default user gets ".*" on "/" on first boot, as in RabbitMQ; data dirs made
@@ -274,6 +289,7 @@ impl Broker {
                 }
             });
         }
+        self.drop_topic_permissions(|v, _| v == name, &mut ops);
         self.bump_permissions();
         self.persist(ops).await?;
         Ok(true)
@@ -319,6 +335,7 @@ impl Broker {
                 true
             }
         });
+        self.drop_topic_permissions(|_, u| u == name, &mut ops);
         self.bump_permissions();
         self.persist(ops).await?;
         self.connections
@@ -404,6 +421,134 @@ impl Broker {
             .read()
             .get(&(vhost.to_owned(), user.to_owned()))
             .map(|p| p.record.clone())
+    }
+
+    /// Removes the topic permissions of every (vhost, user) that `which` selects, adding
+    /// the deletes to `ops`.
+    fn drop_topic_permissions(&self, which: impl Fn(&str, &str) -> bool, ops: &mut Vec<Op>) {
+        self.topic_permissions.write().retain(|(v, u), tp| {
+            if which(v, u) {
+                ops.extend(
+                    tp.records()
+                        .map(|r| meta::topic_permission_delete(v, u, &r.exchange)),
+                );
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Sets (durably) `user`'s topic permission on one exchange of `vhost`, replacing the
+    /// one for that exchange. The regexes must compile (else 406); user and vhost must
+    /// exist (else 404). The exchange need not exist, as in RabbitMQ.
+    pub async fn set_topic_permission(&self, p: TopicPermissionRecord) -> CoreResult<()> {
+        if self.vhost(&p.vhost).is_none() {
+            return Err(CoreError::not_found(format!("no vhost '{}'", p.vhost)));
+        }
+        if !self.users.read().contains_key(&p.user) {
+            return Err(CoreError::not_found(format!("no user '{}'", p.user)));
+        }
+        topic_permissions::validate(&p)?;
+        self.persist(vec![meta::topic_permission_put(&p)]).await?;
+        {
+            let mut map = self.topic_permissions.write();
+            let entry = map.entry((p.vhost.clone(), p.user.clone())).or_default();
+            let mut next = (**entry).clone();
+            next.insert(p)?;
+            *entry = Arc::new(next);
+        }
+        self.bump_permissions();
+        Ok(())
+    }
+
+    /// Removes `user`'s topic permissions in `vhost`: the one for `exchange`, or all
+    /// (RabbitMQ's `clear_topic_permissions`). False if there were none.
+    pub async fn clear_topic_permissions(
+        &self,
+        vhost: &str,
+        user: &str,
+        exchange: Option<&str>,
+    ) -> CoreResult<bool> {
+        let key = (vhost.to_owned(), user.to_owned());
+        let mut ops = Vec::new();
+        {
+            let mut map = self.topic_permissions.write();
+            let Some(current) = map.get(&key) else {
+                return Ok(false);
+            };
+            let mut next = (**current).clone();
+            let gone: Vec<String> = current
+                .records()
+                .map(|r| r.exchange.clone())
+                .filter(|x| exchange.is_none_or(|e| e == x))
+                .collect();
+            for x in &gone {
+                next.remove(x);
+                ops.push(meta::topic_permission_delete(vhost, user, x));
+            }
+            if next.is_empty() {
+                map.remove(&key);
+            } else {
+                map.insert(key, Arc::new(next));
+            }
+        }
+        if ops.is_empty() {
+            return Ok(false);
+        }
+        self.bump_permissions();
+        self.persist(ops).await?;
+        Ok(true)
+    }
+
+    /// Every topic permission, sorted by (vhost, user, exchange).
+    pub fn topic_permissions(&self) -> Vec<TopicPermissionRecord> {
+        let mut v: Vec<TopicPermissionRecord> = self
+            .topic_permissions
+            .read()
+            .values()
+            .flat_map(|t| t.records().cloned().collect::<Vec<_>>())
+            .collect();
+        v.sort_by(|a, b| (&a.vhost, &a.user, &a.exchange).cmp(&(&b.vhost, &b.user, &b.exchange)));
+        v
+    }
+
+    /// `user`'s topic permissions in `vhost`, for a front-end to hold until
+    /// [`permissions_generation`](Self::permissions_generation) moves. `None`: no rules,
+    /// every topic is allowed (RabbitMQ's default).
+    pub fn topic_permissions_of(&self, vhost: &str, user: &str) -> Option<Arc<TopicPermissions>> {
+        self.topic_permissions
+            .read()
+            .get(&(vhost.to_owned(), user.to_owned()))
+            .cloned()
+    }
+
+    /// RabbitMQ's topic check, uncached (bindings; the message paths hold
+    /// [`topic_permissions_of`](Self::topic_permissions_of)): `Ok` unless `exchange` is a
+    /// topic exchange with a rule for `user` whose regex does not match `routing_key`;
+    /// then 403 with RabbitMQ's text.
+    pub fn check_topic_permission(
+        &self,
+        user: &str,
+        vhost: &str,
+        exchange: &Exchange,
+        access: Access,
+        routing_key: &str,
+    ) -> CoreResult<()> {
+        if exchange.kind != crate::exchange::ExchangeKind::Topic {
+            return Ok(());
+        }
+        let name = exchange.name.as_str();
+        match self.topic_permissions_of(vhost, user) {
+            Some(tp) if !tp.allows(name, access, routing_key) => Err(topic_permissions::refused(
+                access,
+                routing_key,
+                name,
+                vhost,
+                user,
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Whether `user` may open a connection to `vhost` (has any permission record there,

@@ -10,15 +10,18 @@ pub mod broker;
 pub mod connections;
 pub mod consumer;
 pub mod deadletter;
+pub mod definitions;
 pub mod error;
 pub mod exchange;
 pub mod ids;
+pub mod json;
 pub mod message;
 mod meta;
 pub mod permissions;
 pub mod queue;
 pub mod shutdown;
 pub mod topic;
+pub mod topic_permissions;
 pub mod vhost;
 
 pub use alarm::{AlarmState, Alarms};
@@ -35,6 +38,7 @@ pub use message::{Message, Properties};
 pub use meta::UserRecord;
 pub use permissions::{Access, PermissionRecord, ResourceKind};
 pub use queue::{ConsumerInfo, GetResult, Queue, QueueCounts};
+pub use topic_permissions::{TopicPermissionRecord, TopicPermissions};
 pub use vhost::{ExchangeDecl, PublishOutcome, QueueDecl, VHost};
 pub use warren_store::{Store, StoreOptions, Ticket};
 

@@ -17,6 +17,9 @@ pub(crate) const USER: &[u8] = b"u\0";
 pub(crate) const RETAINED: &[u8] = b"r\0";
 /// Permissions: `p\0<vhost>\0<user>` → [`PermissionRecord`](crate::permissions::PermissionRecord).
 pub(crate) const PERMISSION: &[u8] = b"p\0";
+/// Topic permissions: `t\0<vhost>\0<user>\0<exchange>` →
+/// [`TopicPermissionRecord`](crate::topic_permissions::TopicPermissionRecord).
+pub(crate) const TOPIC_PERMISSION: &[u8] = b"t\0";
 /// Broker settings live under `s\0` (`m\0` is MQTT sessions). Set once the default
 /// user's permission was granted, so that data dirs from before permissions existed get
 /// it exactly once (and a later revoke sticks).
@@ -210,6 +213,16 @@ pub(crate) fn permission_put(p: &crate::permissions::PermissionRecord) -> Op {
 pub(crate) fn permission_delete(vhost: &str, user: &str) -> Op {
     Op::DeleteMeta {
         key: key(PERMISSION, &[vhost, user]),
+    }
+}
+
+pub(crate) fn topic_permission_put(p: &crate::topic_permissions::TopicPermissionRecord) -> Op {
+    put(key(TOPIC_PERMISSION, &[&p.vhost, &p.user, &p.exchange]), p)
+}
+
+pub(crate) fn topic_permission_delete(vhost: &str, user: &str, exchange: &str) -> Op {
+    Op::DeleteMeta {
+        key: key(TOPIC_PERMISSION, &[vhost, user, exchange]),
     }
 }
 

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use warren_core::definitions::parse_tags;
 use warren_core::{
     Access, Binding, ConnectionEntry, Exchange, ExchangeDecl, FieldTable, Message, MsgSeq, Queue,
     QueueDecl, ResourceKind, ShortString, Target, UserRecord, VHost,
@@ -25,7 +26,7 @@ use crate::listing::ListParams;
 use crate::stats::Rates;
 use crate::{definitions, AppState, RABBITMQ_COMPAT_VERSION};
 
-type Q = Query<HashMap<String, String>>;
+pub(crate) type Q = Query<HashMap<String, String>>;
 type St = State<AppState>;
 
 pub fn routes() -> Router<AppState> {
@@ -59,6 +60,7 @@ pub fn routes() -> Router<AppState> {
                 .put(permission_put)
                 .delete(permission_delete),
         )
+        .merge(crate::topic_permissions::routes())
         .route("/api/connections", get(connections))
         .route(
             "/api/connections/{name}",
@@ -155,7 +157,14 @@ fn bool_field(v: &Value, k: &str, default: bool) -> ApiResult<bool> {
     }
 }
 
-fn str_field<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
+/// A string field the request must have; RabbitMQ's 400 text when it is missing.
+pub(crate) fn required_str(v: &Value, k: &str) -> ApiResult<String> {
+    str_field(v, k)
+        .map(str::to_owned)
+        .ok_or_else(|| ApiError::BadRequest(format!("[{{key_missing,{k}}}]")))
+}
+
+pub(crate) fn str_field<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
     v.get(k).and_then(Value::as_str)
 }
 
@@ -163,7 +172,7 @@ fn details(rate: f64) -> Value {
     json!({ "rate": (rate * 10.0).round() / 10.0 })
 }
 
-fn created(was_new: bool) -> Response {
+pub(crate) fn created(was_new: bool) -> Response {
     if was_new {
         StatusCode::CREATED.into_response()
     } else {
@@ -171,7 +180,7 @@ fn created(was_new: bool) -> Response {
     }
 }
 
-fn no_content() -> Response {
+pub(crate) fn no_content() -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
@@ -184,7 +193,7 @@ fn exchange_path_name(name: &str) -> &str {
     }
 }
 
-fn list(params: &Q, items: Vec<Value>) -> ApiResult<Json<Value>> {
+pub(crate) fn list(params: &Q, items: Vec<Value>) -> ApiResult<Json<Value>> {
     Ok(Json(ListParams::parse(&params.0)?.apply(items)?))
 }
 
@@ -728,24 +737,6 @@ async fn user_get(State(s): St, caller: Caller, Path(u): Path<String>) -> ApiRes
         .ok_or(ApiError::ObjectNotFound)
 }
 
-/// `tags` as RabbitMQ takes it: a comma-separated string, or (3.9+) a list.
-pub(crate) fn parse_tags(v: Option<&Value>) -> Vec<String> {
-    match v {
-        Some(Value::String(s)) => s
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(str::to_owned)
-            .collect(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_owned)
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 async fn user_put(
     State(s): St,
     caller: Caller,
@@ -856,11 +847,7 @@ async fn permission_put(
         return Err(ApiError::ObjectNotFound);
     }
     let b = body_json(&body)?;
-    let field = |k: &str| {
-        str_field(&b, k)
-            .map(str::to_owned)
-            .ok_or_else(|| ApiError::BadRequest(format!("[{{key_missing,{k}}}]")))
-    };
+    let field = |k: &str| required_str(&b, k);
     let rec = warren_core::PermissionRecord {
         user: u.clone(),
         vhost: v.clone(),
@@ -1089,6 +1076,9 @@ async fn exchange_publish(
     let b = body_json(&body)?;
     let rk = str_field(&b, "routing_key")
         .ok_or_else(|| ApiError::BadRequest("[{key_missing,routing_key}]".into()))?;
+    // The management plugin publishes through a channel as the caller: topic rules apply.
+    s.broker
+        .check_topic_permission(&caller.name, &v, &x, Access::Write, rk)?;
     let payload = str_field(&b, "payload")
         .ok_or_else(|| ApiError::BadRequest("[{key_missing,payload}]".into()))?;
     let encoding = str_field(&b, "payload_encoding").unwrap_or("string");
@@ -1435,6 +1425,8 @@ async fn binding_create(
     )?;
     let b = body_json(&body)?;
     let rk = str_field(&b, "routing_key").unwrap_or("");
+    s.broker
+        .check_topic_permission(&caller.name, &v, &x, Access::Read, rk)?;
     let args = b.get("arguments").map(json_to_table).unwrap_or_default();
     let key = props_key(rk, &args);
     let rk = ShortString::try_new(rk)

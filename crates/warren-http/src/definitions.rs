@@ -1,131 +1,36 @@
-//! `/api/definitions`: export and import in RabbitMQ's JSON format (users with their
-//! salted SHA-256 hashes, vhosts, permissions, durable queues, exchanges and bindings), so
-//! a file exported from RabbitMQ loads into Warren and the reverse.
-//!
-//! Import is additive and idempotent like RabbitMQ's: existing objects are kept (an
-//! inequivalent queue or exchange is an error), missing ones are created in dependency
-//! order: users, vhosts, permissions, exchanges, queues, bindings. Policies, parameters and
-//! topic permissions are accepted and ignored (logged).
+//! `/api/definitions`: export and import in RabbitMQ's JSON format. The format lives in
+//! [`warren_core::definitions`] (the binary loads a file at boot with the same code);
+//! these handlers add authorisation and map errors to RabbitMQ's status codes.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
-use warren_core::{ExchangeDecl, PermissionRecord, QueueDecl, ShortString, Target, UserRecord};
+use serde_json::Value;
+use warren_core::definitions::{self, DefinitionsError};
 
-use crate::api::{body_json, parse_tags};
+use crate::api::body_json;
 use crate::auth::Caller;
-use crate::convert::{json_to_table, table_to_json};
 use crate::error::{ApiError, ApiResult};
 use crate::{AppState, RABBITMQ_COMPAT_VERSION};
 
-fn export(s: &AppState, only: Option<&str>) -> Value {
-    let b = &s.broker;
-    let mut vhosts = b.vhosts();
-    vhosts.sort_by(|a, b| a.name.cmp(&b.name));
-    let vhosts: Vec<_> = vhosts
-        .into_iter()
-        .filter(|v| only.is_none_or(|o| o == v.name))
-        .collect();
-    let (mut queues, mut exchanges, mut bindings) = (Vec::new(), Vec::new(), Vec::new());
-    for vh in &vhosts {
-        let mut qs = vh.queues();
-        qs.sort_by(|a, b| a.name.cmp(&b.name));
-        for q in qs.iter().filter(|q| q.is_stored()) {
-            let mut e = json!({
-                "name": q.name.as_str(),
-                "durable": true,
-                "auto_delete": q.auto_delete,
-                "arguments": table_to_json(&q.arguments),
-            });
-            if only.is_none() {
-                e["vhost"] = json!(vh.name);
-            }
-            queues.push(e);
-        }
-        let mut xs = vh.exchanges();
-        xs.sort_by(|a, b| a.name.cmp(&b.name));
-        for x in xs.iter().filter(|x| {
-            x.durable && !x.name.as_str().is_empty() && !x.name.as_str().starts_with("amq.")
-        }) {
-            let mut e = json!({
-                "name": x.name.as_str(),
-                "type": x.kind.as_str(),
-                "durable": true,
-                "auto_delete": x.auto_delete,
-                "internal": x.internal,
-                "arguments": table_to_json(&x.arguments),
-            });
-            if only.is_none() {
-                e["vhost"] = json!(vh.name);
-            }
-            exchanges.push(e);
-        }
-        let mut bs = vh.bindings();
-        bs.sort_by(|a, b| {
-            (a.0.as_str(), a.1.target.name(), a.1.routing_key.as_str()).cmp(&(
-                b.0.as_str(),
-                b.1.target.name(),
-                b.1.routing_key.as_str(),
-            ))
-        });
-        for (src, bd) in bs {
-            let mut e = json!({
-                "source": src.as_str(),
-                "destination": bd.target.name(),
-                "destination_type": if bd.target.is_queue() { "queue" } else { "exchange" },
-                "routing_key": bd.routing_key.as_str(),
-                "arguments": table_to_json(&bd.arguments),
-            });
-            if only.is_none() {
-                e["vhost"] = json!(vh.name);
-            }
-            bindings.push(e);
+impl From<DefinitionsError> for ApiError {
+    fn from(e: DefinitionsError) -> Self {
+        match e {
+            DefinitionsError::Invalid(r) => ApiError::BadRequest(r),
+            DefinitionsError::Core(c) => ApiError::from(c),
         }
     }
-    let mut out = json!({
-        "rabbit_version": RABBITMQ_COMPAT_VERSION,
-        "rabbitmq_version": RABBITMQ_COMPAT_VERSION,
-        "product_name": "Warren",
-        "product_version": env!("CARGO_PKG_VERSION"),
-        "policies": [],
-        "parameters": [],
-        "queues": queues,
-        "exchanges": exchanges,
-        "bindings": bindings,
-    });
-    if only.is_none() {
-        out["users"] = json!(b
-            .users()
-            .iter()
-            .map(|u| json!({
-                "name": u.name,
-                "password_hash": u.password_hash,
-                "hashing_algorithm": u.hashing_algorithm,
-                "tags": u.tags,
-                "limits": {},
-            }))
-            .collect::<Vec<_>>());
-        out["vhosts"] = json!(vhosts
-            .iter()
-            .map(|v| json!({"name": v.name, "limits": [], "metadata": {"description": "", "tags": []}}))
-            .collect::<Vec<_>>());
-        out["permissions"] = json!(b
-            .permissions()
-            .iter()
-            .map(|p| json!({"user": p.user, "vhost": p.vhost, "configure": p.configure, "write": p.write, "read": p.read}))
-            .collect::<Vec<_>>());
-        out["topic_permissions"] = json!([]);
-        out["global_parameters"] = json!([]);
-    }
-    out
 }
 
 pub async fn export_all(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
     caller.require_admin()?;
-    Ok(Json(export(&s, None)))
+    Ok(Json(definitions::export(
+        &s.broker,
+        None,
+        RABBITMQ_COMPAT_VERSION,
+    )))
 }
 
 pub async fn export_vhost(
@@ -135,7 +40,11 @@ pub async fn export_vhost(
 ) -> ApiResult<Json<Value>> {
     caller.require_admin()?;
     caller.vhost(&s.broker, &v)?;
-    Ok(Json(export(&s, Some(&v))))
+    Ok(Json(definitions::export(
+        &s.broker,
+        Some(&v),
+        RABBITMQ_COMPAT_VERSION,
+    )))
 }
 
 pub async fn import_all(
@@ -145,7 +54,7 @@ pub async fn import_all(
 ) -> ApiResult<Response> {
     caller.require_admin()?;
     let defs = body_json(&body)?;
-    import(&s, &defs, None).await?;
+    definitions::import(&s.broker, &defs, None).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -158,143 +67,6 @@ pub async fn import_vhost(
     caller.require_admin()?;
     caller.vhost(&s.broker, &v)?;
     let defs = body_json(&body)?;
-    import(&s, &defs, Some(&v)).await?;
+    definitions::import(&s.broker, &defs, Some(&v)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-fn arr<'a>(v: &'a Value, k: &str) -> &'a [Value] {
-    v.get(k)
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
-}
-
-fn text<'a>(v: &'a Value, k: &str) -> ApiResult<&'a str> {
-    v.get(k).and_then(Value::as_str).ok_or_else(|| {
-        ApiError::BadRequest(format!("definitions: missing or non-string '{k}' in {v}"))
-    })
-}
-
-fn flag(v: &Value, k: &str, default: bool) -> bool {
-    v.get(k).and_then(Value::as_bool).unwrap_or(default)
-}
-
-fn short(s: &str) -> ApiResult<ShortString> {
-    ShortString::try_new(s).map_err(|_| ApiError::BadRequest(format!("name too long: {s}")))
-}
-
-/// Imports `defs`; with `only`, every object goes to that vhost (the per-vhost endpoint).
-pub async fn import(s: &AppState, defs: &Value, only: Option<&str>) -> ApiResult<()> {
-    let b = &s.broker;
-    let vhost_of = |e: &Value| -> ApiResult<String> {
-        match only {
-            Some(v) => Ok(v.to_owned()),
-            None => Ok(text(e, "vhost")?.to_owned()),
-        }
-    };
-    if only.is_none() {
-        for u in arr(defs, "users") {
-            let algo = u
-                .get("hashing_algorithm")
-                .and_then(Value::as_str)
-                .unwrap_or(warren_core::auth::SHA256_ALGORITHM);
-            if algo != warren_core::auth::SHA256_ALGORITHM {
-                return Err(ApiError::BadRequest(format!(
-                    "user {}: hashing algorithm {algo} is not supported",
-                    text(u, "name")?
-                )));
-            }
-            b.put_user_record(UserRecord {
-                name: text(u, "name")?.to_owned(),
-                password_hash: text(u, "password_hash")?.to_owned(),
-                hashing_algorithm: algo.to_owned(),
-                tags: parse_tags(u.get("tags")),
-            })
-            .await?;
-        }
-        for v in arr(defs, "vhosts") {
-            b.add_vhost(text(v, "name")?).await?;
-        }
-        for p in arr(defs, "permissions") {
-            b.set_permission(PermissionRecord {
-                user: text(p, "user")?.to_owned(),
-                vhost: text(p, "vhost")?.to_owned(),
-                configure: text(p, "configure")?.to_owned(),
-                write: text(p, "write")?.to_owned(),
-                read: text(p, "read")?.to_owned(),
-            })
-            .await?;
-        }
-    }
-    for k in [
-        "policies",
-        "parameters",
-        "global_parameters",
-        "topic_permissions",
-    ] {
-        if !arr(defs, k).is_empty() {
-            tracing::warn!(
-                section = k,
-                "definitions: section not supported by Warren; ignored"
-            );
-        }
-    }
-    for x in arr(defs, "exchanges") {
-        let v = vhost_of(x)?;
-        let vh = b
-            .vhost(&v)
-            .ok_or_else(|| ApiError::BadRequest(format!("definitions: no vhost '{v}'")))?;
-        vh.declare_exchange(ExchangeDecl {
-            name: short(text(x, "name")?)?,
-            kind: text(x, "type")?.to_owned(),
-            passive: false,
-            durable: flag(x, "durable", true),
-            auto_delete: flag(x, "auto_delete", false),
-            internal: flag(x, "internal", false),
-            arguments: x.get("arguments").map(json_to_table).unwrap_or_default(),
-        })
-        .await?;
-    }
-    for q in arr(defs, "queues") {
-        let v = vhost_of(q)?;
-        let vh = b
-            .vhost(&v)
-            .ok_or_else(|| ApiError::BadRequest(format!("definitions: no vhost '{v}'")))?;
-        vh.declare_queue(
-            QueueDecl {
-                name: short(text(q, "name")?)?,
-                passive: false,
-                durable: flag(q, "durable", true),
-                exclusive: false,
-                auto_delete: flag(q, "auto_delete", false),
-                arguments: q.get("arguments").map(json_to_table).unwrap_or_default(),
-            },
-            warren_core::ConnectionId(0),
-        )
-        .await?;
-    }
-    for bd in arr(defs, "bindings") {
-        let v = vhost_of(bd)?;
-        let vh = b
-            .vhost(&v)
-            .ok_or_else(|| ApiError::BadRequest(format!("definitions: no vhost '{v}'")))?;
-        let dest = text(bd, "destination")?;
-        let target = match text(bd, "destination_type")? {
-            "queue" => Target::Queue(vh.queue(dest)?),
-            "exchange" => Target::Exchange(vh.exchange(dest)?.name.clone()),
-            other => {
-                return Err(ApiError::BadRequest(format!(
-                    "definitions: unknown destination_type {other}"
-                )))
-            }
-        };
-        vh.bind(
-            text(bd, "source")?,
-            target,
-            short(text(bd, "routing_key")?)?,
-            bd.get("arguments").map(json_to_table).unwrap_or_default(),
-        )
-        .await?;
-    }
-    Ok(())
 }

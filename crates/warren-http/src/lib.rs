@@ -14,6 +14,7 @@ pub mod error;
 mod listing;
 mod metrics;
 mod stats;
+mod topic_permissions;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

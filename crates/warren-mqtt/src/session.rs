@@ -30,7 +30,8 @@ use tokio::sync::watch;
 use warren_core::permissions::{Access, ResourceKind};
 use warren_core::{
     AMQPValue, ConnectionId, ConsumerId, ConsumerSpec, Credit, Delivery, FieldTable, Message,
-    MsgSeq, Outbox, OutboxEvent, Properties, Queue, QueueDecl, ShortString, Target, VHost,
+    MsgSeq, Outbox, OutboxEvent, Properties, Queue, QueueDecl, ShortString, Target,
+    TopicPermissions, VHost,
 };
 use warren_core::{ConnectionGuard, ConnectionInfo};
 
@@ -40,6 +41,8 @@ use crate::topic;
 use crate::{MqttConfig, Shared};
 
 /// The header carrying an MQTT publish's QoS through AMQP (RabbitMQ's name).
+/// The exchange MQTT topics map onto (RabbitMQ's default `mqtt.exchange`).
+const TOPIC_EXCHANGE: &str = "amq.topic";
 const QOS_HEADER: &str = "x-mqtt-publish-qos";
 /// The publishing client id, for no-local subscriptions (MQTT-3.8.3-3).
 const ORIGIN_HEADER: &str = "x-mqtt-client-id";
@@ -180,6 +183,9 @@ struct Session {
     registration: ConnectionGuard,
     /// The write check on `amq.topic` and the permission generation it was made at.
     publish_allowed: Option<(u64, bool)>,
+    /// The user's topic permissions in the vhost with `{client_id}` expanded, and the
+    /// permission generation they were read at.
+    topic_perms: Option<(u64, Option<Arc<TopicPermissions>>)>,
     shared: Arc<Shared>,
     cfg: Arc<MqttConfig>,
     id: ConnectionId,
@@ -662,6 +668,7 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         user: user.clone(),
         registration,
         publish_allowed: None,
+        topic_perms: None,
         shared,
         cfg: cfg.clone(),
         id,
@@ -1196,7 +1203,12 @@ impl Session {
         }
         let qos = (o.qos as u8).min(2);
         // Subscribing binds to amq.topic: read on the exchange (RabbitMQ's check).
-        if !self.may_use_topic_exchange(Access::Read) {
+        // And RabbitMQ's topic authorisation on the filter (without `$share/<group>/`).
+        let plain = match filter.strip_prefix("$share/") {
+            Some(rest) => rest.split_once('/').map_or(rest, |(_, f)| f),
+            None => filter,
+        };
+        if !self.may_use_topic_exchange(Access::Read) || !self.topic_allowed(Access::Read, plain) {
             return if self.version == 5 {
                 SubAckReasonCode::NotAuthorized
             } else {
@@ -1368,8 +1380,9 @@ impl Session {
         // Publishing needs write on amq.topic (RabbitMQ's MQTT plugin). 5.0 answers a
         // QoS ≥ 1 publish with 0x87 and drops it; 3.1.1 has no negative ack, so the
         // connection closes, as in RabbitMQ.
-        if !self.may_publish() {
-            tracing::info!(client_id = %self.client_id, user = %self.user, "mqtt publish refused: no write permission on amq.topic");
+        // Topic permissions on the routing key answer the same way (RabbitMQ's MQTT plugin).
+        if !self.may_publish() || !self.topic_allowed(Access::Write, &topic_name) {
+            tracing::info!(client_id = %self.client_id, user = %self.user, topic = %topic_name, "mqtt publish refused: no write permission");
             if self.version != 5 {
                 return Err(End::ProtocolError);
             }
@@ -1712,6 +1725,51 @@ impl Session {
                 ok
             }
         }
+    }
+
+    /// RabbitMQ's topic authorisation for an MQTT topic or filter: the AMQP routing key
+    /// (`/`→`.`, `+`→`*`) against the user's rule for `amq.topic`, with `{client_id}`
+    /// expanded. The rules are re-read only when the permissions change, and the key is
+    /// built only if a rule exists, so an unrestricted publish allocates nothing here.
+    fn topic_allowed(&mut self, access: Access, mqtt_topic: &str) -> bool {
+        let generation = self.shared.broker.permissions_generation();
+        if self
+            .topic_perms
+            .as_ref()
+            .is_none_or(|(g, _)| *g != generation)
+        {
+            let tp = self
+                .shared
+                .broker
+                .topic_permissions_of(&self.vhost.name, &self.user)
+                .map(|tp| {
+                    if tp.per_client() {
+                        Arc::new(tp.for_client(&self.client_id))
+                    } else {
+                        tp
+                    }
+                });
+            self.topic_perms = Some((generation, tp));
+        }
+        let Some((_, Some(tp))) = &self.topic_perms else {
+            return true;
+        };
+        if !tp.covers(TOPIC_EXCHANGE) {
+            return true;
+        }
+        let key = topic::to_amqp(mqtt_topic);
+        let ok = tp.allows(TOPIC_EXCHANGE, access, &key);
+        if !ok {
+            let e = warren_core::topic_permissions::refused(
+                access,
+                &key,
+                TOPIC_EXCHANGE,
+                &self.vhost.name,
+                &self.user,
+            );
+            tracing::warn!(client_id = %self.client_id, "MQTT topic access refused: {e}");
+        }
+        ok
     }
 
     /// RabbitMQ's MQTT checks: write on `amq.topic` to publish, read to subscribe.

@@ -14,8 +14,8 @@ use tokio::sync::watch;
 use warren_core::permissions::{Access, ResourceKind};
 use warren_core::{
     AlarmState, ConnectionGuard, ConnectionId, ConnectionInfo, ConsumerId, ConsumerSpec, CoreError,
-    Credit, Delivery, FieldTable, Message, MsgSeq, Outbox, OutboxEvent, Queue, QueueDecl,
-    ShortString, Target, Ticket, VHost,
+    Credit, Delivery, ExchangeKind, FieldTable, Message, MsgSeq, Outbox, OutboxEvent, Queue,
+    QueueDecl, ShortString, Target, Ticket, TopicPermissions, VHost,
 };
 
 use crate::codec::{self, CodecError, Decoded, Frame, Version};
@@ -114,6 +114,8 @@ struct Session {
     /// Exchanges this session may publish to, valid at `perm_generation`.
     write_allowed: HashSet<String>,
     perm_generation: u64,
+    /// The user's topic permissions in the vhost and the generation they were read at.
+    topic_perms: Option<(u64, Option<Arc<TopicPermissions>>)>,
 }
 
 pub(crate) async fn run<S>(
@@ -328,6 +330,7 @@ fn connect_session(
         registration,
         write_allowed: HashSet::new(),
         perm_generation: 0,
+        topic_perms: None,
     };
     Ok((session, deliveries))
 }
@@ -499,6 +502,46 @@ impl Session {
         Ok(())
     }
 
+    /// RabbitMQ's topic authorisation (STOMP goes through a channel there, so a SEND is
+    /// a basic.publish and a subscription a queue.bind): `routing_key` against the user's
+    /// rule for `exchange`, if `exchange` is a topic exchange. The rules are re-read only
+    /// when the permissions change; the exchange's type is looked up only if a rule names
+    /// it.
+    fn allow_topic(&mut self, exchange: &str, access: Access, routing_key: &str) -> Step {
+        let generation = self.fe.broker.permissions_generation();
+        if self
+            .topic_perms
+            .as_ref()
+            .is_none_or(|(g, _)| *g != generation)
+        {
+            let tp = self
+                .fe
+                .broker
+                .topic_permissions_of(&self.vhost.name, &self.user);
+            self.topic_perms = Some((generation, tp));
+        }
+        let Some((_, Some(tp))) = &self.topic_perms else {
+            return Ok(());
+        };
+        // A missing exchange is left to the publish or bind to report (404), as RabbitMQ.
+        if !tp.covers(exchange)
+            || tp.allows(exchange, access, routing_key)
+            || !self
+                .vhost
+                .exchange(exchange)
+                .is_ok_and(|x| x.kind == ExchangeKind::Topic)
+        {
+            return Ok(());
+        }
+        Err(Stop::core(warren_core::topic_permissions::refused(
+            access,
+            routing_key,
+            exchange,
+            &self.vhost.name,
+            &self.user,
+        )))
+    }
+
     /// Moves receipts whose writes are synced (or that wait for nothing) to the output.
     fn flush_receipts(&mut self, store: &warren_core::Store) {
         while let Some((t, _)) = self.receipts.front() {
@@ -642,6 +685,7 @@ impl Session {
             }
         }
         self.allow_publish(&exchange)?;
+        self.allow_topic(&exchange, Access::Write, &routing_key)?;
         let msg = Message::new(short(&exchange)?, short(&routing_key)?, properties, f.body);
         self.publisher = true;
         let out = self
@@ -771,6 +815,8 @@ impl Session {
         f: &Frame,
     ) -> Result<(Arc<Queue>, bool), Stop> {
         self.vhost.exchange(exchange).map_err(Stop::core)?;
+        // Before the queue exists, so a refusal leaves nothing behind.
+        self.allow_topic(exchange, Access::Read, key)?;
         let durable = (f.get("durable") == Some("true") || f.get("persistent") == Some("true"))
             && f.get("auto-delete") == Some("false");
         let name = match f.get("x-queue-name") {

@@ -18,6 +18,15 @@ pub struct Config {
     pub mqtt: Mqtt,
     pub tls: Tls,
     pub log: Log,
+    pub definitions: Definitions,
+}
+
+/// A definitions file (RabbitMQ's JSON export) imported at every start, after the store
+/// opens (RabbitMQ's `load_definitions`). Empty: none.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Definitions {
+    pub file: String,
 }
 
 /// TLS: PEM files; the TLS listeners start only when `cert_file` and `key_file` are set.
@@ -273,5 +282,7 @@ mod tests {
     fn unknown_keys_are_refused() {
         assert!(Config::parse("[amqp]\nframe_maxx = 1\n").is_err());
         assert!(Config::parse("").is_ok());
+        let c = Config::parse("[definitions]\nfile = \"defs.json\"\n").expect("parses");
+        assert_eq!(c.definitions.file, "defs.json");
     }
 }

@@ -28,6 +28,8 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error("recovery failed: {0}")]
     Recovery(#[from] warren_core::CoreError),
+    #[error("cannot load definitions from {path}: {reason}")]
+    Definitions { path: String, reason: String },
     #[error("cannot listen on {addr} ({what}): {source}")]
     Listen {
         what: &'static str,
@@ -99,6 +101,31 @@ fn stomp_config(config: &Config) -> warren_stomp::StompConfig {
     }
 }
 
+/// Imports `[definitions] file` (RabbitMQ's `load_definitions`) before any listener
+/// starts, so clients never see a half-loaded broker; any failure stops start-up.
+async fn load_definitions(broker: &Broker, file: &str) -> Result<(), ServerError> {
+    if file.trim().is_empty() {
+        return Ok(());
+    }
+    let fail = |reason: String| ServerError::Definitions {
+        path: file.to_owned(),
+        reason,
+    };
+    let text = tokio::fs::read_to_string(file)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let defs: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| fail(format!("not JSON: {e}")))?;
+    if !defs.is_object() {
+        return Err(fail("not a JSON object".into()));
+    }
+    warren_core::definitions::import(broker, &defs, None)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    tracing::info!(file, "definitions loaded");
+    Ok(())
+}
+
 /// Whether a listener setting means "disabled".
 pub fn is_off(addr: &str) -> bool {
     addr.trim().eq_ignore_ascii_case("off") || addr.trim().is_empty()
@@ -130,6 +157,7 @@ impl Server {
                 loopback_users: config.auth.loopback_users.clone(),
             },
         )?;
+        load_definitions(&broker, &config.definitions.file).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let limits = Arc::new(resources::ResourceLimits::new(

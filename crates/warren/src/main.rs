@@ -45,6 +45,10 @@ struct Args {
     /// STOMP-over-TLS listen address [default: 0.0.0.0:61614], or `off`; needs [tls] files.
     #[arg(long, env = "WARREN_STOMPS_LISTEN")]
     stomps_listen: Option<String>,
+    /// Definitions file (RabbitMQ's JSON export) to import at start [config:
+    /// `[definitions] file`].
+    #[arg(long, env = "WARREN_DEFINITIONS")]
+    definitions: Option<String>,
     /// Log format: `human` or `json`.
     #[arg(long, env = "WARREN_LOG_FORMAT")]
     log_format: Option<String>,
@@ -77,6 +81,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(d) = &args.data_dir {
         config.storage.data_dir = d.clone();
+    }
+    if let Some(f) = &args.definitions {
+        config.definitions.file = f.clone();
     }
     if let Some(f) = &args.log_format {
         config.log.format = f.clone();

@@ -67,6 +67,7 @@ enum ListKind {
     Connections,
     Users,
     Vhosts,
+    TopicPermissions,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -82,7 +83,7 @@ enum QueueOnly {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// List queues, exchanges, bindings, connections, users or vhosts.
+    /// List queues, exchanges, bindings, connections, users, vhosts or topic permissions.
     List { what: ListKind },
     /// Remove every ready message from a queue.
     Purge { what: QueueOnly, name: String },
@@ -122,6 +123,18 @@ enum Cmd {
         write: String,
         read: String,
     },
+    /// Set a user's topic permissions (write / read regexes on routing keys) for one
+    /// topic exchange in a vhost, as `rabbitmqctl set_topic_permissions`.
+    SetTopicPermissions {
+        #[arg(id = "grantee", value_name = "USER")]
+        user: String,
+        exchange: String,
+        write: String,
+        read: String,
+    },
+    /// List topic permissions (all, or with --vhost one vhost's), as
+    /// `rabbitmqctl list_topic_permissions`; the same as `list topic-permissions`.
+    ListTopicPermissions,
     /// Export definitions (users, vhosts, permissions, queues, exchanges, bindings) in
     /// RabbitMQ's JSON format; `-` writes to stdout.
     Export { file: String },
@@ -152,16 +165,7 @@ fn fail(e: &CtlError) -> ExitCode {
 fn run(cli: &Cli, c: &Client, out: &mut dyn Write) -> Result<(), CtlError> {
     let vhost = cli.vhost.as_deref().unwrap_or("/");
     match &cli.cmd {
-        Cmd::List { what } => {
-            let rows = list(c, *what, cli.vhost.as_deref())?;
-            match cli.format {
-                Format::Json => print_json(out, &Value::Array(rows)),
-                Format::Table => {
-                    let text = table::render(table::columns(table_kind(*what)), &rows);
-                    write_out(out, &text)
-                }
-            }
-        }
+        Cmd::List { what } => print_list(cli, c, out, *what),
         Cmd::Purge { name, .. } => {
             c.delete(&format!(
                 "/api/queues/{}/{}/contents",
@@ -244,6 +248,25 @@ fn run(cli: &Cli, c: &Client, out: &mut dyn Write) -> Result<(), CtlError> {
                 &format!("permissions of '{user}' on vhost '{vhost}' set"),
             )
         }
+        Cmd::SetTopicPermissions {
+            user,
+            exchange,
+            write,
+            read,
+        } => {
+            c.put(
+                &format!("/api/topic-permissions/{}/{}", enc(vhost), enc(user)),
+                &json!({"exchange": exchange, "write": write, "read": read}),
+            )?;
+            done(
+                cli,
+                out,
+                &format!(
+                    "topic permissions of '{user}' on exchange '{exchange}' in vhost '{vhost}' set"
+                ),
+            )
+        }
+        Cmd::ListTopicPermissions => print_list(cli, c, out, ListKind::TopicPermissions),
         Cmd::Export { file } => {
             let defs = c.get("/api/definitions")?;
             let text = serde_json::to_string_pretty(&defs).map_err(CtlError::json)? + "\n";
@@ -270,6 +293,15 @@ fn run(cli: &Cli, c: &Client, out: &mut dyn Write) -> Result<(), CtlError> {
     }
 }
 
+/// `list <what>`: a table, or the API's JSON.
+fn print_list(cli: &Cli, c: &Client, out: &mut dyn Write, what: ListKind) -> Result<(), CtlError> {
+    let rows = list(c, what, cli.vhost.as_deref())?;
+    match cli.format {
+        Format::Json => print_json(out, &Value::Array(rows)),
+        Format::Table => write_out(out, &table::render(table::columns(table_kind(what)), &rows)),
+    }
+}
+
 /// Every item of a listing. Queues and exchanges are fetched page by page (RabbitMQ's
 /// maximum page size, 500) so a node with 100k queues is never asked for one huge body.
 fn list(c: &Client, what: ListKind, vhost: Option<&str>) -> Result<Vec<Value>, CtlError> {
@@ -280,6 +312,7 @@ fn list(c: &Client, what: ListKind, vhost: Option<&str>) -> Result<Vec<Value>, C
         ListKind::Connections => "/api/connections",
         ListKind::Users => "/api/users",
         ListKind::Vhosts => "/api/vhosts",
+        ListKind::TopicPermissions => "/api/topic-permissions",
     };
     let scoped = matches!(
         what,
@@ -318,7 +351,7 @@ fn list(c: &Client, what: ListKind, vhost: Option<&str>) -> Result<Vec<Value>, C
     };
     // Connections and users are not scoped by path in the API; filter here.
     if let Some(v) = vhost {
-        if what == ListKind::Connections {
+        if matches!(what, ListKind::Connections | ListKind::TopicPermissions) {
             rows.retain(|r| r.get("vhost").and_then(Value::as_str) == Some(v));
         }
     }
@@ -333,6 +366,7 @@ fn table_kind(what: ListKind) -> &'static str {
         ListKind::Connections => "connections",
         ListKind::Users => "users",
         ListKind::Vhosts => "vhosts",
+        ListKind::TopicPermissions => "topic-permissions",
     }
 }
 

@@ -40,6 +40,13 @@ pub fn columns(kind: &str) -> &'static [(&'static str, &'static str)] {
             ("state", "state"),
         ],
         "users" => &[("name", "name"), ("tags", "tags")],
+        "topic-permissions" => &[
+            ("vhost", "vhost"),
+            ("user", "user"),
+            ("exchange", "exchange"),
+            ("write", "write"),
+            ("read", "read"),
+        ],
         "vhosts" => &[
             ("name", "name"),
             ("messages", "messages"),

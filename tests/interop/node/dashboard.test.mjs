@@ -1,6 +1,6 @@
 // The dashboard (served by the broker at /) in headless Chromium: log in as guest, create a
 // queue through the page, publish to it from the queue's page, and see its message count
-// change. The page talks only to the management API, so this also checks that the API
+// change; then add a user, grant it permissions and delete it. The page talks only to the management API, so this also checks that the API
 // answers what a browser sends (fetch with basic auth, JSON bodies).
 import test from "node:test";
 import assert from "node:assert/strict";
@@ -8,7 +8,7 @@ import { chromium } from "playwright-core";
 
 const api = process.env.HTTP_API_URL;
 
-test("dashboard: log in, create a queue, publish, see the count change", { timeout: 60_000 }, async () => {
+test("dashboard: log in, create a queue, publish, see the count change, manage a user", { timeout: 60_000 }, async () => {
   assert.ok(api, "HTTP_API_URL must name the broker's management API");
   const browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -82,6 +82,38 @@ test("dashboard: log in, create a queue, publish, see the count change", { timeo
     await page.click("#delq");
     await page.waitForSelector("#newq", { timeout: 10_000 });
     assert.equal(await page.locator(`a[data-name="${queue}"]`).count(), 0);
+
+    // Users: add one with a tag, grant it permissions and a topic permission on its page,
+    // then delete it (the page asks to confirm).
+    const user = "dash-user-" + Math.random().toString(16).slice(2, 8);
+    await page.click("header a[data-view=users]");
+    await page.waitForSelector("#newu", { timeout: 10_000 });
+    await page.fill("#newuname", user);
+    await page.fill("#newupass", "secret");
+    await page.fill("#newutags", "management");
+    await page.click("#newubtn");
+    const userRow = page.locator("tr", { has: page.locator(`a[data-perms="${user}"]`) });
+    await userRow.waitFor({ timeout: 10_000 });
+    assert.match((await userRow.locator("td").allTextContents()).join(" | "), /management/);
+    await page.click(`a[data-perms="${user}"]`);
+    await page.waitForSelector("#setperm", { timeout: 10_000 });
+    assert.equal(await page.locator("#permuser").inputValue(), user);
+    await page.fill("#permwrite", "^dash");
+    await page.click("#permbtn");
+    const permRow = page.locator("tr", { has: page.locator(`button[data-clearperm][data-user="${user}"]`) });
+    await permRow.waitFor({ timeout: 10_000 });
+    assert.match((await permRow.locator("td").allTextContents()).join(" | "), /\^dash/);
+    await page.fill("#topicwrite", "^sensors\\.");
+    await page.click("#topicbtn");
+    await page.locator(`button[data-cleartopic][data-user="${user}"]`).waitFor({ timeout: 10_000 });
+    const topic = await (await fetch(`${api}/api/topic-permissions/%2F/${user}`, {
+      headers: { Authorization: "Basic " + Buffer.from("guest:guest").toString("base64") },
+    })).json();
+    assert.equal(topic[0].write, "^sensors\\.");
+    page.once("dialog", (d) => d.accept());
+    await page.click("header a[data-view=users]");
+    await page.locator(`button[data-deluser="${user}"]`).click();
+    await page.locator(`a[data-perms="${user}"]`).waitFor({ state: "detached", timeout: 10_000 });
 
     assert.deepEqual(errors, []);
   } finally {

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod mqtt;
 pub mod stomp;
 
 use std::time::Duration;

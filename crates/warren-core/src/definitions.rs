@@ -1,0 +1,310 @@
+//! Definitions in RabbitMQ's JSON format (users with their salted SHA-256 hashes, vhosts,
+//! permissions, topic permissions, durable queues, exchanges and bindings), so a file
+//! exported from RabbitMQ loads into Warren and the reverse. One implementation for the
+//! management API (`/api/definitions`) and for loading a file at boot (RabbitMQ's
+//! `load_definitions`).
+//!
+//! Import is additive and idempotent like RabbitMQ's: existing objects are kept (an
+//! inequivalent queue or exchange is an error), missing ones are created in dependency
+//! order: users, vhosts, permissions, topic permissions, exchanges, queues, bindings.
+//! Policies and parameters are accepted and ignored (logged).
+
+use serde_json::{json, Value};
+
+use crate::error::CoreError;
+use crate::json::{json_to_table, table_to_json};
+use crate::meta::UserRecord;
+use crate::permissions::PermissionRecord;
+use crate::topic_permissions::TopicPermissionRecord;
+use crate::{Broker, ExchangeDecl, QueueDecl, ShortString, Target};
+
+/// Why an import failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DefinitionsError {
+    /// The file is not what RabbitMQ would accept (a missing field, an unknown vhost).
+    #[error("{0}")]
+    Invalid(String),
+    /// The broker refused an object (an inequivalent queue, a bad regex) or the store failed.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+}
+
+/// `tags` as RabbitMQ takes it: a comma-separated string, or (3.9+) a list.
+pub fn parse_tags(v: Option<&Value>) -> Vec<String> {
+    match v {
+        Some(Value::String(s)) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A topic permission in RabbitMQ's JSON field names.
+pub fn topic_permission_json(p: &TopicPermissionRecord) -> Value {
+    json!({
+        "user": p.user,
+        "vhost": p.vhost,
+        "exchange": p.exchange,
+        "write": p.write,
+        "read": p.read,
+    })
+}
+
+/// The broker's definitions in RabbitMQ's format; with `only`, one vhost's objects
+/// without their `vhost` fields (RabbitMQ's per-vhost export). `rabbit_version` is the
+/// RabbitMQ version the file claims to come from.
+pub fn export(b: &Broker, only: Option<&str>, rabbit_version: &str) -> Value {
+    let mut vhosts = b.vhosts();
+    vhosts.sort_by(|a, b| a.name.cmp(&b.name));
+    let vhosts: Vec<_> = vhosts
+        .into_iter()
+        .filter(|v| only.is_none_or(|o| o == v.name))
+        .collect();
+    let (mut queues, mut exchanges, mut bindings) = (Vec::new(), Vec::new(), Vec::new());
+    for vh in &vhosts {
+        let mut qs = vh.queues();
+        qs.sort_by(|a, b| a.name.cmp(&b.name));
+        for q in qs.iter().filter(|q| q.is_stored()) {
+            let mut e = json!({
+                "name": q.name.as_str(),
+                "durable": true,
+                "auto_delete": q.auto_delete,
+                "arguments": table_to_json(&q.arguments),
+            });
+            if only.is_none() {
+                e["vhost"] = json!(vh.name);
+            }
+            queues.push(e);
+        }
+        let mut xs = vh.exchanges();
+        xs.sort_by(|a, b| a.name.cmp(&b.name));
+        for x in xs.iter().filter(|x| {
+            x.durable && !x.name.as_str().is_empty() && !x.name.as_str().starts_with("amq.")
+        }) {
+            let mut e = json!({
+                "name": x.name.as_str(),
+                "type": x.kind.as_str(),
+                "durable": true,
+                "auto_delete": x.auto_delete,
+                "internal": x.internal,
+                "arguments": table_to_json(&x.arguments),
+            });
+            if only.is_none() {
+                e["vhost"] = json!(vh.name);
+            }
+            exchanges.push(e);
+        }
+        let mut bs = vh.bindings();
+        bs.sort_by(|a, b| {
+            (a.0.as_str(), a.1.target.name(), a.1.routing_key.as_str()).cmp(&(
+                b.0.as_str(),
+                b.1.target.name(),
+                b.1.routing_key.as_str(),
+            ))
+        });
+        for (src, bd) in bs {
+            let mut e = json!({
+                "source": src.as_str(),
+                "destination": bd.target.name(),
+                "destination_type": if bd.target.is_queue() { "queue" } else { "exchange" },
+                "routing_key": bd.routing_key.as_str(),
+                "arguments": table_to_json(&bd.arguments),
+            });
+            if only.is_none() {
+                e["vhost"] = json!(vh.name);
+            }
+            bindings.push(e);
+        }
+    }
+    let mut out = json!({
+        "rabbit_version": rabbit_version,
+        "rabbitmq_version": rabbit_version,
+        "product_name": "Warren",
+        "product_version": env!("CARGO_PKG_VERSION"),
+        "policies": [],
+        "parameters": [],
+        "queues": queues,
+        "exchanges": exchanges,
+        "bindings": bindings,
+    });
+    if only.is_none() {
+        out["users"] = json!(b
+            .users()
+            .iter()
+            .map(|u| json!({
+                "name": u.name,
+                "password_hash": u.password_hash,
+                "hashing_algorithm": u.hashing_algorithm,
+                "tags": u.tags,
+                "limits": {},
+            }))
+            .collect::<Vec<_>>());
+        out["vhosts"] = json!(vhosts
+            .iter()
+            .map(|v| json!({"name": v.name, "limits": [], "metadata": {"description": "", "tags": []}}))
+            .collect::<Vec<_>>());
+        out["permissions"] = json!(b
+            .permissions()
+            .iter()
+            .map(|p| json!({"user": p.user, "vhost": p.vhost, "configure": p.configure, "write": p.write, "read": p.read}))
+            .collect::<Vec<_>>());
+        out["topic_permissions"] = json!(b
+            .topic_permissions()
+            .iter()
+            .map(topic_permission_json)
+            .collect::<Vec<_>>());
+        out["global_parameters"] = json!([]);
+    }
+    out
+}
+
+fn arr<'a>(v: &'a Value, k: &str) -> &'a [Value] {
+    v.get(k)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+fn text<'a>(v: &'a Value, k: &str) -> Result<&'a str, DefinitionsError> {
+    v.get(k).and_then(Value::as_str).ok_or_else(|| {
+        DefinitionsError::Invalid(format!("definitions: missing or non-string '{k}' in {v}"))
+    })
+}
+
+fn flag(v: &Value, k: &str, default: bool) -> bool {
+    v.get(k).and_then(Value::as_bool).unwrap_or(default)
+}
+
+fn short(s: &str) -> Result<ShortString, DefinitionsError> {
+    ShortString::try_new(s).map_err(|_| DefinitionsError::Invalid(format!("name too long: {s}")))
+}
+
+/// Imports `defs`; with `only`, every object goes to that vhost (the per-vhost endpoint).
+pub async fn import(b: &Broker, defs: &Value, only: Option<&str>) -> Result<(), DefinitionsError> {
+    let vhost_of = |e: &Value| -> Result<String, DefinitionsError> {
+        match only {
+            Some(v) => Ok(v.to_owned()),
+            None => Ok(text(e, "vhost")?.to_owned()),
+        }
+    };
+    if only.is_none() {
+        for u in arr(defs, "users") {
+            let algo = u
+                .get("hashing_algorithm")
+                .and_then(Value::as_str)
+                .unwrap_or(crate::auth::SHA256_ALGORITHM);
+            if algo != crate::auth::SHA256_ALGORITHM {
+                return Err(DefinitionsError::Invalid(format!(
+                    "user {}: hashing algorithm {algo} is not supported",
+                    text(u, "name")?
+                )));
+            }
+            b.put_user_record(UserRecord {
+                name: text(u, "name")?.to_owned(),
+                password_hash: text(u, "password_hash")?.to_owned(),
+                hashing_algorithm: algo.to_owned(),
+                tags: parse_tags(u.get("tags")),
+            })
+            .await?;
+        }
+        for v in arr(defs, "vhosts") {
+            b.add_vhost(text(v, "name")?).await?;
+        }
+        for p in arr(defs, "permissions") {
+            b.set_permission(PermissionRecord {
+                user: text(p, "user")?.to_owned(),
+                vhost: text(p, "vhost")?.to_owned(),
+                configure: text(p, "configure")?.to_owned(),
+                write: text(p, "write")?.to_owned(),
+                read: text(p, "read")?.to_owned(),
+            })
+            .await?;
+        }
+    }
+    if only.is_none() {
+        for p in arr(defs, "topic_permissions") {
+            b.set_topic_permission(TopicPermissionRecord {
+                user: text(p, "user")?.to_owned(),
+                vhost: text(p, "vhost")?.to_owned(),
+                exchange: text(p, "exchange")?.to_owned(),
+                write: text(p, "write")?.to_owned(),
+                read: text(p, "read")?.to_owned(),
+            })
+            .await?;
+        }
+    }
+    for k in ["policies", "parameters", "global_parameters"] {
+        if !arr(defs, k).is_empty() {
+            tracing::warn!(
+                section = k,
+                "definitions: section not supported by Warren; ignored"
+            );
+        }
+    }
+    for x in arr(defs, "exchanges") {
+        let v = vhost_of(x)?;
+        let vh = b
+            .vhost(&v)
+            .ok_or_else(|| DefinitionsError::Invalid(format!("definitions: no vhost '{v}'")))?;
+        vh.declare_exchange(ExchangeDecl {
+            name: short(text(x, "name")?)?,
+            kind: text(x, "type")?.to_owned(),
+            passive: false,
+            durable: flag(x, "durable", true),
+            auto_delete: flag(x, "auto_delete", false),
+            internal: flag(x, "internal", false),
+            arguments: x.get("arguments").map(json_to_table).unwrap_or_default(),
+        })
+        .await?;
+    }
+    for q in arr(defs, "queues") {
+        let v = vhost_of(q)?;
+        let vh = b
+            .vhost(&v)
+            .ok_or_else(|| DefinitionsError::Invalid(format!("definitions: no vhost '{v}'")))?;
+        vh.declare_queue(
+            QueueDecl {
+                name: short(text(q, "name")?)?,
+                passive: false,
+                durable: flag(q, "durable", true),
+                exclusive: false,
+                auto_delete: flag(q, "auto_delete", false),
+                arguments: q.get("arguments").map(json_to_table).unwrap_or_default(),
+            },
+            crate::ConnectionId(0),
+        )
+        .await?;
+    }
+    for bd in arr(defs, "bindings") {
+        let v = vhost_of(bd)?;
+        let vh = b
+            .vhost(&v)
+            .ok_or_else(|| DefinitionsError::Invalid(format!("definitions: no vhost '{v}'")))?;
+        let dest = text(bd, "destination")?;
+        let target = match text(bd, "destination_type")? {
+            "queue" => Target::Queue(vh.queue(dest)?),
+            "exchange" => Target::Exchange(vh.exchange(dest)?.name.clone()),
+            other => {
+                return Err(DefinitionsError::Invalid(format!(
+                    "definitions: unknown destination_type {other}"
+                )))
+            }
+        };
+        vh.bind(
+            text(bd, "source")?,
+            target,
+            short(text(bd, "routing_key")?)?,
+            bd.get("arguments").map(json_to_table).unwrap_or_default(),
+        )
+        .await?;
+    }
+    Ok(())
+}
