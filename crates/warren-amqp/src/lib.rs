@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
-use warren_core::Broker;
+use warren_core::{Broker, ConnectionAuth};
 
 pub use error::AmqpError;
 
@@ -117,6 +117,20 @@ impl AmqpFrontend {
         local: SocketAddr,
         shutdown: watch::Receiver<bool>,
     ) {
+        self.handle_stream_with(stream, peer, local, shutdown, ConnectionAuth::default())
+            .await
+    }
+
+    /// [`Self::handle_stream`] on a transport that vouches for the client: with a
+    /// certificate user, connection.start offers EXTERNAL as well.
+    pub async fn handle_stream_with<S: connection::Stream>(
+        self: Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+        auth: ConnectionAuth,
+    ) {
         let Ok(permit) = self.limit.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "amqp connection refused: connection limit reached");
             return;
@@ -125,6 +139,7 @@ impl AmqpFrontend {
             stream,
             peer,
             local,
+            auth,
             self.broker.clone(),
             self.config.clone(),
             shutdown,

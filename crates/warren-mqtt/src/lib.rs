@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use warren_core::{Broker, ConnectionId, Message};
+use warren_core::{Broker, ConnectionAuth, ConnectionId, Message};
 
 /// Settings of the MQTT listener.
 #[derive(Debug, Clone)]
@@ -187,10 +187,27 @@ impl MqttFrontend {
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        self.handle_stream_with(stream, peer, local, shutdown, ConnectionAuth::default())
+            .await
+    }
+
+    /// [`Self::handle_stream`] on a transport that vouches for the client: a CONNECT
+    /// without username logs in as the certificate's user.
+    pub async fn handle_stream_with<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+        auth: ConnectionAuth,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         session::run(
             stream,
             peer,
             local,
+            auth,
             self.shared.clone(),
             self.config.clone(),
             shutdown,

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use warren_core::Broker;
+use warren_core::{Broker, ConnectionAuth};
 
 /// Settings of the STOMP front-end.
 #[derive(Debug, Clone)]
@@ -77,7 +77,7 @@ impl StompFrontend {
                     };
                     let _ = socket.set_nodelay(true);
                     let local = socket.local_addr().unwrap_or(peer);
-                    tasks.spawn(session::run(socket, peer, local, self.clone(), shutdown.clone()));
+                    tasks.spawn(session::run(socket, peer, local, ConnectionAuth::default(), self.clone(), shutdown.clone()));
                 }
                 _ = shutdown.changed() => break,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -97,6 +97,22 @@ impl StompFrontend {
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        session::run(stream, peer, local, self, shutdown).await
+        self.handle_stream_with(stream, peer, local, shutdown, ConnectionAuth::default())
+            .await
+    }
+
+    /// [`Self::handle_stream`] on a transport that vouches for the client: a CONNECT
+    /// without `login` logs in as the certificate's user.
+    pub async fn handle_stream_with<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+        auth: ConnectionAuth,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        session::run(stream, peer, local, auth, self, shutdown).await
     }
 }

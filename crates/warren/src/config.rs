@@ -27,6 +27,10 @@ pub struct Tls {
     pub key_file: String,
     /// CA bundle for client certificates; when set, TLS clients must present one.
     pub ca_file: String,
+    /// Log in as the client certificate's subject CN: AMQP offers SASL EXTERNAL, MQTT and
+    /// STOMP connections without credentials use it (RabbitMQ's ssl_cert_login with
+    /// `ssl_cert_login_from = common_name`). Needs `ca_file`.
+    pub ssl_cert_login: bool,
 }
 
 impl Tls {
@@ -239,6 +243,7 @@ mod tests {
         assert_eq!(c.listeners.https, d.listeners.https);
         assert_eq!(c.listeners.web_stomp_tls, d.listeners.web_stomp_tls);
         assert_eq!(c.listeners.web_mqtt_tls, d.listeners.web_mqtt_tls);
+        assert_eq!(c.tls.ssl_cert_login, d.tls.ssl_cert_login);
         assert_eq!(c.storage.data_dir, d.storage.data_dir);
         assert_eq!(c.amqp.frame_max, d.amqp.frame_max);
         assert_eq!(c.auth.loopback_users, d.auth.loopback_users);

@@ -1,6 +1,7 @@
 //! Wiring of the Warren binary: configuration, the store, the core and the listeners.
 //! Tests start a whole broker in-process through [`Server::start`].
 
+pub mod cert;
 pub mod config;
 pub mod resources;
 pub mod tls;
@@ -271,6 +272,19 @@ impl Server {
             None
         };
         let acceptor = acceptor.as_ref();
+        // ssl_cert_login: the verified client certificate's CN is offered to the
+        // front-ends as the user (only with ca_file are certificates asked for at all).
+        let cert_login = config.tls.ssl_cert_login;
+        if cert_login && acceptor.is_some() && config.tls.ca_file.trim().is_empty() {
+            tracing::warn!(
+                "[tls] ssl_cert_login needs ca_file: no client certificates are requested"
+            );
+        }
+        let auth = move |s: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
+            warren_core::ConnectionAuth {
+                cert_user: cert_login.then(|| cert::peer_common_name(s)).flatten(),
+            }
+        };
         let (a, m, st) = (amqp.clone(), mqtt.clone(), stomp.clone());
         let sessions: [(
             &'static str,
@@ -282,7 +296,8 @@ impl Server {
                 "AMQPS",
                 &l.amqps,
                 Arc::new(move |s, peer, local, sd| {
-                    Box::pin(a.clone().handle_stream(s, peer, local, sd))
+                    let auth = auth(&s);
+                    Box::pin(a.clone().handle_stream_with(s, peer, local, sd, auth))
                 }),
                 &mut tls_addrs.amqps,
             ),
@@ -290,7 +305,8 @@ impl Server {
                 "MQTTS",
                 &l.mqtts,
                 Arc::new(move |s, peer, local, sd| {
-                    Box::pin(m.clone().handle_stream(s, peer, local, sd))
+                    let auth = auth(&s);
+                    Box::pin(m.clone().handle_stream_with(s, peer, local, sd, auth))
                 }),
                 &mut tls_addrs.mqtts,
             ),
@@ -298,7 +314,8 @@ impl Server {
                 "STOMP over TLS",
                 &l.stomps,
                 Arc::new(move |s, peer, local, sd| {
-                    Box::pin(st.clone().handle_stream(s, peer, local, sd))
+                    let auth = auth(&s);
+                    Box::pin(st.clone().handle_stream_with(s, peer, local, sd, auth))
                 }),
                 &mut tls_addrs.stomps,
             ),
