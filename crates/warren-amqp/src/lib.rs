@@ -79,33 +79,12 @@ impl AmqpFrontend {
 
     /// Accepts AMQP connections on `listener` until `shutdown` becomes true; then asks
     /// every connection to close (connection.close 320) and waits for them.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let mut tasks = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (socket, peer) = match accepted {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "amqp accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let _ = socket.set_nodelay(true);
-                    let local = socket.local_addr().unwrap_or(peer);
-                    tasks.spawn(self.clone().handle_stream(socket, peer, local, shutdown.clone()));
-                }
-                _ = shutdown.changed() => break,
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            }
-        }
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
         // Connections see the same shutdown signal and close themselves.
-        warren_core::shutdown::drain_connections(&mut tasks, Duration::from_secs(5)).await;
+        warren_core::shutdown::serve_connections(listener, shutdown, |s, peer, local, sd| {
+            self.clone().handle_stream(s, peer, local, sd)
+        })
+        .await
     }
 
     /// Runs one AMQP connection over any byte stream (TCP, TLS). `local` is the listener's

@@ -192,24 +192,23 @@ async fn handshakes(
     }
 }
 
+/// The TLS listeners of the protocol front-ends run through the same accept loop as
+/// their plain ones.
+impl warren_core::shutdown::Incoming for TlsListener {
+    type Io = TlsStream<TcpStream>;
+
+    async fn next(&mut self) -> Option<(Self::Io, SocketAddr, SocketAddr)> {
+        let (tls, peer) = TlsListener::next(self).await?;
+        let local = tls.get_ref().0.local_addr().unwrap_or(self.local);
+        Some((tls, peer, local))
+    }
+}
+
 /// Runs `session` on each connection of `listener` until `shutdown`; then waits (bounded)
 /// for the sessions, which see the same signal.
-pub async fn serve(
-    mut listener: TlsListener,
-    session: TlsSessionFn,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let local = listener.local_addr();
-    let mut tasks = JoinSet::new();
-    loop {
-        tokio::select! {
-            Some((tls, peer)) = listener.next() => {
-                tasks.spawn(session(tls, peer, local, shutdown.clone()));
-            }
-            _ = shutdown.changed() => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-        }
-    }
-    drop(listener);
-    warren_core::shutdown::drain_connections(&mut tasks, Duration::from_secs(5)).await;
+pub async fn serve(listener: TlsListener, session: TlsSessionFn, shutdown: watch::Receiver<bool>) {
+    warren_core::shutdown::serve_connections(listener, shutdown, |s, peer, local, sd| {
+        session(s, peer, local, sd)
+    })
+    .await
 }
