@@ -17,8 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use warren_amqp_codec::{self as codec, Frame, HeaderCheck};
 use warren_core::{
-    AMQPValue, AlarmState, Broker, ConnectionGuard, ConnectionId, ConnectionInfo, ConsumerId,
-    FieldTable, LongString, Outbox, OutboxEvent, ShortString, TopicPermissions, VHost,
+    AMQPValue, AlarmState, Broker, ConnectionAuth, ConnectionGuard, ConnectionId, ConnectionInfo,
+    ConsumerId, FieldTable, LongString, Outbox, OutboxEvent, ShortString, TopicPermissions, VHost,
 };
 
 use crate::channel::Channel;
@@ -83,6 +83,8 @@ pub(crate) struct Conn {
     local: SocketAddr,
     /// Client properties from connection.start-ok, shown by the management API.
     client_properties: FieldTable,
+    /// What the transport vouches for (a client certificate's user, for EXTERNAL).
+    auth: ConnectionAuth,
     /// In the broker's connection registry from connection.open on; dropping it unregisters.
     pub registration: Option<ConnectionGuard>,
     /// Exchanges this connection may publish to, valid while the broker's permission
@@ -102,6 +104,7 @@ pub(crate) async fn run<S: Stream>(
     socket: S,
     peer: SocketAddr,
     local: SocketAddr,
+    auth: ConnectionAuth,
     broker: Arc<Broker>,
     cfg: Arc<AmqpConfig>,
     shutdown: watch::Receiver<bool>,
@@ -111,6 +114,7 @@ pub(crate) async fn run<S: Stream>(
     let alarms = broker.alarms.subscribe();
     let mut conn = Conn {
         local,
+        auth,
         client_properties: FieldTable::default(),
         registration: None,
         write_allowed: HashSet::new(),
@@ -464,7 +468,13 @@ impl Conn {
                 version_major: 0,
                 version_minor: 9,
                 server_properties: props,
-                mechanisms: LongString::from(&b"PLAIN AMQPLAIN"[..]),
+                // EXTERNAL only where a verified client certificate names a user, as
+                // RabbitMQ's rabbitmq_auth_mechanism_ssl offers it only then.
+                mechanisms: LongString::from(if self.auth.cert_user.is_some() {
+                    &b"PLAIN AMQPLAIN EXTERNAL"[..]
+                } else {
+                    &b"PLAIN AMQPLAIN"[..]
+                }),
                 locales: LongString::from(&b"en_US"[..]),
             }),
         );
@@ -488,24 +498,31 @@ impl Conn {
                 self.blocked_notify = client_capability(&s.client_properties, "connection.blocked");
                 self.client_properties = s.client_properties.clone();
                 let mechanism = s.mechanism.as_str().to_owned();
-                let creds = match mechanism.as_str() {
-                    "PLAIN" => parse_plain(s.response.as_bytes()),
-                    "AMQPLAIN" => parse_amqplain(s.response.as_bytes()),
-                    other => {
+                let login = match (mechanism.as_str(), &self.auth.cert_user) {
+                    ("PLAIN", _) => parse_plain(s.response.as_bytes())
+                        .map(|(user, pass)| self.broker.authenticate(&user, &pass, self.peer.ip())),
+                    ("AMQPLAIN", _) => parse_amqplain(s.response.as_bytes())
+                        .map(|(user, pass)| self.broker.authenticate(&user, &pass, self.peer.ip())),
+                    // The response is ignored: the certificate names the user (RabbitMQ's
+                    // rabbit_auth_mechanism_ssl), which must exist; no password.
+                    ("EXTERNAL", Some(user)) => {
+                        Some(self.broker.authenticate_external(user, self.peer.ip()))
+                    }
+                    (other, _) => {
                         return Err(connection_error(
                             code::COMMAND_INVALID,
                             format!("unknown authentication mechanism '{other}'"),
                         ))
                     }
                 };
-                let Some((user, pass)) = creds else {
-                    self.reason = CloseReason::AuthFailure;
-                    return Err(refused(&mechanism));
-                };
-                match self.broker.authenticate(&user, &pass, self.peer.ip()) {
-                    Ok(u) => self.user = u.name,
-                    Err(e) => {
-                        tracing::warn!(conn = self.id.0, peer = %self.peer, error = %e, "amqp login refused");
+                match login {
+                    Some(Ok(u)) => self.user = u.name,
+                    Some(Err(e)) => {
+                        tracing::warn!(conn = self.id.0, peer = %self.peer, %mechanism, error = %e, "amqp login refused");
+                        self.reason = CloseReason::AuthFailure;
+                        return Err(refused(&mechanism));
+                    }
+                    None => {
                         self.reason = CloseReason::AuthFailure;
                         return Err(refused(&mechanism));
                     }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
-use warren_core::Broker;
+use warren_core::{Broker, ConnectionAuth};
 
 pub use error::AmqpError;
 
@@ -79,33 +79,12 @@ impl AmqpFrontend {
 
     /// Accepts AMQP connections on `listener` until `shutdown` becomes true; then asks
     /// every connection to close (connection.close 320) and waits for them.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let mut tasks = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (socket, peer) = match accepted {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "amqp accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let _ = socket.set_nodelay(true);
-                    let local = socket.local_addr().unwrap_or(peer);
-                    tasks.spawn(self.clone().handle_stream(socket, peer, local, shutdown.clone()));
-                }
-                _ = shutdown.changed() => break,
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            }
-        }
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
         // Connections see the same shutdown signal and close themselves.
-        warren_core::shutdown::drain_connections(&mut tasks, Duration::from_secs(5)).await;
+        warren_core::shutdown::serve_connections(listener, shutdown, |s, peer, local, sd| {
+            self.clone().handle_stream(s, peer, local, sd)
+        })
+        .await
     }
 
     /// Runs one AMQP connection over any byte stream (TCP, TLS). `local` is the listener's
@@ -117,6 +96,20 @@ impl AmqpFrontend {
         local: SocketAddr,
         shutdown: watch::Receiver<bool>,
     ) {
+        self.handle_stream_with(stream, peer, local, shutdown, ConnectionAuth::default())
+            .await
+    }
+
+    /// [`Self::handle_stream`] on a transport that vouches for the client: with a
+    /// certificate user, connection.start offers EXTERNAL as well.
+    pub async fn handle_stream_with<S: connection::Stream>(
+        self: Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+        auth: ConnectionAuth,
+    ) {
         let Ok(permit) = self.limit.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "amqp connection refused: connection limit reached");
             return;
@@ -125,6 +118,7 @@ impl AmqpFrontend {
             stream,
             peer,
             local,
+            auth,
             self.broker.clone(),
             self.config.clone(),
             shutdown,

@@ -52,6 +52,16 @@ pub enum AuthError {
     LoopbackOnly(String),
 }
 
+/// What the transport vouches for about a client, beyond its address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectionAuth {
+    /// The user named by the client's verified TLS certificate (its subject's CN), set
+    /// only when `[tls] ssl_cert_login` is on: AMQP's EXTERNAL mechanism, and MQTT and
+    /// STOMP logins without credentials, log in as this user (RabbitMQ's
+    /// rabbitmq_auth_mechanism_ssl and the plugins' `ssl_cert_login`).
+    pub cert_user: Option<String>,
+}
+
 /// An authenticated user.
 #[derive(Debug, Clone)]
 pub struct User {

@@ -608,6 +608,20 @@ impl Broker {
         Ok(User::from(rec))
     }
 
+    /// Checks a login the transport vouched for (a verified client certificate): the user
+    /// must exist, its password is not asked for (as RabbitMQ's internal backend does
+    /// for EXTERNAL), and loopback-only users still only log in from loopback.
+    pub fn authenticate_external(&self, user: &str, peer: IpAddr) -> Result<User, AuthError> {
+        let users = self.users.read();
+        let Some(rec) = users.get(user) else {
+            return Err(AuthError::InvalidCredentials(user.into()));
+        };
+        if self.config.loopback_users.iter().any(|u| u == user) && !is_loopback(peer) {
+            return Err(AuthError::LoopbackOnly(user.into()));
+        }
+        Ok(User::from(rec))
+    }
+
     /// Stores (`Some`) or clears (`None`) the retained message of an MQTT topic durably;
     /// returns the ticket to wait for before acknowledging the publish.
     pub async fn store_retained(

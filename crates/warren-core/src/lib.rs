@@ -26,6 +26,7 @@ pub mod vhost;
 
 pub use alarm::{AlarmState, Alarms};
 pub use amq_protocol_types::{AMQPValue, FieldTable, LongString, ShortString};
+pub use auth::ConnectionAuth;
 pub use broker::{full_permission, Broker, BrokerConfig};
 pub use connections::{ConnectionEntry, ConnectionGuard, ConnectionInfo, Connections};
 pub use consumer::{

@@ -191,6 +191,27 @@ async fn guest_only_from_loopback() {
 }
 
 #[tokio::test]
+async fn certificate_login_needs_an_existing_user_and_keeps_loopback_rules() {
+    let (_d, b) = broker().await;
+    let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let remote: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+    b.put_user("alice", "s3cret", vec![]).await.unwrap();
+    assert_eq!(
+        b.authenticate_external("alice", remote).unwrap().name,
+        "alice"
+    );
+    assert_eq!(
+        b.authenticate_external("mallory", local).unwrap_err(),
+        crate::auth::AuthError::InvalidCredentials("mallory".into())
+    );
+    assert!(b.authenticate_external("guest", local).is_ok());
+    assert_eq!(
+        b.authenticate_external("guest", remote).unwrap_err(),
+        crate::auth::AuthError::LoopbackOnly("guest".into())
+    );
+}
+
+#[tokio::test]
 async fn ttl_zero_reaches_a_ready_consumer_and_expires_otherwise() {
     let (_d, b) = broker().await;
     let v = b.vhost("/").unwrap();

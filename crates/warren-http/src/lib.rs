@@ -128,22 +128,30 @@ pub async fn serve(
     cfg: HttpConfig,
     shutdown: watch::Receiver<bool>,
 ) {
-    let period = cfg.sample_period;
-    let state = AppState::new(broker.clone(), cfg);
-    let sampler = tokio::spawn(state.sampler.clone().run(broker, period, shutdown.clone()));
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let (app, sampler) = start(broker, cfg, shutdown.clone());
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let mut stop = shutdown.clone();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
-            while !*stop.borrow() {
-                if stop.changed().await.is_err() {
-                    break;
-                }
-            }
+            let _ = stop.wait_for(|s| *s).await;
         })
         .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "http listener failed");
     }
     let _ = sampler.await;
+}
+
+/// The application and its running stats sampler (which ends at `shutdown`), for callers
+/// that serve it on listeners of their own (HTTP and HTTPS share one state). Handlers
+/// need `ConnectInfo<SocketAddr>` (loopback-only users).
+pub fn start(
+    broker: Arc<Broker>,
+    cfg: HttpConfig,
+    shutdown: watch::Receiver<bool>,
+) -> (Router, tokio::task::JoinHandle<()>) {
+    let period = cfg.sample_period;
+    let state = AppState::new(broker.clone(), cfg);
+    let sampler = tokio::spawn(state.sampler.clone().run(broker, period, shutdown));
+    (router(state), sampler)
 }

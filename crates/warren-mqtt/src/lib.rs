@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use warren_core::{Broker, ConnectionId, Message};
+use warren_core::{Broker, ConnectionAuth, ConnectionId, Message};
 
 /// Settings of the MQTT listener.
 #[derive(Debug, Clone)]
@@ -150,28 +150,11 @@ impl MqttFrontend {
 
     /// Accepts MQTT connections on `listener` until `shutdown`, then gives the open ones
     /// a grace period to close.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let mut tasks = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let Ok((socket, peer)) = accepted else {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    };
-                    let _ = socket.set_nodelay(true);
-                    let local = socket.local_addr().unwrap_or(peer);
-                    tasks.spawn(self.clone().handle_stream(socket, peer, local, shutdown.clone()));
-                }
-                _ = shutdown.changed() => break,
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            }
-        }
-        warren_core::shutdown::drain_connections(&mut tasks, Duration::from_secs(5)).await;
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
+        warren_core::shutdown::serve_connections(listener, shutdown, |s, peer, local, sd| {
+            self.clone().handle_stream(s, peer, local, sd)
+        })
+        .await
     }
 
     /// Runs one MQTT connection over `stream` to its end: any transport that yields the
@@ -187,10 +170,27 @@ impl MqttFrontend {
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        self.handle_stream_with(stream, peer, local, shutdown, ConnectionAuth::default())
+            .await
+    }
+
+    /// [`Self::handle_stream`] on a transport that vouches for the client: a CONNECT
+    /// without username logs in as the certificate's user.
+    pub async fn handle_stream_with<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+        auth: ConnectionAuth,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         session::run(
             stream,
             peer,
             local,
+            auth,
             self.shared.clone(),
             self.config.clone(),
             shutdown,

@@ -33,7 +33,7 @@ use warren_core::{
     MsgSeq, Outbox, OutboxEvent, Properties, Queue, QueueDecl, ShortString, Target,
     TopicPermissions, VHost,
 };
-use warren_core::{ConnectionGuard, ConnectionInfo};
+use warren_core::{ConnectionAuth, ConnectionGuard, ConnectionInfo};
 
 use crate::codec::{self, CodecError};
 use crate::state::{now_ms, SessionRecord, StoredWill, NEVER};
@@ -236,6 +236,7 @@ pub(crate) async fn run<S>(
     socket: S,
     peer: SocketAddr,
     local: SocketAddr,
+    auth: ConnectionAuth,
     shared: Arc<Shared>,
     cfg: Arc<MqttConfig>,
     mut shutdown: watch::Receiver<bool>,
@@ -278,8 +279,10 @@ pub(crate) async fn run<S>(
     };
     // Connecting and closing run once: boxed, their state does not widen the future that
     // an idle connection keeps for its whole life.
-    let Some((mut session, mut deliveries, kicked)) =
-        Box::pin(connect_session(&mut wr, peer, local, shared, cfg, *connect)).await
+    let Some((mut session, mut deliveries, kicked)) = Box::pin(connect_session(
+        &mut wr, peer, local, &auth, shared, cfg, *connect,
+    ))
+    .await
     else {
         return;
     };
@@ -445,6 +448,7 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     socket: &mut W,
     peer: SocketAddr,
     local: SocketAddr,
+    auth: &ConnectionAuth,
     shared: Arc<Shared>,
     cfg: Arc<MqttConfig>,
     c: ConnectPacket,
@@ -514,7 +518,8 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         return None;
     }
     // Credentials: `vhost:user` selects the vhost, as RabbitMQ's MQTT plugin does; no
-    // username means the configured default user (RabbitMQ's mqtt.default_user).
+    // username means the client certificate's user (RabbitMQ's mqtt.ssl_cert_login),
+    // else the configured default user (mqtt.default_user). A username always wins.
     let (vhost_name, user, pass) = match &c.username {
         Some(u) => {
             let (vh, user) = match u.split_once(':') {
@@ -526,19 +531,28 @@ async fn connect_session<W: AsyncWrite + Unpin>(
                 .as_deref()
                 .map(|p| String::from_utf8_lossy(p).into_owned())
                 .unwrap_or_default();
-            (vh, user, pass)
+            (vh, user, Some(pass))
         }
-        None if cfg.allow_anonymous => (
-            cfg.default_vhost.clone(),
-            cfg.default_user.clone(),
-            cfg.default_pass.clone(),
-        ),
-        None => {
-            let _ = socket.write_all(&refuse(ReasonCode::NotAuthorized)).await;
-            return None;
-        }
+        None => match &auth.cert_user {
+            Some(user) => (cfg.default_vhost.clone(), user.clone(), None),
+            None if cfg.allow_anonymous => (
+                cfg.default_vhost.clone(),
+                cfg.default_user.clone(),
+                Some(cfg.default_pass.clone()),
+            ),
+            None => {
+                let _ = socket.write_all(&refuse(ReasonCode::NotAuthorized)).await;
+                return None;
+            }
+        },
     };
-    if let Err(e) = shared.broker.authenticate(&user, &pass, peer.ip()) {
+    let login = match &pass {
+        Some(pass) => shared.broker.authenticate(&user, pass, peer.ip()),
+        None => shared.broker.authenticate_external(&user, peer.ip()),
+    };
+    // A refused login is CONNACK 4 / 0x86, as RabbitMQ's (its TLS tests expect the same
+    // for a certificate user that does not exist).
+    if let Err(e) = login {
         tracing::warn!(%peer, error = %e, "mqtt login refused");
         let _ = socket
             .write_all(&refuse(ReasonCode::BadUsernameOrPassword))

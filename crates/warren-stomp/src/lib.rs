@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use warren_core::Broker;
+use warren_core::{Broker, ConnectionAuth};
 
 /// Settings of the STOMP front-end.
 #[derive(Debug, Clone)]
@@ -62,28 +62,11 @@ impl StompFrontend {
 
     /// Accepts STOMP connections until `shutdown`; on shutdown each connection gets an
     /// ERROR frame and is closed.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let mut tasks = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let Ok((socket, peer)) = accepted else {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    };
-                    let _ = socket.set_nodelay(true);
-                    let local = socket.local_addr().unwrap_or(peer);
-                    tasks.spawn(session::run(socket, peer, local, self.clone(), shutdown.clone()));
-                }
-                _ = shutdown.changed() => break,
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            }
-        }
-        warren_core::shutdown::drain_connections(&mut tasks, Duration::from_secs(5)).await;
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
+        warren_core::shutdown::serve_connections(listener, shutdown, |s, peer, local, sd| {
+            self.clone().handle_stream(s, peer, local, sd)
+        })
+        .await
     }
 
     /// Runs one STOMP session over any byte stream (a TCP socket, a WebSocket). `local`
@@ -97,6 +80,22 @@ impl StompFrontend {
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        session::run(stream, peer, local, self, shutdown).await
+        self.handle_stream_with(stream, peer, local, shutdown, ConnectionAuth::default())
+            .await
+    }
+
+    /// [`Self::handle_stream`] on a transport that vouches for the client: a CONNECT
+    /// without `login` logs in as the certificate's user.
+    pub async fn handle_stream_with<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+        auth: ConnectionAuth,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        session::run(stream, peer, local, auth, self, shutdown).await
     }
 }

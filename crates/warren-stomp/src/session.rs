@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
+use warren_core::auth::AuthError;
 use warren_core::permissions::{Access, ResourceKind};
 use warren_core::{
-    AlarmState, ConnectionGuard, ConnectionId, ConnectionInfo, ConsumerId, ConsumerSpec, CoreError,
-    Credit, Delivery, ExchangeKind, FieldTable, Message, MsgSeq, Outbox, OutboxEvent, Queue,
-    QueueDecl, ShortString, Target, Ticket, TopicPermissions, VHost,
+    AlarmState, ConnectionAuth, ConnectionGuard, ConnectionId, ConnectionInfo, ConsumerId,
+    ConsumerSpec, CoreError, Credit, Delivery, ExchangeKind, FieldTable, Message, MsgSeq, Outbox,
+    OutboxEvent, Queue, QueueDecl, ShortString, Target, Ticket, TopicPermissions, VHost,
 };
 
 use crate::codec::{self, CodecError, Decoded, Frame, Version};
@@ -122,6 +123,7 @@ pub(crate) async fn run<S>(
     stream: S,
     peer: SocketAddr,
     local: SocketAddr,
+    auth: ConnectionAuth,
     fe: Arc<StompFrontend>,
     mut shutdown: watch::Receiver<bool>,
 ) where
@@ -163,7 +165,7 @@ pub(crate) async fn run<S>(
         let _ = wr.write_all(&out).await;
         return;
     }
-    let (mut session, mut deliveries) = match connect_session(&fe, peer, local, &connect) {
+    let (mut session, mut deliveries) = match connect_session(&fe, peer, local, &auth, &connect) {
         Ok(s) => s,
         Err((version, stop)) => {
             let mut out = BytesMut::new();
@@ -257,6 +259,7 @@ fn connect_session(
     fe: &Arc<StompFrontend>,
     peer: SocketAddr,
     local: SocketAddr,
+    auth: &ConnectionAuth,
     c: &Frame,
 ) -> Result<(Session, warren_core::Deliveries), (Version, Stop)> {
     let version = match c.get("accept-version") {
@@ -275,18 +278,29 @@ fn connect_session(
         },
     };
     let bad = |detail: String| (version, Stop::error("Bad CONNECT", detail));
-    // No login: the configured default user (RabbitMQ's stomp.default_user).
-    let (user, pass) = match c.get("login") {
-        Some(l) => (l.to_owned(), c.get("passcode").unwrap_or("").to_owned()),
-        None if fe.config.allow_anonymous => (
-            fe.config.default_user.clone(),
-            fe.config.default_pass.clone(),
-        ),
-        None => return Err(bad("Access refused: no login".into())),
+    // No login: the client certificate's user (RabbitMQ's stomp.ssl_cert_login), else the
+    // configured default user (stomp.default_user). A login header always wins.
+    let login = match (c.get("login"), &auth.cert_user) {
+        (Some(l), _) => {
+            let pass = c.get("passcode").unwrap_or("");
+            fe.broker.authenticate(l, pass, peer.ip())
+        }
+        (None, Some(cert_user)) => fe.broker.authenticate_external(cert_user, peer.ip()),
+        (None, None) if fe.config.allow_anonymous => {
+            fe.broker
+                .authenticate(&fe.config.default_user, &fe.config.default_pass, peer.ip())
+        }
+        (None, None) => return Err(bad("Access refused: no login".into())),
     };
-    if fe.broker.authenticate(&user, &pass, peer.ip()).is_err() {
-        return Err(bad(format!("Access refused for user '{user}'")));
-    }
+    let user = match login {
+        Ok(u) => u.name,
+        Err(e) => {
+            let user = match e {
+                AuthError::InvalidCredentials(u) | AuthError::LoopbackOnly(u) => u,
+            };
+            return Err(bad(format!("Access refused for user '{user}'")));
+        }
+    };
     // The `host` header names the vhost, as in RabbitMQ.
     let vhost_name = c.get("host").unwrap_or(&fe.config.default_vhost);
     let Some(vhost) = fe.broker.vhost(vhost_name) else {

@@ -37,6 +37,10 @@ pub struct Tls {
     pub key_file: String,
     /// CA bundle for client certificates; when set, TLS clients must present one.
     pub ca_file: String,
+    /// Log in as the client certificate's subject CN: AMQP offers SASL EXTERNAL, MQTT and
+    /// STOMP connections without credentials use it (RabbitMQ's ssl_cert_login with
+    /// `ssl_cert_login_from = common_name`). Needs `ca_file`.
+    pub ssl_cert_login: bool,
 }
 
 impl Tls {
@@ -112,6 +116,11 @@ pub struct Listeners {
     pub amqps: String,
     pub mqtts: String,
     pub stomps: String,
+    /// Management API over TLS (RabbitMQ's management.ssl port).
+    pub https: String,
+    /// Web-STOMP and Web-MQTT over TLS (RabbitMQ's web_stomp.ssl / web_mqtt.ssl ports).
+    pub web_stomp_tls: String,
+    pub web_mqtt_tls: String,
 }
 
 impl Default for Listeners {
@@ -126,6 +135,9 @@ impl Default for Listeners {
             amqps: "0.0.0.0:5671".into(),
             mqtts: "0.0.0.0:8883".into(),
             stomps: "0.0.0.0:61614".into(),
+            https: "0.0.0.0:15671".into(),
+            web_stomp_tls: "0.0.0.0:15673".into(),
+            web_mqtt_tls: "0.0.0.0:15676".into(),
         }
     }
 }
@@ -269,6 +281,10 @@ mod tests {
         let d = Config::default();
         assert_eq!(c.listeners.amqp, d.listeners.amqp);
         assert_eq!(c.listeners.web_mqtt, d.listeners.web_mqtt);
+        assert_eq!(c.listeners.https, d.listeners.https);
+        assert_eq!(c.listeners.web_stomp_tls, d.listeners.web_stomp_tls);
+        assert_eq!(c.listeners.web_mqtt_tls, d.listeners.web_mqtt_tls);
+        assert_eq!(c.tls.ssl_cert_login, d.tls.ssl_cert_login);
         assert_eq!(c.storage.data_dir, d.storage.data_dir);
         assert_eq!(c.amqp.frame_max, d.amqp.frame_max);
         assert_eq!(c.auth.loopback_users, d.auth.loopback_users);

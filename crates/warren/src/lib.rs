@@ -1,9 +1,11 @@
 //! Wiring of the Warren binary: configuration, the store, the core and the listeners.
 //! Tests start a whole broker in-process through [`Server::start`].
 
+pub mod cert;
 pub mod config;
 pub mod resources;
 pub mod tls;
+pub mod web;
 pub mod websocket;
 
 use std::net::SocketAddr;
@@ -54,12 +56,40 @@ async fn listen(what: &'static str, addr: &str) -> Result<Option<TcpListener>, S
     Ok(Some(listener))
 }
 
+/// Binds a TLS listener unless TLS is not configured or its address is `off`.
+async fn listen_tls(
+    what: &'static str,
+    addr: &str,
+    acceptor: Option<&tokio_rustls::TlsAcceptor>,
+) -> Result<Option<tls::TlsListener>, ServerError> {
+    let Some(acceptor) = acceptor else {
+        return Ok(None);
+    };
+    let Some(listener) = listen(what, addr).await? else {
+        return Ok(None);
+    };
+    let listener = tls::TlsListener::new(listener, acceptor.clone()).map_err(|source| {
+        ServerError::Listen {
+            what,
+            addr: addr.to_owned(),
+            source,
+        }
+    })?;
+    Ok(Some(listener))
+}
+
 /// Addresses of the TLS listeners.
 #[derive(Debug, Clone, Default)]
 pub struct TlsAddrs {
     pub amqps: Option<SocketAddr>,
     pub mqtts: Option<SocketAddr>,
     pub stomps: Option<SocketAddr>,
+    /// Management API over TLS.
+    pub https: Option<SocketAddr>,
+    /// Web-STOMP over TLS (path `/ws`).
+    pub web_stomp: Option<SocketAddr>,
+    /// Web-MQTT over TLS (path `/ws`).
+    pub web_mqtt: Option<SocketAddr>,
 }
 
 /// A running broker.
@@ -209,20 +239,27 @@ impl Server {
                 mqtt.clone().serve(listener, shutdown_rx.clone()),
             ));
         }
-        let mut web_mqtt_addr = None;
-        if let Some(listener) = listen("Web-MQTT (/ws)", &l.web_mqtt).await? {
-            web_mqtt_addr = listener.local_addr().ok();
-            let fe = mqtt.clone();
-            let session: websocket::SessionFn = Arc::new(move |stream, peer, local, shutdown| {
-                Box::pin(fe.clone().handle_stream(stream, peer, local, shutdown))
-            });
-            // MQTT-6.0.0-3: the subprotocol is "mqtt" (mqttv3.1 for old 3.1 clients).
-            tasks.push(tokio::spawn(websocket::serve(
+        let fe = mqtt.clone();
+        let mqtt_ws: websocket::SessionFn = Arc::new(move |stream, peer, local, shutdown| {
+            Box::pin(fe.clone().handle_stream(stream, peer, local, shutdown))
+        });
+        // MQTT-6.0.0-3: the subprotocol is "mqtt" (mqttv3.1 for old 3.1 clients).
+        let serve_mqtt_ws = |what, listener| {
+            websocket::serve(
+                what,
                 listener,
                 &["mqtt", "mqttv3.1"],
                 websocket::Framing::Binary,
-                session,
+                mqtt_ws.clone(),
                 shutdown_rx.clone(),
+            )
+        };
+        let mut web_mqtt_addr = None;
+        if let Some(listener) = listen("Web-MQTT (/ws)", &l.web_mqtt).await? {
+            web_mqtt_addr = listener.local_addr().ok();
+            tasks.push(tokio::spawn(serve_mqtt_ws(
+                "Web-MQTT",
+                web::WebListener::Plain(listener),
             )));
         }
         let stomp = warren_stomp::StompFrontend::new(broker.clone(), stomp_config(config));
@@ -233,78 +270,129 @@ impl Server {
                 stomp.clone().serve(listener, shutdown_rx.clone()),
             ));
         }
-        let mut web_stomp_addr = None;
-        if let Some(listener) = listen("Web-STOMP (/ws)", &l.web_stomp).await? {
-            web_stomp_addr = listener.local_addr().ok();
-            let fe = stomp.clone();
-            let session: websocket::SessionFn = Arc::new(move |stream, peer, local, shutdown| {
-                Box::pin(fe.clone().handle_stream(stream, peer, local, shutdown))
-            });
-            tasks.push(tokio::spawn(websocket::serve(
+        let fe = stomp.clone();
+        let stomp_ws: websocket::SessionFn = Arc::new(move |stream, peer, local, shutdown| {
+            Box::pin(fe.clone().handle_stream(stream, peer, local, shutdown))
+        });
+        let serve_stomp_ws = |what, listener| {
+            websocket::serve(
+                what,
                 listener,
                 &["v12.stomp", "v11.stomp", "v10.stomp", "stomp"],
                 websocket::Framing::TextPreferred,
-                session,
+                stomp_ws.clone(),
                 shutdown_rx.clone(),
+            )
+        };
+        let mut web_stomp_addr = None;
+        if let Some(listener) = listen("Web-STOMP (/ws)", &l.web_stomp).await? {
+            web_stomp_addr = listener.local_addr().ok();
+            tasks.push(tokio::spawn(serve_stomp_ws(
+                "Web-STOMP",
+                web::WebListener::Plain(listener),
             )));
         }
         let mut tls_addrs = TlsAddrs::default();
-        if config.tls.enabled() {
+        let acceptor = if config.tls.enabled() {
             let ca = (!config.tls.ca_file.trim().is_empty())
                 .then(|| std::path::PathBuf::from(&config.tls.ca_file));
-            let acceptor = tls::acceptor(
+            Some(tls::acceptor(
                 std::path::Path::new(&config.tls.cert_file),
                 std::path::Path::new(&config.tls.key_file),
                 ca.as_deref(),
-            )?;
-            let (a, m, st) = (amqp.clone(), mqtt.clone(), stomp.clone());
-            let sessions: [(
-                &'static str,
-                &String,
-                tls::TlsSessionFn,
-                &mut Option<SocketAddr>,
-            ); 3] = [
-                (
-                    "AMQPS",
-                    &l.amqps,
-                    Arc::new(move |s, peer, local, sd| {
-                        Box::pin(a.clone().handle_stream(s, peer, local, sd))
-                    }),
-                    &mut tls_addrs.amqps,
-                ),
-                (
-                    "MQTTS",
-                    &l.mqtts,
-                    Arc::new(move |s, peer, local, sd| {
-                        Box::pin(m.clone().handle_stream(s, peer, local, sd))
-                    }),
-                    &mut tls_addrs.mqtts,
-                ),
-                (
-                    "STOMP over TLS",
-                    &l.stomps,
-                    Arc::new(move |s, peer, local, sd| {
-                        Box::pin(st.clone().handle_stream(s, peer, local, sd))
-                    }),
-                    &mut tls_addrs.stomps,
-                ),
-            ];
-            for (what, addr, session, slot) in sessions {
-                if let Some(listener) = listen(what, addr).await? {
-                    *slot = listener.local_addr().ok();
-                    tasks.push(tokio::spawn(tls::serve(
-                        listener,
-                        acceptor.clone(),
-                        session,
-                        shutdown_rx.clone(),
-                    )));
-                }
+            )?)
+        } else {
+            None
+        };
+        let acceptor = acceptor.as_ref();
+        // ssl_cert_login: the verified client certificate's CN is offered to the
+        // front-ends as the user (only with ca_file are certificates asked for at all).
+        let cert_login = config.tls.ssl_cert_login;
+        if cert_login && acceptor.is_some() && config.tls.ca_file.trim().is_empty() {
+            tracing::warn!(
+                "[tls] ssl_cert_login needs ca_file: no client certificates are requested"
+            );
+        }
+        let auth = move |s: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
+            warren_core::ConnectionAuth {
+                cert_user: cert_login.then(|| cert::peer_common_name(s)).flatten(),
+            }
+        };
+        let (a, m, st) = (amqp.clone(), mqtt.clone(), stomp.clone());
+        let sessions: [(
+            &'static str,
+            &String,
+            tls::TlsSessionFn,
+            &mut Option<SocketAddr>,
+        ); 3] = [
+            (
+                "AMQPS",
+                &l.amqps,
+                Arc::new(move |s, peer, local, sd| {
+                    let auth = auth(&s);
+                    Box::pin(a.clone().handle_stream_with(s, peer, local, sd, auth))
+                }),
+                &mut tls_addrs.amqps,
+            ),
+            (
+                "MQTTS",
+                &l.mqtts,
+                Arc::new(move |s, peer, local, sd| {
+                    let auth = auth(&s);
+                    Box::pin(m.clone().handle_stream_with(s, peer, local, sd, auth))
+                }),
+                &mut tls_addrs.mqtts,
+            ),
+            (
+                "STOMP over TLS",
+                &l.stomps,
+                Arc::new(move |s, peer, local, sd| {
+                    let auth = auth(&s);
+                    Box::pin(st.clone().handle_stream_with(s, peer, local, sd, auth))
+                }),
+                &mut tls_addrs.stomps,
+            ),
+        ];
+        for (what, addr, session, slot) in sessions {
+            if let Some(listener) = listen_tls(what, addr, acceptor).await? {
+                *slot = Some(listener.local_addr());
+                tasks.push(tokio::spawn(tls::serve(
+                    listener,
+                    session,
+                    shutdown_rx.clone(),
+                )));
             }
         }
-        let mut http_addr = None;
-        if let Some(listener) = listen("management HTTP", &l.http).await? {
-            http_addr = listener.local_addr().ok();
+        if let Some(listener) =
+            listen_tls("Web-MQTT over TLS (/ws)", &l.web_mqtt_tls, acceptor).await?
+        {
+            tls_addrs.web_mqtt = Some(listener.local_addr());
+            tasks.push(tokio::spawn(serve_mqtt_ws(
+                "Web-MQTT over TLS",
+                web::WebListener::Tls(listener),
+            )));
+        }
+        if let Some(listener) =
+            listen_tls("Web-STOMP over TLS (/ws)", &l.web_stomp_tls, acceptor).await?
+        {
+            tls_addrs.web_stomp = Some(listener.local_addr());
+            tasks.push(tokio::spawn(serve_stomp_ws(
+                "Web-STOMP over TLS",
+                web::WebListener::Tls(listener),
+            )));
+        }
+        // The management API: one application (one stats sampler) on HTTP and HTTPS.
+        let http = listen("management HTTP", &l.http)
+            .await?
+            .map(web::WebListener::Plain);
+        let https = listen_tls("management HTTPS", &l.https, acceptor)
+            .await?
+            .map(web::WebListener::Tls);
+        let http_addr = http.as_ref().and_then(|l| l.local_addr());
+        tls_addrs.https = https.as_ref().and_then(|l| l.local_addr());
+        if http.is_some() || https.is_some() {
             let mut listeners = Vec::new();
+            // RabbitMQ's protocol names in /api/overview's listeners.
             for (protocol, addr) in [
                 ("amqp", amqp_addr),
                 ("mqtt", mqtt_addr),
@@ -315,6 +403,9 @@ impl Server {
                 ("amqp/ssl", tls_addrs.amqps),
                 ("mqtt/ssl", tls_addrs.mqtts),
                 ("stomp/ssl", tls_addrs.stomps),
+                ("https", tls_addrs.https),
+                ("https/web-stomp", tls_addrs.web_stomp),
+                ("https/web-mqtt", tls_addrs.web_mqtt),
             ] {
                 if let Some(addr) = addr {
                     listeners.push(warren_http::ListenerInfo {
@@ -339,12 +430,18 @@ impl Server {
                 })),
                 ..Default::default()
             };
-            tasks.push(tokio::spawn(warren_http::serve(
-                listener,
-                broker.clone(),
-                http_cfg,
-                shutdown_rx.clone(),
-            )));
+            let (app, sampler) = warren_http::start(broker.clone(), http_cfg, shutdown_rx.clone());
+            tasks.push(sampler);
+            for (what, listener) in [("management HTTP", http), ("management HTTPS", https)] {
+                if let Some(listener) = listener {
+                    tasks.push(tokio::spawn(web::serve(
+                        what,
+                        listener,
+                        app.clone(),
+                        shutdown_rx.clone(),
+                    )));
+                }
+            }
         }
         Ok(Server {
             amqp_addr,

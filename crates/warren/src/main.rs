@@ -49,6 +49,15 @@ struct Args {
     /// `[definitions] file`].
     #[arg(long, env = "WARREN_DEFINITIONS")]
     definitions: Option<String>,
+    /// Management API over TLS [default: 0.0.0.0:15671], or `off`; needs [tls] files.
+    #[arg(long, env = "WARREN_HTTPS_LISTEN")]
+    https_listen: Option<String>,
+    /// Web-STOMP over TLS (path /ws) [default: 0.0.0.0:15673], or `off`; needs [tls] files.
+    #[arg(long, env = "WARREN_WEB_STOMP_TLS_LISTEN")]
+    web_stomp_tls_listen: Option<String>,
+    /// Web-MQTT over TLS (path /ws) [default: 0.0.0.0:15676], or `off`; needs [tls] files.
+    #[arg(long, env = "WARREN_WEB_MQTT_TLS_LISTEN")]
+    web_mqtt_tls_listen: Option<String>,
     /// Log format: `human` or `json`.
     #[arg(long, env = "WARREN_LOG_FORMAT")]
     log_format: Option<String>,
@@ -74,6 +83,9 @@ fn main() -> anyhow::Result<()> {
         (&mut l.amqps, &args.amqps_listen),
         (&mut l.mqtts, &args.mqtts_listen),
         (&mut l.stomps, &args.stomps_listen),
+        (&mut l.https, &args.https_listen),
+        (&mut l.web_stomp_tls, &args.web_stomp_tls_listen),
+        (&mut l.web_mqtt_tls, &args.web_mqtt_tls_listen),
     ] {
         if let Some(v) = arg {
             *slot = v.clone();

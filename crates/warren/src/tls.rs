@@ -1,7 +1,9 @@
-//! TLS listeners (AMQPS 5671, MQTTS 8883, STOMP over TLS 61614) with rustls: the TLS
-//! stream is handed to the same session code as a plain socket. Certificates and keys are
+//! TLS listeners (AMQPS 5671, MQTTS 8883, STOMP over TLS 61614, HTTPS 15671, Web-STOMP
+//! over TLS 15673, Web-MQTT over TLS 15676) with rustls: the TLS stream is handed to the
+//! same session code as a plain socket. Certificates and keys are
 //! PEM files from `[tls]` in the config; with `ca_file` set, clients must present a
-//! certificate signed by that CA (mutual TLS).
+//! certificate signed by that CA (mutual TLS), and with `ssl_cert_login` the certificate's
+//! CN names the user (RabbitMQ's rabbitmq_auth_mechanism_ssl).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
@@ -92,38 +95,120 @@ pub type TlsSessionFn = Arc<
 /// Time allowed for the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts TCP connections, completes the TLS handshake, and runs `session` on each, until
-/// `shutdown`; then waits (bounded) for the sessions, which see the same signal.
-pub async fn serve(
+/// Finished handshakes waiting for the listener's owner to take them.
+const BACKLOG: usize = 64;
+
+/// A TLS listener: every TLS port (AMQPS, MQTTS, STOMPS, HTTPS, WSS) accepts through it.
+/// Handshakes run concurrently in a task of their own, so a slow or silent client holds
+/// up no one; [`TlsListener::next`] yields the established streams. Dropping the listener
+/// stops accepting and abandons the handshakes in progress.
+pub struct TlsListener {
+    incoming: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+    handshakes: JoinHandle<()>,
+}
+
+impl TlsListener {
+    pub fn new(listener: TcpListener, acceptor: TlsAcceptor) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (tx, incoming) = mpsc::channel(BACKLOG);
+        let handshakes = tokio::spawn(handshakes(listener, acceptor, tx));
+        Ok(Self {
+            incoming,
+            local,
+            handshakes,
+        })
+    }
+
+    /// The next established TLS connection and its peer.
+    pub async fn next(&mut self) -> Option<(TlsStream<TcpStream>, SocketAddr)> {
+        self.incoming.recv().await
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.handshakes.abort();
+    }
+}
+
+/// Lets axum (management API over HTTPS, Web-STOMP/Web-MQTT over WSS) serve on it.
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.next().await {
+            Some(conn) => conn,
+            // The handshake task only ends when the listener goes; nothing more comes.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+/// Accepts TCP connections and hands each completed handshake to `tx`, until its
+/// receiver (the [`TlsListener`]) is gone.
+async fn handshakes(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    session: TlsSessionFn,
-    mut shutdown: watch::Receiver<bool>,
+    tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
 ) {
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut pending = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((socket, peer)) = accepted else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                let (socket, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TLS accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
                 };
                 let _ = socket.set_nodelay(true);
-                let local = socket.local_addr().unwrap_or(peer);
                 let acceptor = acceptor.clone();
-                let session = session.clone();
-                let shutdown = shutdown.clone();
-                tasks.spawn(async move {
+                let tx = tx.clone();
+                pending.spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
-                        Ok(Ok(tls)) => session(tls, peer, local, shutdown).await,
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, peer)).await;
+                        }
                         Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
                     }
                 });
             }
-            _ = shutdown.changed() => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(_) = pending.join_next(), if !pending.is_empty() => {}
+            _ = tx.closed() => break,
         }
     }
-    warren_core::shutdown::drain_connections(&mut tasks, Duration::from_secs(5)).await;
+}
+
+/// The TLS listeners of the protocol front-ends run through the same accept loop as
+/// their plain ones.
+impl warren_core::shutdown::Incoming for TlsListener {
+    type Io = TlsStream<TcpStream>;
+
+    async fn next(&mut self) -> Option<(Self::Io, SocketAddr, SocketAddr)> {
+        let (tls, peer) = TlsListener::next(self).await?;
+        let local = tls.get_ref().0.local_addr().unwrap_or(self.local);
+        Some((tls, peer, local))
+    }
+}
+
+/// Runs `session` on each connection of `listener` until `shutdown`; then waits (bounded)
+/// for the sessions, which see the same signal.
+pub async fn serve(listener: TlsListener, session: TlsSessionFn, shutdown: watch::Receiver<bool>) {
+    warren_core::shutdown::serve_connections(listener, shutdown, |s, peer, local, sd| {
+        session(s, peer, local, sd)
+    })
+    .await
 }

@@ -1,6 +1,6 @@
-//! WebSocket transport (Web-STOMP, Web-MQTT): axum accepts the upgrade on `/ws`, and the
-//! WebSocket's messages become a plain byte stream that the protocol's own session code
-//! reads and writes — no second protocol implementation. STOMP frames may be split across
+//! WebSocket transport (Web-STOMP, Web-MQTT, and both over TLS): axum accepts the
+//! upgrade on `/ws`, and the WebSocket's messages become a plain byte stream that the
+//! protocol's own session code reads and writes — no second protocol implementation. STOMP frames may be split across
 //! messages or packed several to a message; the byte stream makes both work.
 
 use std::borrow::Cow;
@@ -17,8 +17,9 @@ use axum::Router;
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+use crate::web::WebListener;
 
 /// Runs one protocol session over the byte stream of an accepted WebSocket
 /// (stream, peer address, listener address, shutdown).
@@ -55,20 +56,18 @@ struct Transport {
 /// Bytes buffered between the WebSocket and the session in each direction.
 const PIPE: usize = 64 * 1024;
 
-/// Serves WebSocket upgrades on `/ws` until `shutdown`.
+/// Serves WebSocket upgrades on `/ws` (over TCP or TLS) until `shutdown`.
 pub async fn serve(
-    listener: TcpListener,
+    what: &'static str,
+    listener: WebListener,
     protocols: &'static [&'static str],
     framing: Framing,
     session: SessionFn,
     shutdown: watch::Receiver<bool>,
 ) {
-    let local = match listener.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::warn!(error = %e, "websocket listener has no address");
-            return;
-        }
+    let Some(local) = listener.local_addr() else {
+        tracing::warn!("{what} listener has no address");
+        return;
     };
     let t = Transport {
         protocols,
@@ -78,18 +77,7 @@ pub async fn serve(
         local,
     };
     let app = Router::new().route("/ws", get(upgrade)).with_state(t);
-    let mut stop = shutdown;
-    let served = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = stop.wait_for(|s| *s).await;
-    })
-    .await;
-    if let Err(e) = served {
-        tracing::warn!(error = %e, "websocket listener stopped");
-    }
+    crate::web::serve(what, listener, app, shutdown).await;
 }
 
 async fn upgrade(
