@@ -755,3 +755,30 @@ async fn anonymous_clients_are_refused_when_configured() {
     assert_eq!(read_packet(&mut s).await.unwrap(), (0x20, vec![0, 0]));
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_takeover_closes_the_older_connection() {
+    let b = start().await;
+    // 5.0: the older connection gets DISCONNECT 0x8E, then the socket closes.
+    let mut old = raw(&b).await;
+    old.write_all(&connect_v5("twin", &[], None)).await.unwrap();
+    assert_eq!(read_packet(&mut old).await.unwrap().0, 0x20);
+    let mut new = raw(&b).await;
+    new.write_all(&connect_v5("twin", &[], None)).await.unwrap();
+    let (t, body) = read_packet(&mut new).await.unwrap();
+    assert_eq!((t, body[1]), (0x20, 0), "the newer connection is accepted");
+    let (t, body) = read_packet(&mut old).await.expect("DISCONNECT");
+    assert_eq!((t, body[0]), (0xE0, 0x8E), "MQTT-3.1.4-3: 0x8E Session taken over");
+    assert!(read_packet(&mut old).await.is_none(), "then closed");
+    // The newer one keeps working.
+    new.write_all(&[0xC0, 0]).await.unwrap();
+    assert_eq!(read_packet(&mut new).await.unwrap(), (0xD0, vec![]));
+    // 3.1.1: no server DISCONNECT, the older socket just closes.
+    let mut old = raw(&b).await;
+    old.write_all(&connect_v4("twin4", true)).await.unwrap();
+    assert_eq!(read_packet(&mut old).await.unwrap().0, 0x20);
+    let mut new = raw(&b).await;
+    new.write_all(&connect_v4("twin4", true)).await.unwrap();
+    assert_eq!(read_packet(&mut new).await.unwrap(), (0x20, vec![0, 0]));
+    assert!(read_packet(&mut old).await.is_none(), "closed without a packet");
+}

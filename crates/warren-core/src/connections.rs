@@ -38,7 +38,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use amq_protocol_types::FieldTable;
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::ids::ConnectionId;
 
@@ -69,7 +69,11 @@ pub struct ConnectionEntry {
     /// Bytes received/sent, if the front-end reports them.
     pub recv_oct: AtomicU64,
     pub send_oct: AtomicU64,
-    close: watch::Sender<Option<String>>,
+    /// Why the connection was asked to close, once it was; the connection task waits on
+    /// `close_requested`. (A mutex and a `Notify`, not a watch channel: a watch costs
+    /// ~350 bytes per connection, which idle MQTT devices pay for nothing.)
+    close_reason: Mutex<Option<String>>,
+    close_requested: Notify,
 }
 
 impl ConnectionEntry {
@@ -81,7 +85,9 @@ impl ConnectionEntry {
     /// Asks the front-end to close the connection with `reason` (RabbitMQ's
     /// `CONNECTION_FORCED - <reason>` for AMQP).
     pub fn request_close(&self, reason: &str) {
-        self.close.send_replace(Some(reason.to_owned()));
+        *self.close_reason.lock() = Some(reason.to_owned());
+        // One waiter, the connection task; a permit is kept if it is not waiting yet.
+        self.close_requested.notify_one();
     }
 }
 
@@ -96,7 +102,6 @@ pub struct Connections {
 impl Connections {
     /// Registers a connection; it stays listed until the returned guard is dropped.
     pub fn register(self: &Arc<Self>, info: ConnectionInfo) -> ConnectionGuard {
-        let (tx, rx) = watch::channel(None);
         let entry = Arc::new(ConnectionEntry {
             name: format!("{} -> {}", info.peer, info.local),
             connected_at: SystemTime::now()
@@ -106,7 +111,8 @@ impl Connections {
             channels: Mutex::new(BTreeSet::new()),
             recv_oct: AtomicU64::new(0),
             send_oct: AtomicU64::new(0),
-            close: tx,
+            close_reason: Mutex::new(None),
+            close_requested: Notify::new(),
             info,
         });
         self.entries.write().insert(entry.info.id, entry.clone());
@@ -114,7 +120,6 @@ impl Connections {
         ConnectionGuard {
             entry,
             registry: self.clone(),
-            close_rx: rx,
         }
     }
 
@@ -176,7 +181,6 @@ impl Connections {
 pub struct ConnectionGuard {
     entry: Arc<ConnectionEntry>,
     registry: Arc<Connections>,
-    close_rx: watch::Receiver<Option<String>>,
 }
 
 impl ConnectionGuard {
@@ -188,13 +192,10 @@ impl ConnectionGuard {
     /// close; yields the reason. Cancel-safe: use it in `select!`. Never resolves otherwise.
     pub async fn closed(&mut self) -> String {
         loop {
-            if let Some(r) = self.close_rx.borrow_and_update().clone() {
+            if let Some(r) = self.entry.close_reason.lock().clone() {
                 return r;
             }
-            if self.close_rx.changed().await.is_err() {
-                // The sender lives in the entry we hold: cannot happen; wait forever.
-                std::future::pending::<()>().await;
-            }
+            self.entry.close_requested.notified().await;
         }
     }
 

@@ -60,8 +60,8 @@ impl Default for MqttConfig {
 /// map lookups, never across an `.await`.
 pub(crate) struct Shared {
     pub broker: Arc<Broker>,
-    /// Live sessions by `vhost \0 client id`, with the signal that takes one over.
-    pub sessions: Mutex<HashMap<String, (ConnectionId, watch::Sender<bool>)>>,
+    /// Live sessions by `vhost \0 client id`: the connection a takeover closes.
+    pub sessions: Mutex<HashMap<String, ConnectionId>>,
     /// Persistent sessions with no connection, by `vhost \0 client id`: their QoS 2 state
     /// and a generation that their pending will / expiry timer checks, so a reconnect
     /// (which removes the entry) cancels both.

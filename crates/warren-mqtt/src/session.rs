@@ -74,6 +74,9 @@ enum End {
     Shutdown,
 }
 
+/// The close reason a session takeover gives the older connection (MQTT-3.1.4-3).
+const TAKEN_OVER_REASON: &str = "session taken over";
+
 /// 5.0 DISCONNECT reason codes the server sends (MQTT 5 §3.14.2.1).
 mod rc {
     pub const MALFORMED: u8 = 0x81;
@@ -279,7 +282,7 @@ pub(crate) async fn run<S>(
     };
     // Connecting and closing run once: boxed, their state does not widen the future that
     // an idle connection keeps for its whole life.
-    let Some((mut session, mut deliveries, kicked)) = Box::pin(connect_session(
+    let Some((mut session, mut deliveries)) = Box::pin(connect_session(
         &mut wr, peer, local, &auth, shared, cfg, *connect,
     ))
     .await
@@ -287,7 +290,7 @@ pub(crate) async fn run<S>(
         return;
     };
     let end = session
-        .serve(rd, wr, rbuf, &mut deliveries, kicked, &mut shutdown)
+        .serve(rd, wr, rbuf, &mut deliveries, &mut shutdown)
         .await;
     Box::pin(session.close(end)).await;
     warren_core::return_undelivered(&mut deliveries).await;
@@ -452,7 +455,7 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     shared: Arc<Shared>,
     cfg: Arc<MqttConfig>,
     c: ConnectPacket,
-) -> Option<(Session, warren_core::Deliveries, watch::Receiver<bool>)> {
+) -> Option<(Session, warren_core::Deliveries)> {
     let level = c.protocol_version;
     // MQTT 3.1 (level 3) is decoded as 3.1.1 and answered as 3.1.1 (same CONNACK).
     let version = if level == 3 { 4 } else { level };
@@ -588,19 +591,22 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         client_properties: FieldTable::default(),
     });
     // Session takeover (MQTT-3.1.4-2): the older connection with this client id goes.
-    let (kick_tx, kicked) = watch::channel(false);
     let key = format!("{vhost_name}\0{client_id}");
-    let previous = shared.sessions.lock().insert(key.clone(), (id, kick_tx));
+    let previous = shared.sessions.lock().insert(key.clone(), id);
     // A parked session is resumed (or, with clean start, discarded): its timers stop.
     let parked = shared.parked.lock().remove(&key);
     let qname = queue_name(&client_id);
     if let Some(old) = previous {
-        let _ = old.1.send(true);
+        // Through the connection registry, like a close from the management API; the
+        // reason tells the old connection to answer 0x8E.
+        if let Some(e) = shared.broker.connections().get(old) {
+            e.request_close(TAKEN_OVER_REASON);
+        }
         // Give it a moment to release its exclusive queue.
         for _ in 0..50 {
             if vhost
                 .queue(&qname)
-                .map(|q| q.exclusive_owner != Some(old.0))
+                .map(|q| q.exclusive_owner != Some(old))
                 .unwrap_or(true)
             {
                 break;
@@ -653,7 +659,7 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     codec::encode(&ack, &mut out);
     if socket.write_all(&out).await.is_err() {
         let mut sessions = shared.sessions.lock();
-        if sessions.get(&key).is_some_and(|(i, _)| *i == id) {
+        if sessions.get(&key).is_some_and(|i| *i == id) {
             sessions.remove(&key);
         }
         return None;
@@ -759,7 +765,7 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         s.attach(queue).await;
     }
     tracing::info!(%peer, client_id = %s.client_id, level, session_expiry, session_present, "mqtt connection opened");
-    Some((s, deliveries, kicked))
+    Some((s, deliveries))
 }
 
 fn queue_name(client_id: &str) -> String {
@@ -843,7 +849,6 @@ impl Session {
         mut wr: W,
         mut rbuf: BytesMut,
         deliveries: &mut warren_core::Deliveries,
-        mut kicked: watch::Receiver<bool>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> End
     where
@@ -924,18 +929,18 @@ impl Session {
                     }
                     keep_alive_timer.as_mut().reset(last_read + keep_alive);
                 }
-                _ = kicked.changed() => {
-                    // MQTT-3.1.4-3: DISCONNECT 0x8E to the connection taken over.
-                    self.disconnect(rc::TAKEN_OVER, "session taken over");
-                    let _ = wr.write_all(&self.out).await;
-                    return End::TakenOver;
-                }
                 _ = shutdown.changed() => {
                     self.disconnect(rc::SHUTTING_DOWN, "server shutting down");
                     let _ = wr.write_all(&self.out).await;
                     return End::Shutdown;
                 }
                 reason = self.registration.closed() => {
+                    if reason == TAKEN_OVER_REASON {
+                        // MQTT-3.1.4-3: DISCONNECT 0x8E to the connection taken over.
+                        self.disconnect(rc::TAKEN_OVER, TAKEN_OVER_REASON);
+                        let _ = wr.write_all(&self.out).await;
+                        return End::TakenOver;
+                    }
                     // Closed from the management API: 0x98 Administrative action (5.0).
                     self.disconnect(0x98, &reason);
                     let _ = wr.write_all(&self.out).await;
@@ -1805,10 +1810,7 @@ impl Session {
         // Still the session's connection (not taken over)?
         let owner = {
             let mut sessions = self.shared.sessions.lock();
-            if sessions
-                .get(&self.key)
-                .is_some_and(|(id, _)| *id == self.id)
-            {
+            if sessions.get(&self.key).is_some_and(|id| *id == self.id) {
                 sessions.remove(&self.key);
                 true
             } else {
