@@ -185,3 +185,70 @@ def test_definitions_export_import(api_url, broker, name):
 def test_health_and_aliveness(api_url):
     assert requests.get(f"{api_url}/api/health/checks/alarms", auth=AUTH).json()["status"] == "ok"
     assert requests.get(f"{api_url}/api/aliveness-test/%2F", auth=AUTH).json() == {"status": "ok"}
+
+
+def _limited_user(api_url, user):
+    """A user that may use only resources named `allowed-*` in vhost `/`."""
+    assert requests.put(f"{api_url}/api/users/{user}", json={"password": "pw", "tags": ""},
+                        auth=AUTH).status_code == 201
+    r = requests.put(f"{api_url}/api/permissions/%2F/{user}", auth=AUTH,
+                     json={"configure": "^allowed-", "write": "^allowed-", "read": "^allowed-"})
+    assert r.status_code == 201
+
+
+def test_permission_denied_seen_by_paho_mqtt5(api_url, broker, name):
+    """No read/write on amq.topic: SUBACK and PUBACK carry 0x87 Not authorized."""
+    import queue as _q
+    import paho.mqtt.client as mqtt
+    if broker.external:
+        pytest.skip("the reference RabbitMQ 3.10 has no MQTT 5")
+    user = f"{name}-m"
+    _limited_user(api_url, user)
+    try:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user, protocol=mqtt.MQTTv5)
+        c.username_pw_set(user, "pw")
+        subacks, pubacks, connacks = _q.Queue(), _q.Queue(), _q.Queue()
+        c.on_connect = lambda cl, u, f, reason, p: connacks.put(reason.value)
+        c.on_subscribe = lambda cl, u, mid, reasons, p: subacks.put([r.value for r in reasons])
+        c.on_publish = lambda cl, u, mid, reason, p: pubacks.put(reason.value)
+        c.connect("127.0.0.1", broker.mqtt_port)
+        c.loop_start()
+        try:
+            assert connacks.get(timeout=5) == 0
+            c.subscribe(f"{name}/t", qos=1)
+            assert subacks.get(timeout=5) == [0x87]
+            c.publish(f"{name}/t", b"x", qos=1)
+            assert pubacks.get(timeout=5) == 0x87
+        finally:
+            c.disconnect()
+            c.loop_stop()
+    finally:
+        requests.delete(f"{api_url}/api/users/{user}", auth=AUTH)
+
+
+def test_permission_denied_seen_by_stomp_py(api_url, broker, name):
+    """No write on amq.topic: a SEND to /topic/... gets an ERROR frame."""
+    import queue as _q
+    import stomp
+    user = f"{name}-s"
+    _limited_user(api_url, user)
+    errors = _q.Queue()
+
+    class L(stomp.ConnectionListener):
+        def on_error(self, frame):
+            errors.put(frame)
+
+    try:
+        conn = stomp.Connection12([("127.0.0.1", broker.stomp_port)], vhost="/")
+        conn.set_listener("l", L())
+        conn.connect(user, "pw", wait=True)
+        conn.send(f"/topic/{name}.x", "denied")
+        frame = errors.get(timeout=5)
+        assert "access_refused" in frame.headers.get("message", "").lower() + frame.body.lower() \
+            or "refused" in frame.headers.get("message", "").lower()
+        try:
+            conn.disconnect()
+        except Exception:
+            pass
+    finally:
+        requests.delete(f"{api_url}/api/users/{user}", auth=AUTH)
