@@ -768,7 +768,11 @@ async fn session_takeover_closes_the_older_connection() {
     let (t, body) = read_packet(&mut new).await.unwrap();
     assert_eq!((t, body[1]), (0x20, 0), "the newer connection is accepted");
     let (t, body) = read_packet(&mut old).await.expect("DISCONNECT");
-    assert_eq!((t, body[0]), (0xE0, 0x8E), "MQTT-3.1.4-3: 0x8E Session taken over");
+    assert_eq!(
+        (t, body[0]),
+        (0xE0, 0x8E),
+        "MQTT-3.1.4-3: 0x8E Session taken over"
+    );
     assert!(read_packet(&mut old).await.is_none(), "then closed");
     // The newer one keeps working.
     new.write_all(&[0xC0, 0]).await.unwrap();
@@ -780,5 +784,8 @@ async fn session_takeover_closes_the_older_connection() {
     let mut new = raw(&b).await;
     new.write_all(&connect_v4("twin4", true)).await.unwrap();
     assert_eq!(read_packet(&mut new).await.unwrap(), (0x20, vec![0, 0]));
-    assert!(read_packet(&mut old).await.is_none(), "closed without a packet");
+    assert!(
+        read_packet(&mut old).await.is_none(),
+        "closed without a packet"
+    );
 }
