@@ -80,6 +80,10 @@ class Client:
     def close(self):
         self.c.disconnect()
         self.c.loop_stop()
+        # The broker handles connections concurrently: a reconnect with the same client id
+        # sent right away may arrive before this DISCONNECT is processed, and would then
+        # be a session takeover, not a resumption.
+        time.sleep(0.2)
 
     def drop(self):
         """An abnormal end: the socket goes without DISCONNECT."""

@@ -431,7 +431,7 @@ fn connection_users(server: &warren::Server) -> Vec<(String, String)> {
         .connections()
         .list()
         .iter()
-        .map(|c| (c.info.protocol.clone(), c.info.user.clone()))
+        .map(|c| (c.info.protocol.to_string(), c.info.user.clone()))
         .collect()
 }
 

@@ -30,6 +30,7 @@
 //! - The registry lock is a `parking_lot` lock held only to insert, remove or clone the
 //!   entry list, never across an `.await`.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,7 +48,9 @@ use crate::ids::ConnectionId;
 pub struct ConnectionInfo {
     pub id: ConnectionId,
     /// As RabbitMQ shows it: `"AMQP 0-9-1"`, `"MQTT 3.1.1"`, `"MQTT 5.0"`, `"STOMP 1.2"`.
-    pub protocol: String,
+    /// Borrowed for the fixed names ("AMQP 0-9-1", "MQTT 3.1.1", …): no allocation per
+    /// connection.
+    pub protocol: Cow<'static, str>,
     pub user: String,
     pub vhost: String,
     pub peer: SocketAddr,
@@ -61,8 +64,6 @@ pub struct ConnectionInfo {
 #[derive(Debug)]
 pub struct ConnectionEntry {
     pub info: ConnectionInfo,
-    /// RabbitMQ's connection name: `"127.0.0.1:53412 -> 127.0.0.1:5672"`.
-    pub name: String,
     /// Milliseconds since the Unix epoch.
     pub connected_at: u64,
     channels: Mutex<BTreeSet<u16>>,
@@ -77,6 +78,12 @@ pub struct ConnectionEntry {
 }
 
 impl ConnectionEntry {
+    /// RabbitMQ's connection name: `"127.0.0.1:53412 -> 127.0.0.1:5672"` (made when asked,
+    /// not kept: the registry holds an entry per idle connection).
+    pub fn name(&self) -> String {
+        format!("{} -> {}", self.info.peer, self.info.local)
+    }
+
     /// Open channel numbers, ascending.
     pub fn channels(&self) -> Vec<u16> {
         self.channels.lock().iter().copied().collect()
@@ -103,7 +110,6 @@ impl Connections {
     /// Registers a connection; it stays listed until the returned guard is dropped.
     pub fn register(self: &Arc<Self>, info: ConnectionInfo) -> ConnectionGuard {
         let entry = Arc::new(ConnectionEntry {
-            name: format!("{} -> {}", info.peer, info.local),
             connected_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -141,7 +147,7 @@ impl Connections {
         self.entries
             .read()
             .values()
-            .find(|e| e.name == name)
+            .find(|e| e.name() == name)
             .cloned()
     }
 

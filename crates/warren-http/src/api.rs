@@ -365,7 +365,7 @@ fn connection_json(s: &AppState, e: &ConnectionEntry) -> Value {
         client = json!({});
     }
     json!({
-        "name": e.name,
+        "name": e.name(),
         "node": s.cfg.node_name,
         "vhost": i.vhost,
         "user": i.user,
@@ -408,14 +408,14 @@ fn all_consumers(
 }
 
 fn channel_name(conn: &ConnectionEntry, n: u16) -> String {
-    format!("{} ({n})", conn.name)
+    format!("{} ({n})", conn.name())
 }
 
 fn channels_json(s: &AppState, caller: &Caller, only_vhost: Option<&str>) -> Vec<Value> {
     let consumers = all_consumers(s, caller, only_vhost);
     let mut out = Vec::new();
     let mut conns = visible_connections(s, caller);
-    conns.sort_by(|a, b| a.name.cmp(&b.name));
+    conns.sort_by_cached_key(|c| c.name());
     for e in conns {
         if only_vhost.is_some_and(|v| v != e.info.vhost) {
             continue;
@@ -451,7 +451,7 @@ fn connection_channels_json(
                 "confirm": false,
                 "transactional": false,
                 "connection_details": {
-                    "name": e.name,
+                    "name": e.name(),
                     "peer_host": e.info.peer.ip().to_string(),
                     "peer_port": e.info.peer.port(),
                 },
@@ -466,7 +466,7 @@ fn consumer_json(s: &AppState, vhost: &str, q: &Queue, c: &warren_core::Consumer
         Some(e) => json!({
             "name": channel_name(e, c.channel as u16),
             "number": c.channel,
-            "connection_name": e.name,
+            "connection_name": e.name(),
             "peer_host": e.info.peer.ip().to_string(),
             "peer_port": e.info.peer.port(),
             "user": e.info.user,

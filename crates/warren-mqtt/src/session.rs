@@ -7,7 +7,7 @@
 //! expiry 0) uses an exclusive auto-delete queue; a persistent one a durable queue that
 //! outlives the connection, plus a [`SessionRecord`] for what a queue cannot hold.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,6 +179,8 @@ impl PendingWill {
     }
 }
 
+/// Its maps are `BTreeMap`s: 24 bytes and no allocation while empty (a `HashMap` is 48),
+/// and they stay small; an idle connection keeps this struct for its whole life.
 struct Session {
     /// The authenticated user, for permission checks.
     user: String,
@@ -196,8 +198,6 @@ struct Session {
     /// 4 for 3.1 and 3.1.1 (3.1 is decoded as 3.1.1), or 5.
     version: u8,
     client_id: String,
-    /// `vhost \0 client id`: the key of [`Shared::sessions`] and [`Shared::parked`].
-    key: String,
     vhost: Arc<VHost>,
     queue: Option<Arc<Queue>>,
     consumer: Option<ConsumerId>,
@@ -206,23 +206,23 @@ struct Session {
     /// limited to the client's receive maximum (MQTT-3.3.4-9).
     credit: Arc<Credit>,
     out: BytesMut,
-    subscriptions: HashMap<String, Sub>,
+    subscriptions: BTreeMap<String, Sub>,
     /// Shared subscriptions `$share/<group>/<filter>`: the group's queue, this session's
     /// consumer on it, the granted QoS and subscription identifier.
-    shared_subs: HashMap<String, (Arc<Queue>, ConsumerId, u8, Option<u32>)>,
-    inflight: HashMap<u16, Inflight>,
+    shared_subs: BTreeMap<String, (Arc<Queue>, ConsumerId, u8, Option<u32>)>,
+    inflight: BTreeMap<u16, Inflight>,
     next_pkid: u16,
     /// Packet ids of PUBLISHes a previous connection of this session sent and never saw
     /// acknowledged, by session-queue seq: their redelivery reuses the id (MQTT-4.4.0-1).
     /// Cleared once the queue delivers a message that is not a redelivery.
-    reserved_ids: HashMap<u64, u16>,
+    reserved_ids: BTreeMap<u64, u16>,
     /// Inbound QoS 2 packet ids between PUBREC and PUBREL (duplicates are not routed twice);
     /// at most the server's receive maximum.
     incoming_qos2: Vec<u16>,
     /// Client → server topic aliases (at most `cfg.topic_alias_maximum`).
-    topic_aliases: HashMap<u16, String>,
+    topic_aliases: BTreeMap<u16, String>,
     /// Server → client topic aliases (at most min(client's maximum, 64)).
-    out_aliases: HashMap<String, u16>,
+    out_aliases: BTreeMap<String, u16>,
     will: Option<PendingWill>,
     /// Seconds; 0 = the session ends with the connection, [`NEVER`] = it never expires.
     session_expiry: u32,
@@ -249,7 +249,7 @@ pub(crate) async fn run<S>(
     let (mut rd, mut wr) = tokio::io::split(socket);
     // Small at first: an idle connection keeps this buffer (docs/PERFORMANCE.md); it grows
     // to the packet being read, bounded by `max_packet_size`.
-    let mut rbuf = BytesMut::with_capacity(256);
+    let mut rbuf = BytesMut::with_capacity(128);
     // MQTT-3.1.0-1: the first packet must be CONNECT, within the connect timeout.
     let connect = match Box::pin(tokio::time::timeout(cfg.connect_timeout, async {
         loop {
@@ -695,21 +695,20 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         peer,
         version,
         client_id,
-        key,
         vhost,
         queue: None,
         consumer: None,
         outbox,
         credit,
         out: BytesMut::new(),
-        subscriptions: HashMap::new(),
-        shared_subs: HashMap::new(),
-        inflight: HashMap::new(),
+        subscriptions: BTreeMap::new(),
+        shared_subs: BTreeMap::new(),
+        inflight: BTreeMap::new(),
         next_pkid: 1,
-        reserved_ids: HashMap::new(),
+        reserved_ids: BTreeMap::new(),
         incoming_qos2: record.incoming_qos2.clone(),
-        topic_aliases: HashMap::new(),
-        out_aliases: HashMap::new(),
+        topic_aliases: BTreeMap::new(),
+        out_aliases: BTreeMap::new(),
         will,
         session_expiry,
         connect_expiry: session_expiry,
@@ -897,7 +896,7 @@ impl Session {
                 }
             }
             if rbuf.is_empty() && rbuf.capacity() > 64 * 1024 {
-                rbuf = BytesMut::with_capacity(256);
+                rbuf = BytesMut::with_capacity(128);
             }
             tokio::select! {
                 r = rd.read_buf(&mut rbuf) => match r {
@@ -1808,10 +1807,13 @@ impl Session {
     async fn close(&mut self, end: End) {
         tracing::info!(peer = %self.peer, client_id = %self.client_id, reason = ?end, "mqtt connection closed");
         // Still the session's connection (not taken over)?
+        // `vhost \0 client id`: the key of [`Shared::sessions`] and [`Shared::parked`],
+        // made when needed rather than kept by every idle connection.
+        let key = format!("{}\0{}", self.vhost.name, self.client_id);
         let owner = {
             let mut sessions = self.shared.sessions.lock();
-            if sessions.get(&self.key).is_some_and(|id| *id == self.id) {
-                sessions.remove(&self.key);
+            if sessions.get(&key).is_some_and(|id| *id == self.id) {
+                sessions.remove(&key);
                 true
             } else {
                 false
@@ -1820,7 +1822,7 @@ impl Session {
         if let (Some(q), Some(c)) = (&self.queue, self.consumer) {
             q.remove_consumer(c).await;
         }
-        for (_, (q, c, _, _)) in self.shared_subs.drain() {
+        for (_, (q, c, _, _)) in std::mem::take(&mut self.shared_subs) {
             q.remove_consumer(c).await;
         }
         // Unacknowledged deliveries go back to their queues, redelivered with DUP and, from
@@ -1887,13 +1889,13 @@ impl Session {
         {
             let sessions = self.shared.sessions.lock();
             // Parked only if nobody connected meanwhile (lock order: sessions, parked).
-            if sessions.contains_key(&self.key) {
+            if sessions.contains_key(&key) {
                 return;
             }
             self.shared
                 .parked
                 .lock()
-                .insert(self.key.clone(), Parked { record, generation });
+                .insert(key, Parked { record, generation });
         }
         let expire_in = if self.session_expiry == NEVER {
             Duration::MAX

@@ -312,7 +312,7 @@ fn connect_session(
     let id = ConnectionId::next();
     let registration = fe.broker.connections().register(ConnectionInfo {
         id,
-        protocol: format!("STOMP {}", version.as_str()),
+        protocol: format!("STOMP {}", version.as_str()).into(),
         user: user.clone(),
         vhost: vhost_name.to_owned(),
         peer,
