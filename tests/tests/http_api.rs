@@ -913,6 +913,35 @@ async fn metrics_text() {
     let page = anon.get("/").await;
     assert_eq!(page.status, 200);
     assert!(page.text().contains("/api/overview"));
+
+    // Closes are counted by protocol and typed reason.
+    let c = b.connect().await;
+    c.close(200, "bye".into()).await.expect("close");
+    let mut s = TcpStream::connect(b.mqtt_addr).await.expect("mqtt");
+    // MQTT 3.1.1 CONNECT (client id "m"), then the socket drops without DISCONNECT.
+    s.write_all(&[
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 0, 0, 1, b'm',
+    ])
+    .await
+    .expect("connect");
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).await.expect("connack");
+    drop(s);
+    let want = [
+        "warren_connections_closed_by_reason_total{protocol=\"amqp\",reason=\"client_closed\"} 1",
+        "warren_connections_closed_by_reason_total{protocol=\"mqtt\",reason=\"socket_closed\"} 1",
+    ];
+    let mut t = String::new();
+    for _ in 0..50 {
+        t = anon.get("/metrics").await.text();
+        if want.iter().all(|w| t.contains(w)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for w in want {
+        assert!(t.contains(w), "metrics lack {w}:\n{t}");
+    }
 }
 
 /// Permissions over AMQP: RabbitMQ's 403 ACCESS_REFUSED texts and 530 for a vhost.

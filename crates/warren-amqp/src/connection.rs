@@ -148,6 +148,18 @@ pub(crate) async fn run<S: Stream>(
     conn.cleanup().await;
     // Unregister only after cleanup, so the API never lists a connection whose consumers
     // are gone while it is still there (or the reverse).
+    if let Some(r) = conn.registration.as_mut() {
+        r.set_close_reason(match conn.reason {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::AuthFailure => "auth_failure",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::Shutdown => "server_closed",
+            CloseReason::AdminClosed => "admin_closed",
+            CloseReason::SocketClosed => "socket_closed",
+        });
+    }
     conn.registration = None;
     warren_core::return_undelivered(&mut deliveries).await;
     match result {

@@ -104,6 +104,8 @@ pub struct Connections {
     entries: RwLock<HashMap<ConnectionId, Arc<ConnectionEntry>>>,
     opened_total: AtomicU64,
     closed_total: AtomicU64,
+    /// Closed connections by (protocol, reason), for `/metrics`.
+    closed_by_reason: Mutex<HashMap<(&'static str, &'static str), u64>>,
 }
 
 impl Connections {
@@ -126,6 +128,7 @@ impl Connections {
         ConnectionGuard {
             entry,
             registry: self.clone(),
+            close_kind: "unknown",
         }
     }
 
@@ -173,6 +176,18 @@ impl Connections {
         }
     }
 
+    /// Connections closed since start by (protocol, reason), sorted (Prometheus counters).
+    pub fn closed_by_reason(&self) -> Vec<((&'static str, &'static str), u64)> {
+        let mut v: Vec<_> = self
+            .closed_by_reason
+            .lock()
+            .iter()
+            .map(|(k, n)| (*k, *n))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Connections opened and closed since start (Prometheus counters).
     pub fn totals(&self) -> (u64, u64) {
         (
@@ -187,9 +202,18 @@ impl Connections {
 pub struct ConnectionGuard {
     entry: Arc<ConnectionEntry>,
     registry: Arc<Connections>,
+    /// Why the connection ended, as a metrics label (set by the front-end before it drops
+    /// the guard).
+    close_kind: &'static str,
 }
 
 impl ConnectionGuard {
+    /// Records why the connection ends (`client_closed`, `heartbeat_timeout`, …), counted
+    /// by reason when the guard is dropped.
+    pub fn set_close_reason(&mut self, kind: &'static str) {
+        self.close_kind = kind;
+    }
+
     pub fn entry(&self) -> &Arc<ConnectionEntry> {
         &self.entry
     }
@@ -224,6 +248,22 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.registry.entries.write().remove(&self.entry.info.id);
         self.registry.closed_total.fetch_add(1, Ordering::Relaxed);
+        let p = self.entry.info.protocol.as_ref();
+        let family = if p.starts_with("AMQP") {
+            "amqp"
+        } else if p.starts_with("MQTT") {
+            "mqtt"
+        } else if p.starts_with("STOMP") {
+            "stomp"
+        } else {
+            "other"
+        };
+        *self
+            .registry
+            .closed_by_reason
+            .lock()
+            .entry((family, self.close_kind))
+            .or_insert(0) += 1;
     }
 }
 

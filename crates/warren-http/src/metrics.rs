@@ -80,6 +80,18 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         "Total number of connections closed or terminated",
         closed,
     );
+    // Every close by its typed reason (Warren's own family; RabbitMQ has no such metric).
+    o.family(
+        "warren_connections_closed_by_reason_total",
+        "counter",
+        "Connections closed, by protocol and reason",
+    );
+    for ((protocol, reason), n) in b.connections().closed_by_reason() {
+        let _ = writeln!(
+            o.0,
+            "warren_connections_closed_by_reason_total{{protocol=\"{protocol}\",reason=\"{reason}\"}} {n}"
+        );
+    }
     o.one(
         "rabbitmq_channels",
         "gauge",

@@ -71,6 +71,8 @@ enum End {
     ProtocolError,
     KeepAliveTimeout,
     TakenOver,
+    /// Closed from the management API (or its vhost or user was deleted).
+    AdminClosed,
     Shutdown,
 }
 
@@ -943,7 +945,7 @@ impl Session {
                     // Closed from the management API: 0x98 Administrative action (5.0).
                     self.disconnect(0x98, &reason);
                     let _ = wr.write_all(&self.out).await;
-                    return End::Shutdown;
+                    return End::AdminClosed;
                 }
             }
         }
@@ -1806,6 +1808,15 @@ impl Session {
 
     async fn close(&mut self, end: End) {
         tracing::info!(peer = %self.peer, client_id = %self.client_id, reason = ?end, "mqtt connection closed");
+        self.registration.set_close_reason(match end {
+            End::Normal | End::NormalWithWill => "client_closed",
+            End::SocketClosed => "socket_closed",
+            End::ProtocolError => "protocol_error",
+            End::KeepAliveTimeout => "keep_alive_timeout",
+            End::TakenOver => "taken_over",
+            End::AdminClosed => "admin_closed",
+            End::Shutdown => "server_closed",
+        });
         // Still the session's connection (not taken over)?
         // `vhost \0 client id`: the key of [`Shared::sessions`] and [`Shared::parked`],
         // made when needed rather than kept by every idle connection.

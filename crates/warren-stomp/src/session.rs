@@ -208,6 +208,11 @@ pub(crate) async fn run<S>(
         let _ = wr.write_all(&session.out).await;
         let _ = wr.flush().await;
     }
+    session.registration.set_close_reason(match &end {
+        Ok(_) => "socket_closed",
+        Err(Stop::Disconnect) => "client_closed",
+        Err(Stop::Error { .. }) => "error_frame",
+    });
     session.close().await;
     warren_core::return_undelivered(&mut deliveries).await;
     tracing::info!(conn = session.id.0, %peer, reason = ?end, "stomp connection closed");
