@@ -1981,7 +1981,6 @@ fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
     // (MQTT-3.3.2-17/18: forwarded unaltered, in order).
     let mut last: Option<&str> = None;
     let mut in_table_order = true;
-    let mut pairs = Vec::new();
     for (id, v) in p.iter() {
         if let (PropertyId::UserProperty, PropertyValue::Utf8StringPair(k, v)) = (id, v) {
             if k.len() <= 255 {
@@ -1992,16 +1991,25 @@ fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
             }
             in_table_order &= last.is_none_or(|l| l < k.as_str());
             last = Some(k.as_str());
-            pairs.push(AMQPValue::FieldArray(
-                vec![
-                    AMQPValue::LongString(k.as_bytes().into()),
-                    AMQPValue::LongString(v.as_bytes().into()),
-                ]
-                .into(),
-            ));
         }
     }
+    // The list is built only in that case: no extra allocation per publish otherwise.
     if !in_table_order {
+        let pairs: Vec<AMQPValue> = p
+            .iter()
+            .filter_map(|(id, v)| match (id, v) {
+                (PropertyId::UserProperty, PropertyValue::Utf8StringPair(k, v)) => {
+                    Some(AMQPValue::FieldArray(
+                        vec![
+                            AMQPValue::LongString(k.as_bytes().into()),
+                            AMQPValue::LongString(v.as_bytes().into()),
+                        ]
+                        .into(),
+                    ))
+                }
+                _ => None,
+            })
+            .collect();
         headers.insert(
             USER_PROPS_HEADER.into(),
             AMQPValue::FieldArray(pairs.into()),
