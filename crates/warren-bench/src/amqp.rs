@@ -10,7 +10,7 @@ use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::report::{stamp, Tracker};
+use crate::report::{stamp, Pacer, Tracker};
 use crate::{begin, Args, Run};
 
 pub async fn run(args: &Args) -> anyhow::Result<Run> {
@@ -119,14 +119,13 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
     } else {
         BasicProperties::default()
     };
-    let pace = args.pace();
     let per_msg = queues as u64;
     let started = begin(args);
-    let origin = tracker.now_ns();
+    let mut pace = Pacer::start(args.pace(), &tracker, args.messages);
     let mut body = vec![0u8; args.size];
     let mut window = VecDeque::new();
     for i in 0..args.messages {
-        let sent = pace.before(i, &tracker, per_msg, origin).await;
+        let sent = pace.before(i, &tracker, per_msg).await;
         stamp(&mut body, i, sent);
         let key = if fill {
             names[(i % queues as u64) as usize].clone()

@@ -9,7 +9,7 @@ use anyhow::bail;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::Semaphore;
 
-use crate::report::{stamp, Tracker};
+use crate::report::{stamp, Pacer, Ticker, Tracker};
 use crate::{begin, Args, Run};
 
 fn qos_of(scenario: &str) -> QoS {
@@ -94,12 +94,11 @@ pub async fn one_to_one(args: &Args) -> anyhow::Result<Run> {
         }
         Instant::now()
     });
-    let pace = args.pace();
     let started = begin(args);
-    let origin = tracker.now_ns();
+    let mut pace = Pacer::start(args.pace(), &tracker, args.messages);
     let mut body = vec![0u8; args.size];
     for i in 0..args.messages {
-        let sent = pace.before(i, &tracker, 1, origin).await;
+        let sent = pace.before(i, &tracker, 1).await;
         stamp(&mut body, i, sent);
         publisher
             .publish(topic.as_str(), qos, false, body.clone())
@@ -155,37 +154,29 @@ pub async fn fan_in(args: &Args) -> anyhow::Result<Run> {
         clients.push(client);
     }
     let started = begin(args);
-    let origin = tracker.now_ns();
-    let mut tasks = Vec::with_capacity(devices);
-    for (d, client) in clients.iter().cloned().enumerate() {
-        let t = tracker.clone();
-        let topic = format!("{base}/{d}/t");
-        let origin = Duration::from_nanos(origin);
-        let size = args.size;
-        // Spread the devices over the second so the load is steady.
-        let offset = Duration::from_nanos((d as u64 * 1_000_000_000) / devices as u64);
-        tasks.push(tokio::spawn(async move {
-            let mut body = vec![0u8; size];
-            for k in 0..per_device {
-                let due = origin + offset + Duration::from_secs(k);
-                let now = t.epoch.elapsed();
-                if due > now {
-                    tokio::time::sleep(due - now).await;
-                }
-                stamp(&mut body, d as u64 * per_device + k, due.as_nanos() as u64);
-                if client
-                    .publish(topic.as_str(), QoS::AtMostOnce, false, body.clone())
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
+    // One ticker walks the devices in turn, spread evenly over each second (a steady
+    // load), and hands each message to its device's connection at its slot.
+    let rate = devices as f64;
+    let topics: Vec<String> = (0..devices).map(|d| format!("{base}/{d}/t")).collect();
+    let senders = clients.clone();
+    let size = args.size;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut done_tx = Some(done_tx);
+    Ticker::new(&tracker, total, rate).run(move |i, due| {
+        let (d, k) = ((i % devices as u64) as usize, i / devices as u64);
+        let mut body = vec![0u8; size];
+        stamp(&mut body, d as u64 * per_device + k, due);
+        // A full request channel is a device the client cannot keep up with: counted
+        // as lost by the tracker, never hidden.
+        let _ = senders[d].try_publish(topics[d].as_str(), QoS::AtMostOnce, false, body);
+        if i + 1 == total {
+            if let Some(tx) = done_tx.take() {
+                let _ = tx.send(());
             }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
+        }
+        true
+    });
+    let _ = done_rx.await;
     let publish_done = Instant::now();
     let cleanup = Box::pin(async move {
         for c in clients {

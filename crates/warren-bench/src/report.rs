@@ -140,11 +140,34 @@ pub enum Pace {
     Rate(f64),
 }
 
-impl Pace {
+/// Decides when each message goes. Fixed-rate schedules come from a [`Ticker`] thread,
+/// because tokio's timer wheel has millisecond resolution: at 10k msg/s it would send in
+/// bursts of ten and add up to a millisecond of the load generator's own delay to every
+/// latency (and spinning instead steals a core from the broker on a 2-core box).
+pub struct Pacer {
+    pace: Pace,
+    ticks: Option<tokio::sync::mpsc::Receiver<u64>>,
+}
+
+impl Pacer {
+    /// Starts pacing `messages` messages now (`t`'s clock).
+    pub fn start(pace: Pace, t: &Tracker, messages: u64) -> Pacer {
+        let ticks = match pace {
+            Pace::Rate(r) => Some(Ticker::new(t, messages, r).channel()),
+            _ => None,
+        };
+        Pacer { pace, ticks }
+    }
+
+    pub fn is_max(&self) -> bool {
+        matches!(self.pace, Pace::Max)
+    }
+
     /// Waits until message `i` may go; returns its intended send time (ns since the
-    /// tracker's epoch). `origin` is when publishing started, in the same clock.
-    pub async fn before(&self, i: u64, t: &Tracker, deliveries_per_msg: u64, origin: u64) -> u64 {
-        match *self {
+    /// tracker's epoch): the schedule's slot for fixed-rate runs, so a stall anywhere shows
+    /// up as latency instead of being hidden (no coordinated omission).
+    pub async fn before(&mut self, i: u64, t: &Tracker, deliveries_per_msg: u64) -> u64 {
+        match self.pace {
             Pace::Max => t.now_ns(),
             Pace::Closed(n) => {
                 while i * deliveries_per_msg >= t.delivered() + n * deliveries_per_msg {
@@ -155,25 +178,63 @@ impl Pace {
                 }
                 t.now_ns()
             }
-            Pace::Rate(r) => {
-                let due = origin + (i as f64 / r * 1e9) as u64;
-                // The timer wheel ticks in milliseconds: sleep to just before the slot,
-                // then yield until it, so sends are spread as scheduled, not in bursts.
+            Pace::Rate(_) => match self.ticks.as_mut() {
+                Some(rx) => rx.recv().await.unwrap_or_else(|| t.now_ns()),
+                None => t.now_ns(),
+            },
+        }
+    }
+}
+
+/// A thread that reaches each slot of a fixed-rate schedule with `nanosleep` (timer slack
+/// lowered to 1 µs), then hands the slot's time on: to a channel, or to a callback that
+/// sends the message itself (one hop less, for thousands of device connections).
+pub struct Ticker {
+    epoch: Instant,
+    origin: u64,
+    messages: u64,
+    rate: f64,
+}
+
+impl Ticker {
+    pub fn new(t: &Tracker, messages: u64, rate: f64) -> Ticker {
+        Ticker {
+            epoch: t.epoch,
+            origin: t.now_ns(),
+            messages,
+            rate,
+        }
+    }
+
+    /// Slot times arrive on the returned channel; if the publisher falls behind, the
+    /// ticker waits, but each slot keeps its scheduled time.
+    pub fn channel(self) -> tokio::sync::mpsc::Receiver<u64> {
+        let (tx, rx) = tokio::sync::mpsc::channel(65_536);
+        self.run(move |_, due| tx.blocking_send(due).is_ok());
+        rx
+    }
+
+    /// Calls `send(i, due)` at each slot on the ticker thread until it returns false.
+    pub fn run(self, mut send: impl FnMut(u64, u64) -> bool + Send + 'static) {
+        std::thread::spawn(move || {
+            // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
+            unsafe {
+                libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong, 0, 0, 0);
+            }
+            for i in 0..self.messages {
+                let due = self.origin + (i as f64 / self.rate * 1e9) as u64;
                 loop {
-                    let now = t.now_ns();
+                    let now = self.epoch.elapsed().as_nanos() as u64;
                     if now >= due {
                         break;
                     }
-                    let left = due - now;
-                    if left > 1_500_000 {
-                        tokio::time::sleep(Duration::from_nanos(left - 1_000_000)).await;
-                    } else {
-                        tokio::task::yield_now().await;
-                    }
+                    std::thread::sleep(Duration::from_nanos(due - now));
                 }
-                due
+                if !send(i, due) {
+                    break;
+                }
             }
-        }
+        });
     }
 }
 

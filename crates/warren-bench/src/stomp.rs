@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use warren_stomp_codec::{decode, encode, Decoded, Frame, Limits, Version};
 
-use crate::report::{stamp, Tracker};
+use crate::report::{stamp, Pacer, Tracker};
 use crate::{begin, Args, Run};
 
 async fn connect(args: &Args) -> anyhow::Result<(TcpStream, BytesMut)> {
@@ -77,14 +77,13 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
         }
     });
     let (mut publisher, _) = connect(args).await?;
-    let pace = args.pace();
     let started = begin(args);
-    let origin = tracker.now_ns();
+    let mut pace = Pacer::start(args.pace(), &tracker, args.messages);
     let mut body = vec![0u8; args.size];
     let mut out = BytesMut::with_capacity(128 * 1024);
     let content_length = args.size.to_string();
     for i in 0..args.messages {
-        let sent = pace.before(i, &tracker, 1, origin).await;
+        let sent = pace.before(i, &tracker, 1).await;
         stamp(&mut body, i, sent);
         let mut f = Frame::new("SEND")
             .with("destination", dest.clone())
@@ -92,7 +91,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
         f.body = Bytes::copy_from_slice(&body);
         encode(&f, Version::V1_2, &mut out);
         // Batch writes when running flat out; write each frame when paced.
-        if out.len() >= 64 * 1024 || !matches!(pace, crate::report::Pace::Max) {
+        if out.len() >= 64 * 1024 || !pace.is_max() {
             publisher.write_all(&out).await?;
             out.clear();
         }

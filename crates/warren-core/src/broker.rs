@@ -150,6 +150,7 @@ impl Broker {
         // Queue store ids are never reused: the counter starts above every recovered one.
         let mut max_id = 0u64;
         let mut n_msgs = 0usize;
+        let mut stale = Vec::new();
         for (_, v) in self.store.meta_scan(meta::QUEUE)? {
             let r: QueueRecord = decode(&v)?;
             max_id = max_id.max(r.store_id);
@@ -170,8 +171,14 @@ impl Broker {
                 StoreQueueId(r.store_id),
                 config,
             );
-            for m in self.store.load_queue(q.store_id)? {
+            // Streamed: past the paging threshold a message is decoded, counted and dropped.
+            self.store.scan_queue(q.store_id, 0, u64::MAX, |m| {
                 match Message::decode(m.data) {
+                    // A transient message paged out before the restart: gone, as in RabbitMQ.
+                    Ok(msg) if !msg.is_persistent() => stale.push(Op::DeleteMessage {
+                        queue: q.store_id,
+                        seq: m.seq,
+                    }),
                     Ok(msg) => {
                         q.restore(m.seq, Arc::new(msg), m.delivered);
                         n_msgs += 1;
@@ -180,7 +187,8 @@ impl Broker {
                         tracing::warn!(queue = %r.name, seq = m.seq, error = %e, "skipping unreadable message")
                     }
                 }
-            }
+                true
+            })?;
             vh.insert_recovered_queue(q);
         }
         self.next_store_id
@@ -224,6 +232,9 @@ impl Broker {
         }
         if !first_boot_ops.is_empty() {
             self.store.submit_blocking(first_boot_ops)?;
+        }
+        if !stale.is_empty() {
+            self.store.submit_blocking(stale)?;
         }
         tracing::info!(
             vhosts = self.vhosts.read().len(),

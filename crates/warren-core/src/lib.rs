@@ -17,6 +17,7 @@ pub mod ids;
 pub mod json;
 pub mod message;
 mod meta;
+mod paging;
 pub mod permissions;
 pub mod queue;
 pub mod shutdown;

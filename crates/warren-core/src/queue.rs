@@ -22,13 +22,14 @@ use std::time::{Duration, Instant};
 use amq_protocol_types::{AMQPValue, FieldTable, ShortString};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
-use warren_store::{Op, StoreQueueId};
+use warren_store::{Op, StoreQueueId, Ticket};
 
 use crate::consumer::{ConsumerSpec, Delivery, Outbox};
 use crate::deadletter::DeadReason;
 use crate::error::{CoreError, CoreResult};
 use crate::ids::{ConnectionId, ConsumerId, MsgSeq};
 use crate::message::Message;
+use crate::paging::{Paged, Readiness, PAGE_AFTER_BYTES, PAGE_AFTER_MESSAGES};
 use crate::vhost::VHost;
 
 /// What to do when a queue is full (`x-overflow`).
@@ -215,6 +216,8 @@ struct QueueState {
     last_used: Option<Instant>,
     timer_running: bool,
     stats: QueueStats,
+    /// The paged-out tail (counted in `ready_count`/`ready_bytes` too).
+    paged: Paged,
 }
 
 /// Counters for the management API.
@@ -247,6 +250,8 @@ pub struct QueueCounts {
     pub unacked: u32,
     pub consumers: u32,
     pub ready_bytes: u64,
+    /// Ready messages kept only in the store (a long backlog), not in memory.
+    pub paged_out: u32,
     pub stats: QueueStats,
 }
 
@@ -257,6 +262,10 @@ pub(crate) struct Effects {
     pub dead: Vec<(Arc<Message>, DeadReason)>,
     /// The queue must be deleted (auto-delete after the last consumer, or x-expires).
     pub delete_queue: bool,
+    /// Chunks whose transient writes are among `ops` (their ticket is known after submit).
+    pub paged_out: Vec<u64>,
+    /// Wake the head once the store has synced this ticket (a chunk waits for it).
+    pub wait_sync: Option<u64>,
 }
 
 /// The answer to basic.get.
@@ -358,6 +367,7 @@ impl Queue {
             unacked: s.unacked.len() as u32,
             consumers: s.consumers.len() as u32,
             ready_bytes: s.ready_bytes,
+            paged_out: s.paged.count as u32,
             stats: s.stats,
         }
     }
@@ -438,11 +448,13 @@ impl Queue {
     }
 
     /// Puts a routed message at the tail and delivers what credit allows.
+    /// `ticket` is the store submission that wrote it, when `persisted`.
     pub(crate) async fn enqueue(
         self: &Arc<Self>,
         seq: u64,
         msg: Arc<Message>,
         persisted: bool,
+        ticket: Option<Ticket>,
         now: Instant,
     ) -> EnqueueOutcome {
         let ttl = [self.config.message_ttl, msg.expiration_ms().ok().flatten()]
@@ -477,6 +489,33 @@ impl Queue {
                     fx.dead.push((entry.msg, DeadReason::Maxlen));
                 }
                 EnqueueOutcome::Rejected
+            } else if self.pages_out(&s) {
+                s.stats.published += 1;
+                s.ready_count += 1;
+                s.ready_bytes += size;
+                let ticket = if persisted {
+                    Some(ticket.map_or(0, |t| t.0))
+                } else {
+                    // Transient: written now (unsynced) so the backlog can leave memory.
+                    fx.ops.push(Op::PageOut {
+                        queue: self.store_id,
+                        seq,
+                        data: entry.msg.encode(),
+                    });
+                    None
+                };
+                let chunk = s.paged.push(seq, size, ticket, false);
+                if ticket.is_none() {
+                    fx.paged_out.push(chunk);
+                }
+                while self.over_limit(s.ready_count as u64, s.ready_bytes) {
+                    let Some(old) = self.pop_ready(&mut s, &mut fx) else {
+                        break;
+                    };
+                    self.discard(old, DeadReason::Maxlen, &mut fx);
+                }
+                self.dispatch(&mut s, &mut fx, now);
+                EnqueueOutcome::Accepted
             } else {
                 s.stats.published += 1;
                 let level = self.priority_level(&entry.msg);
@@ -494,7 +533,7 @@ impl Queue {
                 }
                 // drop-head (the default) keeps the newest messages.
                 while self.over_limit(s.ready_count as u64, s.ready_bytes) {
-                    let Some(old) = Self::pop_ready(&mut s) else {
+                    let Some(old) = self.pop_ready(&mut s, &mut fx) else {
                         break;
                     };
                     self.discard(old, DeadReason::Maxlen, &mut fx);
@@ -507,9 +546,20 @@ impl Queue {
         outcome
     }
 
-    /// Puts a recovered message back (startup only, no consumers yet).
+    /// Puts a recovered message back (startup only, no consumers yet). Past the paging
+    /// threshold only its count is kept: the head reads the rest from the store.
     pub(crate) fn restore(&self, seq: u64, msg: Arc<Message>, delivered: bool) {
         let mut s = self.state.lock();
+        let _ = self
+            .next_seq
+            .fetch_max(seq.saturating_add(1), Ordering::Relaxed);
+        if self.pages_out(&s) {
+            let size = msg.body.len() as u64;
+            s.ready_count += 1;
+            s.ready_bytes += size;
+            s.paged.push(seq, size, Some(0), true);
+            return;
+        }
         let level = self.priority_level(&msg);
         s.ready_count += 1;
         let entry = Entry {
@@ -525,20 +575,106 @@ impl Queue {
         };
         s.ready_bytes += entry.size();
         s.ready[level].push_back(entry);
-        let _ = self
-            .next_seq
-            .fetch_max(seq.saturating_add(1), Ordering::Relaxed);
     }
 
-    fn pop_ready(s: &mut QueueState) -> Option<Entry> {
-        for level in s.ready.iter_mut().rev() {
-            if let Some(e) = level.pop_front() {
-                s.ready_count -= 1;
-                s.ready_bytes -= e.size();
-                return Some(e);
+    /// Whether new arrivals go to the paged-out tail: a stored queue (its messages can be
+    /// read back) without priorities or a queue TTL (both need every message at hand),
+    /// that already pages or holds too much in memory.
+    fn pages_out(&self, s: &QueueState) -> bool {
+        if !self.is_stored() || self.config.max_priority.is_some() {
+            return false;
+        }
+        if self.config.message_ttl.is_some() {
+            return false;
+        }
+        !s.paged.is_empty()
+            || s.ready_count - s.paged.count >= PAGE_AFTER_MESSAGES
+            || s.ready_bytes - s.paged.bytes >= PAGE_AFTER_BYTES
+    }
+
+    /// The head message, reading the next paged-out chunk when memory ran dry.
+    fn pop_ready(self: &Arc<Self>, s: &mut QueueState, fx: &mut Effects) -> Option<Entry> {
+        loop {
+            for level in s.ready.iter_mut().rev() {
+                if let Some(e) = level.pop_front() {
+                    s.ready_count -= 1;
+                    s.ready_bytes -= e.size();
+                    return Some(e);
+                }
+            }
+            if !self.page_in(s, fx) {
+                return None;
             }
         }
-        None
+    }
+
+    /// Reads the front chunk back into memory if its writes are on disk; otherwise arranges
+    /// to be woken when they are. Returns whether anything was loaded.
+    fn page_in(self: &Arc<Self>, s: &mut QueueState, fx: &mut Effects) -> bool {
+        let Some(store) = self.vhost.upgrade().map(|v| v.store.clone()) else {
+            return false;
+        };
+        let synced = *store.synced().borrow();
+        match s.paged.readiness(synced) {
+            Readiness::Empty => return false,
+            Readiness::WaitPending => {
+                s.paged.stalled = true;
+                return false;
+            }
+            Readiness::WaitSync(t) => {
+                if !s.paged.waiter {
+                    s.paged.waiter = true;
+                    fx.wait_sync = Some(t);
+                }
+                return false;
+            }
+            Readiness::Ready => {}
+        }
+        let Some(chunk) = s.paged.pop_front() else {
+            return false;
+        };
+        let now = Instant::now();
+        let (mut loaded, mut bytes) = (0usize, 0u64);
+        let mut visit = |m: warren_store::StoredMessage| {
+            let msg = match Message::decode(m.data) {
+                Ok(msg) => msg,
+                Err(e) => {
+                    tracing::warn!(queue = %self.name.as_str(), seq = m.seq, error = %e, "dropping unreadable paged message");
+                    fx.ops.push(self.delete_op(m.seq));
+                    return true;
+                }
+            };
+            let expires_at = msg
+                .expiration_ms()
+                .ok()
+                .flatten()
+                .map(|t| now + Duration::from_millis(t));
+            let entry = Entry {
+                seq: m.seq,
+                msg: Arc::new(msg),
+                redelivered: m.delivered,
+                persisted: true,
+                delivered_marked: m.delivered,
+                expires_at,
+            };
+            loaded += 1;
+            bytes += entry.size();
+            s.ready[0].push_back(entry);
+            true
+        };
+        for &(first, last) in &chunk.runs {
+            if let Err(e) = store.scan_queue(self.store_id, first, last, &mut visit) {
+                tracing::error!(queue = %self.name.as_str(), error = %e, "reading a paged-out chunk failed");
+            }
+        }
+        // The totals counted the chunk as paged; correct them by what was really there.
+        s.ready_count = s.ready_count - chunk.count + loaded;
+        s.ready_bytes = s.ready_bytes - chunk.bytes + bytes;
+        if s.ready[0].iter().any(|e| e.expires_at.is_some()) && !s.timer_running {
+            s.timer_running = true;
+            self.spawn_timer();
+        }
+        loaded > 0 || !s.paged.is_empty()
     }
 
     /// Returns a message to the ready list at its original place (by sequence), as RabbitMQ
@@ -601,7 +737,7 @@ impl Queue {
             let Some(ci) = self.pick_consumer(s) else {
                 break;
             };
-            let Some(entry) = Self::pop_ready(s) else {
+            let Some(entry) = self.pop_ready(s, fx) else {
                 break;
             };
             // Strictly before `now`: a message with TTL 0 still reaches a consumer that is
@@ -664,14 +800,37 @@ impl Queue {
             ops,
             dead,
             delete_queue,
+            paged_out,
+            mut wait_sync,
         } = fx;
         let vhost = self.vhost.upgrade();
         if !ops.is_empty() {
             if let Some(v) = &vhost {
-                if let Err(e) = v.store.submit(ops).await {
-                    tracing::error!(queue = %self.name.as_str(), error = %e, "store write failed");
+                match v.store.submit(ops).await {
+                    Ok(t) if !paged_out.is_empty() => {
+                        let mut s = self.state.lock();
+                        for id in paged_out {
+                            s.paged.resolve(id, t.0);
+                        }
+                        // The head waited for these writes: wake it once they are synced.
+                        if std::mem::take(&mut s.paged.stalled) && !s.paged.waiter {
+                            s.paged.waiter = true;
+                            wait_sync = Some(t.0);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(queue = %self.name.as_str(), error = %e, "store write failed")
+                    }
                 }
             }
+        }
+        if let (Some(t), Some(v)) = (wait_sync, &vhost) {
+            tokio::spawn(Self::wake_when_synced(
+                Arc::downgrade(self),
+                v.store.clone(),
+                t,
+            ));
         }
         if let Some(v) = &vhost {
             for (msg, reason) in dead {
@@ -681,6 +840,23 @@ impl Queue {
                 let _ = v.delete_queue(self.name.as_str(), None, false, false).await;
             }
         }
+    }
+
+    /// Delivers again once the store has synced `ticket` (a paged-out chunk waited for it).
+    /// Boxed with an explicit `Send` bound: it calls back into `kick` → `finish`, a cycle
+    /// the compiler cannot check for `Send` otherwise.
+    fn wake_when_synced(
+        weak: Weak<Self>,
+        store: warren_store::Store,
+        ticket: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            let _ = store.wait_synced(Ticket(ticket)).await;
+            if let Some(q) = weak.upgrade() {
+                q.state.lock().paged.waiter = false;
+                q.kick().await;
+            }
+        })
     }
 
     /// Registers a consumer and starts delivering to it.
@@ -802,15 +978,32 @@ impl Queue {
         self.finish(fx).await;
     }
 
-    /// basic.get: the head message, unacked unless `no_ack`.
+    /// basic.get: the head message, unacked unless `no_ack`. When only paged-out messages
+    /// are left and their writes are still in flight, waits for them (milliseconds) rather
+    /// than answer get-empty for a queue that has messages.
     pub async fn get(self: &Arc<Self>, no_ack: bool) -> Option<GetResult> {
+        for _ in 0..200 {
+            let found = self.get_once(no_ack).await;
+            let paged = {
+                let s = self.state.lock();
+                !s.deleted && s.paged.count > 0 && s.ready_count == s.paged.count
+            };
+            if found.is_some() || !paged {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        None
+    }
+
+    async fn get_once(self: &Arc<Self>, no_ack: bool) -> Option<GetResult> {
         let mut fx = Effects::default();
         let now = Instant::now();
         let result = {
             let mut s = self.state.lock();
             s.last_used = Some(now);
             let mut found = None;
-            while let Some(mut entry) = Self::pop_ready(&mut s) {
+            while let Some(mut entry) = self.pop_ready(&mut s, &mut fx) {
                 if entry.expires_at.is_some_and(|t| t <= now) {
                     self.discard(entry, DeadReason::Expired, &mut fx);
                     continue;
@@ -927,14 +1120,24 @@ impl Queue {
                     }
                 }
             }
+            let ranges = s.paged.clear();
             s.ready_count = 0;
             s.ready_bytes = 0;
-            if s.unacked.is_empty() && !seqs.is_empty() {
+            if s.unacked.is_empty() && !(seqs.is_empty() && ranges.is_empty()) {
                 fx.ops.push(Op::DeleteQueueMessages {
                     queue: self.store_id,
                 });
             } else {
                 fx.ops.extend(seqs.into_iter().map(|q| self.delete_op(q)));
+                fx.ops.extend(
+                    ranges
+                        .into_iter()
+                        .map(|(first, last)| Op::DeleteMessageRange {
+                            queue: self.store_id,
+                            first,
+                            last,
+                        }),
+                );
             }
             n
         };
@@ -956,6 +1159,7 @@ impl Queue {
         for level in s.ready.iter_mut() {
             level.clear();
         }
+        s.paged.clear();
         s.ready_count = 0;
         s.ready_bytes = 0;
         s.unacked.clear();

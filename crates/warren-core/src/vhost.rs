@@ -733,7 +733,7 @@ impl VHost {
         }
         let now = Instant::now();
         for (q, seq, persist) in plan {
-            match q.enqueue(seq, msg.clone(), persist, now).await {
+            match q.enqueue(seq, msg.clone(), persist, out.ticket, now).await {
                 EnqueueOutcome::Accepted => out.routed += 1,
                 EnqueueOutcome::Rejected => out.rejected = true,
             }

@@ -227,6 +227,9 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
         "messages_unacknowledged": c.unacked,
         "messages_unacknowledged_details": details(r.unacked),
         "message_bytes_ready": c.ready_bytes,
+        // A long backlog of a durable queue stays in the store (docs/storage.md, paging).
+        "messages_paged_out": c.paged_out,
+        "messages_ram": messages.saturating_sub(c.paged_out as u64),
         "message_stats": {
             "publish": c.stats.published,
             "publish_details": details(r.publish),

@@ -79,6 +79,19 @@ pub enum Op {
     DeleteQueueMessages {
         queue: StoreQueueId,
     },
+    /// Removes the messages `first..=last` of a queue (a purged paged-out range).
+    DeleteMessageRange {
+        queue: StoreQueueId,
+        first: u64,
+        last: u64,
+    },
+    /// A transient message of a queue whose backlog is paged out to the store. Not synced
+    /// (nobody waits for it); recovery drops it, as a restart drops transient messages.
+    PageOut {
+        queue: StoreQueueId,
+        seq: u64,
+        data: Bytes,
+    },
     PutMeta {
         key: Vec<u8>,
         value: Vec<u8>,
@@ -255,37 +268,60 @@ impl Store {
 
     /// The persistent messages of one queue, in sequence order.
     pub fn load_queue(&self, queue: StoreQueueId) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut out = Vec::new();
+        self.scan_queue(queue, 0, u64::MAX, |m| {
+            out.push(m);
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Visits the messages `first..=last` of `queue` in sequence order, one at a time (a
+    /// backlog is never all in memory), until `visit` returns false.
+    pub fn scan_queue(
+        &self,
+        queue: StoreQueueId,
+        first: u64,
+        last: u64,
+        mut visit: impl FnMut(StoredMessage) -> bool,
+    ) -> Result<(), StoreError> {
         let msgs = self.cf(CF_MSGS)?;
         let delivered_cf = self.cf(CF_DELIVERED)?;
-        let (start, end) = queue_range(queue);
+        let start = message_key(queue, first);
+        let end = queue_range(queue).1;
+        let in_range = |k: &[u8]| -> Result<Option<u64>, StoreError> {
+            if k >= end.as_slice() {
+                return Ok(None);
+            }
+            let seq = keys::seq_of(k)?;
+            Ok((seq <= last).then_some(seq))
+        };
+        // Delivery marks are few (messages handed out before a restart): a set is small.
         let mut delivered = std::collections::HashSet::new();
         for item in self.inner.db.iterator_cf(
             delivered_cf,
             IteratorMode::From(&start, rocksdb::Direction::Forward),
         ) {
             let (k, _) = item?;
-            if k.as_ref() >= end.as_slice() {
-                break;
-            }
-            delivered.insert(keys::seq_of(&k)?);
+            let Some(seq) = in_range(&k)? else { break };
+            delivered.insert(seq);
         }
-        let mut out = Vec::new();
         for item in self.inner.db.iterator_cf(
             msgs,
             IteratorMode::From(&start, rocksdb::Direction::Forward),
         ) {
             let (k, v) = item?;
-            if k.as_ref() >= end.as_slice() {
-                break;
-            }
-            let seq = keys::seq_of(&k)?;
-            out.push(StoredMessage {
+            let Some(seq) = in_range(&k)? else { break };
+            let m = StoredMessage {
                 seq,
                 data: Bytes::from(v.into_vec()),
                 delivered: delivered.contains(&seq),
-            });
+            };
+            if !visit(m) {
+                break;
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {

@@ -49,7 +49,7 @@ pub(crate) fn run(
             for op in &sub.ops {
                 needs_sync |= op.needs_sync();
                 match op {
-                    Op::PutMessage { queue, seq, data } => {
+                    Op::PutMessage { queue, seq, data } | Op::PageOut { queue, seq, data } => {
                         batch.put_cf(msgs, message_key(*queue, *seq), data)
                     }
                     Op::MarkDelivered { queue, seq } => {
@@ -62,6 +62,14 @@ pub(crate) fn run(
                     }
                     Op::DeleteQueueMessages { queue } => {
                         let (start, end) = queue_range(*queue);
+                        batch.delete_range_cf(msgs, start, end);
+                        batch.delete_range_cf(delivered, start, end);
+                    }
+                    Op::DeleteMessageRange { queue, first, last } => {
+                        let (start, end) = (
+                            message_key(*queue, *first),
+                            message_key(*queue, last.saturating_add(1)),
+                        );
                         batch.delete_range_cf(msgs, start, end);
                         batch.delete_range_cf(delivered, start, end);
                     }
