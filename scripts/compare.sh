@@ -24,15 +24,20 @@ DATA=$(mktemp -d)
 "$CARGO_TARGET_DIR/release/warren" --data-dir "$DATA" --amqp-listen 127.0.0.1:5699 --mqtt-listen 127.0.0.1:1899 \
   --stomp-listen 127.0.0.1:61699 --http-listen off --web-stomp-listen off --web-mqtt-listen off >/dev/null 2>&1 &
 WARREN_PID=$!
-trap 'kill $WARREN_PID 2>/dev/null; rm -rf "$DATA"' EXIT
+# The machine's ceiling: a plain TCP relay in the broker's place, measured with the same tool.
+"$BENCH" --relay 127.0.0.1:5700 &
+RELAY_PID=$!
+trap 'kill $WARREN_PID $RELAY_PID 2>/dev/null; rm -rf "$DATA"' EXIT
 sleep 1
 RABBIT_PID=$(pgrep beam.smp | head -1)
 MOSQ_PID=$(pgrep -x mosquitto | head -1)
 OUT=${OUT:-$(mktemp)}
 N=1; [ "$QUICK" = 1 ] && N=4   # --quick divides message counts by 4
 
-warren()   { $BENCH --label warren   --broker-pid $WARREN_PID --url amqp://guest:guest@127.0.0.1:5699/%2f --mqtt-port 1899 --stomp-port 61699 "$@" | tee -a "$OUT" || true; }
-rabbitmq() { $BENCH --label rabbitmq --broker-pid "$RABBIT_PID" --url amqp://guest:guest@127.0.0.1:5680/%2f --mqtt-port 1890 --stomp-port 61620 "$@" | tee -a "$OUT" || true; }
+# AMQP's data path uses the bench's raw client for every broker (lapin was the bottleneck).
+warren()   { $BENCH --client raw --label warren   --broker-pid $WARREN_PID --url amqp://guest:guest@127.0.0.1:5699/%2f --mqtt-port 1899 --stomp-port 61699 "$@" | tee -a "$OUT" || true; }
+rabbitmq() { $BENCH --client raw --label rabbitmq --broker-pid "$RABBIT_PID" --url amqp://guest:guest@127.0.0.1:5680/%2f --mqtt-port 1890 --stomp-port 61620 "$@" | tee -a "$OUT" || true; }
+relay()    { $BENCH --label relay --broker-pid "$RELAY_PID" --relay-port 5700 --scenario tcp "$@" | tee -a "$OUT" || true; }
 mosquitto() { $BENCH --label mosquitto --broker-pid "$MOSQ_PID" --mqtt-port 1891 "$@" | tee -a "$OUT" || true; }
 
 for round in $(seq "$ROUNDS"); do
@@ -53,6 +58,7 @@ for round in $(seq "$ROUNDS"); do
   for s in "mqtt-qos2 --messages $((50000/N)) --inflight 500" "mqtt-fanin --devices $((10000/N)) --duration 10"; do
     warren --scenario $s; mosquitto --scenario $s
   done
+  relay --messages $((200000/N)) --inflight 500; relay --messages $((50000/N)) --rate 10000
 done
 
 python3 - "$OUT" "$WRITE" <<'PY'
@@ -70,7 +76,7 @@ def ratio(a, b):
 lines = []
 lines.append("| scenario | mode | Warren | RabbitMQ | Mosquitto | W/R | W/M | CPU-s/M msgs W / R / M | p99 ms W / R / M | lost+dup |")
 lines.append("|---|---|---|---|---|---|---|---|---|---|")
-for sc, mode in dict.fromkeys((r["scenario"], r["mode"]) for r in runs):
+for sc, mode in dict.fromkeys((r["scenario"], r["mode"]) for r in runs if r["label"] != "relay"):
     key = "deliveries_per_sec" if sc == "fanout" else "msgs_per_sec"
     w, r, m = (med(sc, mode, l, key) for l in ("warren", "rabbitmq", "mosquitto"))
     cpu = " / ".join(f(med(sc, mode, l, "broker_cpu_secs_per_million"), "{:.1f}") for l in ("warren", "rabbitmq", "mosquitto"))
@@ -78,6 +84,16 @@ for sc, mode in dict.fromkeys((r["scenario"], r["mode"]) for r in runs):
     bad = sum(x["lost"] + x["duplicates"] for x in runs if x["scenario"] == sc and x["mode"] == mode)
     unit = " (deliveries/s)" if sc == "fanout" else ""
     lines.append(f"| {sc}{unit} | {mode} | {f(w)} | {f(r)} | {f(m)} | {ratio(w, r)} | {ratio(w, m)} | {cpu} | {p99} | {bad} |")
+relay = [(mode, med("tcp", mode, "relay", "msgs_per_sec"), med("tcp", mode, "relay", "latency", "p99_ms"))
+         for mode in dict.fromkeys(r["mode"] for r in runs if r["label"] == "relay")]
+if relay:
+    lines.append("")
+    lines.append("Ceiling of this machine: a plain TCP relay in the broker's place (`warren-bench --relay`), same tool:")
+    lines.append("")
+    lines.append("| mode | msg/s | p99 ms |")
+    lines.append("|---|---|---|")
+    for mode, v, p99 in relay:
+        lines.append(f"| {mode} | {f(v)} | {f(p99, '{:.2f}')} |")
 table = "\n".join(lines)
 print(table)
 if sys.argv[2] == "1":

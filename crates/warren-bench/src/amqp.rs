@@ -10,6 +10,7 @@ use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
+use crate::amqp_raw::{RawConn, RawPublisher};
 use crate::report::{stamp, Pacer, Tracker};
 use crate::{begin, Args, Run};
 
@@ -29,6 +30,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
         _ => (false, false, false, args.queues),
     };
     let topic = args.scenario == "topic";
+    let raw = args.client == "raw";
     // `fill`: persistent messages spread over durable queues `fill-<i>` that nobody
     // consumes (for start-up and backlog measurements); they are left in place.
     let fill = args.scenario == "fill";
@@ -83,6 +85,19 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
         if topic {
             bind_many(&cch, &q, &exchange, args.bindings).await?;
         }
+        if raw {
+            let mut c = RawConn::open(&args.url).await?;
+            c.subscribe(&q, args.prefetch, !confirms).await?;
+            let t = tracker.clone();
+            tokio::spawn(async move {
+                if let Err(e) = c.deliveries(!confirms, |body| t.record(i, body)).await {
+                    eprintln!("consumer {i}: {e}");
+                }
+            });
+            names.push(q.clone());
+            keep.push(cch);
+            continue;
+        }
         cch.basic_qos(args.prefetch, BasicQosOptions::default())
             .await?;
         let mut consumer = cch
@@ -121,10 +136,28 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
     };
     let per_msg = queues as u64;
     let started = begin(args);
-    let mut pace = Pacer::start(args.pace(), &tracker, args.messages);
+    let mut pace = Pacer::start(args.pace(), &tracker);
     let mut body = vec![0u8; args.size];
     let mut window = VecDeque::new();
+    let mut raw_pub = match raw {
+        true => Some(
+            RawConn::open(&args.url)
+                .await?
+                .into_publisher(confirms)
+                .await?,
+        ),
+        false => None,
+    };
+    let amqp_props = RawPublisher::properties(&match persistent {
+        true => warren_amqp_codec::BasicProperties::default().with_delivery_mode(2),
+        false => warren_amqp_codec::BasicProperties::default(),
+    });
     for i in 0..args.messages {
+        if let Some(p) = raw_pub.as_mut() {
+            if pace.would_wait(i, &tracker, per_msg) {
+                p.flush().await?;
+            }
+        }
         let sent = pace.before(i, &tracker, per_msg).await;
         stamp(&mut body, i, sent);
         let key = if fill {
@@ -136,6 +169,13 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
         } else {
             names[0].clone()
         };
+        if let Some(p) = raw_pub.as_mut() {
+            p.publish(&exchange, &key, &body, &amqp_props).await?;
+            if confirms {
+                p.wait_confirms(args.window as u64).await?;
+            }
+            continue;
+        }
         let c = pch
             .basic_publish(
                 exchange.as_str().into(),
@@ -156,6 +196,12 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
             }
         }
     }
+    if let Some(p) = raw_pub.as_mut() {
+        p.flush().await?;
+        if confirms {
+            p.wait_confirms(0).await?;
+        }
+    }
     for c in window {
         if !c.await?.is_ack() {
             bail!("publish nacked");
@@ -168,6 +214,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
         args.messages * queues as u64
     };
     let cleanup = Box::pin(async move {
+        // The publishing connection stays open until every delivery is counted: a broker
+        // may drop what it has not routed yet when a publisher's socket closes (RabbitMQ
+        // does, for transient messages).
+        drop(raw_pub);
         for q in names.iter().filter(|_| !fill) {
             let _ = pch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())

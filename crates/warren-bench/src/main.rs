@@ -3,7 +3,9 @@
 //!
 //! Scenarios: `transient`, `confirms`, `fanout`, `topic`, `fill` (AMQP; `fill` leaves
 //! persistent messages in durable queues for start-up measurements); `mqtt-qos0`, `mqtt-qos1`,
-//! `mqtt-qos2`, `mqtt-fanin` (MQTT); `stomp-queue`, `stomp-topic` (STOMP). Load modes: as
+//! `mqtt-qos2`, `mqtt-fanin` (MQTT); `stomp-queue`, `stomp-topic` (STOMP); `tcp` (a plain
+//! TCP relay started with `--relay`, the machine's ceiling). AMQP publishes and consumes
+//! with lapin or, with `--client raw`, a minimal batching client (amqp_raw.rs). Load modes: as
 //! fast as possible (default), closed loop (`--inflight N`) and fixed rate (`--rate R`,
 //! latency measured from the schedule, so stalls are not hidden). Every message carries its
 //! id and send time: lost and duplicated deliveries are counted and fail the run, latency
@@ -12,7 +14,9 @@
 //! small machine where client and broker share the cores.
 
 mod amqp;
+mod amqp_raw;
 mod mqtt;
+mod relay;
 mod report;
 mod stomp;
 
@@ -36,11 +40,18 @@ pub struct Args {
     /// MQTT port.
     #[arg(long, default_value_t = 1883)]
     mqtt_port: u16,
+    /// Port of the `tcp` scenario's relay.
+    #[arg(long, default_value_t = 5700)]
+    relay_port: u16,
+    /// Run a plain TCP relay on this address instead of a scenario (the machine's
+    /// ceiling, measured by the `tcp` scenario).
+    #[arg(long)]
+    relay: Option<String>,
     /// STOMP port.
     #[arg(long, default_value_t = 61613)]
     stomp_port: u16,
     /// transient | confirms | fanout | topic | fill | mqtt-qos0 | mqtt-qos1 | mqtt-qos2 |
-    /// mqtt-fanin | stomp-queue | stomp-topic
+    /// mqtt-fanin | stomp-queue | stomp-topic | tcp (through `--relay`)
     #[arg(long, default_value = "transient")]
     scenario: String,
     /// Messages to publish.
@@ -70,6 +81,10 @@ pub struct Args {
     /// Seconds of publishing in mqtt-fanin.
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// AMQP client of the publishing and consuming path: `lapin`, or `raw` (a minimal
+    /// client on Warren's codec that batches writes; see amqp_raw.rs). Setup uses lapin.
+    #[arg(long, default_value = "lapin")]
+    client: String,
     /// Consumer prefetch (AMQP).
     #[arg(long, default_value_t = 1000)]
     prefetch: u16,
@@ -132,6 +147,9 @@ pub struct Run {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
+    if let Some(addr) = &args.relay {
+        return relay::serve(addr).await;
+    }
     args.size = args.size.max(report::HEADER);
     raise_fd_limit();
     let rss_before = args.broker_pid.and_then(rss_kib);
@@ -140,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
         "mqtt-qos0" | "mqtt-qos1" | "mqtt-qos2" => mqtt::one_to_one(&args).await?,
         "mqtt-fanin" => mqtt::fan_in(&args).await?,
         "stomp-queue" | "stomp-topic" => stomp::run(&args).await?,
+        "tcp" => relay::run(&args).await?,
         other => bail!("unknown scenario {other}"),
     };
     let end = run

@@ -95,7 +95,7 @@ pub async fn one_to_one(args: &Args) -> anyhow::Result<Run> {
         Instant::now()
     });
     let started = begin(args);
-    let mut pace = Pacer::start(args.pace(), &tracker, args.messages);
+    let mut pace = Pacer::start(args.pace(), &tracker);
     let mut body = vec![0u8; args.size];
     for i in 0..args.messages {
         let sent = pace.before(i, &tracker, 1).await;

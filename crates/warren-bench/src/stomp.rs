@@ -78,7 +78,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
     });
     let (mut publisher, _) = connect(args).await?;
     let started = begin(args);
-    let mut pace = Pacer::start(args.pace(), &tracker, args.messages);
+    let mut pace = Pacer::start(args.pace(), &tracker);
     let mut body = vec![0u8; args.size];
     let mut out = BytesMut::with_capacity(128 * 1024);
     let content_length = args.size.to_string();
