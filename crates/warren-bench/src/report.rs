@@ -148,6 +148,8 @@ pub enum Pace {
 pub struct Pacer {
     pace: Pace,
     origin: u64,
+    /// Closed loop: messages given up on after a stall (counted as lost at the end).
+    written_off: u64,
 }
 
 impl Pacer {
@@ -156,6 +158,7 @@ impl Pacer {
         Pacer {
             pace,
             origin: t.now_ns(),
+            written_off: 0,
         }
     }
 
@@ -167,7 +170,9 @@ impl Pacer {
     /// write what it holds first, or nothing would be delivered).
     pub fn would_wait(&self, i: u64, t: &Tracker, deliveries_per_msg: u64) -> bool {
         match self.pace {
-            Pace::Closed(n) => i * deliveries_per_msg >= t.delivered() + n * deliveries_per_msg,
+            Pace::Closed(n) => {
+                i * deliveries_per_msg >= t.delivered() + self.written_off + n * deliveries_per_msg
+            }
             Pace::Rate(_) => true,
             Pace::Max => false,
         }
@@ -185,16 +190,27 @@ impl Pacer {
                 // is full, it resumes when an eighth of it is free, so a batching client
                 // writes batches instead of one message per freed slot.
                 let d = deliveries_per_msg;
-                if i * d >= t.delivered() + n * d {
+                if i * d >= t.delivered() + self.written_off + n * d {
                     let resume = (i * d + d * (n / 8).max(1)).saturating_sub(n * d);
+                    // A broker that drops messages would hold the window forever: after
+                    // 10 s without a delivery, what is in flight is written off and the
+                    // run goes on (the loss is reported at the end, not hidden).
+                    let (mut seen, mut since) = (t.delivered(), Instant::now());
                     loop {
                         let progress = t.progress.notified();
                         tokio::pin!(progress);
                         progress.as_mut().enable();
-                        if t.delivered() >= resume {
+                        let now = t.delivered() + self.written_off;
+                        if now >= resume {
                             break;
                         }
-                        progress.await;
+                        if now != seen {
+                            (seen, since) = (now, Instant::now());
+                        } else if since.elapsed() > Duration::from_secs(10) {
+                            self.written_off = (i * d).saturating_sub(t.delivered());
+                            break;
+                        }
+                        let _ = tokio::time::timeout(Duration::from_secs(1), progress).await;
                     }
                 }
                 t.now_ns()

@@ -634,7 +634,7 @@ impl Queue {
             return false;
         };
         let now = Instant::now();
-        let (mut loaded, mut bytes) = (0usize, 0u64);
+        let (mut loaded, mut bytes, mut expiring) = (0usize, 0u64, false);
         let mut visit = |m: warren_store::StoredMessage| {
             let msg = match Message::decode(m.data) {
                 Ok(msg) => msg,
@@ -659,6 +659,7 @@ impl Queue {
             };
             loaded += 1;
             bytes += entry.size();
+            expiring |= expires_at.is_some();
             s.ready[0].push_back(entry);
             true
         };
@@ -670,7 +671,7 @@ impl Queue {
         // The totals counted the chunk as paged; correct them by what was really there.
         s.ready_count = s.ready_count - chunk.count + loaded;
         s.ready_bytes = s.ready_bytes - chunk.bytes + bytes;
-        if s.ready[0].iter().any(|e| e.expires_at.is_some()) && !s.timer_running {
+        if expiring && !s.timer_running {
             s.timer_running = true;
             self.spawn_timer();
         }
