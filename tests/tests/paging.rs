@@ -184,3 +184,49 @@ async fn purging_a_paged_queue_removes_the_stored_backlog() {
     let b = b.restart().await;
     assert_eq!(counts(&b, "purged").ready, 0, "nothing comes back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_publishers_keep_their_order_through_paging() {
+    // Two connections publish into one queue past the paging threshold at the same time:
+    // sequence numbers and enqueue order interleave, which is what chunk runs are for.
+    let b = common::start().await;
+    let (_c, ch) = b.channel().await;
+    durable_queue(&ch, "raced").await;
+    let per = N / 2;
+    let mut publishers = Vec::new();
+    for p in 0..2u64 {
+        let (c, ch) = b.channel().await;
+        publishers.push(tokio::spawn(async move {
+            // Publisher p sends p*1e9 + 0.. so each one's own order can be checked.
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .expect("confirm.select");
+            publish_ids(
+                &ch,
+                "raced",
+                p * 1_000_000_000,
+                p * 1_000_000_000 + per,
+                true,
+            )
+            .await;
+            ch.wait_for_confirms().await.expect("confirms");
+            c
+        }));
+    }
+    let mut keep = Vec::new();
+    for p in publishers {
+        keep.push(p.await.expect("publisher"));
+    }
+    assert!(counts(&b, "raced").paged_out > 0);
+    let ids = consume_ids(&ch, "raced", 2 * per).await;
+    let mut seen = std::collections::HashSet::new();
+    let mut next = [0u64; 2];
+    for id in ids {
+        assert!(seen.insert(id), "{id} delivered twice");
+        let (p, k) = ((id / 1_000_000_000) as usize, id % 1_000_000_000);
+        assert_eq!(k, next[p], "publisher {p} out of order");
+        next[p] += 1;
+    }
+    assert_eq!(next, [per, per]);
+    assert_eq!(counts(&b, "raced").ready, 0);
+}
