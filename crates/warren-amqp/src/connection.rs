@@ -248,7 +248,7 @@ impl Conn {
                     }
                 }
                 _ = self.outbox.events_ready() => {
-                    self.handle_events().await;
+                    Box::pin(self.handle_events()).await;
                 }
                 r = self.synced.changed(), if want_sync => {
                     if r.is_ok() {
@@ -344,7 +344,7 @@ impl Conn {
                 }
             };
             if let Err(e) = self.handle_frame(frame).await {
-                self.handle_error(e).await;
+                Box::pin(self.handle_error(e)).await;
             }
         }
     }
@@ -430,12 +430,14 @@ impl Conn {
                 Ok(())
             }
             Phase::Done => Ok(()),
+            // Cold paths boxed: a frame's future is as large as its largest branch, and
+            // it is copied for every frame.
             Phase::AwaitStartOk | Phase::AwaitTuneOk | Phase::AwaitOpen => {
-                self.handle_handshake(frame).await
+                Box::pin(self.handle_handshake(frame)).await
             }
             Phase::Open => match frame {
                 Frame::Heartbeat(_) => Ok(()),
-                Frame::Method(0, m) => self.handle_connection_method(*m).await,
+                Frame::Method(0, m) => Box::pin(self.handle_connection_method(*m)).await,
                 Frame::Method(ch, m) => self.handle_channel_method(ch, *m).await,
                 Frame::Header(0, _) | Frame::Body(0, _) => Err(connection_error(
                     code::COMMAND_INVALID,

@@ -838,7 +838,9 @@ impl Queue {
                 v.dead_letter(self, msg, reason).await;
             }
             if delete_queue {
-                let _ = v.delete_queue(self.name.as_str(), None, false, false).await;
+                // Boxed: rare, and its future is large; unboxed it was part of (and copied
+                // with) every enqueue's future on the publish path.
+                let _ = Box::pin(v.delete_queue(self.name.as_str(), None, false, false)).await;
             }
         }
     }
