@@ -349,9 +349,9 @@ impl Conn {
         // boxed so it is not copied into every frame's future: that copying was a third of
         // the broker's CPU in a transient 1→1 run (perf, docs/PERFORMANCE.md).
         if let AMQPClass::Basic(basic::AMQPMethod::Publish(p)) = m {
-            self.vh()?;
             return self
-                .start_publish(ch, p)
+                .vh()
+                .and_then(|_| self.start_publish(ch, p))
                 .map_err(|e| e.at(class_id, method_id));
         }
         Box::pin(self.dispatch(ch, m))

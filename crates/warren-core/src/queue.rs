@@ -489,46 +489,38 @@ impl Queue {
                     fx.dead.push((entry.msg, DeadReason::Maxlen));
                 }
                 EnqueueOutcome::Rejected
-            } else if self.pages_out(&s) {
-                s.stats.published += 1;
-                s.ready_count += 1;
-                s.ready_bytes += size;
-                let ticket = if persisted {
-                    Some(ticket.map_or(0, |t| t.0))
-                } else {
-                    // Transient: written now (unsynced) so the backlog can leave memory.
-                    fx.ops.push(Op::PageOut {
-                        queue: self.store_id,
-                        seq,
-                        data: entry.msg.encode(),
-                    });
-                    None
-                };
-                let chunk = s.paged.push(seq, size, ticket, false);
-                if ticket.is_none() {
-                    fx.paged_out.push(chunk);
-                }
-                while self.over_limit(s.ready_count as u64, s.ready_bytes) {
-                    let Some(old) = self.pop_ready(&mut s, &mut fx) else {
-                        break;
-                    };
-                    self.discard(old, DeadReason::Maxlen, &mut fx);
-                }
-                self.dispatch(&mut s, &mut fx, now);
-                EnqueueOutcome::Accepted
             } else {
+                let page_out = self.pages_out(&s);
                 s.stats.published += 1;
-                let level = self.priority_level(&entry.msg);
-                let was_empty = s.ready[level].is_empty();
                 s.ready_count += 1;
                 s.ready_bytes += size;
-                s.ready[level].push_back(entry);
-                if expires_at.is_some() && was_empty {
-                    if !s.timer_running {
-                        s.timer_running = true;
-                        self.spawn_timer();
+                if page_out {
+                    let ticket = if persisted {
+                        Some(ticket.map_or(0, |t| t.0))
                     } else {
-                        self.timer.notify_one();
+                        // Transient: written now (unsynced) so the backlog can leave memory.
+                        fx.ops.push(Op::PageOut {
+                            queue: self.store_id,
+                            seq,
+                            data: entry.msg.encode(),
+                        });
+                        None
+                    };
+                    let chunk = s.paged.push(seq, size, ticket, false);
+                    if ticket.is_none() {
+                        fx.paged_out.push(chunk);
+                    }
+                } else {
+                    let level = self.priority_level(&entry.msg);
+                    let was_empty = s.ready[level].is_empty();
+                    s.ready[level].push_back(entry);
+                    if expires_at.is_some() && was_empty {
+                        if !s.timer_running {
+                            s.timer_running = true;
+                            self.spawn_timer();
+                        } else {
+                            self.timer.notify_one();
+                        }
                     }
                 }
                 // drop-head (the default) keeps the newest messages.
