@@ -179,8 +179,8 @@ impl Outbox {
     }
 
     /// Resolves when events are pending.
-    pub async fn events_ready(&self) {
-        self.notify.notified().await
+    pub fn events_ready(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
     }
 }
 
@@ -204,6 +204,13 @@ impl Deliveries {
                 Err(Empty) => self.outbox.ready.notified().await,
             }
         }
+    }
+
+    /// Resolves when a delivery may be waiting: take them with [`Deliveries::try_recv`].
+    /// Smaller than [`Deliveries::recv`]'s future (no loop state), for connections that
+    /// wait in one `select!` for their whole idle life.
+    pub fn ready(&self) -> tokio::sync::futures::Notified<'_> {
+        self.outbox.ready.notified()
     }
 
     /// The next delivery if one is waiting. Running empty gives a large buffer back.

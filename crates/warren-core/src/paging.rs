@@ -54,12 +54,14 @@ pub(crate) enum Readiness {
 }
 
 /// The paged-out tail of one queue (all of it behind the in-memory ready messages).
+///
+/// Boxed until the queue first pages out: most queues never do, and an idle MQTT session
+/// queue should not carry the bookkeeping.
 #[derive(Debug, Default)]
 pub(crate) struct Paged {
-    chunks: VecDeque<Chunk>,
-    /// Messages and body bytes in all chunks (also counted in the queue's ready totals).
-    pub count: usize,
-    pub bytes: u64,
+    tail: Option<Box<Tail>>,
+    /// Chunk ids never repeat in a queue's life (a purge can leave writes of an old chunk
+    /// to be resolved by id).
     next_id: u64,
     /// A task is waiting for the store to sync the front chunk.
     pub waiter: bool,
@@ -67,9 +69,27 @@ pub(crate) struct Paged {
     pub stalled: bool,
 }
 
+#[derive(Debug, Default)]
+struct Tail {
+    chunks: VecDeque<Chunk>,
+    /// Messages and body bytes in all chunks (also counted in the queue's ready totals).
+    count: usize,
+    bytes: u64,
+}
+
 impl Paged {
     pub fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
+        self.tail.as_ref().is_none_or(|t| t.chunks.is_empty())
+    }
+
+    /// Messages in all chunks (also counted in the queue's ready total).
+    pub fn count(&self) -> usize {
+        self.tail.as_ref().map_or(0, |t| t.count)
+    }
+
+    /// Body bytes in all chunks (also counted in the queue's ready bytes).
+    pub fn bytes(&self) -> u64 {
+        self.tail.as_ref().map_or(0, |t| t.bytes)
     }
 
     /// Pages out message `seq`; `ticket` is `None` while its write is still to be submitted
@@ -77,10 +97,11 @@ impl Paged {
     /// message and this one is this chunk's too (true at recovery, which scans the store in
     /// order), so the run may skip over them. Returns the chunk's id.
     pub fn push(&mut self, seq: u64, bytes: u64, ticket: Option<u64>, gaps_free: bool) -> u64 {
-        let fresh = self.chunks.back().is_none_or(|c| c.count >= CHUNK_MESSAGES);
+        let t = self.tail.get_or_insert_with(Default::default);
+        let fresh = t.chunks.back().is_none_or(|c| c.count >= CHUNK_MESSAGES);
         if fresh {
             self.next_id += 1;
-            self.chunks.push_back(Chunk {
+            t.chunks.push_back(Chunk {
                 id: self.next_id,
                 runs: Vec::new(),
                 count: 0,
@@ -89,7 +110,7 @@ impl Paged {
                 pending: 0,
             });
         }
-        let Some(c) = self.chunks.back_mut() else {
+        let Some(c) = t.chunks.back_mut() else {
             return 0;
         };
         match c.runs.last_mut() {
@@ -102,21 +123,24 @@ impl Paged {
             Some(t) => c.ticket = c.ticket.max(t),
             None => c.pending += 1,
         }
-        self.count += 1;
-        self.bytes += bytes;
+        t.count += 1;
+        t.bytes += bytes;
         c.id
     }
 
     /// The write of one pending message of chunk `id` got `ticket`.
     pub fn resolve(&mut self, id: u64, ticket: u64) {
-        if let Some(c) = self.chunks.iter_mut().rev().find(|c| c.id == id) {
+        let Some(t) = self.tail.as_mut() else {
+            return;
+        };
+        if let Some(c) = t.chunks.iter_mut().rev().find(|c| c.id == id) {
             c.pending = c.pending.saturating_sub(1);
             c.ticket = c.ticket.max(ticket);
         }
     }
 
     pub fn readiness(&self, synced: u64) -> Readiness {
-        match self.chunks.front() {
+        match self.tail.as_ref().and_then(|t| t.chunks.front()) {
             None => Readiness::Empty,
             Some(c) if c.pending > 0 => Readiness::WaitPending,
             Some(c) if c.ticket > synced => Readiness::WaitSync(c.ticket),
@@ -124,21 +148,26 @@ impl Paged {
         }
     }
 
-    /// Takes the front chunk out of the totals (its messages move to memory).
+    /// Takes the front chunk out of the totals (its messages move to memory). The
+    /// bookkeeping is freed with the last chunk.
     pub fn pop_front(&mut self) -> Option<Chunk> {
-        let c = self.chunks.pop_front()?;
-        self.count -= c.count;
-        self.bytes -= c.bytes;
+        let t = self.tail.as_mut()?;
+        let c = t.chunks.pop_front()?;
+        t.count -= c.count;
+        t.bytes -= c.bytes;
+        if t.chunks.is_empty() {
+            self.tail = None;
+        }
         Some(c)
     }
 
     /// Drops every chunk; returns their runs (for deleting them in the store).
     pub fn clear(&mut self) -> Vec<(u64, u64)> {
-        let ranges = self.chunks.drain(..).flat_map(|c| c.runs).collect();
-        self.count = 0;
-        self.bytes = 0;
         self.stalled = false;
-        ranges
+        match self.tail.take() {
+            Some(t) => t.chunks.into_iter().flat_map(|c| c.runs).collect(),
+            None => Vec::new(),
+        }
     }
 }
 
@@ -154,8 +183,8 @@ mod tests {
             p.push(seq, 10, Some(seq), false);
         }
         let second = p.push(CHUNK_MESSAGES as u64 + 1, 10, None, false);
-        assert_eq!(p.count, CHUNK_MESSAGES + 1);
-        assert_eq!(p.bytes, 10 * (CHUNK_MESSAGES as u64 + 1));
+        assert_eq!(p.count(), CHUNK_MESSAGES + 1);
+        assert_eq!(p.bytes(), 10 * (CHUNK_MESSAGES as u64 + 1));
         assert_eq!(p.readiness(5), Readiness::WaitSync(CHUNK_MESSAGES as u64));
         assert_eq!(p.readiness(u64::MAX), Readiness::Ready);
         let c = p.pop_front().expect("front chunk");
@@ -169,7 +198,7 @@ mod tests {
             p.clear(),
             vec![(CHUNK_MESSAGES as u64 + 1, CHUNK_MESSAGES as u64 + 1)]
         );
-        assert_eq!((p.count, p.bytes), (0, 0));
+        assert_eq!((p.count(), p.bytes()), (0, 0));
     }
 
     #[test]

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use amq_protocol_types::{AMQPValue, FieldTable, ShortString};
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 use tokio::sync::Notify;
 use warren_store::{Op, StoreQueueId, Ticket};
 
@@ -41,7 +42,7 @@ pub enum Overflow {
 }
 
 /// The queue arguments Warren acts on, parsed and validated at declare time.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct QueueConfig {
     pub message_ttl: Option<u64>,
     pub expires: Option<u64>,
@@ -204,8 +205,9 @@ impl ConsumerEntry {
 
 #[derive(Default)]
 struct QueueState {
-    /// Index = priority level (one level unless `x-max-priority`).
-    ready: Vec<VecDeque<Entry>>,
+    /// Index = priority level (one level unless `x-max-priority`): the one level of an
+    /// ordinary queue is kept inline, not in an allocation of its own.
+    ready: SmallVec<[VecDeque<Entry>; 1]>,
     ready_count: usize,
     ready_bytes: u64,
     unacked: HashMap<u64, Unacked>,
@@ -295,11 +297,24 @@ pub struct Queue {
     pub exclusive_owner: Option<ConnectionId>,
     pub auto_delete: bool,
     pub arguments: FieldTable,
-    pub config: QueueConfig,
+    /// Shared by every queue declared without arguments (most of them: one per MQTT
+    /// session), so those do not carry ~120 bytes of empty options each.
+    pub config: Arc<QueueConfig>,
     state: Mutex<QueueState>,
     next_seq: AtomicU64,
     /// Wakes the housekeeping task (TTL and x-expires) when a nearer deadline appears.
     timer: Notify,
+}
+
+/// `config` itself, or the one shared default when it has no options.
+fn shared_config(config: QueueConfig) -> Arc<QueueConfig> {
+    static DEFAULT: std::sync::LazyLock<Arc<QueueConfig>> =
+        std::sync::LazyLock::new(|| Arc::new(QueueConfig::default()));
+    if config == QueueConfig::default() {
+        DEFAULT.clone()
+    } else {
+        Arc::new(config)
+    }
 }
 
 impl std::fmt::Debug for Queue {
@@ -334,7 +349,7 @@ impl Queue {
             exclusive_owner,
             auto_delete,
             arguments,
-            config,
+            config: shared_config(config),
             state: Mutex::new(state),
             next_seq: AtomicU64::new(1),
             timer: Notify::new(),
@@ -367,7 +382,7 @@ impl Queue {
             unacked: s.unacked.len() as u32,
             consumers: s.consumers.len() as u32,
             ready_bytes: s.ready_bytes,
-            paged_out: s.paged.count as u32,
+            paged_out: s.paged.count() as u32,
             stats: s.stats,
         }
     }
@@ -580,8 +595,8 @@ impl Queue {
             return false;
         }
         !s.paged.is_empty()
-            || s.ready_count - s.paged.count >= PAGE_AFTER_MESSAGES
-            || s.ready_bytes - s.paged.bytes >= PAGE_AFTER_BYTES
+            || s.ready_count - s.paged.count() >= PAGE_AFTER_MESSAGES
+            || s.ready_bytes - s.paged.bytes() >= PAGE_AFTER_BYTES
     }
 
     /// The head message, reading the next paged-out chunk when memory ran dry.
@@ -881,6 +896,10 @@ impl Queue {
             }
             s.had_consumer = true;
             s.last_used = Some(Instant::now());
+            // Most queues have one consumer (every MQTT session queue): no room for four.
+            if s.consumers.capacity() == 0 {
+                s.consumers.reserve_exact(1);
+            }
             s.consumers.push(ConsumerEntry {
                 spec,
                 unacked: 0,
@@ -981,7 +1000,7 @@ impl Queue {
             let found = self.get_once(no_ack).await;
             let paged = {
                 let s = self.state.lock();
-                !s.deleted && s.paged.count > 0 && s.ready_count == s.paged.count
+                !s.deleted && s.paged.count() > 0 && s.ready_count == s.paged.count()
             };
             if found.is_some() || !paged {
                 return found;

@@ -191,15 +191,15 @@ impl MqttFrontend {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        session::run(
-            stream,
+        session::run(session::Accepted {
+            socket: stream,
             peer,
             local,
             auth,
-            self.shared.clone(),
-            self.config.clone(),
+            shared: self.shared.clone(),
+            cfg: self.config.clone(),
             shutdown,
-        )
+        })
     }
 }
 
@@ -235,6 +235,6 @@ mod footprint {
         let task = fe.handle_stream(stream, addr, addr, shutdown);
         let size = std::mem::size_of_val(&task);
         println!("mqtt connection future: {size} bytes");
-        assert!(size <= 2048, "the connection future grew to {size} bytes");
+        assert!(size <= 1536, "the connection future grew to {size} bytes");
     }
 }
