@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use warren_amqp_codec as codec;
 use warren_core::{
     Access, ConsumerId, ConsumerSpec, Credit, Delivery, Exchange, ExchangeDecl, ExchangeKind,
-    Message, MsgSeq, Queue, QueueDecl, ResourceKind, ShortString, Target, VHost,
+    Message, MsgSeq, PublishOutcome, Queue, QueueDecl, ResourceKind, ShortString, Target, VHost,
 };
 
 use crate::connection::{truncate_short, Conn};
@@ -20,6 +20,14 @@ use crate::{fastpath, props};
 
 /// The pseudo-queue of RabbitMQ's direct reply-to.
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// A completed publish whose delivery must await (store writes, dead letters): the
+/// frame handler boxes [`Conn::finish_publish`] for it.
+pub(crate) struct PublishLater {
+    ch: u16,
+    confirm_tag: Option<u64>,
+    unfinished: warren_core::Unfinished,
+}
 
 /// A message being assembled from publish + header + body frames.
 struct PendingPublish {
@@ -323,15 +331,16 @@ impl Conn {
         };
         if chan.closing {
             match m {
+                // Boxed: closing is rare and its future large (see below).
                 AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
-                    self.drop_channel(ch).await;
+                    Box::pin(self.drop_channel(ch)).await;
                 }
                 AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
                     self.write(
                         ch,
                         AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
                     );
-                    self.drop_channel(ch).await;
+                    Box::pin(self.drop_channel(ch)).await;
                 }
                 _ => {}
             }
@@ -806,7 +815,11 @@ impl Conn {
                 };
                 let mut last_ticket = None;
                 for (p, msg) in buf.publishes {
-                    if let Some(t) = self.route_publish(ch, &p, msg).await?.0 {
+                    let outcome = match self.route_publish(ch, &p, msg)? {
+                        Ok(out) => out,
+                        Err(later) => self.finish_route(ch, later).await?,
+                    };
+                    if let Some(t) = outcome.ticket {
                         last_ticket = Some(t);
                     }
                 }
@@ -996,11 +1009,14 @@ impl Conn {
         Ok(())
     }
 
-    pub(crate) async fn handle_content_header(
+    /// A content header; completes the publish of an empty body. Like the body and
+    /// basic.publish, handled without an await: what must await comes back as
+    /// [`PublishLater`] for the caller to box (see `handle_channel_method`).
+    pub(crate) fn handle_content_header(
         &mut self,
         ch: u16,
         h: AMQPContentHeader,
-    ) -> Result<(), AmqpError> {
+    ) -> Result<Option<PublishLater>, AmqpError> {
         let max = self.cfg.max_message_size;
         let Some(chan) = self.channels.get_mut(&ch) else {
             return Err(connection_error(
@@ -1009,7 +1025,7 @@ impl Conn {
             ));
         };
         if chan.closing {
-            return Ok(());
+            return Ok(None);
         }
         let Some(p) = chan.pending.as_mut().filter(|p| p.header.is_none()) else {
             return Err(connection_error(
@@ -1038,12 +1054,17 @@ impl Conn {
         let size = h.body_size;
         p.header = Some((size, h.properties));
         if size == 0 {
-            self.complete_publish(ch).await?;
+            return self.complete_publish(ch);
         }
-        Ok(())
+        Ok(None)
     }
 
-    pub(crate) async fn handle_content_body(&mut self, ch: u16, b: Bytes) -> Result<(), AmqpError> {
+    /// A content body frame; the last one completes the publish.
+    pub(crate) fn handle_content_body(
+        &mut self,
+        ch: u16,
+        b: Bytes,
+    ) -> Result<Option<PublishLater>, AmqpError> {
         let Some(chan) = self.channels.get_mut(&ch) else {
             return Err(connection_error(
                 code::CHANNEL_ERROR,
@@ -1051,7 +1072,7 @@ impl Conn {
             ));
         };
         if chan.closing {
-            return Ok(());
+            return Ok(None);
         }
         let Some(p) = chan.pending.as_mut().filter(|p| p.header.is_some()) else {
             return Err(connection_error(
@@ -1077,21 +1098,21 @@ impl Conn {
             (None, false) => p.body.extend_from_slice(&b),
         }
         if p.received == size {
-            self.complete_publish(ch).await?;
+            return self.complete_publish(ch);
         }
-        Ok(())
+        Ok(None)
     }
 
-    async fn complete_publish(&mut self, ch: u16) -> Result<(), AmqpError> {
+    fn complete_publish(&mut self, ch: u16) -> Result<Option<PublishLater>, AmqpError> {
         let Some(p) = self.chan(ch).pending.take() else {
-            return Ok(());
+            return Ok(None);
         };
         let body = match p.first {
             Some(b) => b,
             None => p.body.freeze(),
         };
         let Some((_, amqp_props)) = p.header else {
-            return Ok(());
+            return Ok(None);
         };
         let mut properties = props::from_amqp(&amqp_props);
         let err = |c: u16, text: String| channel_error(ch, c, text).at(60, 40);
@@ -1144,7 +1165,7 @@ impl Conn {
             if let Some(tx) = self.chan(ch).tx.as_mut() {
                 tx.publishes.push((p.method, msg));
             }
-            return Ok(());
+            return Ok(None);
         }
         let confirm_tag = {
             let chan = self.chan(ch);
@@ -1154,26 +1175,58 @@ impl Conn {
                 t
             })
         };
-        let (ticket, rejected) = self.route_publish(ch, &p.method, msg).await?;
+        match self.route_publish(ch, &p.method, msg)? {
+            Ok(outcome) => {
+                self.confirm_publish(ch, confirm_tag, outcome);
+                Ok(None)
+            }
+            Err(unfinished) => Ok(Some(PublishLater {
+                ch,
+                confirm_tag,
+                unfinished,
+            })),
+        }
+    }
+
+    /// The rest of a publish that had to await (store writes, dead letters).
+    pub(crate) async fn finish_publish(&mut self, later: PublishLater) -> Result<(), AmqpError> {
+        let outcome = self.finish_route(later.ch, later.unfinished).await?;
+        self.confirm_publish(later.ch, later.confirm_tag, outcome);
+        Ok(())
+    }
+
+    async fn finish_route(
+        &mut self,
+        ch: u16,
+        unfinished: warren_core::Unfinished,
+    ) -> Result<PublishOutcome, AmqpError> {
+        self.vh()?
+            .finish_delivery(unfinished)
+            .await
+            .map_err(|e| AmqpError::from_core(e, ch, 60, 40))
+    }
+
+    /// Queues the publisher confirm of a routed message (sent once its write is synced).
+    fn confirm_publish(&mut self, ch: u16, confirm_tag: Option<u64>, outcome: PublishOutcome) {
         if let Some(tag) = confirm_tag {
             let chan = self.chan(ch);
             chan.confirms.push_back(PendingConfirm {
                 tag,
-                ticket: ticket.map(|t| t.0),
-                nack: rejected,
+                ticket: outcome.ticket.map(|t| t.0),
+                nack: outcome.rejected,
             });
             self.flush_confirms();
         }
-        Ok(())
     }
 
     /// Routes a complete message; sends basic.return for an unroutable mandatory one.
-    async fn route_publish(
+    /// What must await (store writes) is handed back unfinished.
+    fn route_publish(
         &mut self,
         ch: u16,
         p: &basic::Publish,
         msg: Arc<Message>,
-    ) -> Result<(Option<warren_core::Ticket>, bool), AmqpError> {
+    ) -> Result<Result<PublishOutcome, warren_core::Unfinished>, AmqpError> {
         let vh = self.vh()?;
         self.check_access(
             ch,
@@ -1202,8 +1255,7 @@ impl Conn {
         let queues = vh.route(&x, &msg);
         let unroutable = queues.is_empty();
         let outcome = vh
-            .deliver_to(queues, msg.clone())
-            .await
+            .deliver_now(queues, msg.clone())
             .map_err(|e| AmqpError::from_core(e, ch, 60, 40))?;
         if unroutable && p.mandatory {
             self.write(
@@ -1217,7 +1269,7 @@ impl Conn {
             );
             self.write_content(ch, &msg);
         }
-        Ok((outcome.ticket, outcome.rejected))
+        Ok(outcome)
     }
 
     /// Sends the confirms whose writes are synced, in order, coalescing runs of acks into

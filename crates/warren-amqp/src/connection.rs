@@ -21,7 +21,7 @@ use warren_core::{
     ConsumerId, FieldTable, LongString, Outbox, OutboxEvent, ShortString, TopicPermissions, VHost,
 };
 
-use crate::channel::Channel;
+use crate::channel::{Channel, PublishLater};
 use crate::error::{code, connection_error, AmqpError};
 use crate::AmqpConfig;
 
@@ -443,9 +443,24 @@ impl Conn {
                     code::COMMAND_INVALID,
                     "content frame on channel 0",
                 )),
-                Frame::Header(ch, h) => self.handle_content_header(ch, *h).await,
-                Frame::Body(ch, b) => self.handle_content_body(ch, b).await,
+                Frame::Header(ch, h) => {
+                    let later = self.handle_content_header(ch, *h)?;
+                    self.publish_later(later).await
+                }
+                Frame::Body(ch, b) => {
+                    let later = self.handle_content_body(ch, b)?;
+                    self.publish_later(later).await
+                }
             },
+        }
+    }
+
+    /// Finishes a publish that must await, boxed: its future is large and most publishes
+    /// (transient) never need it.
+    async fn publish_later(&mut self, later: Option<PublishLater>) -> Result<(), AmqpError> {
+        match later {
+            Some(later) => Box::pin(self.finish_publish(later)).await,
+            None => Ok(()),
         }
     }
 

@@ -41,7 +41,7 @@ pub use meta::UserRecord;
 pub use permissions::{Access, PermissionRecord, ResourceKind};
 pub use queue::{ConsumerInfo, GetResult, Queue, QueueCounts};
 pub use topic_permissions::{TopicPermissionRecord, TopicPermissions};
-pub use vhost::{ExchangeDecl, PublishOutcome, QueueDecl, VHost};
+pub use vhost::{ExchangeDecl, PublishOutcome, QueueDecl, Unfinished, VHost};
 pub use warren_store::{Store, StoreOptions, Ticket};
 
 #[cfg(test)]

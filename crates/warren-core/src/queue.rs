@@ -270,6 +270,17 @@ pub(crate) struct Effects {
     pub wait_sync: Option<u64>,
 }
 
+impl Effects {
+    /// Nothing to do after the lock (most enqueues): no `finish` to await.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+            && self.dead.is_empty()
+            && !self.delete_queue
+            && self.paged_out.is_empty()
+            && self.wait_sync.is_none()
+    }
+}
+
 /// The answer to basic.get.
 #[derive(Debug)]
 pub struct GetResult {
@@ -462,16 +473,18 @@ impl Queue {
             || self.config.max_length_bytes.is_some_and(|m| bytes > m)
     }
 
-    /// Puts a routed message at the tail and delivers what credit allows.
-    /// `ticket` is the store submission that wrote it, when `persisted`.
-    pub(crate) async fn enqueue(
+    /// Puts a routed message at the tail and delivers what credit allows. `ticket` is the
+    /// store submission that wrote it, when `persisted`. The effects are the caller's to
+    /// [`Queue::finish`] (none, for most transient messages, so the publish path need not
+    /// await).
+    pub(crate) fn enqueue_now(
         self: &Arc<Self>,
         seq: u64,
         msg: Arc<Message>,
         persisted: bool,
         ticket: Option<Ticket>,
         now: Instant,
-    ) -> EnqueueOutcome {
+    ) -> (EnqueueOutcome, Effects) {
         let ttl = [self.config.message_ttl, msg.expiration_ms().ok().flatten()]
             .into_iter()
             .flatten()
@@ -481,7 +494,7 @@ impl Queue {
         let outcome = {
             let mut s = self.state.lock();
             if s.deleted {
-                return EnqueueOutcome::Accepted;
+                return (EnqueueOutcome::Accepted, fx);
             }
             let entry = Entry {
                 seq,
@@ -549,8 +562,7 @@ impl Queue {
                 EnqueueOutcome::Accepted
             }
         };
-        self.finish(fx).await;
-        outcome
+        (outcome, fx)
     }
 
     /// Puts a recovered message back (startup only, no consumers yet). Past the paging

@@ -64,6 +64,23 @@ pub struct PublishOutcome {
     pub ticket: Option<Ticket>,
 }
 
+/// What [`VHost::deliver_now`] could not do without an await; hand it to
+/// [`VHost::finish_delivery`].
+pub struct Unfinished(UnfinishedKind);
+
+enum UnfinishedKind {
+    /// Store writes or a possible refusal: the whole delivery goes the awaiting way.
+    Deliver {
+        queues: Vec<Arc<Queue>>,
+        msg: Arc<Message>,
+    },
+    /// Enqueued; some queues have effects to finish (writes, dead letters, deletion).
+    Finish {
+        out: PublishOutcome,
+        effects: Vec<(Arc<Queue>, crate::queue::Effects)>,
+    },
+}
+
 /// A virtual host.
 pub struct VHost {
     pub name: String,
@@ -699,11 +716,78 @@ impl VHost {
         queues: Vec<Arc<Queue>>,
         msg: Arc<Message>,
     ) -> CoreResult<PublishOutcome> {
+        match self.deliver_now(queues, msg)? {
+            Ok(out) => Ok(out),
+            Err(unfinished) => self.finish_delivery(unfinished).await,
+        }
+    }
+
+    /// [`VHost::deliver_to`] without an await where none is needed: a transient message
+    /// (or one for queues that are not stored) whose enqueues leave nothing to write or
+    /// dead-letter, the common publish. A front-end's frame handler calls this and boxes
+    /// the rest, so the hot path does not build (and copy) the large awaiting future.
+    pub fn deliver_now(
+        &self,
+        queues: Vec<Arc<Queue>>,
+        msg: Arc<Message>,
+    ) -> CoreResult<Result<PublishOutcome, Unfinished>> {
         let mut out = PublishOutcome::default();
         if queues.is_empty() {
-            return Ok(out);
+            return Ok(Ok(out));
         }
         msg.expiration_ms()?;
+        let writes = msg.is_persistent() && queues.iter().any(|q| q.is_stored());
+        let may_refuse = queues.iter().any(|q| {
+            matches!(
+                q.config.overflow,
+                Some(
+                    crate::queue::Overflow::RejectPublish
+                        | crate::queue::Overflow::RejectPublishDlx
+                )
+            )
+        });
+        if writes || may_refuse {
+            return Ok(Err(Unfinished(UnfinishedKind::Deliver { queues, msg })));
+        }
+        let now = Instant::now();
+        let mut effects = Vec::new();
+        for q in queues {
+            let (outcome, fx) = q.enqueue_now(q.next_seq(), msg.clone(), false, None, now);
+            match outcome {
+                EnqueueOutcome::Accepted => out.routed += 1,
+                EnqueueOutcome::Rejected => out.rejected = true,
+            }
+            if !fx.is_empty() {
+                effects.push((q, fx));
+            }
+        }
+        if effects.is_empty() {
+            Ok(Ok(out))
+        } else {
+            Ok(Err(Unfinished(UnfinishedKind::Finish { out, effects })))
+        }
+    }
+
+    /// Completes what [`VHost::deliver_now`] left.
+    pub async fn finish_delivery(&self, unfinished: Unfinished) -> CoreResult<PublishOutcome> {
+        match unfinished.0 {
+            UnfinishedKind::Deliver { queues, msg } => self.deliver_awaiting(queues, msg).await,
+            UnfinishedKind::Finish { out, effects } => {
+                for (q, fx) in effects {
+                    q.finish(fx).await;
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// The delivery that writes to the store first (and may dead-letter refusals).
+    async fn deliver_awaiting(
+        &self,
+        queues: Vec<Arc<Queue>>,
+        msg: Arc<Message>,
+    ) -> CoreResult<PublishOutcome> {
+        let mut out = PublishOutcome::default();
         let persistent = msg.is_persistent();
         let mut ops = Vec::new();
         let mut encoded = None;
@@ -733,7 +817,9 @@ impl VHost {
         }
         let now = Instant::now();
         for (q, seq, persist) in plan {
-            match q.enqueue(seq, msg.clone(), persist, out.ticket, now).await {
+            let (outcome, fx) = q.enqueue_now(seq, msg.clone(), persist, out.ticket, now);
+            q.finish(fx).await;
+            match outcome {
                 EnqueueOutcome::Accepted => out.routed += 1,
                 EnqueueOutcome::Rejected => out.rejected = true,
             }
