@@ -1134,3 +1134,91 @@ async fn memory_alarm_blocks_publishers_until_cleared() {
     assert!(!pconn.status().blocked());
     assert_eq!(get(&cch, "alarm").await.unwrap(), b"during");
 }
+
+/// A connection reuses the exchange of its last publish without looking it up again; once
+/// that exchange is deleted (here from another connection) and declared anew, publishes
+/// reach the new one's bindings, and without a new one they are a 404 as in RabbitMQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_after_the_exchange_is_deleted() {
+    let b = start().await;
+    let (_conn, ch) = b.channel().await;
+    let (_admin_conn, admin) = b.channel().await;
+    async fn fanout(ch: &lapin::Channel, name: &str) {
+        ch.exchange_declare(
+            name.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange.declare");
+    }
+    fanout(&admin, "x-cached").await;
+    declare(&admin, "q-old", FieldTable::default()).await;
+    declare(&admin, "q-new", FieldTable::default()).await;
+    admin
+        .queue_bind(
+            "q-old".into(),
+            "x-cached".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    publish(&ch, "x-cached", "", b"one").await;
+    publish(&ch, "x-cached", "", b"two").await;
+    admin
+        .exchange_delete("x-cached".into(), ExchangeDeleteOptions::default())
+        .await
+        .expect("exchange.delete");
+    fanout(&admin, "x-cached").await;
+    admin
+        .queue_bind(
+            "q-new".into(),
+            "x-cached".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    publish(&ch, "x-cached", "", b"three").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(get(&admin, "q-old").await.as_deref(), Some(&b"one"[..]));
+    assert_eq!(get(&admin, "q-old").await.as_deref(), Some(&b"two"[..]));
+    assert_eq!(
+        get(&admin, "q-old").await,
+        None,
+        "the old exchange got no more"
+    );
+    assert_eq!(get(&admin, "q-new").await.as_deref(), Some(&b"three"[..]));
+    admin
+        .exchange_delete("x-cached".into(), ExchangeDeleteOptions::default())
+        .await
+        .expect("exchange.delete");
+    let _ = ch
+        .basic_publish(
+            "x-cached".into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            b"four",
+            BasicProperties::default(),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The 404 closed the channel (lapin reports the closed state on the next call).
+    assert!(ch
+        .queue_declare(
+            "after".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default()
+        )
+        .await
+        .is_err());
+    assert_eq!(
+        get(&admin, "q-new").await,
+        None,
+        "nothing reached the unbound queue"
+    );
+}

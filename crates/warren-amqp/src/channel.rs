@@ -1219,6 +1219,30 @@ impl Conn {
         }
     }
 
+    /// The exchange a publish goes to, once the user may write to it: the last one again
+    /// while it lives and the permissions have not changed (one string compare), else
+    /// checked and looked up by name.
+    fn publish_exchange(
+        &mut self,
+        ch: u16,
+        vh: &VHost,
+        name: &str,
+    ) -> Result<Arc<Exchange>, AmqpError> {
+        let generation = self.broker.permissions_generation();
+        if let Some((g, x)) = &self.last_exchange {
+            if *g == generation && x.name.as_str() == name && !x.is_deleted() {
+                return Ok(x.clone());
+            }
+        }
+        self.check_access(ch, Access::Write, ResourceKind::Exchange, name)
+            .map_err(|e| e.at(60, 40))?;
+        let x = vh
+            .exchange(name)
+            .map_err(|e| AmqpError::from_core(e, ch, 60, 40))?;
+        self.last_exchange = Some((generation, x.clone()));
+        Ok(x)
+    }
+
     /// Routes a complete message; sends basic.return for an unroutable mandatory one.
     /// What must await (store writes) is handed back unfinished.
     fn route_publish(
@@ -1228,16 +1252,7 @@ impl Conn {
         msg: Arc<Message>,
     ) -> Result<Result<PublishOutcome, warren_core::Unfinished>, AmqpError> {
         let vh = self.vh()?;
-        self.check_access(
-            ch,
-            Access::Write,
-            ResourceKind::Exchange,
-            p.exchange.as_str(),
-        )
-        .map_err(|e| e.at(60, 40))?;
-        let x = vh
-            .exchange(p.exchange.as_str())
-            .map_err(|e| AmqpError::from_core(e, ch, 60, 40))?;
+        let x = self.publish_exchange(ch, &vh, p.exchange.as_str())?;
         if x.internal {
             return Err(channel_error(
                 ch,

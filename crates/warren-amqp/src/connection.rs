@@ -18,7 +18,8 @@ use tokio::sync::watch;
 use warren_amqp_codec::{self as codec, Frame, HeaderCheck};
 use warren_core::{
     AMQPValue, AlarmState, Broker, ConnectionAuth, ConnectionGuard, ConnectionId, ConnectionInfo,
-    ConsumerId, FieldTable, LongString, Outbox, OutboxEvent, ShortString, TopicPermissions, VHost,
+    ConsumerId, Exchange, FieldTable, LongString, Outbox, OutboxEvent, ShortString,
+    TopicPermissions, VHost,
 };
 
 use crate::channel::{Channel, PublishLater};
@@ -91,6 +92,9 @@ pub(crate) struct Conn {
     /// generation equals `perm_generation`.
     pub write_allowed: HashSet<String>,
     pub perm_generation: u64,
+    /// The exchange of the last publish and the permission generation its write check
+    /// passed at: a publisher that sends to one exchange skips both name lookups.
+    pub last_exchange: Option<(u64, Arc<Exchange>)>,
     /// The user's topic permissions in this vhost and the permission generation they were
     /// read at (`None` until first needed).
     pub topic_perms: Option<(u64, Option<Arc<TopicPermissions>>)>,
@@ -119,6 +123,7 @@ pub(crate) async fn run<S: Stream>(
         registration: None,
         write_allowed: HashSet::new(),
         perm_generation: 0,
+        last_exchange: None,
         topic_perms: None,
         alarms,
         blocked_notify: false,

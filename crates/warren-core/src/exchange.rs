@@ -1,6 +1,7 @@
 //! Exchanges and their bindings: direct, fanout, topic (trie) and headers.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use amq_protocol_types::{AMQPValue, FieldTable, ShortString};
@@ -97,6 +98,9 @@ pub struct Exchange {
     pub internal: bool,
     pub arguments: FieldTable,
     bindings: RwLock<Bindings>,
+    /// Set when deleted: a front-end that keeps the `Arc` (a publisher's last exchange)
+    /// must look the name up again.
+    deleted: AtomicBool,
 }
 
 impl std::fmt::Debug for Exchange {
@@ -125,7 +129,16 @@ impl Exchange {
             internal,
             arguments,
             bindings: RwLock::new(Bindings::default()),
+            deleted: AtomicBool::new(false),
         }
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_deleted(&self) {
+        self.deleted.store(true, Ordering::Release);
     }
 
     /// The `alternate-exchange` argument: where unroutable messages go.

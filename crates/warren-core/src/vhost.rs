@@ -266,7 +266,9 @@ impl VHost {
                 self.name
             )));
         }
-        self.exchanges.write().remove(name);
+        if let Some(gone) = self.exchanges.write().remove(name) {
+            gone.mark_deleted();
+        }
         let mut ops = Vec::new();
         for b in x.bindings() {
             if let Some(op) = meta::binding_delete(&self.name, &x, &b) {
