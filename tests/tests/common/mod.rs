@@ -119,6 +119,18 @@ pub async fn publish_with(
     .expect("basic.publish");
 }
 
+/// Whether the channel still works: a queue.declare on it succeeds (a channel error
+/// arrives asynchronously as channel.close, so the next call is what fails).
+pub async fn channel_open(ch: &Channel) -> bool {
+    ch.queue_declare(
+        "after".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .is_ok()
+}
+
 /// basic.get with no_ack; the body, or None when the queue is empty.
 pub async fn get(ch: &Channel, queue: &str) -> Option<Vec<u8>> {
     ch.basic_get(queue.into(), BasicGetOptions { no_ack: true })
