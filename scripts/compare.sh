@@ -35,10 +35,12 @@ OUT=${OUT:-$(mktemp)}
 N=1; [ "$QUICK" = 1 ] && N=4   # --quick divides message counts by 4
 
 # AMQP's data path uses the bench's raw client for every broker (lapin was the bottleneck).
-warren()   { $BENCH --client raw --label warren   --broker-pid $WARREN_PID --url amqp://guest:guest@127.0.0.1:5699/%2f --mqtt-port 1899 --stomp-port 61699 "$@" | tee -a "$OUT" || true; }
-rabbitmq() { $BENCH --client raw --label rabbitmq --broker-pid "$RABBIT_PID" --url amqp://guest:guest@127.0.0.1:5680/%2f --mqtt-port 1890 --stomp-port 61620 "$@" | tee -a "$OUT" || true; }
-relay()    { $BENCH --label relay --broker-pid "$RELAY_PID" --relay-port 5700 --scenario tcp "$@" | tee -a "$OUT" || true; }
-mosquitto() { $BENCH --label mosquitto --broker-pid "$MOSQ_PID" --mqtt-port 1891 "$@" | tee -a "$OUT" || true; }
+# Every run is bounded: a broker that stops answering (Mosquitto at QoS 2 under load)
+# leaves a missing point, reported as "–", instead of hanging the comparison.
+warren()   { timeout 180 $BENCH --client raw --label warren   --broker-pid $WARREN_PID --url amqp://guest:guest@127.0.0.1:5699/%2f --mqtt-port 1899 --stomp-port 61699 "$@" | tee -a "$OUT" || true; }
+rabbitmq() { timeout 180 $BENCH --client raw --label rabbitmq --broker-pid "$RABBIT_PID" --url amqp://guest:guest@127.0.0.1:5680/%2f --mqtt-port 1890 --stomp-port 61620 "$@" | tee -a "$OUT" || true; }
+relay()    { timeout 180 $BENCH --label relay --broker-pid "$RELAY_PID" --relay-port 5700 --scenario tcp "$@" | tee -a "$OUT" || true; }
+mosquitto() { timeout 180 $BENCH --label mosquitto --broker-pid "$MOSQ_PID" --mqtt-port 1891 "$@" | tee -a "$OUT" || true; }
 
 for round in $(seq "$ROUNDS"); do
   echo "== round $round" >&2
