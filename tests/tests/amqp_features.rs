@@ -1136,22 +1136,18 @@ async fn publishing_after_the_exchange_is_deleted() {
     let b = start().await;
     let (_conn, ch) = b.channel().await;
     let (_admin_conn, admin) = b.channel().await;
-    async fn fanout(ch: &lapin::Channel, name: &str) {
+    /// Declares fanout exchange `x-cached` bound to `queue`.
+    async fn fanout_to(ch: &lapin::Channel, queue: &str) {
         ch.exchange_declare(
-            name.into(),
+            "x-cached".into(),
             ExchangeKind::Fanout,
             ExchangeDeclareOptions::default(),
             FieldTable::default(),
         )
         .await
         .expect("exchange.declare");
-    }
-    fanout(&admin, "x-cached").await;
-    declare(&admin, "q-old", FieldTable::default()).await;
-    declare(&admin, "q-new", FieldTable::default()).await;
-    admin
-        .queue_bind(
-            "q-old".into(),
+        ch.queue_bind(
+            queue.into(),
             "x-cached".into(),
             "".into(),
             QueueBindOptions::default(),
@@ -1159,23 +1155,17 @@ async fn publishing_after_the_exchange_is_deleted() {
         )
         .await
         .expect("bind");
+    }
+    declare(&admin, "q-old", FieldTable::default()).await;
+    declare(&admin, "q-new", FieldTable::default()).await;
+    fanout_to(&admin, "q-old").await;
     publish(&ch, "x-cached", "", b"one").await;
     publish(&ch, "x-cached", "", b"two").await;
     admin
         .exchange_delete("x-cached".into(), ExchangeDeleteOptions::default())
         .await
         .expect("exchange.delete");
-    fanout(&admin, "x-cached").await;
-    admin
-        .queue_bind(
-            "q-new".into(),
-            "x-cached".into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
+    fanout_to(&admin, "q-new").await;
     publish(&ch, "x-cached", "", b"three").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(get(&admin, "q-old").await.as_deref(), Some(&b"one"[..]));

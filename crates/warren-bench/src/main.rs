@@ -144,6 +144,27 @@ pub struct Run {
     pub cleanup: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
 
+impl Run {
+    /// A run where every published message is delivered once (no fan-out); `cleanup` runs
+    /// after the deliveries are counted.
+    pub fn each_once(
+        started: Started,
+        tracker: Arc<Tracker>,
+        messages: u64,
+        publish_done: Instant,
+        cleanup: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Run {
+        Run {
+            started,
+            tracker,
+            published: messages,
+            expected: messages,
+            publish_done,
+            cleanup: Some(Box::pin(cleanup)),
+        }
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();

@@ -109,18 +109,17 @@ pub async fn one_to_one(args: &Args) -> anyhow::Result<Run> {
     } else {
         driver.await.unwrap_or_else(|_| Instant::now())
     };
-    let cleanup = Box::pin(async move {
+    let cleanup = async move {
         let _ = publisher.disconnect().await;
         let _ = sub.disconnect().await;
-    });
-    Ok(Run {
+    };
+    Ok(Run::each_once(
         started,
         tracker,
-        published: args.messages,
-        expected: args.messages,
+        args.messages,
         publish_done,
-        cleanup: Some(cleanup),
-    })
+        cleanup,
+    ))
 }
 
 pub async fn fan_in(args: &Args) -> anyhow::Result<Run> {
@@ -178,18 +177,17 @@ pub async fn fan_in(args: &Args) -> anyhow::Result<Run> {
     });
     let _ = done_rx.await;
     let publish_done = Instant::now();
-    let cleanup = Box::pin(async move {
+    let cleanup = async move {
         for c in clients {
             let _ = c.try_disconnect();
         }
         let _ = sub.disconnect().await;
-    });
-    Ok(Run {
+    };
+    Ok(Run::each_once(
         started,
         tracker,
-        published: total,
-        expected: total,
+        total,
         publish_done,
-        cleanup: Some(cleanup),
-    })
+        cleanup,
+    ))
 }

@@ -72,15 +72,14 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
     }
     publisher.write_all(&out).await?;
     let publish_done = Instant::now();
-    let cleanup = Box::pin(async move {
+    let cleanup = async move {
         let _ = publisher.shutdown().await;
-    });
-    Ok(Run {
+    };
+    Ok(Run::each_once(
         started,
         tracker,
-        published: args.messages,
-        expected: args.messages,
+        args.messages,
         publish_done,
-        cleanup: Some(cleanup),
-    })
+        cleanup,
+    ))
 }

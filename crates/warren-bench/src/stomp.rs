@@ -98,17 +98,16 @@ pub async fn run(args: &Args) -> anyhow::Result<Run> {
     }
     publisher.write_all(&out).await?;
     let publish_done = Instant::now();
-    let cleanup = Box::pin(async move {
+    let cleanup = async move {
         let mut out = BytesMut::new();
         encode(&Frame::new("DISCONNECT"), Version::V1_2, &mut out);
         let _ = publisher.write_all(&out).await;
-    });
-    Ok(Run {
+    };
+    Ok(Run::each_once(
         started,
         tracker,
-        published: args.messages,
-        expected: args.messages,
+        args.messages,
         publish_done,
-        cleanup: Some(cleanup),
-    })
+        cleanup,
+    ))
 }

@@ -56,6 +56,14 @@ pub struct QueueConfig {
 }
 
 impl QueueConfig {
+    /// `x-overflow: reject-publish[-dlx]`: a full queue refuses publishes.
+    pub fn refuses_when_full(&self) -> bool {
+        matches!(
+            self.overflow,
+            Some(Overflow::RejectPublish | Overflow::RejectPublishDlx)
+        )
+    }
+
     /// Parses RabbitMQ's `x-` queue arguments; bad values are a 406 with RabbitMQ's text.
     pub fn parse(args: &FieldTable, queue: &str, vhost: &str) -> CoreResult<Self> {
         let mut c = QueueConfig::default();
@@ -455,10 +463,7 @@ impl Queue {
 
     /// Whether a publish would be refused by `x-overflow: reject-publish[-dlx]` right now.
     pub(crate) fn would_reject(&self, msg: &Message) -> bool {
-        if !matches!(
-            self.config.overflow,
-            Some(Overflow::RejectPublish | Overflow::RejectPublishDlx)
-        ) {
+        if !self.config.refuses_when_full() {
             return false;
         }
         let s = self.state.lock();
@@ -505,10 +510,8 @@ impl Queue {
                 expires_at,
             };
             let size = entry.size();
-            let reject = matches!(
-                self.config.overflow,
-                Some(Overflow::RejectPublish | Overflow::RejectPublishDlx)
-            ) && self.over_limit(s.ready_count as u64 + 1, s.ready_bytes + size);
+            let reject = self.config.refuses_when_full()
+                && self.over_limit(s.ready_count as u64 + 1, s.ready_bytes + size);
             if reject {
                 if persisted {
                     fx.ops.push(self.delete_op(seq));

@@ -64,6 +64,16 @@ pub struct PublishOutcome {
     pub ticket: Option<Ticket>,
 }
 
+impl PublishOutcome {
+    /// Adds one queue's answer.
+    fn count(&mut self, enqueued: EnqueueOutcome) {
+        match enqueued {
+            EnqueueOutcome::Accepted => self.routed += 1,
+            EnqueueOutcome::Rejected => self.rejected = true,
+        }
+    }
+}
+
 /// What [`VHost::deliver_now`] could not do without an await; hand it to
 /// [`VHost::finish_delivery`].
 pub struct Unfinished(UnfinishedKind);
@@ -739,15 +749,7 @@ impl VHost {
         }
         msg.expiration_ms()?;
         let writes = msg.is_persistent() && queues.iter().any(|q| q.is_stored());
-        let may_refuse = queues.iter().any(|q| {
-            matches!(
-                q.config.overflow,
-                Some(
-                    crate::queue::Overflow::RejectPublish
-                        | crate::queue::Overflow::RejectPublishDlx
-                )
-            )
-        });
+        let may_refuse = queues.iter().any(|q| q.config.refuses_when_full());
         if writes || may_refuse {
             return Ok(Err(Unfinished(UnfinishedKind::Deliver { queues, msg })));
         }
@@ -755,10 +757,7 @@ impl VHost {
         let mut effects = Vec::new();
         for q in queues {
             let (outcome, fx) = q.enqueue_now(q.next_seq(), msg.clone(), false, None, now);
-            match outcome {
-                EnqueueOutcome::Accepted => out.routed += 1,
-                EnqueueOutcome::Rejected => out.rejected = true,
-            }
+            out.count(outcome);
             if !fx.is_empty() {
                 effects.push((q, fx));
             }
@@ -821,10 +820,7 @@ impl VHost {
         for (q, seq, persist) in plan {
             let (outcome, fx) = q.enqueue_now(seq, msg.clone(), persist, out.ticket, now);
             q.finish(fx).await;
-            match outcome {
-                EnqueueOutcome::Accepted => out.routed += 1,
-                EnqueueOutcome::Rejected => out.rejected = true,
-            }
+            out.count(outcome);
         }
         Ok(out)
     }
