@@ -12,6 +12,11 @@ use tokio::sync::Semaphore;
 use crate::report::{stamp, Pacer, Ticker, Tracker};
 use crate::{begin, Args, Run};
 
+/// How long a publisher or its acks may stall before the run gives up on the rest: a
+/// broker that stops answering (Mosquitto at QoS 2 under a window of 500) would otherwise
+/// hold the run forever; what was not delivered is reported as lost.
+const STALL: Duration = Duration::from_secs(10);
+
 fn qos_of(scenario: &str) -> QoS {
     match scenario {
         "mqtt-qos0" => QoS::AtMostOnce,
@@ -33,7 +38,7 @@ fn options(args: &Args, id: String) -> MqttOptions {
 async fn connect(o: MqttOptions, cap: usize) -> anyhow::Result<(AsyncClient, EventLoop)> {
     let (c, mut el) = AsyncClient::new(o, cap);
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+        match tokio::time::timeout(STALL, el.poll()).await {
             Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok((c, el)),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => bail!("mqtt connect: {e}"),
@@ -82,10 +87,14 @@ pub async fn one_to_one(args: &Args) -> anyhow::Result<Run> {
     let driver = tokio::spawn(async move {
         let mut acked = 0u64;
         while acked < acks_needed {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => acked += 1,
-                Ok(_) => {}
-                Err(_) => break,
+            match tokio::time::timeout(STALL, el.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_)))) => acked += 1,
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    eprintln!("mqtt: no ack for {STALL:?}, {acked} of {acks_needed} acked");
+                    break;
+                }
             }
         }
         // QoS 0: keep flushing until the channel is drained and the client disconnects.
@@ -100,9 +109,24 @@ pub async fn one_to_one(args: &Args) -> anyhow::Result<Run> {
     for i in 0..args.messages {
         let sent = pace.before(i, &tracker, 1).await;
         stamp(&mut body, i, sent);
-        publisher
-            .publish(topic.as_str(), qos, false, body.clone())
-            .await?;
+        // A publish that cannot even be queued is a stalled broker (or a dead event
+        // loop): stop here and let the tracker report the rest as lost.
+        match tokio::time::timeout(
+            STALL,
+            publisher.publish(topic.as_str(), qos, false, body.clone()),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                eprintln!("mqtt: publish {i} failed ({e}); the rest count as lost");
+                break;
+            }
+            Err(_) => {
+                eprintln!("mqtt: publish {i} stalled for {STALL:?}; the rest count as lost");
+                break;
+            }
+        }
     }
     let publish_done = if qos == QoS::AtMostOnce {
         Instant::now()
