@@ -136,7 +136,6 @@ def test_cc_header_routes_copies(ch, name):
         assert props.headers == {"CC": [name + "-b"], "k": 1}, "CC is kept on deliveries"
 
 
-@pytest.mark.warren_gap("BCC sender-selected distribution (README: CC yes, BCC no)")
 def test_bcc_header_routes_copies_and_is_removed(ch, name):
     ch.queue_declare(name + "-a")
     ch.queue_declare(name + "-c")

@@ -1198,3 +1198,63 @@ async fn publishing_after_the_exchange_is_deleted() {
         "nothing reached the unbound queue"
     );
 }
+
+/// RabbitMQ's sender-selected distribution: `CC` and `BCC` keys route like the routing
+/// key, through the default exchange and a direct one; `BCC` is removed before delivery,
+/// `CC` is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bcc_routes_blind_copies_and_is_removed() {
+    let b = start().await;
+    let (_c, ch) = b.channel().await;
+    for q in ["to", "cc", "bcc"] {
+        declare(&ch, q, FieldTable::default()).await;
+    }
+    ch.exchange_declare(
+        "ssd".into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for q in ["to", "cc", "bcc"] {
+        ch.queue_bind(
+            q.into(),
+            "ssd".into(),
+            format!("k-{q}").as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let keys = |v: &str| AMQPValue::FieldArray(vec![s(v)].into());
+    for (exchange, prefix) in [("", ""), ("ssd", "k-")] {
+        let headers = table(&[
+            ("CC", keys(&format!("{prefix}cc"))),
+            ("BCC", keys(&format!("{prefix}bcc"))),
+            ("keep", s("me")),
+        ]);
+        publish_with(
+            &ch,
+            exchange,
+            &format!("{prefix}to"),
+            exchange.as_bytes(),
+            BasicProperties::default().with_headers(headers),
+        )
+        .await;
+        for q in ["to", "cc", "bcc"] {
+            let m = ch
+                .basic_get(q.into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("{q} got no copy through {exchange:?}"));
+            assert_eq!(m.delivery.data, exchange.as_bytes());
+            assert_eq!(m.delivery.routing_key.as_str(), format!("{prefix}to"));
+            let h = m.delivery.properties.headers().clone().unwrap_or_default();
+            assert!(h.inner().contains_key("CC"), "CC is kept ({q})");
+            assert!(!h.inner().contains_key("BCC"), "BCC is removed ({q})");
+            assert_eq!(h.inner().get("keep"), Some(&s("me")));
+        }
+    }
+}

@@ -37,18 +37,62 @@ fn as_str(v: Option<&AMQPValue>) -> Option<String> {
     }
 }
 
-/// The routing keys a message was published with: its key plus the `CC` header's.
+/// The routing keys a message was published with: its key plus the `CC` header's (what
+/// `x-death` records; the `BCC` keys are not shown, as in RabbitMQ).
 pub fn routing_keys(msg: &Message) -> Vec<String> {
     let mut keys = vec![msg.routing_key.as_str().to_owned()];
-    if let Some(AMQPValue::FieldArray(cc)) = msg
+    keys.extend(header_keys(msg, "CC"));
+    keys
+}
+
+/// Every key a message routes on: its key and the sender-selected `CC` and `BCC` keys.
+pub fn all_routing_keys(msg: &Message) -> Vec<String> {
+    let mut keys = routing_keys(msg);
+    keys.extend(header_keys(msg, "BCC"));
+    keys
+}
+
+/// The keys of a sender-selected distribution header (an array of strings; RabbitMQ ignores
+/// any other type).
+fn header_keys<'m>(msg: &'m Message, name: &str) -> impl Iterator<Item = String> + 'm {
+    let keys = match msg
         .properties
         .headers
         .as_ref()
-        .and_then(|h| h.inner().get("CC"))
+        .and_then(|h| h.inner().get(name))
     {
-        keys.extend(cc.as_slice().iter().filter_map(|v| as_str(Some(v))));
+        Some(AMQPValue::FieldArray(a)) => a.as_slice(),
+        _ => &[],
+    };
+    keys.iter().filter_map(|v| as_str(Some(v)))
+}
+
+/// Whether the message carries sender-selected keys (`CC` or `BCC`).
+pub fn has_sender_selected(msg: &Message) -> bool {
+    msg.properties
+        .headers
+        .as_ref()
+        .is_some_and(|h| h.contains_key("CC") || h.contains_key("BCC"))
+}
+
+/// `msg` without its `BCC` header, or `None` if it has none: RabbitMQ removes it before
+/// delivery, so no consumer sees the blind copies' keys.
+pub fn without_bcc(msg: &Message) -> Option<Message> {
+    let headers = msg.properties.headers.as_ref()?;
+    if !headers.contains_key("BCC") {
+        return None;
     }
-    keys
+    let mut m = headers.inner().clone();
+    m.remove("BCC");
+    let mut props = msg.properties.clone();
+    props.headers = Some(m.into());
+    // A new message: the front-end's encoded properties (if any) still name the BCC keys.
+    Some(Message::new(
+        msg.exchange.clone(),
+        msg.routing_key.clone(),
+        props,
+        msg.body.clone(),
+    ))
 }
 
 /// The copy of `msg` that goes to the dead-letter exchange, with `x-death` updated:

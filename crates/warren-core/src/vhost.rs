@@ -678,7 +678,7 @@ impl VHost {
         visited.push(x.name.clone());
         let before = queues.len();
         if x.name.as_str().is_empty() {
-            for key in crate::deadletter::routing_keys(msg) {
+            for key in crate::deadletter::all_routing_keys(msg) {
                 if let Some(q) = self.queues.read().get(key.as_str()) {
                     push_unique(queues, q.clone());
                 }
@@ -687,9 +687,10 @@ impl VHost {
             let mut targets = Vec::new();
             let headers = msg.properties.headers.as_ref();
             x.route(msg.routing_key.as_str(), headers, &mut targets);
-            // RabbitMQ's sender-selected distribution: CC keys route like the key itself.
-            if headers.is_some_and(|h| h.contains_key("CC")) {
-                for key in crate::deadletter::routing_keys(msg).iter().skip(1) {
+            // RabbitMQ's sender-selected distribution: CC and BCC keys route like the key
+            // itself.
+            if crate::deadletter::has_sender_selected(msg) {
+                for key in crate::deadletter::all_routing_keys(msg).iter().skip(1) {
                     x.route(key, headers, &mut targets);
                 }
             }
@@ -748,6 +749,12 @@ impl VHost {
             return Ok(Ok(out));
         }
         msg.expiration_ms()?;
+        // BCC keys are routed on and then removed before delivery (RabbitMQ's
+        // sender-selected distribution).
+        let msg = match crate::deadletter::without_bcc(&msg) {
+            Some(m) => Arc::new(m),
+            None => msg,
+        };
         let writes = msg.is_persistent() && queues.iter().any(|q| q.is_stored());
         let may_refuse = queues.iter().any(|q| q.config.refuses_when_full());
         if writes || may_refuse {
