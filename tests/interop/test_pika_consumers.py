@@ -112,8 +112,6 @@ def test_cancel_stops_deliveries_but_unacked_can_still_be_acked(conn, ch, name):
     assert ch.queue_declare(name, passive=True).method.message_count == 1
 
 
-@pytest.mark.warren_gap("SAC: after the active consumer's basic.cancel, RabbitMQ holds the next "
-                        "consumer until the cancelled one's unacked messages are requeued (docs/amqp.md)")
 def test_single_active_consumer_fails_over_in_order_when_its_connection_closes(broker, conn, ch, name):
     ch.queue_declare(name, arguments={"x-single-active-consumer": True})
     first = pika.BlockingConnection(pika.URLParameters(broker.url))

@@ -864,6 +864,69 @@ async fn single_active_consumer_and_consumer_priority() {
     nothing_within(&mut low, 200).await;
 }
 
+/// The active consumer cancels while holding an unacked message: as in RabbitMQ, the next
+/// consumer is fed only once that message is settled, so a requeue (its channel closing)
+/// puts it first; an ack instead lets the rest through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_active_consumer_hand_over_after_cancel_keeps_order() {
+    let b = start().await;
+    let (_c, ch) = b.channel().await;
+    for (q, settle_by_close) in [("sac-close", true), ("sac-ack", false)] {
+        declare(
+            &ch,
+            q,
+            table(&[("x-single-active-consumer", AMQPValue::Boolean(true))]),
+        )
+        .await;
+        let (_ca, cha) = b.channel().await;
+        cha.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+        let mut active = cha
+            .basic_consume(
+                q.into(),
+                "active".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut next_one = ch
+            .basic_consume(
+                q.into(),
+                "next".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for m in ["0", "1", "2"] {
+            publish(&ch, "", q, m.as_bytes()).await;
+        }
+        let held = next(&mut active).await;
+        assert_eq!(held.data, b"0");
+        nothing_within(&mut next_one, 100).await;
+        cha.basic_cancel("active".into(), BasicCancelOptions::default())
+            .await
+            .unwrap();
+        nothing_within(&mut next_one, 200).await;
+        let expected: &[(&[u8], bool)] = if settle_by_close {
+            cha.close(200, "bye".into()).await.unwrap();
+            &[(b"0", true), (b"1", false), (b"2", false)]
+        } else {
+            held.ack(BasicAckOptions::default()).await.unwrap();
+            &[(b"1", false), (b"2", false)]
+        };
+        for (body, redelivered) in expected {
+            let d = next(&mut next_one).await;
+            assert_eq!(
+                (d.data.as_slice(), d.redelivered),
+                (*body, *redelivered),
+                "{q}"
+            );
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_delete_if_empty_and_unused() {
     let b = start().await;

@@ -958,6 +958,13 @@ impl Queue {
                     }
                 }
             }
+            // The single active consumer leaving with messages still unacked (a
+            // basic.cancel; its channel stays open): RabbitMQ activates the next consumer
+            // but feeds it only at the next event, typically the cancelled channel's
+            // requeue on close, so the requeued messages go first. Hold dispatch likewise.
+            let held = self.config.single_active_consumer
+                && s.consumers.first().is_some_and(|c| c.spec.id == id)
+                && s.unacked.values().any(|u| u.consumer == Some(id));
             let before = s.consumers.len();
             s.consumers.retain(|c| c.spec.id != id);
             let found = s.consumers.len() != before;
@@ -969,7 +976,7 @@ impl Queue {
             s.last_used = Some(Instant::now());
             if found && s.consumers.is_empty() && self.auto_delete && s.had_consumer {
                 fx.delete_queue = true;
-            } else {
+            } else if !held {
                 // Another consumer may now be the single active one.
                 self.dispatch(&mut s, &mut fx, Instant::now());
             }
