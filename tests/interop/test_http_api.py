@@ -252,3 +252,50 @@ def test_permission_denied_seen_by_stomp_py(api_url, broker, name):
             pass
     finally:
         requests.delete(f"{api_url}/api/users/{user}", auth=AUTH)
+
+
+def test_policy_lifecycle_and_effect(api_url, broker, name):
+    """A max-length + DLX policy set over the API trims an existing queue, shows on it,
+    validates as RabbitMQ does, and goes away when deleted."""
+    vq = f"{api_url}/api/queues/%2F/{q(name)}"
+    pol = f"{api_url}/api/policies/%2F/{q(name)}-pol"
+    conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+    try:
+        ch = conn.channel()
+        ch.queue_declare(name)
+        for i in range(5):
+            ch.basic_publish("", name, str(i).encode())
+        body = {"pattern": "^" + name + "$", "definition": {"max-length": 2}, "apply-to": "queues", "priority": 3}
+        assert requests.put(pol, json=body, auth=AUTH).status_code == 201
+        assert requests.put(pol, json=body, auth=AUTH).status_code == 204
+        got = requests.get(pol, auth=AUTH).json()
+        assert got == {"vhost": "/", "name": name + "-pol", "pattern": "^" + name + "$",
+                       "apply-to": "queues", "definition": {"max-length": 2}, "priority": 3}
+        assert any(p["name"] == name + "-pol" for p in requests.get(f"{api_url}/api/policies/%2F", auth=AUTH).json())
+        import time
+        deadline = time.time() + 15
+        while requests.get(vq, auth=AUTH).json().get("policy") != name + "-pol" and time.time() < deadline:
+            time.sleep(0.2)   # RabbitMQ applies policies asynchronously
+        assert requests.get(vq, auth=AUTH).json()["policy"] == name + "-pol"
+        assert ch.queue_declare(name, passive=True).method.message_count == 2
+        m, _, b = ch.basic_get(name, auto_ack=True)
+        assert b == b"3", "drop-head kept the newest"
+        r = requests.put(f"{api_url}/api/policies/%2F/{q(name)}-bad", auth=AUTH,
+                         json={"pattern": ".*", "definition": {"no-such-key": 1}})
+        assert r.status_code == 400
+        assert "not recognised policy settings" in r.json()["reason"]
+        assert requests.delete(pol, auth=AUTH).status_code == 204
+        assert requests.get(pol, auth=AUTH).status_code == 404
+        deadline = time.time() + 15
+        while requests.get(vq, auth=AUTH).json().get("policy") and time.time() < deadline:
+            time.sleep(0.2)
+        for i in range(5):
+            ch.basic_publish("", name, b"x")
+        count = lambda: ch.queue_declare(name, passive=True).method.message_count
+        deadline = time.time() + 5
+        while count() != 6 and time.time() < deadline:
+            time.sleep(0.1)
+        assert count() == 6, "no limit once the policy is gone"
+        ch.queue_delete(name)
+    finally:
+        conn.close()

@@ -632,16 +632,7 @@ async fn confirms_mandatory_return_and_tx() {
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    ch.queue_declare(
-        "dq".into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare_durable(&ch, "dq").await;
     let mut pending = Vec::new();
     for i in 0..200 {
         pending.push(

@@ -1218,3 +1218,196 @@ async fn topic_permissions_endpoints() {
         json!([])
     );
 }
+
+/// Policies as RabbitMQ's: set over the API, applied to existing and new queues and
+/// exchanges at once (the smaller length limit, the DLX, the alternate exchange), shown
+/// in listings, validated with RabbitMQ's text, exported, kept across a restart, and
+/// gone when deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_apply_to_queues_and_exchanges() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    let (_c, ch) = b.channel().await;
+    // An existing queue with five messages is trimmed when a max-length policy appears.
+    common::declare(&ch, "pol.old", FieldTable::default()).await;
+    for i in 0..5 {
+        common::publish(&ch, "", "pol.old", format!("{i}").as_bytes()).await;
+    }
+    let r = api
+        .put(
+            "/api/policies/%2F/limits",
+            json!({"pattern": "^pol\\.", "definition": {"max-length": 2, "dead-letter-exchange": "pol-dlx"},
+                   "apply-to": "queues", "priority": 1}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let q = api.get("/api/queues/%2F/pol.old").await.json();
+    assert_eq!(q["policy"], "limits");
+    assert_eq!(q["effective_policy_definition"]["max-length"], 2);
+    assert_eq!(q["messages"], 2, "trimmed to the policy's max-length");
+    assert_eq!(
+        common::get(&ch, "pol.old").await.as_deref(),
+        Some(&b"3"[..])
+    );
+
+    // New queues follow it; the queue argument's smaller limit wins over the policy's.
+    common::declare(&ch, "pol.dlq", FieldTable::default()).await;
+    ch.exchange_declare(
+        "pol-dlx".into(),
+        lapin::ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "dead".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "dead".into(),
+        "pol-dlx".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(1));
+    common::declare(&ch, "pol.one", args).await;
+    for i in 0..3 {
+        common::publish(&ch, "", "pol.one", format!("{i}").as_bytes()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let q = api.get("/api/queues/%2F/pol.one").await.json();
+    assert_eq!(q["messages"], 1, "x-max-length 1 beats the policy's 2");
+    // The dropped heads went to the policy's dead-letter exchange (through the
+    // `dead` queue, which the policy does not cover).
+    let dead = api.get("/api/queues/%2F/dead").await.json();
+    assert_eq!(dead["policy"], Value::Null);
+    assert!(
+        dead["messages"].as_u64() >= Some(2),
+        "dead-lettered by policy: {dead}"
+    );
+
+    // An exchange policy gives an alternate exchange.
+    ch.exchange_declare(
+        "pol-x".into(),
+        lapin::ExchangeKind::Direct,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let r = api
+        .put(
+            "/api/policies/%2F/ae",
+            json!({"pattern": "^pol-x$", "definition": {"alternate-exchange": "pol-dlx"}, "apply-to": "exchanges"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(
+        api.get("/api/exchanges/%2F/pol-x").await.json()["policy"],
+        "ae"
+    );
+    let before = api.get("/api/queues/%2F/dead").await.json()["messages"].clone();
+    common::publish(&ch, "pol-x", "nowhere", b"unroutable").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after = api.get("/api/queues/%2F/dead").await.json()["messages"].clone();
+    assert_eq!(
+        after.as_u64(),
+        before.as_u64().map(|n| n + 1),
+        "routed to the AE"
+    );
+
+    // Validation: RabbitMQ's text; unknown vhost 404.
+    let r = api
+        .put(
+            "/api/policies/%2F/bad",
+            json!({"pattern": ".*", "definition": {"nonsense": 1}}),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("are not recognised policy settings"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        api.put(
+            "/api/policies/%2F/bad",
+            json!({"pattern": ".*", "definition": {"max-length": -1}})
+        )
+        .await
+        .status,
+        400
+    );
+    assert_eq!(
+        api.put(
+            "/api/policies/nope/p",
+            json!({"pattern": ".*", "definition": {"max-length": 1}})
+        )
+        .await
+        .status,
+        404
+    );
+    // Updating answers 204; listings and the export carry the policies.
+    let r = api
+        .put(
+            "/api/policies/%2F/limits",
+            json!({"pattern": "^pol\\.", "definition": {"max-length": 3}, "apply-to": "queues", "priority": 1}),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let all = api.get("/api/policies").await.json();
+    assert_eq!(all.as_array().map(Vec::len), Some(2), "{all}");
+    assert_eq!(
+        api.get("/api/policies/%2F/limits").await.json(),
+        json!({"vhost": "/", "name": "limits", "pattern": "^pol\\.", "apply-to": "queues",
+               "definition": {"max-length": 3}, "priority": 1})
+    );
+    let defs = api.get("/api/definitions").await.json();
+    assert_eq!(defs["policies"].as_array().map(Vec::len), Some(2));
+    // A user without policymaker is refused.
+    api.put(
+        "/api/users/plain",
+        json!({"password": "p", "tags": "management"}),
+    )
+    .await;
+    assert_eq!(
+        api.as_user("plain", "p").get("/api/policies").await.status,
+        401
+    );
+
+    // Kept across a restart, and applied to the recovered queue.
+    common::declare_durable(&ch, "pol.durable").await;
+    drop(ch);
+    drop(_c);
+    let b = b.restart().await;
+    let api = Api::new(&b);
+    assert_eq!(api.get("/api/policies/%2F/limits").await.status, 200);
+    let q = api.get("/api/queues/%2F/pol.durable").await.json();
+    assert_eq!(q["policy"], "limits");
+
+    // Deleted: the queue is unlimited again.
+    assert_eq!(api.delete("/api/policies/%2F/limits").await.status, 204);
+    assert_eq!(api.delete("/api/policies/%2F/limits").await.status, 404);
+    let q = api.get("/api/queues/%2F/pol.durable").await.json();
+    assert_eq!(q["policy"], Value::Null);
+    let (_c, ch) = b.channel().await;
+    for i in 0..5 {
+        common::publish(&ch, "", "pol.durable", format!("{i}").as_bytes()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        api.get("/api/queues/%2F/pol.durable").await.json()["messages"],
+        5
+    );
+}

@@ -24,19 +24,6 @@ fn counts(b: &TestBroker, queue: &str) -> warren_core::QueueCounts {
         .counts()
 }
 
-async fn durable_queue(ch: &Channel, name: &str) {
-    ch.queue_declare(
-        name.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("queue.declare");
-}
-
 /// Publishes ids `from..to` (8-byte big-endian bodies), persistent or not.
 async fn publish_ids(ch: &Channel, queue: &str, from: u64, to: u64, persistent: bool) {
     let props = if persistent {
@@ -92,7 +79,7 @@ async fn consume_ids(ch: &Channel, queue: &str, n: u64) -> Vec<u64> {
 async fn a_long_backlog_is_paged_out_and_survives_a_restart_in_order() {
     let b = common::start().await;
     let (c, ch) = b.channel().await;
-    durable_queue(&ch, "backlog").await;
+    common::declare_durable(&ch, "backlog").await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirm.select");
@@ -125,7 +112,7 @@ async fn a_long_backlog_is_paged_out_and_survives_a_restart_in_order() {
 async fn get_drains_a_paged_backlog_right_after_publishing() {
     let b = common::start().await;
     let (_c, ch) = b.channel().await;
-    durable_queue(&ch, "gets").await;
+    common::declare_durable(&ch, "gets").await;
     // Transient: their writes are submitted by the enqueue itself, so the first gets race
     // them to the store.
     publish_ids(&ch, "gets", 0, N, false).await;
@@ -154,7 +141,7 @@ async fn get_drains_a_paged_backlog_right_after_publishing() {
 async fn a_consumer_keeps_up_with_a_paged_queue_while_it_grows() {
     let b = common::start().await;
     let (_c, ch) = b.channel().await;
-    durable_queue(&ch, "grow").await;
+    common::declare_durable(&ch, "grow").await;
     publish_ids(&ch, "grow", 0, N, true).await;
     let (_c2, ch2) = b.channel().await;
     let consumer = tokio::spawn(async move { consume_ids(&ch2, "grow", 2 * N).await });
@@ -167,7 +154,7 @@ async fn a_consumer_keeps_up_with_a_paged_queue_while_it_grows() {
 async fn purging_a_paged_queue_removes_the_stored_backlog() {
     let b = common::start().await;
     let (c, ch) = b.channel().await;
-    durable_queue(&ch, "purged").await;
+    common::declare_durable(&ch, "purged").await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirm.select");
@@ -191,7 +178,7 @@ async fn racing_publishers_keep_their_order_through_paging() {
     // sequence numbers and enqueue order interleave, which is what chunk runs are for.
     let b = common::start().await;
     let (_c, ch) = b.channel().await;
-    durable_queue(&ch, "raced").await;
+    common::declare_durable(&ch, "raced").await;
     let per = N / 2;
     let mut publishers = Vec::new();
     for p in 0..2u64 {

@@ -1,5 +1,6 @@
 //! `warrenctl`, the real binary, against in-process brokers: declare, list (table and
-//! JSON), purge, delete, add-user, set-permissions, set-topic-permissions, status, and definitions exported from
+//! JSON), purge, delete, add-user, set-permissions, set-topic-permissions, set-policy,
+//! clear-policy, status, and definitions exported from
 //! one broker and imported into another.
 //!
 //! The binary lives in another package (crates/warrenctl), so `CARGO_BIN_EXE_warrenctl` is
@@ -235,6 +236,44 @@ async fn users_permissions_export_import() {
         .await
         .json();
     assert_eq!(topics[0]["write"], "^alice\\.", "{topics}");
+    // Policies, as rabbitmqctl set_policy / clear_policy.
+    ok(
+        &b,
+        &[
+            "set-policy",
+            "cap",
+            "^capped",
+            r#"{"max-length": 10}"#,
+            "--priority",
+            "2",
+            "--apply-to",
+            "queues",
+        ],
+    )
+    .await;
+    let policies = ok(&b, &["list", "policies", "--format", "json"])
+        .await
+        .json();
+    assert_eq!(policies[0]["definition"]["max-length"], 10, "{policies}");
+    assert_eq!(policies[0]["apply-to"], "queues", "{policies}");
+    let table = ok(&b, &["list", "policies"]).await.stdout;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("cap") && l.contains("^capped")),
+        "{table}"
+    );
+    let bad = ctl(&b, &["set-policy", "bad", ".*", r#"{"nonsense": 1}"#]).await;
+    assert!(
+        !bad.ok && bad.stderr.contains("not recognised"),
+        "{}",
+        bad.stderr
+    );
+    ok(&b, &["clear-policy", "cap"]).await;
+    let policies = ok(&b, &["list", "policies", "--format", "json"])
+        .await
+        .json();
+    assert_eq!(policies, serde_json::json!([]));
     // The global --user/--password are alice's now, not the positional arguments above.
     let vhosts = ok(
         &b,

@@ -16,6 +16,7 @@ use crate::exchange::{Binding, Exchange, Target};
 use crate::message::Message;
 use crate::meta::{self, BindingRecord, ExchangeRecord, QueueRecord, UserRecord, VHostRecord};
 use crate::permissions::{self, Access, CompiledPermission, PermissionRecord, ResourceKind};
+use crate::policies::{Policy, PolicyRecord};
 use crate::queue::QueueConfig;
 use crate::topic_permissions::{self, TopicPermissionRecord, TopicPermissions};
 use crate::vhost::{QueueDecl, VHost};
@@ -106,6 +107,19 @@ impl Broker {
         for (_, v) in &vhosts {
             let r: VHostRecord = decode(v)?;
             self.add_vhost_in_memory(&r.name);
+        }
+        // Before the queues and exchanges, so they are rebuilt with their policy.
+        for (_, v) in self.store.meta_scan(meta::POLICY)? {
+            let r: PolicyRecord = decode(&v)?;
+            let Some(vh) = self.vhost(&r.vhost) else {
+                continue;
+            };
+            match Policy::new(r) {
+                Ok(p) => {
+                    vh.edit_policies(|ps| ps.set(Arc::new(p)));
+                }
+                Err(e) => tracing::warn!(error = %e, "skipping unusable stored policy"),
+            }
         }
         for (_, v) in self.store.meta_scan(meta::PERMISSION)? {
             let r: PermissionRecord = decode(&v)?;
@@ -301,9 +315,50 @@ impl Broker {
             });
         }
         self.drop_topic_permissions(|v, _| v == name, &mut ops);
+        for p in vh.policies().records() {
+            ops.push(meta::policy_delete(name, &p.name));
+        }
         self.bump_permissions();
         self.persist(ops).await?;
         Ok(true)
+    }
+
+    /// Sets (durably) a policy, replacing the one of that name in its vhost, and applies
+    /// it at once; true if it is new. 404 without the vhost; a definition RabbitMQ would
+    /// refuse is a [`BadPolicy`] (400 in the API).
+    pub async fn set_policy(&self, record: PolicyRecord) -> CoreResult<bool> {
+        let vh = self
+            .vhost(&record.vhost)
+            .ok_or_else(|| CoreError::not_found(format!("no vhost '{}'", record.vhost)))?;
+        let p = Policy::new(record)?;
+        self.persist(vec![meta::policy_put(&p.record)]).await?;
+        let replaced = vh.edit_policies(|ps| ps.set(Arc::new(p)));
+        vh.apply_policies().await;
+        Ok(!replaced)
+    }
+
+    /// Removes a policy; false if there was none.
+    pub async fn clear_policy(&self, vhost: &str, name: &str) -> CoreResult<bool> {
+        let Some(vh) = self.vhost(vhost) else {
+            return Ok(false);
+        };
+        if vh.policies().get(name).is_none() {
+            return Ok(false);
+        }
+        self.persist(vec![meta::policy_delete(vhost, name)]).await?;
+        vh.edit_policies(|ps| ps.remove(name));
+        vh.apply_policies().await;
+        Ok(true)
+    }
+
+    /// Every policy of every vhost, by vhost and then priority.
+    pub fn policies(&self) -> Vec<PolicyRecord> {
+        let mut vhosts = self.vhosts();
+        vhosts.sort_by(|a, b| a.name.cmp(&b.name));
+        vhosts
+            .iter()
+            .flat_map(|vh| vh.policies().records().cloned().collect::<Vec<_>>())
+            .collect()
     }
 
     async fn persist(&self, ops: Vec<Op>) -> CoreResult<()> {

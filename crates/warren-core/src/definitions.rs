@@ -6,8 +6,8 @@
 //!
 //! Import is additive and idempotent like RabbitMQ's: existing objects are kept (an
 //! inequivalent queue or exchange is an error), missing ones are created in dependency
-//! order: users, vhosts, permissions, topic permissions, exchanges, queues, bindings.
-//! Policies and parameters are accepted and ignored (logged).
+//! order: users, vhosts, permissions, topic permissions, policies, exchanges, queues,
+//! bindings. Parameters are accepted and ignored (logged).
 
 use serde_json::{json, Value};
 
@@ -15,6 +15,7 @@ use crate::error::CoreError;
 use crate::json::{json_to_table, table_to_json};
 use crate::meta::UserRecord;
 use crate::permissions::PermissionRecord;
+use crate::policies::PolicyRecord;
 use crate::topic_permissions::TopicPermissionRecord;
 use crate::{Broker, ExchangeDecl, QueueDecl, ShortString, Target};
 
@@ -129,7 +130,15 @@ pub fn export(b: &Broker, only: Option<&str>, rabbit_version: &str) -> Value {
         "rabbitmq_version": rabbit_version,
         "product_name": "Warren",
         "product_version": env!("CARGO_PKG_VERSION"),
-        "policies": [],
+        "policies": vhosts
+            .iter()
+            .flat_map(|vh| {
+                vh.policies()
+                    .records()
+                    .map(|p| policy_json(p, only.is_none()))
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>(),
         "parameters": [],
         "queues": queues,
         "exchanges": exchanges,
@@ -164,6 +173,22 @@ pub fn export(b: &Broker, only: Option<&str>, rabbit_version: &str) -> Value {
         out["global_parameters"] = json!([]);
     }
     out
+}
+
+/// A policy in RabbitMQ's JSON (the API's and the definitions file's), with its vhost
+/// unless the export is per vhost.
+pub fn policy_json(p: &PolicyRecord, with_vhost: bool) -> Value {
+    let mut e = json!({
+        "name": p.name,
+        "pattern": p.pattern,
+        "apply-to": p.apply_to,
+        "definition": p.definition,
+        "priority": p.priority,
+    });
+    if with_vhost {
+        e["vhost"] = json!(p.vhost);
+    }
+    e
 }
 
 fn arr<'a>(v: &'a Value, k: &str) -> &'a [Value] {
@@ -241,7 +266,26 @@ pub async fn import(b: &Broker, defs: &Value, only: Option<&str>) -> Result<(), 
             .await?;
         }
     }
-    for k in ["policies", "parameters", "global_parameters"] {
+    for p in arr(defs, "policies") {
+        let record = PolicyRecord {
+            vhost: vhost_of(p)?,
+            name: text(p, "name")?.to_owned(),
+            pattern: text(p, "pattern")?.to_owned(),
+            apply_to: p
+                .get("apply-to")
+                .and_then(Value::as_str)
+                .unwrap_or("all")
+                .to_owned(),
+            definition: p
+                .get("definition")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default(),
+            priority: p.get("priority").and_then(Value::as_i64).unwrap_or(0),
+        };
+        b.set_policy(record).await?;
+    }
+    for k in ["parameters", "global_parameters"] {
         if !arr(defs, k).is_empty() {
             tracing::warn!(
                 section = k,

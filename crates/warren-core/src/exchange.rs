@@ -5,9 +5,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use amq_protocol_types::{AMQPValue, FieldTable, ShortString};
+use arc_swap::ArcSwapOption;
 use parking_lot::RwLock;
 
 use crate::error::{CoreError, CoreResult};
+use crate::policies::Policy;
 use crate::queue::Queue;
 use crate::topic::TopicTrie;
 
@@ -101,6 +103,8 @@ pub struct Exchange {
     /// Set when deleted: a front-end that keeps the `Arc` (a publisher's last exchange)
     /// must look the name up again.
     deleted: AtomicBool,
+    /// The policy in force (crate::policies), if any.
+    policy: ArcSwapOption<Policy>,
 }
 
 impl std::fmt::Debug for Exchange {
@@ -130,6 +134,7 @@ impl Exchange {
             arguments,
             bindings: RwLock::new(Bindings::default()),
             deleted: AtomicBool::new(false),
+            policy: ArcSwapOption::empty(),
         }
     }
 
@@ -141,13 +146,29 @@ impl Exchange {
         self.deleted.store(true, Ordering::Release);
     }
 
-    /// The `alternate-exchange` argument: where unroutable messages go.
-    pub fn alternate_exchange(&self) -> Option<&str> {
+    /// Where unroutable messages go: the `alternate-exchange` argument, else the policy's
+    /// (the argument wins, as `rabbit_policy:get_arg`).
+    pub fn alternate_exchange(&self) -> Option<String> {
         match self.arguments.inner().get("alternate-exchange") {
-            Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes()).ok(),
-            Some(AMQPValue::ShortString(s)) => Some(s.as_str()),
-            _ => None,
+            Some(AMQPValue::LongString(s)) => {
+                std::str::from_utf8(s.as_bytes()).ok().map(str::to_owned)
+            }
+            Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
+            _ => self
+                .policy
+                .load()
+                .as_ref()
+                .and_then(|p| p.text("alternate-exchange").map(str::to_owned)),
         }
+    }
+
+    /// The policy in force, if any.
+    pub fn policy(&self) -> Option<Arc<Policy>> {
+        self.policy.load_full()
+    }
+
+    pub(crate) fn set_policy(&self, p: Option<Arc<Policy>>) {
+        self.policy.store(p);
     }
 
     /// Adds a binding; returns false if an identical one existed.

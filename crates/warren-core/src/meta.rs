@@ -24,6 +24,8 @@ pub(crate) const TOPIC_PERMISSION: &[u8] = b"t\0";
 /// user's permission was granted, so that data dirs from before permissions existed get
 /// it exactly once (and a later revoke sticks).
 pub(crate) const PERMISSIONS_INITIALISED: &[u8] = b"s\0permissions-initialised";
+/// Policies: `y\0<vhost>\0<name>` → [`PolicyRecord`](crate::policies::PolicyRecord).
+pub(crate) const POLICY: &[u8] = b"y\0";
 /// MQTT session state (expiry, QoS 2 packet ids): `m\0<vhost>\0<client id>` → bytes the
 /// MQTT front-end encodes; the core only stores them.
 pub(crate) const MQTT_SESSION: &[u8] = b"m\0";
@@ -230,5 +232,15 @@ pub(crate) fn permissions_initialised() -> Op {
     Op::PutMeta {
         key: PERMISSIONS_INITIALISED.to_vec(),
         value: b"1".to_vec(),
+    }
+}
+
+pub(crate) fn policy_put(p: &crate::policies::PolicyRecord) -> Op {
+    put(key(POLICY, &[&p.vhost, &p.name]), p)
+}
+
+pub(crate) fn policy_delete(vhost: &str, name: &str) -> Op {
+    Op::DeleteMeta {
+        key: key(POLICY, &[vhost, name]),
     }
 }

@@ -20,6 +20,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use amq_protocol_types::{AMQPValue, FieldTable, ShortString};
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 use tokio::sync::Notify;
@@ -31,6 +32,7 @@ use crate::error::{CoreError, CoreResult};
 use crate::ids::{ConnectionId, ConsumerId, MsgSeq};
 use crate::message::Message;
 use crate::paging::{Paged, Readiness, PAGE_AFTER_BYTES, PAGE_AFTER_MESSAGES};
+use crate::policies::Policy;
 use crate::vhost::VHost;
 
 /// What to do when a queue is full (`x-overflow`).
@@ -39,6 +41,18 @@ pub enum Overflow {
     DropHead,
     RejectPublish,
     RejectPublishDlx,
+}
+
+impl Overflow {
+    /// RabbitMQ's names (`x-overflow`, the `overflow` policy key).
+    pub fn parse(s: &str) -> Option<Overflow> {
+        match s {
+            "drop-head" => Some(Overflow::DropHead),
+            "reject-publish" => Some(Overflow::RejectPublish),
+            "reject-publish-dlx" => Some(Overflow::RejectPublishDlx),
+            _ => None,
+        }
+    }
 }
 
 /// The queue arguments Warren acts on, parsed and validated at declare time.
@@ -53,6 +67,8 @@ pub struct QueueConfig {
     pub overflow: Option<Overflow>,
     pub max_priority: Option<u8>,
     pub single_active_consumer: bool,
+    /// The policy these options came from in part, if any.
+    pub policy: Option<Arc<Policy>>,
 }
 
 impl QueueConfig {
@@ -62,6 +78,33 @@ impl QueueConfig {
             self.overflow,
             Some(Overflow::RejectPublish | Overflow::RejectPublishDlx)
         )
+    }
+
+    /// These options (from the arguments) combined with `policy`'s, by RabbitMQ's rules
+    /// (crate::policies): the smaller limit or TTL, the argument's DLX and overflow.
+    pub fn with_policy(mut self, policy: Option<&Arc<Policy>>) -> Self {
+        let Some(p) = policy else {
+            return self;
+        };
+        let min = |arg: Option<u64>, key: &str| match (arg, p.int(key)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.message_ttl = min(self.message_ttl, "message-ttl");
+        self.expires = min(self.expires, "expires");
+        self.max_length = min(self.max_length, "max-length");
+        self.max_length_bytes = min(self.max_length_bytes, "max-length-bytes");
+        if self.dead_letter_exchange.is_none() {
+            self.dead_letter_exchange = p.text("dead-letter-exchange").map(Into::into);
+        }
+        if self.dead_letter_routing_key.is_none() {
+            self.dead_letter_routing_key = p.text("dead-letter-routing-key").map(Into::into);
+        }
+        if self.overflow.is_none() {
+            self.overflow = p.text("overflow").and_then(Overflow::parse);
+        }
+        self.policy = Some(p.clone());
+        self
     }
 
     /// Parses RabbitMQ's `x-` queue arguments; bad values are a 406 with RabbitMQ's text.
@@ -103,14 +146,10 @@ impl QueueConfig {
                     c.dead_letter_routing_key = Some(text_value(v, key, &bad)?)
                 }
                 "x-overflow" => {
-                    c.overflow = Some(match text_value(v, key, &bad)?.as_str() {
-                        "drop-head" => Overflow::DropHead,
-                        "reject-publish" => Overflow::RejectPublish,
-                        "reject-publish-dlx" => Overflow::RejectPublishDlx,
-                        other => {
-                            return Err(bad(key, format!("{{unknown_value,<<\"{other}\">>}}")))
-                        }
-                    })
+                    let text = text_value(v, key, &bad)?;
+                    c.overflow = Some(Overflow::parse(text.as_str()).ok_or_else(|| {
+                        bad(key, format!("{{unknown_value,<<\"{}\">>}}", text.as_str()))
+                    })?)
                 }
                 "x-single-active-consumer" => match v {
                     AMQPValue::Boolean(b) => c.single_active_consumer = *b,
@@ -316,9 +355,10 @@ pub struct Queue {
     pub exclusive_owner: Option<ConnectionId>,
     pub auto_delete: bool,
     pub arguments: FieldTable,
-    /// Shared by every queue declared without arguments (most of them: one per MQTT
+    /// The options in force (arguments combined with the policy), swapped when a policy
+    /// changes. Shared by every queue without options (most of them: one per MQTT
     /// session), so those do not carry ~120 bytes of empty options each.
-    pub config: Arc<QueueConfig>,
+    options: ArcSwap<QueueConfig>,
     state: Mutex<QueueState>,
     next_seq: AtomicU64,
     /// Wakes the housekeeping task (TTL and x-expires) when a nearer deadline appears.
@@ -368,15 +408,57 @@ impl Queue {
             exclusive_owner,
             auto_delete,
             arguments,
-            config: shared_config(config),
+            options: ArcSwap::new(shared_config(config)),
             state: Mutex::new(state),
             next_seq: AtomicU64::new(1),
             timer: Notify::new(),
         });
-        if q.config.message_ttl.is_some() || q.config.expires.is_some() {
+        if q.config().message_ttl.is_some() || q.config().expires.is_some() {
             q.ensure_timer();
         }
         q
+    }
+
+    /// The options in force now.
+    pub fn config(&self) -> arc_swap::Guard<Arc<QueueConfig>> {
+        self.options.load()
+    }
+
+    /// The policy in force, if any.
+    pub fn policy(&self) -> Option<Arc<Policy>> {
+        self.config().policy.clone()
+    }
+
+    /// Re-evaluates the options after a policy change: the arguments combined with
+    /// `policy`. A new length limit trims the queue now (drop-head) and a new TTL or
+    /// `expires` starts the housekeeping timer, as RabbitMQ applies a policy at once.
+    pub async fn apply_policy(self: &Arc<Self>, vhost: &str, policy: Option<&Arc<Policy>>) {
+        let base =
+            QueueConfig::parse(&self.arguments, self.name.as_str(), vhost).unwrap_or_default();
+        let next = base.with_policy(policy);
+        if **self.options.load() == next {
+            return;
+        }
+        self.options.store(shared_config(next));
+        let cfg = self.config();
+        let mut fx = Effects::default();
+        {
+            let mut s = self.state.lock();
+            if s.deleted {
+                return;
+            }
+            while self.over_limit(s.ready_count as u64, s.ready_bytes) {
+                let Some(old) = self.pop_ready(&mut s, &mut fx) else {
+                    break;
+                };
+                self.discard(old, DeadReason::Maxlen, &mut fx);
+            }
+        }
+        if cfg.message_ttl.is_some() || cfg.expires.is_some() {
+            self.ensure_timer();
+            self.timer.notify_one();
+        }
+        self.finish(fx).await;
     }
 
     /// Next message sequence number (also the store key suffix).
@@ -435,7 +517,7 @@ impl Queue {
     /// Marks the queue used (for `x-expires`): declare, consume, get.
     pub(crate) fn touch(&self) {
         self.state.lock().last_used = Some(Instant::now());
-        if self.config.expires.is_some() {
+        if self.config().expires.is_some() {
             self.timer.notify_one();
         }
     }
@@ -455,7 +537,7 @@ impl Queue {
     }
 
     fn priority_level(&self, msg: &Message) -> usize {
-        match self.config.max_priority {
+        match self.config().max_priority {
             None => 0,
             Some(max) => msg.properties.priority.unwrap_or(0).min(max) as usize,
         }
@@ -463,7 +545,7 @@ impl Queue {
 
     /// Whether a publish would be refused by `x-overflow: reject-publish[-dlx]` right now.
     pub(crate) fn would_reject(&self, msg: &Message) -> bool {
-        if !self.config.refuses_when_full() {
+        if !self.config().refuses_when_full() {
             return false;
         }
         let s = self.state.lock();
@@ -474,8 +556,8 @@ impl Queue {
     }
 
     fn over_limit(&self, count: u64, bytes: u64) -> bool {
-        self.config.max_length.is_some_and(|m| count > m)
-            || self.config.max_length_bytes.is_some_and(|m| bytes > m)
+        self.config().max_length.is_some_and(|m| count > m)
+            || self.config().max_length_bytes.is_some_and(|m| bytes > m)
     }
 
     /// Puts a routed message at the tail and delivers what credit allows. `ticket` is the
@@ -490,10 +572,13 @@ impl Queue {
         ticket: Option<Ticket>,
         now: Instant,
     ) -> (EnqueueOutcome, Effects) {
-        let ttl = [self.config.message_ttl, msg.expiration_ms().ok().flatten()]
-            .into_iter()
-            .flatten()
-            .min();
+        let ttl = [
+            self.config().message_ttl,
+            msg.expiration_ms().ok().flatten(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let expires_at = ttl.map(|t| now + Duration::from_millis(t));
         let mut fx = Effects::default();
         let outcome = {
@@ -510,13 +595,13 @@ impl Queue {
                 expires_at,
             };
             let size = entry.size();
-            let reject = self.config.refuses_when_full()
+            let reject = self.config().refuses_when_full()
                 && self.over_limit(s.ready_count as u64 + 1, s.ready_bytes + size);
             if reject {
                 if persisted {
                     fx.ops.push(self.delete_op(seq));
                 }
-                if self.config.overflow == Some(Overflow::RejectPublishDlx) {
+                if self.config().overflow == Some(Overflow::RejectPublishDlx) {
                     fx.dead.push((entry.msg, DeadReason::Maxlen));
                 }
                 EnqueueOutcome::Rejected
@@ -591,7 +676,7 @@ impl Queue {
             persisted: true,
             delivered_marked: delivered,
             expires_at: self
-                .config
+                .config()
                 .message_ttl
                 .map(|t| Instant::now() + Duration::from_millis(t)),
         };
@@ -603,10 +688,10 @@ impl Queue {
     /// read back) without priorities or a queue TTL (both need every message at hand),
     /// that already pages or holds too much in memory.
     fn pages_out(&self, s: &QueueState) -> bool {
-        if !self.is_stored() || self.config.max_priority.is_some() {
+        if !self.is_stored() || self.config().max_priority.is_some() {
             return false;
         }
-        if self.config.message_ttl.is_some() {
+        if self.config().message_ttl.is_some() {
             return false;
         }
         !s.paged.is_empty()
@@ -724,7 +809,7 @@ impl Queue {
         if entry.persisted {
             fx.ops.push(self.delete_op(entry.seq));
         }
-        if self.config.dead_letter_exchange.is_some() {
+        if self.config().dead_letter_exchange.is_some() {
             fx.dead.push((entry.msg, reason));
         }
     }
@@ -733,7 +818,7 @@ impl Queue {
     /// credit, round-robin among equals; only the first consumer with
     /// single-active-consumer.
     fn pick_consumer(&self, s: &mut QueueState) -> Option<usize> {
-        if self.config.single_active_consumer {
+        if self.config().single_active_consumer {
             return s.consumers.first().filter(|c| c.has_credit()).map(|_| 0);
         }
         let n = s.consumers.len();
@@ -962,7 +1047,7 @@ impl Queue {
             // basic.cancel; its channel stays open): RabbitMQ activates the next consumer
             // but feeds it only at the next event, typically the cancelled channel's
             // requeue on close, so the requeued messages go first. Hold dispatch likewise.
-            let held = self.config.single_active_consumer
+            let held = self.config().single_active_consumer
                 && s.consumers.first().is_some_and(|c| c.spec.id == id)
                 && s.unacked.values().any(|u| u.consumer == Some(id));
             let before = s.consumers.len();
@@ -980,7 +1065,7 @@ impl Queue {
                 // Another consumer may now be the single active one.
                 self.dispatch(&mut s, &mut fx, Instant::now());
             }
-            if self.config.expires.is_some() {
+            if self.config().expires.is_some() {
                 self.timer.notify_one();
             }
             found
@@ -1247,7 +1332,7 @@ impl Queue {
                     }
                 }
             }
-            if let (Some(exp), true) = (self.config.expires, s.consumers.is_empty()) {
+            if let (Some(exp), true) = (self.config().expires, s.consumers.is_empty()) {
                 let deadline = s.last_used.unwrap_or(now) + Duration::from_millis(exp);
                 if deadline <= now {
                     fx.delete_queue = true;

@@ -15,6 +15,7 @@ use crate::exchange::{Binding, Exchange, ExchangeKind, Target};
 use crate::ids::ConnectionId;
 use crate::message::Message;
 use crate::meta;
+use crate::policies::{Object, Policies, Policy};
 use crate::queue::{EnqueueOutcome, Queue, QueueConfig};
 
 /// Exchanges every vhost has (RabbitMQ's predeclared set).
@@ -99,6 +100,8 @@ pub struct VHost {
     queues: RwLock<HashMap<ShortString, Arc<Queue>>>,
     self_ref: Weak<VHost>,
     next_store_id: Arc<std::sync::atomic::AtomicU64>,
+    /// Replaced as a whole when a policy changes (rare); read on every declare.
+    policies: RwLock<Arc<Policies>>,
 }
 
 impl std::fmt::Debug for VHost {
@@ -135,6 +138,7 @@ impl VHost {
                 queues: RwLock::new(HashMap::new()),
                 self_ref: weak.clone(),
                 next_store_id,
+                policies: RwLock::new(Arc::new(Policies::default())),
             }
         })
     }
@@ -169,6 +173,37 @@ impl VHost {
 
     pub fn queues(&self) -> Vec<Arc<Queue>> {
         self.queues.read().values().cloned().collect()
+    }
+
+    /// The vhost's policies.
+    pub fn policies(&self) -> Arc<Policies> {
+        self.policies.read().clone()
+    }
+
+    fn policy_for(&self, object: Object, name: &str) -> Option<Arc<Policy>> {
+        let ps = self.policies.read();
+        if ps.is_empty() {
+            return None;
+        }
+        ps.for_object(object, name).cloned()
+    }
+
+    /// Changes the policies in memory (the caller stores the change); call
+    /// [`VHost::apply_policies`] after.
+    pub(crate) fn edit_policies<R>(&self, edit: impl FnOnce(&mut Policies) -> R) -> R {
+        let mut g = self.policies.write();
+        edit(Arc::make_mut(&mut g))
+    }
+
+    /// Applies the policies to every queue and exchange of the vhost.
+    pub(crate) async fn apply_policies(&self) {
+        for x in self.exchanges() {
+            x.set_policy(self.policy_for(Object::Exchange, x.name.as_str()));
+        }
+        for q in self.queues() {
+            let p = self.policy_for(queue_object(&q.arguments), q.name.as_str());
+            q.apply_policy(&self.name, p.as_ref()).await;
+        }
     }
 
     /// Writes durable metadata and waits for the sync, so a declare-ok means durable.
@@ -239,6 +274,7 @@ impl VHost {
             d.internal,
             d.arguments,
         ));
+        x.set_policy(self.policy_for(Object::Exchange, name));
         let created = {
             let mut g = self.exchanges.write();
             match g.get(name) {
@@ -395,6 +431,8 @@ impl VHost {
         store_id: StoreQueueId,
         config: QueueConfig,
     ) -> Arc<Queue> {
+        let policy = self.policy_for(queue_object(&d.arguments), d.name.as_str());
+        let config = config.with_policy(policy.as_ref());
         Queue::new(
             d.name,
             self.self_ref.clone(),
@@ -412,6 +450,7 @@ impl VHost {
     }
 
     pub(crate) fn insert_recovered_exchange(&self, x: Arc<Exchange>) {
+        x.set_policy(self.policy_for(Object::Exchange, x.name.as_str()));
         self.exchanges.write().insert(x.name.clone(), x);
     }
 
@@ -707,7 +746,7 @@ impl VHost {
         }
         if queues.len() == before {
             if let Some(ae) = x.alternate_exchange() {
-                if let Ok(alt) = self.exchange(ae) {
+                if let Ok(alt) = self.exchange(&ae) {
                     self.route_into(&alt, msg, queues, visited, depth + 1);
                 }
             }
@@ -756,7 +795,7 @@ impl VHost {
             None => msg,
         };
         let writes = msg.is_persistent() && queues.iter().any(|q| q.is_stored());
-        let may_refuse = queues.iter().any(|q| q.config.refuses_when_full());
+        let may_refuse = queues.iter().any(|q| q.config().refuses_when_full());
         if writes || may_refuse {
             return Ok(Err(Unfinished(UnfinishedKind::Deliver { queues, msg })));
         }
@@ -803,7 +842,7 @@ impl VHost {
         for q in queues {
             if q.would_reject(&msg) {
                 out.rejected = true;
-                if q.config.overflow == Some(crate::queue::Overflow::RejectPublishDlx) {
+                if q.config().overflow == Some(crate::queue::Overflow::RejectPublishDlx) {
                     self.dead_letter(&q, msg.clone(), DeadReason::Maxlen).await;
                 }
                 continue;
@@ -843,7 +882,7 @@ impl VHost {
         reason: DeadReason,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            let Some(dlx) = queue.config.dead_letter_exchange.clone() else {
+            let Some(dlx) = queue.config().dead_letter_exchange.clone() else {
                 return;
             };
             let Ok(x) = self.exchange(dlx.as_str()) else {
@@ -853,7 +892,7 @@ impl VHost {
                 &msg,
                 queue.name.as_str(),
                 reason,
-                queue.config.dead_letter_routing_key.as_ref(),
+                queue.config().dead_letter_routing_key.as_ref(),
             );
             m.exchange = dlx;
             let m = Arc::new(m);
@@ -939,4 +978,14 @@ fn rabbit_type(v: &AMQPValue) -> &'static str {
         AMQPValue::ByteArray(_) => "binary",
         AMQPValue::Void => "void",
     }
+}
+
+/// What a queue is to a policy's `apply-to`: quorum when declared so.
+fn queue_object(arguments: &FieldTable) -> Object {
+    let quorum = match arguments.inner().get("x-queue-type") {
+        Some(AMQPValue::LongString(s)) => s.as_bytes() == b"quorum",
+        Some(AMQPValue::ShortString(s)) => s.as_str() == "quorum",
+        _ => false,
+    };
+    Object::Queue { quorum }
 }

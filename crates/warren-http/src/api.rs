@@ -61,6 +61,7 @@ pub fn routes() -> Router<AppState> {
                 .delete(permission_delete),
         )
         .merge(crate::topic_permissions::routes())
+        .merge(crate::policies::routes())
         .route("/api/connections", get(connections))
         .route(
             "/api/connections/{name}",
@@ -207,6 +208,7 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
     let c = q.counts();
     let r: Rates = s.sampler.queue_rates(q.store_id.0);
     let messages = c.ready as u64 + c.unacked as u64;
+    let policy = q.policy();
     json!({
         "name": q.name.as_str(),
         "vhost": vhost,
@@ -217,7 +219,8 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
         "node": s.cfg.node_name,
         "state": "running",
         "type": "classic",
-        "policy": null,
+        "policy": policy.as_ref().map(|p| p.record.name.clone()),
+        "effective_policy_definition": policy.as_ref().map_or_else(|| json!({}), |p| json!(p.record.definition)),
         "exclusive_consumer_tag": null,
         "consumers": c.consumers,
         "messages": messages,
@@ -244,7 +247,7 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
 }
 
 fn exchange_json(vhost: &str, x: &Exchange) -> Value {
-    json!({
+    let mut e = json!({
         "name": x.name.as_str(),
         "vhost": vhost,
         "type": x.kind.as_str(),
@@ -253,7 +256,11 @@ fn exchange_json(vhost: &str, x: &Exchange) -> Value {
         "internal": x.internal,
         "arguments": table_to_json(&x.arguments),
         "user_who_performed_action": "rmq-internal",
-    })
+    });
+    if let Some(p) = x.policy() {
+        e["policy"] = json!(p.record.name);
+    }
+    e
 }
 
 /// RabbitMQ's `properties_key`: the quoted routing key, `~` and an arguments digest when

@@ -42,6 +42,15 @@ impl Caller {
         }
     }
 
+    /// 401 unless policymaker or administrator (RabbitMQ's tags for `/api/policies`).
+    pub fn require_policymaker(&self) -> Result<(), ApiError> {
+        if self.is_admin() || self.has_tag("policymaker") {
+            Ok(())
+        } else {
+            Err(ApiError::NotAuthorised("Not policymaker user".into()))
+        }
+    }
+
     pub fn require_monitor(&self) -> Result<(), ApiError> {
         if self.is_monitor() {
             Ok(())

@@ -13,6 +13,7 @@ mod definitions;
 pub mod error;
 mod listing;
 mod metrics;
+mod policies;
 mod stats;
 mod topic_permissions;
 

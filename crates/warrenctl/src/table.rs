@@ -47,6 +47,14 @@ pub fn columns(kind: &str) -> &'static [(&'static str, &'static str)] {
             ("write", "write"),
             ("read", "read"),
         ],
+        "policies" => &[
+            ("vhost", "vhost"),
+            ("name", "name"),
+            ("pattern", "pattern"),
+            ("apply-to", "apply-to"),
+            ("definition", "definition"),
+            ("priority", "priority"),
+        ],
         "vhosts" => &[
             ("name", "name"),
             ("messages", "messages"),

@@ -97,6 +97,20 @@ pub async fn declare(ch: &Channel, name: &str, args: FieldTable) {
         .expect("queue.declare");
 }
 
+/// queue.declare of a durable queue without arguments.
+pub async fn declare_durable(ch: &Channel, name: &str) {
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue.declare durable");
+}
+
 pub async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8]) {
     publish_with(ch, exchange, key, body, BasicProperties::default()).await
 }
