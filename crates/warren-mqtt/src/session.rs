@@ -30,8 +30,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use warren_core::permissions::{Access, ResourceKind};
 use warren_core::{
-    AMQPValue, ConnectionId, ConsumerId, ConsumerSpec, Credit, Delivery, FieldTable, Message,
-    MsgSeq, Outbox, OutboxEvent, Properties, Queue, QueueDecl, ShortString, Target,
+    AMQPValue, Broker, ConnectionId, ConsumerId, ConsumerSpec, Credit, Delivery, FieldTable,
+    Message, MsgSeq, Outbox, OutboxEvent, Properties, Queue, QueueDecl, ShortString, Target,
     TopicPermissions, VHost,
 };
 use warren_core::{ConnectionAuth, ConnectionGuard, ConnectionInfo};
@@ -544,6 +544,30 @@ fn spawn_park_timer(
     });
 }
 
+/// Whether `user` may publish to the MQTT `topic` (a will): write on `amq.topic` and the
+/// topic permission for its AMQP form, `{client_id}` expanded.
+fn will_allowed(broker: &Broker, user: &str, vhost: &str, client_id: &str, topic: &str) -> bool {
+    if broker
+        .check_permission(
+            user,
+            vhost,
+            Access::Write,
+            ResourceKind::Exchange,
+            TOPIC_EXCHANGE,
+        )
+        .is_err()
+    {
+        return false;
+    }
+    match broker.topic_permissions_of(vhost, user) {
+        Some(tp) if tp.covers(TOPIC_EXCHANGE) => {
+            tp.for_client(client_id)
+                .allows(TOPIC_EXCHANGE, Access::Write, &topic::to_amqp(topic))
+        }
+        _ => true,
+    }
+}
+
 async fn publish_will(shared: &Shared, vhost: &VHost, mut msg: Arc<Message>, retain: bool) {
     // MQTT 5 §3.1.3.2.4: a will's Message Expiry Interval counts from when it is published.
     if let Ok(Some(ttl)) = msg.expiration_ms() {
@@ -700,6 +724,16 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         tracing::warn!(%peer, %user, vhost = %vhost_name, "mqtt vhost access refused");
         let _ = socket.write_all(&refuse(ReasonCode::NotAuthorized)).await;
         return None;
+    }
+    // The will is a publish the client asks for now: RabbitMQ's MQTT plugin checks its
+    // topic at CONNECT (write on amq.topic, then the topic permission) and answers
+    // CONNACK 5 / 0x87.
+    if let Some(w) = &c.will {
+        if !will_allowed(&shared.broker, &user, &vhost_name, &client_id, &w.topic) {
+            tracing::warn!(%peer, %user, topic = %w.topic, "mqtt will topic refused");
+            let _ = socket.write_all(&refuse(ReasonCode::NotAuthorized)).await;
+            return None;
+        }
     }
     let id = ConnectionId::next();
     let registration = shared.broker.connections().register(ConnectionInfo {
