@@ -299,3 +299,40 @@ def test_policy_lifecycle_and_effect(api_url, broker, name):
         ch.queue_delete(name)
     finally:
         conn.close()
+
+
+def test_vhost_limits_refuse_queues_and_connections(api_url, broker, name):
+    """max-queues and max-connections on a fresh vhost: RabbitMQ's 406 and 530 texts."""
+    vh = name + "-vh"
+    base = f"{api_url}/api/vhosts/{q(vh)}"
+    assert requests.put(base, auth=AUTH).status_code in (201, 204)
+    try:
+        requests.put(f"{api_url}/api/permissions/{q(vh)}/guest", auth=AUTH,
+                     json={"configure": ".*", "write": ".*", "read": ".*"})
+        lim = f"{api_url}/api/vhost-limits/{q(vh)}"
+        assert requests.put(f"{lim}/max-queues", json={"value": 1}, auth=AUTH).status_code == 204
+        assert requests.put(f"{lim}/max-connections", json={"value": 1}, auth=AUTH).status_code == 204
+        got = requests.get(lim, auth=AUTH).json()
+        assert got == [{"vhost": vh, "value": {"max-queues": 1, "max-connections": 1}}]
+        params = pika.URLParameters(broker.url)
+        params.virtual_host = vh
+        conn = pika.BlockingConnection(params)
+        try:
+            ch = conn.channel()
+            ch.queue_declare("one")
+            with pytest.raises(ChannelClosedByBroker) as e:
+                ch.queue_declare("two")
+            assert e.value.reply_code == 406
+            assert e.value.reply_text == (f"PRECONDITION_FAILED - cannot declare queue 'two': "
+                                          f"queue limit in vhost '{vh}' (1) is reached")
+            with pytest.raises(pika.exceptions.ProbableAccessDeniedError) as e:
+                pika.BlockingConnection(params)
+            assert "connection limit (1) is reached" in str(e.value)
+        finally:
+            conn.close()
+        r = requests.put(f"{lim}/max-nonsense", json={"value": 1}, auth=AUTH)
+        assert r.status_code == 400
+        assert requests.delete(f"{lim}/max-queues", auth=AUTH).status_code == 204
+        assert requests.get(lim, auth=AUTH).json() == [{"vhost": vh, "value": {"max-connections": 1}}]
+    finally:
+        requests.delete(base, auth=AUTH)

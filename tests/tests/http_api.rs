@@ -1411,3 +1411,144 @@ async fn policies_apply_to_queues_and_exchanges() {
         5
     );
 }
+
+/// RabbitMQ's vhost and user limits: set over the API, enforced on AMQP (530 on
+/// connection.open and channel.open, 406 on queue.declare) and MQTT (CONNACK 5), listed,
+/// exported and kept across a restart; cleared, they no longer apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vhost_and_user_limits() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    let (_c, ch) = b.channel().await;
+    common::declare(&ch, "lim-1", FieldTable::default()).await;
+    let put = |path: &'static str, v: Value| {
+        let api = Api::new(&b);
+        async move { api.put(path, json!({ "value": v })).await.status }
+    };
+    assert_eq!(put("/api/vhost-limits/%2F/max-queues", json!(1)).await, 204);
+    let err = ch
+        .queue_declare(
+            "lim-2".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("over the queue limit");
+    assert_eq!(common::reply_code(&err), Some(406));
+    assert!(
+        err.to_string()
+            .contains("cannot declare queue 'lim-2': queue limit in vhost '/' (1) is reached"),
+        "{err}"
+    );
+    assert_eq!(
+        api.get("/api/vhost-limits").await.json(),
+        json!([{"vhost": "/", "value": {"max-queues": 1}}])
+    );
+    // Connections: one is open (ours); the vhost allows one.
+    assert_eq!(
+        put("/api/vhost-limits/%2F/max-connections", json!(1)).await,
+        204
+    );
+    let err = lapin::Connection::connect(&b.url, ConnectionProperties::default())
+        .await
+        .expect_err("over the vhost connection limit");
+    assert!(
+        err.to_string().contains("connection limit (1) is reached"),
+        "{err}"
+    );
+    let mut s = TcpStream::connect(b.mqtt_addr).await.unwrap();
+    // 3.1.1 CONNECT, clean session, guest/guest.
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0xC2, 0x00, 0x3C];
+    for f in ["lim-dev", "guest", "guest"] {
+        body.extend_from_slice(&(f.len() as u16).to_be_bytes());
+        body.extend_from_slice(f.as_bytes());
+    }
+    let mut connect = vec![0x10, body.len() as u8];
+    connect.extend(body);
+    s.write_all(&connect).await.unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x05], "MQTT refused too");
+    assert_eq!(
+        api.delete("/api/vhost-limits/%2F/max-connections")
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        api.delete("/api/vhost-limits/%2F/max-connections")
+            .await
+            .status,
+        404
+    );
+
+    // User limits: channels over all of guest's connections (`ch` was closed by the
+    // 406 above, so guest has none open now).
+    assert_eq!(
+        put("/api/user-limits/guest/max-channels", json!(2)).await,
+        204
+    );
+    let (_c1, _first) = b.channel().await;
+    let c2 = b.connect().await;
+    let _second = c2.create_channel().await.expect("second channel of guest");
+    assert!(
+        c2.create_channel().await.is_err(),
+        "a third channel of guest is refused"
+    );
+    assert_eq!(
+        api.get("/api/user-limits/guest").await.json(),
+        json!([{"user": "guest", "value": {"max-channels": 2}}])
+    );
+    // Validation: RabbitMQ's names only; unknown owners 404.
+    let r = api
+        .put("/api/user-limits/guest/max-queues", json!({"value": 1}))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(
+        api.put("/api/vhost-limits/nope/max-queues", json!({"value": 1}))
+            .await
+            .status,
+        404
+    );
+    let defs = api.get("/api/definitions").await.json();
+    let guest = defs["users"]
+        .as_array()
+        .and_then(|u| u.iter().find(|u| u["name"] == "guest"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(guest["limits"], json!({"max-channels": 2}));
+    assert_eq!(defs["vhosts"][0]["limits"], json!({"max-queues": 1}));
+
+    // Kept across a restart.
+    drop((c2, _c1, _first, ch, _c));
+    let b = b.restart().await;
+    let api = Api::new(&b);
+    assert_eq!(
+        api.get("/api/vhost-limits/%2F").await.json(),
+        json!([{"vhost": "/", "value": {"max-queues": 1}}])
+    );
+    let (_c, ch) = b.channel().await;
+    // The transient lim-1 is gone: one queue fits, a second does not.
+    common::declare(&ch, "lim-3", FieldTable::default()).await;
+    assert!(ch
+        .queue_declare(
+            "lim-4".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default()
+        )
+        .await
+        .is_err());
+    assert_eq!(
+        api.delete("/api/vhost-limits/%2F/max-queues").await.status,
+        204
+    );
+    assert_eq!(
+        api.delete("/api/user-limits/guest/max-channels")
+            .await
+            .status,
+        204
+    );
+    let (_c, ch) = b.channel().await;
+    common::declare(&ch, "lim-4", FieldTable::default()).await;
+    assert_eq!(api.get("/api/vhost-limits").await.json(), json!([]));
+}

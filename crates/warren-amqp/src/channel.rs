@@ -312,6 +312,10 @@ impl Conn {
                         .at(class_id, method_id),
                 );
             }
+            // RabbitMQ's per-user `max-channels`: a connection error (530).
+            if let Err(e) = self.broker.check_channel_limit(&self.user) {
+                return Err(connection_error(code::NOT_ALLOWED, e.text).at(class_id, method_id));
+            }
             self.channels.insert(ch, Channel::new());
             if let Some(g) = &self.registration {
                 g.channel_opened(ch);

@@ -612,6 +612,10 @@ impl Conn {
                             tracing::warn!(conn = self.id.0, peer = %self.peer, user = %self.user, vhost = name, "amqp vhost access refused");
                             return Err(connection_error(code::NOT_ALLOWED, e.text));
                         }
+                        if let Err(e) = self.broker.check_connection_limits(&self.user, name) {
+                            tracing::warn!(conn = self.id.0, peer = %self.peer, user = %self.user, vhost = name, "amqp connection limit reached");
+                            return Err(connection_error(code::NOT_ALLOWED, e.text));
+                        }
                         self.vhost = Some(v);
                         self.registration =
                             Some(self.broker.connections().register(ConnectionInfo {

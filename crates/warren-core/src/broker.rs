@@ -13,6 +13,7 @@ use crate::auth::{self, AuthError, User};
 use crate::connections::Connections;
 use crate::error::{CoreError, CoreResult};
 use crate::exchange::{Binding, Exchange, Target};
+use crate::limits::{self, LimitMap, LimitOwner};
 use crate::message::Message;
 use crate::meta::{self, BindingRecord, ExchangeRecord, QueueRecord, UserRecord, VHostRecord};
 use crate::permissions::{self, Access, CompiledPermission, PermissionRecord, ResourceKind};
@@ -56,6 +57,8 @@ pub struct Broker {
     /// Bumped on every permission change, so front-ends may cache check results.
     permissions_generation: AtomicU64,
     connections: Arc<Connections>,
+    /// Vhost and user limits (crate::limits), by owner and name.
+    limits: RwLock<HashMap<(LimitOwner, String), LimitMap>>,
     /// Memory and disk alarms; set by the binary's resource monitor.
     pub alarms: crate::alarm::Alarms,
 }
@@ -72,6 +75,7 @@ impl Broker {
             next_store_id: Arc::new(AtomicU64::new(1)),
             permissions: RwLock::new(HashMap::new()),
             topic_permissions: RwLock::new(HashMap::new()),
+            limits: RwLock::new(HashMap::new()),
             permissions_generation: AtomicU64::new(0),
             connections: Arc::new(Connections::default()),
             alarms: crate::alarm::Alarms::default(),
@@ -107,6 +111,18 @@ impl Broker {
         for (_, v) in &vhosts {
             let r: VHostRecord = decode(v)?;
             self.add_vhost_in_memory(&r.name);
+        }
+        for (k, v) in self.store.meta_scan(meta::LIMIT)? {
+            let Some((owner, who)) = meta::limits_key_parts(&k) else {
+                continue;
+            };
+            let m: LimitMap = decode(&v)?;
+            if owner == LimitOwner::VHost {
+                if let Some(vh) = self.vhost(&who) {
+                    vh.set_max_queues(limits::effective(Some(&m), "max-queues"));
+                }
+            }
+            self.limits.write().insert((owner, who), m);
         }
         // Before the queues and exchanges, so they are rebuilt with their policy.
         for (_, v) in self.store.meta_scan(meta::POLICY)? {
@@ -318,6 +334,14 @@ impl Broker {
         for p in vh.policies().records() {
             ops.push(meta::policy_delete(name, &p.name));
         }
+        if self
+            .limits
+            .write()
+            .remove(&(LimitOwner::VHost, name.to_owned()))
+            .is_some()
+        {
+            ops.push(meta::limits_put(LimitOwner::VHost, name, &LimitMap::new()));
+        }
         self.bump_permissions();
         self.persist(ops).await?;
         Ok(true)
@@ -349,6 +373,125 @@ impl Broker {
         vh.edit_policies(|ps| ps.remove(name));
         vh.apply_policies().await;
         Ok(true)
+    }
+
+    /// Sets (durably) one limit of a vhost or user; 404 if it does not exist, a
+    /// [`BadLimit`](limits::BadLimit) for a name RabbitMQ does not know.
+    pub async fn set_limit(
+        &self,
+        owner: LimitOwner,
+        who: &str,
+        name: &str,
+        value: &serde_json::Value,
+    ) -> CoreResult<()> {
+        let exists = match owner {
+            LimitOwner::VHost => self.vhost(who).is_some(),
+            LimitOwner::User => self.users.read().contains_key(who),
+        };
+        if !exists {
+            return Err(CoreError::not_found(format!("no {} '{who}'", owner.key())));
+        }
+        let v = limits::validate(owner, name, value)?;
+        self.change_limits(owner, who, |m| {
+            m.insert(name.to_owned(), v);
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Removes one limit; false if it was not set.
+    pub async fn clear_limit(&self, owner: LimitOwner, who: &str, name: &str) -> CoreResult<bool> {
+        self.change_limits(owner, who, |m| m.remove(name).is_some())
+            .await
+    }
+
+    async fn change_limits<R>(
+        &self,
+        owner: LimitOwner,
+        who: &str,
+        change: impl FnOnce(&mut LimitMap) -> R,
+    ) -> CoreResult<R> {
+        let (out, next) = {
+            let mut all = self.limits.write();
+            let m = all.entry((owner, who.to_owned())).or_default();
+            let out = change(m);
+            let next = m.clone();
+            if next.is_empty() {
+                all.remove(&(owner, who.to_owned()));
+            }
+            (out, next)
+        };
+        if owner == LimitOwner::VHost {
+            if let Some(vh) = self.vhost(who) {
+                vh.set_max_queues(limits::effective(Some(&next), "max-queues"));
+            }
+        }
+        self.persist(vec![meta::limits_put(owner, who, &next)])
+            .await?;
+        Ok(out)
+    }
+
+    /// Every owner's limits, sorted by name.
+    pub fn limits(&self, owner: LimitOwner) -> Vec<(String, LimitMap)> {
+        let mut v: Vec<(String, LimitMap)> = self
+            .limits
+            .read()
+            .iter()
+            .filter(|((o, _), _)| *o == owner)
+            .map(|((_, w), m)| (w.clone(), m.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn limit(&self, owner: LimitOwner, who: &str, name: &str) -> Option<u64> {
+        let all = self.limits.read();
+        if all.is_empty() {
+            return None;
+        }
+        limits::effective(all.get(&(owner, who.to_owned())), name)
+    }
+
+    /// RabbitMQ's connection limits, checked when a connection opens (after
+    /// [`Broker::check_vhost_access`], before it registers): the vhost's and the user's
+    /// `max-connections`, over every protocol. 530 NOT_ALLOWED with RabbitMQ's texts.
+    pub fn check_connection_limits(&self, user: &str, vhost: &str) -> CoreResult<()> {
+        let by_vhost = self.limit(LimitOwner::VHost, vhost, "max-connections");
+        let by_user = self.limit(LimitOwner::User, user, "max-connections");
+        if by_vhost.is_none() && by_user.is_none() {
+            return Ok(());
+        }
+        let open = self.connections.list();
+        if let Some(max) = by_vhost {
+            if open.iter().filter(|c| c.info.vhost == vhost).count() as u64 >= max {
+                return Err(limits::vhost_connections_reached(vhost, user, max));
+            }
+        }
+        if let Some(max) = by_user {
+            if open.iter().filter(|c| c.info.user == user).count() as u64 >= max {
+                return Err(limits::user_connections_reached(user, max));
+            }
+        }
+        Ok(())
+    }
+
+    /// The user's `max-channels`, checked on channel.open: counts the channels open on
+    /// all of the user's connections.
+    pub fn check_channel_limit(&self, user: &str) -> CoreResult<()> {
+        let Some(max) = self.limit(LimitOwner::User, user, "max-channels") else {
+            return Ok(());
+        };
+        let open: usize = self
+            .connections
+            .list()
+            .iter()
+            .filter(|c| c.info.user == user)
+            .map(|c| c.channels().len())
+            .sum();
+        if open as u64 >= max {
+            return Err(limits::user_channels_reached(user, max));
+        }
+        Ok(())
     }
 
     /// Every policy of every vhost, by vhost and then priority.
@@ -402,6 +545,14 @@ impl Broker {
             }
         });
         self.drop_topic_permissions(|_, u| u == name, &mut ops);
+        if self
+            .limits
+            .write()
+            .remove(&(LimitOwner::User, name.to_owned()))
+            .is_some()
+        {
+            ops.push(meta::limits_put(LimitOwner::User, name, &LimitMap::new()));
+        }
         self.bump_permissions();
         self.persist(ops).await?;
         self.connections

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use crate::error::CoreError;
 use crate::json::{json_to_table, table_to_json};
+use crate::limits::{LimitMap, LimitOwner};
 use crate::meta::UserRecord;
 use crate::permissions::PermissionRecord;
 use crate::policies::PolicyRecord;
@@ -145,6 +146,7 @@ pub fn export(b: &Broker, only: Option<&str>, rabbit_version: &str) -> Value {
         "bindings": bindings,
     });
     if only.is_none() {
+        let (user_limits, vhost_limits) = (b.limits(LimitOwner::User), b.limits(LimitOwner::VHost));
         out["users"] = json!(b
             .users()
             .iter()
@@ -153,12 +155,14 @@ pub fn export(b: &Broker, only: Option<&str>, rabbit_version: &str) -> Value {
                 "password_hash": u.password_hash,
                 "hashing_algorithm": u.hashing_algorithm,
                 "tags": u.tags,
-                "limits": {},
+                "limits": limits_of(&user_limits, &u.name, json!({})),
             }))
             .collect::<Vec<_>>());
-        out["vhosts"] = json!(vhosts
+        out["vhosts"] =
+            json!(vhosts
             .iter()
-            .map(|v| json!({"name": v.name, "limits": [], "metadata": {"description": "", "tags": []}}))
+            .map(|v| json!({"name": v.name, "limits": limits_of(&vhost_limits, &v.name, json!([])),
+                            "metadata": {"description": "", "tags": []}}))
             .collect::<Vec<_>>());
         out["permissions"] = json!(b
             .permissions()
@@ -173,6 +177,14 @@ pub fn export(b: &Broker, only: Option<&str>, rabbit_version: &str) -> Value {
         out["global_parameters"] = json!([]);
     }
     out
+}
+
+/// An owner's limits as an object, or `none` (RabbitMQ writes `{}` for users and `[]` for
+/// vhosts without limits).
+fn limits_of(all: &[(String, LimitMap)], who: &str, none: Value) -> Value {
+    all.iter()
+        .find(|(w, _)| w == who)
+        .map_or(none, |(_, m)| json!(m))
 }
 
 /// A policy in RabbitMQ's JSON (the API's and the definitions file's), with its vhost
@@ -242,6 +254,16 @@ pub async fn import(b: &Broker, defs: &Value, only: Option<&str>) -> Result<(), 
         }
         for v in arr(defs, "vhosts") {
             b.add_vhost(text(v, "name")?).await?;
+        }
+        // Limits after their owners exist ({} or, from RabbitMQ 3.x vhosts, [] when none).
+        for (owner, section) in [(LimitOwner::User, "users"), (LimitOwner::VHost, "vhosts")] {
+            for o in arr(defs, section) {
+                if let Some(Value::Object(m)) = o.get("limits") {
+                    for (name, value) in m {
+                        b.set_limit(owner, text(o, "name")?, name, value).await?;
+                    }
+                }
+            }
         }
         for p in arr(defs, "permissions") {
             b.set_permission(PermissionRecord {

@@ -15,6 +15,7 @@ pub mod error;
 pub mod exchange;
 pub mod ids;
 pub mod json;
+pub mod limits;
 pub mod message;
 mod meta;
 mod paging;

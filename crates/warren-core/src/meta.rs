@@ -26,6 +26,9 @@ pub(crate) const TOPIC_PERMISSION: &[u8] = b"t\0";
 pub(crate) const PERMISSIONS_INITIALISED: &[u8] = b"s\0permissions-initialised";
 /// Policies: `y\0<vhost>\0<name>` → [`PolicyRecord`](crate::policies::PolicyRecord).
 pub(crate) const POLICY: &[u8] = b"y\0";
+/// Limits: `l\0vhost\0<vhost>` or `l\0user\0<user>` → the
+/// [`LimitMap`](crate::limits::LimitMap) as JSON.
+pub(crate) const LIMIT: &[u8] = b"l\0";
 /// MQTT session state (expiry, QoS 2 packet ids): `m\0<vhost>\0<client id>` → bytes the
 /// MQTT front-end encodes; the core only stores them.
 pub(crate) const MQTT_SESSION: &[u8] = b"m\0";
@@ -243,4 +246,30 @@ pub(crate) fn policy_delete(vhost: &str, name: &str) -> Op {
     Op::DeleteMeta {
         key: key(POLICY, &[vhost, name]),
     }
+}
+
+pub(crate) fn limits_put(
+    owner: crate::limits::LimitOwner,
+    who: &str,
+    limits: &crate::limits::LimitMap,
+) -> Op {
+    if limits.is_empty() {
+        return Op::DeleteMeta {
+            key: key(LIMIT, &[owner.key(), who]),
+        };
+    }
+    put(key(LIMIT, &[owner.key(), who]), limits)
+}
+
+/// Splits a limits key into (owner, name).
+pub(crate) fn limits_key_parts(k: &[u8]) -> Option<(crate::limits::LimitOwner, String)> {
+    let rest = k.strip_prefix(LIMIT)?;
+    let text = std::str::from_utf8(rest).ok()?;
+    let (owner, who) = text.split_once('\0')?;
+    let owner = match owner {
+        "vhost" => crate::limits::LimitOwner::VHost,
+        "user" => crate::limits::LimitOwner::User,
+        _ => return None,
+    };
+    Some((owner, who.to_owned()))
 }

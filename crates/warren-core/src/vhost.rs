@@ -102,6 +102,8 @@ pub struct VHost {
     next_store_id: Arc<std::sync::atomic::AtomicU64>,
     /// Replaced as a whole when a policy changes (rare); read on every declare.
     policies: RwLock<Arc<Policies>>,
+    /// The `max-queues` limit (crate::limits); `u64::MAX` when there is none.
+    max_queues: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for VHost {
@@ -139,6 +141,7 @@ impl VHost {
                 self_ref: weak.clone(),
                 next_store_id,
                 policies: RwLock::new(Arc::new(Policies::default())),
+                max_queues: std::sync::atomic::AtomicU64::new(u64::MAX),
             }
         })
     }
@@ -173,6 +176,13 @@ impl VHost {
 
     pub fn queues(&self) -> Vec<Arc<Queue>> {
         self.queues.read().values().cloned().collect()
+    }
+
+    pub(crate) fn set_max_queues(&self, limit: Option<u64>) {
+        self.max_queues.store(
+            limit.unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// The vhost's policies.
@@ -367,6 +377,10 @@ impl VHost {
         }
         // A dead-letter exchange need not exist yet, as in RabbitMQ.
         let config = QueueConfig::parse(&d.arguments, name, &self.name)?;
+        let max = self.max_queues.load(std::sync::atomic::Ordering::Relaxed);
+        if max != u64::MAX && self.queues.read().len() as u64 >= max {
+            return Err(crate::limits::vhost_queues_reached(name, &self.name, max));
+        }
         let q = self.create_queue(d, conn, config);
         let created = {
             let mut g = self.queues.write();

@@ -62,6 +62,7 @@ pub fn routes() -> Router<AppState> {
         )
         .merge(crate::topic_permissions::routes())
         .merge(crate::policies::routes())
+        .merge(crate::limits::routes())
         .route("/api/connections", get(connections))
         .route(
             "/api/connections/{name}",

@@ -11,6 +11,7 @@ mod auth;
 mod convert;
 mod definitions;
 pub mod error;
+mod limits;
 mod listing;
 mod metrics;
 mod policies;

@@ -725,6 +725,18 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         let _ = socket.write_all(&refuse(ReasonCode::NotAuthorized)).await;
         return None;
     }
+    // Vhost and user connection limits: 5.0 says so (0x97 Quota exceeded); 3.1.1 has only
+    // "not authorised" (5), which RabbitMQ's MQTT plugin answers.
+    if let Err(e) = shared.broker.check_connection_limits(&user, &vhost_name) {
+        tracing::warn!(%peer, %user, vhost = %vhost_name, error = %e, "mqtt connection limit reached");
+        let code = if version == 5 {
+            ReasonCode::QuotaExceeded
+        } else {
+            ReasonCode::NotAuthorized
+        };
+        let _ = socket.write_all(&refuse(code)).await;
+        return None;
+    }
     // The will is a publish the client asks for now: RabbitMQ's MQTT plugin checks its
     // topic at CONNECT (write on amq.topic, then the topic permission) and answers
     // CONNACK 5 / 0x87.

@@ -314,6 +314,9 @@ fn connect_session(
     if fe.broker.check_vhost_access(&user, vhost_name).is_err() {
         return Err(bad(format!("Virtual host '{vhost_name}' access denied")));
     }
+    if let Err(e) = fe.broker.check_connection_limits(&user, vhost_name) {
+        return Err(bad(e.text));
+    }
     let id = ConnectionId::next();
     let registration = fe.broker.connections().register(ConnectionInfo {
         id,
