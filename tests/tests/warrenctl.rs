@@ -274,6 +274,42 @@ async fn users_permissions_export_import() {
         .await
         .json();
     assert_eq!(policies, serde_json::json!([]));
+    // Limits, as rabbitmqctl set_vhost_limits / set_user_limits and their clear_.
+    ok(
+        &b,
+        &[
+            "set-vhost-limits",
+            r#"{"max-connections": 50, "max-queues": 7}"#,
+        ],
+    )
+    .await;
+    ok(&b, &["set-user-limits", "alice", r#"{"max-channels": 3}"#]).await;
+    let vl = ok(&b, &["list", "vhost-limits", "--format", "json"])
+        .await
+        .json();
+    assert_eq!(
+        vl,
+        serde_json::json!([{"vhost": "/", "value": {"max-connections": 50, "max-queues": 7}}])
+    );
+    let table = ok(&b, &["list", "user-limits"]).await.stdout;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("alice") && l.contains("max-channels")),
+        "{table}"
+    );
+    let bad = ctl(&b, &["set-user-limits", "alice", r#"{"max-queues": 1}"#]).await;
+    assert!(!bad.ok, "max-queues is no user limit");
+    ok(&b, &["clear-vhost-limits"]).await;
+    ok(&b, &["clear-user-limits", "alice"]).await;
+    let vl = ok(&b, &["list", "vhost-limits", "--format", "json"])
+        .await
+        .json();
+    assert_eq!(vl, serde_json::json!([]));
+    let ul = ok(&b, &["list", "user-limits", "--format", "json"])
+        .await
+        .json();
+    assert_eq!(ul, serde_json::json!([]));
     // The global --user/--password are alice's now, not the positional arguments above.
     let vhosts = ok(
         &b,

@@ -69,6 +69,8 @@ enum ListKind {
     Vhosts,
     TopicPermissions,
     Policies,
+    VhostLimits,
+    UserLimits,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -84,8 +86,8 @@ enum QueueOnly {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// List queues, exchanges, bindings, connections, users, vhosts, topic permissions or
-    /// policies.
+    /// List queues, exchanges, bindings, connections, users, vhosts, topic permissions,
+    /// policies, vhost limits or user limits.
     List { what: ListKind },
     /// Remove every ready message from a queue.
     Purge { what: QueueOnly, name: String },
@@ -147,6 +149,23 @@ enum Cmd {
         /// all, queues, exchanges, classic_queues, quorum_queues or streams.
         #[arg(long, default_value = "all")]
         apply_to: String,
+    },
+    /// Set limits of a vhost (--vhost), as `rabbitmqctl set_vhost_limits`: DEFINITION is
+    /// JSON, e.g. '{"max-connections": 100, "max-queues": 1000}' (negative: no limit).
+    SetVhostLimits { definition: String },
+    /// Remove all limits of a vhost (--vhost), as `rabbitmqctl clear_vhost_limits`.
+    ClearVhostLimits,
+    /// Set limits of a user, as `rabbitmqctl set_user_limits`: DEFINITION is JSON, e.g.
+    /// '{"max-connections": 10, "max-channels": 100}'.
+    SetUserLimits {
+        #[arg(id = "limited_user", value_name = "USER")]
+        user: String,
+        definition: String,
+    },
+    /// Remove all limits of a user, as `rabbitmqctl clear_user_limits USER all`.
+    ClearUserLimits {
+        #[arg(id = "limited_user", value_name = "USER")]
+        user: String,
     },
     /// Remove a policy from a vhost, as `rabbitmqctl clear_policy`.
     ClearPolicy {
@@ -305,6 +324,22 @@ fn run(cli: &Cli, c: &Client, out: &mut dyn Write) -> Result<(), CtlError> {
             )?;
             done(cli, out, &format!("policy '{name}' set in vhost '{vhost}'"))
         }
+        Cmd::SetVhostLimits { definition } => {
+            set_limits(c, &format!("/api/vhost-limits/{}", enc(vhost)), definition)?;
+            done(cli, out, &format!("limits of vhost '{vhost}' set"))
+        }
+        Cmd::ClearVhostLimits => {
+            clear_limits(c, &format!("/api/vhost-limits/{}", enc(vhost)))?;
+            done(cli, out, &format!("limits of vhost '{vhost}' cleared"))
+        }
+        Cmd::SetUserLimits { user, definition } => {
+            set_limits(c, &format!("/api/user-limits/{}", enc(user)), definition)?;
+            done(cli, out, &format!("limits of user '{user}' set"))
+        }
+        Cmd::ClearUserLimits { user } => {
+            clear_limits(c, &format!("/api/user-limits/{}", enc(user)))?;
+            done(cli, out, &format!("limits of user '{user}' cleared"))
+        }
         Cmd::ClearPolicy { name } => {
             c.delete(&format!("/api/policies/{}/{}", enc(vhost), enc(name)))?;
             done(
@@ -339,6 +374,40 @@ fn run(cli: &Cli, c: &Client, out: &mut dyn Write) -> Result<(), CtlError> {
     }
 }
 
+/// PUTs each limit of a JSON object (`{"max-connections": 10}`) under `base`.
+fn set_limits(c: &Client, base: &str, definition: &str) -> Result<(), CtlError> {
+    let def: Value = serde_json::from_str(definition)
+        .map_err(|e| CtlError::Io(format!("definition is not JSON: {e}")))?;
+    let Value::Object(m) = def else {
+        return Err(CtlError::Io(
+            "definition must be a JSON object of limits".into(),
+        ));
+    };
+    for (name, value) in m {
+        c.put(
+            &format!("{base}/{}", enc(&name)),
+            &json!({ "value": value }),
+        )?;
+    }
+    Ok(())
+}
+
+/// DELETEs every limit listed at `base` (`[{"value": {name: n}}]`).
+fn clear_limits(c: &Client, base: &str) -> Result<(), CtlError> {
+    let listed = c.get(base)?;
+    let names: Vec<String> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.get("value").and_then(Value::as_object))
+        .flat_map(|m| m.keys().cloned())
+        .collect();
+    for name in names {
+        c.delete(&format!("{base}/{}", enc(&name)))?;
+    }
+    Ok(())
+}
+
 /// `list <what>`: a table, or the API's JSON.
 fn print_list(cli: &Cli, c: &Client, out: &mut dyn Write, what: ListKind) -> Result<(), CtlError> {
     let rows = list(c, what, cli.vhost.as_deref())?;
@@ -360,10 +429,16 @@ fn list(c: &Client, what: ListKind, vhost: Option<&str>) -> Result<Vec<Value>, C
         ListKind::Vhosts => "/api/vhosts",
         ListKind::TopicPermissions => "/api/topic-permissions",
         ListKind::Policies => "/api/policies",
+        ListKind::VhostLimits => "/api/vhost-limits",
+        ListKind::UserLimits => "/api/user-limits",
     };
     let scoped = matches!(
         what,
-        ListKind::Queues | ListKind::Exchanges | ListKind::Bindings | ListKind::Policies
+        ListKind::Queues
+            | ListKind::Exchanges
+            | ListKind::Bindings
+            | ListKind::Policies
+            | ListKind::VhostLimits
     );
     let path = match vhost {
         Some(v) if scoped => format!("{base}/{}", enc(v)),
@@ -415,6 +490,8 @@ fn table_kind(what: ListKind) -> &'static str {
         ListKind::Vhosts => "vhosts",
         ListKind::TopicPermissions => "topic-permissions",
         ListKind::Policies => "policies",
+        ListKind::VhostLimits => "vhost-limits",
+        ListKind::UserLimits => "user-limits",
     }
 }
 

@@ -55,6 +55,8 @@ pub fn columns(kind: &str) -> &'static [(&'static str, &'static str)] {
             ("definition", "definition"),
             ("priority", "priority"),
         ],
+        "vhost-limits" => &[("vhost", "vhost"), ("limits", "value")],
+        "user-limits" => &[("user", "user"), ("limits", "value")],
         "vhosts" => &[
             ("name", "name"),
             ("messages", "messages"),
