@@ -1324,6 +1324,21 @@ async fn policies_apply_to_queues_and_exchanges() {
         "routed to the AE"
     );
 
+    // An `expires` policy counts from when it is applied, not from the queue's last use.
+    common::declare(&ch, "exp.idle", FieldTable::default()).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = api
+        .put(
+            "/api/policies/%2F/exp",
+            json!({"pattern": "^exp\\.", "definition": {"expires": 300}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(api.get("/api/queues/%2F/exp.idle").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(api.get("/api/queues/%2F/exp.idle").await.status, 404, "expired");
+    assert_eq!(api.delete("/api/policies/%2F/exp").await.status, 204);
+
     // Validation: RabbitMQ's text; unknown vhost 404.
     let r = api
         .put(

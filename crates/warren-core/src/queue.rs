@@ -436,7 +436,8 @@ impl Queue {
         let base =
             QueueConfig::parse(&self.arguments, self.name.as_str(), vhost).unwrap_or_default();
         let next = base.with_policy(policy);
-        if **self.options.load() == next {
+        let before = self.options.load_full();
+        if *before == next {
             return;
         }
         self.options.store(shared_config(next));
@@ -447,6 +448,12 @@ impl Queue {
             if s.deleted {
                 return;
             }
+            // A new `expires` counts from now, as RabbitMQ restarts its expiry timer.
+            if cfg.expires != before.expires {
+                s.last_used = Some(Instant::now());
+            }
+            // Trimmed to the new limit whatever the overflow mode: RabbitMQ 3.10 drops the
+            // heads on applying a reject-publish policy too (checked against it).
             while self.over_limit(s.ready_count as u64, s.ready_bytes) {
                 let Some(old) = self.pop_ready(&mut s, &mut fx) else {
                     break;
