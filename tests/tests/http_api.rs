@@ -1336,7 +1336,11 @@ async fn policies_apply_to_queues_and_exchanges() {
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(api.get("/api/queues/%2F/exp.idle").await.status, 200);
     tokio::time::sleep(Duration::from_millis(900)).await;
-    assert_eq!(api.get("/api/queues/%2F/exp.idle").await.status, 404, "expired");
+    assert_eq!(
+        api.get("/api/queues/%2F/exp.idle").await.status,
+        404,
+        "expired"
+    );
     assert_eq!(api.delete("/api/policies/%2F/exp").await.status, 204);
 
     // Validation: RabbitMQ's text; unknown vhost 404.

@@ -131,6 +131,29 @@ async fn amqp_publish_and_bind() {
         ),
         "{text}"
     );
+    // A CC key is a routing key too: an allowed key with a refused CC is refused.
+    let ch = conn.create_channel().await.unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "CC".into(),
+        lapin::types::AMQPValue::FieldArray(
+            vec![lapin::types::AMQPValue::LongString("alice.cc".into())].into(),
+        ),
+    );
+    let _ = ch
+        .basic_publish(
+            "tx".into(),
+            "bob.y".into(),
+            BasicPublishOptions::default(),
+            b"cc",
+            BasicProperties::default().with_headers(headers),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !channel_open(&ch).await,
+        "the refused CC key closed the channel"
+    );
     // Bind refused: read on the routing key.
     let ch = conn.create_channel().await.unwrap();
     let e = ch
