@@ -1215,13 +1215,16 @@ async fn publishing_after_the_exchange_is_deleted() {
     fanout_to(&admin, "q-old").await;
     publish(&ch, "x-cached", "", b"one").await;
     publish(&ch, "x-cached", "", b"two").await;
+    // `ch` and `admin` are separate connections: without this wait, the delete below
+    // could be processed before "two" arrives, which would then be a 404.
+    wait_ready(&admin, "q-old", 2).await;
     admin
         .exchange_delete("x-cached".into(), ExchangeDeleteOptions::default())
         .await
         .expect("exchange.delete");
     fanout_to(&admin, "q-new").await;
     publish(&ch, "x-cached", "", b"three").await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_ready(&admin, "q-new", 1).await;
     assert_eq!(get(&admin, "q-old").await.as_deref(), Some(&b"one"[..]));
     assert_eq!(get(&admin, "q-old").await.as_deref(), Some(&b"two"[..]));
     assert_eq!(

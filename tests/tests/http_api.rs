@@ -1282,7 +1282,8 @@ async fn policies_apply_to_queues_and_exchanges() {
     for i in 0..3 {
         common::publish(&ch, "", "pol.one", format!("{i}").as_bytes()).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    common::wait_ready(&ch, "pol.one", 1).await;
+    common::wait_ready(&ch, "dead", 2).await;
     let q = api.get("/api/queues/%2F/pol.one").await.json();
     assert_eq!(q["messages"], 1, "x-max-length 1 beats the policy's 2");
     // The dropped heads went to the policy's dead-letter exchange (through the
@@ -1316,7 +1317,7 @@ async fn policies_apply_to_queues_and_exchanges() {
     );
     let before = api.get("/api/queues/%2F/dead").await.json()["messages"].clone();
     common::publish(&ch, "pol-x", "nowhere", b"unroutable").await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    common::wait_ready(&ch, "dead", before.as_u64().unwrap_or(0) as u32 + 1).await;
     let after = api.get("/api/queues/%2F/dead").await.json()["messages"].clone();
     assert_eq!(
         after.as_u64(),
@@ -1424,7 +1425,7 @@ async fn policies_apply_to_queues_and_exchanges() {
     for i in 0..5 {
         common::publish(&ch, "", "pol.durable", format!("{i}").as_bytes()).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    common::wait_ready(&ch, "pol.durable", 5).await;
     assert_eq!(
         api.get("/api/queues/%2F/pol.durable").await.json()["messages"],
         5
@@ -1570,4 +1571,58 @@ async fn vhost_and_user_limits() {
     let (_c, ch) = b.channel().await;
     common::declare(&ch, "lim-4", FieldTable::default()).await;
     assert_eq!(api.get("/api/vhost-limits").await.json(), json!([]));
+}
+
+/// Operator policies cap what users set: the smaller max-length wins over a user policy's,
+/// they take only limits and TTLs, and they live under `/api/operator-policies`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_policies_cap_queues() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    let (_c, ch) = b.channel().await;
+    let user = json!({"pattern": "^op\\.", "definition": {"max-length": 5}, "apply-to": "queues"});
+    assert_eq!(api.put("/api/policies/%2F/user", user).await.status, 201);
+    let cap = json!({"pattern": "^op\\.", "definition": {"max-length": 2}, "apply-to": "queues"});
+    let r = api.put("/api/operator-policies/%2F/cap", cap).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    common::declare(&ch, "op.q", FieldTable::default()).await;
+    for i in 0..4 {
+        common::publish(&ch, "", "op.q", format!("{i}").as_bytes()).await;
+    }
+    common::wait_ready(&ch, "op.q", 2).await;
+    let q = api.get("/api/queues/%2F/op.q").await.json();
+    assert_eq!(q["messages"], 2, "the operator's cap wins: {q}");
+    assert_eq!(q["policy"], "user");
+    assert_eq!(q["operator_policy"], "cap");
+    assert_eq!(q["effective_policy_definition"], json!({"max-length": 2}));
+    assert_eq!(
+        api.get("/api/operator-policies").await.json()[0]["name"],
+        "cap"
+    );
+    assert_eq!(
+        api.get("/api/policies")
+            .await
+            .json()
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    let r = api
+        .put(
+            "/api/operator-policies/%2F/bad",
+            json!({"pattern": ".*", "definition": {"dead-letter-exchange": "x"}}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "only limits and TTLs: {}", r.text());
+    assert_eq!(
+        api.delete("/api/operator-policies/%2F/cap").await.status,
+        204
+    );
+    for i in 0..4 {
+        common::publish(&ch, "", "op.q", format!("{i}").as_bytes()).await;
+    }
+    common::wait_ready(&ch, "op.q", 5).await;
+    let q = api.get("/api/queues/%2F/op.q").await.json();
+    assert_eq!(q["messages"], 5, "the user policy's limit again: {q}");
+    assert_eq!(q["operator_policy"], Value::Null);
 }

@@ -17,7 +17,7 @@ use crate::limits::{self, LimitMap, LimitOwner};
 use crate::message::Message;
 use crate::meta::{self, BindingRecord, ExchangeRecord, QueueRecord, UserRecord, VHostRecord};
 use crate::permissions::{self, Access, CompiledPermission, PermissionRecord, ResourceKind};
-use crate::policies::{Policy, PolicyRecord};
+use crate::policies::{Policy, PolicyKind, PolicyRecord};
 use crate::queue::QueueConfig;
 use crate::topic_permissions::{self, TopicPermissionRecord, TopicPermissions};
 use crate::vhost::{QueueDecl, VHost};
@@ -125,16 +125,18 @@ impl Broker {
             self.limits.write().insert((owner, who), m);
         }
         // Before the queues and exchanges, so they are rebuilt with their policy.
-        for (_, v) in self.store.meta_scan(meta::POLICY)? {
-            let r: PolicyRecord = decode(&v)?;
-            let Some(vh) = self.vhost(&r.vhost) else {
-                continue;
-            };
-            match Policy::new(r) {
-                Ok(p) => {
-                    vh.edit_policies(|ps| ps.set(Arc::new(p)));
+        for kind in [PolicyKind::User, PolicyKind::Operator] {
+            for (_, v) in self.store.meta_scan(meta::policy_prefix(kind))? {
+                let r: PolicyRecord = decode(&v)?;
+                let Some(vh) = self.vhost(&r.vhost) else {
+                    continue;
+                };
+                match Policy::new(kind, r) {
+                    Ok(p) => {
+                        vh.edit_policies(kind, |ps| ps.set(Arc::new(p)));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "skipping unusable stored policy"),
                 }
-                Err(e) => tracing::warn!(error = %e, "skipping unusable stored policy"),
             }
         }
         for (_, v) in self.store.meta_scan(meta::PERMISSION)? {
@@ -331,8 +333,10 @@ impl Broker {
             });
         }
         self.drop_topic_permissions(|v, _| v == name, &mut ops);
-        for p in vh.policies().records() {
-            ops.push(meta::policy_delete(name, &p.name));
+        for kind in [PolicyKind::User, PolicyKind::Operator] {
+            for p in vh.policies(kind).records() {
+                ops.push(meta::policy_delete(kind, name, &p.name));
+            }
         }
         if self
             .limits
@@ -350,27 +354,34 @@ impl Broker {
     /// Sets (durably) a policy, replacing the one of that name in its vhost, and applies
     /// it at once; true if it is new. 404 without the vhost; a definition RabbitMQ would
     /// refuse is a [`BadPolicy`] (400 in the API).
-    pub async fn set_policy(&self, record: PolicyRecord) -> CoreResult<bool> {
+    pub async fn set_policy(&self, kind: PolicyKind, record: PolicyRecord) -> CoreResult<bool> {
         let vh = self
             .vhost(&record.vhost)
             .ok_or_else(|| CoreError::not_found(format!("no vhost '{}'", record.vhost)))?;
-        let p = Policy::new(record)?;
-        self.persist(vec![meta::policy_put(&p.record)]).await?;
-        let replaced = vh.edit_policies(|ps| ps.set(Arc::new(p)));
+        let p = Policy::new(kind, record)?;
+        self.persist(vec![meta::policy_put(kind, &p.record)])
+            .await?;
+        let replaced = vh.edit_policies(kind, |ps| ps.set(Arc::new(p)));
         vh.apply_policies().await;
         Ok(!replaced)
     }
 
     /// Removes a policy; false if there was none.
-    pub async fn clear_policy(&self, vhost: &str, name: &str) -> CoreResult<bool> {
+    pub async fn clear_policy(
+        &self,
+        kind: PolicyKind,
+        vhost: &str,
+        name: &str,
+    ) -> CoreResult<bool> {
         let Some(vh) = self.vhost(vhost) else {
             return Ok(false);
         };
-        if vh.policies().get(name).is_none() {
+        if vh.policies(kind).get(name).is_none() {
             return Ok(false);
         }
-        self.persist(vec![meta::policy_delete(vhost, name)]).await?;
-        vh.edit_policies(|ps| ps.remove(name));
+        self.persist(vec![meta::policy_delete(kind, vhost, name)])
+            .await?;
+        vh.edit_policies(kind, |ps| ps.remove(name));
         vh.apply_policies().await;
         Ok(true)
     }
@@ -494,13 +505,13 @@ impl Broker {
         Ok(())
     }
 
-    /// Every policy of every vhost, by vhost and then priority.
-    pub fn policies(&self) -> Vec<PolicyRecord> {
+    /// Every policy of one kind in every vhost, by vhost and then priority.
+    pub fn policies(&self, kind: PolicyKind) -> Vec<PolicyRecord> {
         let mut vhosts = self.vhosts();
         vhosts.sort_by(|a, b| a.name.cmp(&b.name));
         vhosts
             .iter()
-            .flat_map(|vh| vh.policies().records().cloned().collect::<Vec<_>>())
+            .flat_map(|vh| vh.policies(kind).records().cloned().collect::<Vec<_>>())
             .collect()
     }
 

@@ -16,7 +16,7 @@ use crate::json::{json_to_table, table_to_json};
 use crate::limits::{LimitMap, LimitOwner};
 use crate::meta::UserRecord;
 use crate::permissions::PermissionRecord;
-use crate::policies::PolicyRecord;
+use crate::policies::{PolicyKind, PolicyRecord};
 use crate::topic_permissions::TopicPermissionRecord;
 use crate::{Broker, ExchangeDecl, QueueDecl, ShortString, Target};
 
@@ -134,7 +134,7 @@ pub fn export(b: &Broker, only: Option<&str>, rabbit_version: &str) -> Value {
         "policies": vhosts
             .iter()
             .flat_map(|vh| {
-                vh.policies()
+                vh.policies(PolicyKind::User)
                     .records()
                     .map(|p| policy_json(p, only.is_none()))
                     .collect::<Vec<_>>()
@@ -305,7 +305,7 @@ pub async fn import(b: &Broker, defs: &Value, only: Option<&str>) -> Result<(), 
                 .unwrap_or_default(),
             priority: p.get("priority").and_then(Value::as_i64).unwrap_or(0),
         };
-        b.set_policy(record).await?;
+        b.set_policy(PolicyKind::User, record).await?;
     }
     for k in ["parameters", "global_parameters"] {
         if !arr(defs, k).is_empty() {

@@ -26,6 +26,8 @@ pub(crate) const TOPIC_PERMISSION: &[u8] = b"t\0";
 pub(crate) const PERMISSIONS_INITIALISED: &[u8] = b"s\0permissions-initialised";
 /// Policies: `y\0<vhost>\0<name>` → [`PolicyRecord`](crate::policies::PolicyRecord).
 pub(crate) const POLICY: &[u8] = b"y\0";
+/// Operator policies: `O\0<vhost>\0<name>` → the same record.
+pub(crate) const OPERATOR_POLICY: &[u8] = b"O\0";
 /// Limits: `l\0vhost\0<vhost>` or `l\0user\0<user>` → the
 /// [`LimitMap`](crate::limits::LimitMap) as JSON.
 pub(crate) const LIMIT: &[u8] = b"l\0";
@@ -238,13 +240,24 @@ pub(crate) fn permissions_initialised() -> Op {
     }
 }
 
-pub(crate) fn policy_put(p: &crate::policies::PolicyRecord) -> Op {
-    put(key(POLICY, &[&p.vhost, &p.name]), p)
+/// The key prefix of a kind of policy.
+pub(crate) fn policy_prefix(kind: crate::policies::PolicyKind) -> &'static [u8] {
+    match kind {
+        crate::policies::PolicyKind::User => POLICY,
+        crate::policies::PolicyKind::Operator => OPERATOR_POLICY,
+    }
 }
 
-pub(crate) fn policy_delete(vhost: &str, name: &str) -> Op {
+pub(crate) fn policy_put(
+    kind: crate::policies::PolicyKind,
+    p: &crate::policies::PolicyRecord,
+) -> Op {
+    put(key(policy_prefix(kind), &[&p.vhost, &p.name]), p)
+}
+
+pub(crate) fn policy_delete(kind: crate::policies::PolicyKind, vhost: &str, name: &str) -> Op {
     Op::DeleteMeta {
-        key: key(POLICY, &[vhost, name]),
+        key: key(policy_prefix(kind), &[vhost, name]),
     }
 }
 

@@ -50,6 +50,25 @@ impl From<BadPolicy> for CoreError {
     }
 }
 
+/// A user policy (`/api/policies`) or an operator policy (`/api/operator-policies`): the
+/// operator's caps limits and TTLs from above whatever users set, and may only name those.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PolicyKind {
+    User,
+    Operator,
+}
+
+/// The keys an operator policy may set (RabbitMQ 3.10's operator policy validators).
+const OPERATOR_KEYS: &[&str] = &[
+    "expires",
+    "message-ttl",
+    "max-length",
+    "max-length-bytes",
+    "max-in-memory-length",
+    "max-in-memory-bytes",
+    "delivery-limit",
+];
+
 /// What kind of object a policy is matched against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Object {
@@ -144,10 +163,27 @@ fn check_value(key: &str, v: &Value) -> Result<(), String> {
     }
 }
 
+/// `{<<"key">>,Value}` as RabbitMQ prints a definition entry in its validation errors.
+fn erlang_pair(k: &str, v: &Value) -> String {
+    let v = match v {
+        Value::String(t) => format!("<<\"{t}\">>"),
+        other => other.to_string(),
+    };
+    format!("{{<<\"{k}\">>,{v}}}")
+}
+
 impl Policy {
     /// Validates `record` as RabbitMQ's `rabbit_policy:validate` does and compiles it.
-    pub fn new(record: PolicyRecord) -> Result<Policy, BadPolicy> {
-        if !APPLY_TO.contains(&record.apply_to.as_str()) {
+    pub fn new(kind: PolicyKind, record: PolicyRecord) -> Result<Policy, BadPolicy> {
+        let apply_to_ok = match kind {
+            PolicyKind::User => APPLY_TO.contains(&record.apply_to.as_str()),
+            // Operator policies only ever apply to queues.
+            PolicyKind::Operator => matches!(
+                record.apply_to.as_str(),
+                "all" | "queues" | "classic_queues" | "quorum_queues"
+            ),
+        };
+        if !apply_to_ok {
             return Err(BadPolicy(format!(
                 "\"{}\" is not a valid apply-to value",
                 record.apply_to
@@ -164,9 +200,13 @@ impl Policy {
         }
         let mut unknown = Vec::new();
         for (k, v) in &record.definition {
+            if kind == PolicyKind::Operator && !OPERATOR_KEYS.contains(&k.as_str()) {
+                unknown.push(erlang_pair(k, v));
+                continue;
+            }
             match check_value(k, v) {
                 Ok(()) => {}
-                Err(why) if why.is_empty() => unknown.push(format!("<<\"{k}\">>")),
+                Err(why) if why.is_empty() => unknown.push(erlang_pair(k, v)),
                 Err(why) => return Err(BadPolicy(why)),
             }
         }
@@ -266,7 +306,11 @@ mod tests {
     fn highest_priority_matching_policy_wins() {
         let mut ps = Policies::default();
         for (n, pat, prio) in [("low", "^q", 0), ("high", "^q\\.", 5), ("other", "x", 9)] {
-            let p = Policy::new(rec(n, pat, prio, json!({"max-length": 1}))).unwrap();
+            let p = Policy::new(
+                PolicyKind::User,
+                rec(n, pat, prio, json!({"max-length": 1})),
+            )
+            .unwrap();
             ps.set(Arc::new(p));
         }
         let q = Object::Queue { quorum: false };
@@ -276,7 +320,11 @@ mod tests {
         // Unanchored, as re:run.
         assert_eq!(ps.for_object(q, "my-x").unwrap().record.name, "other");
         assert!(ps.set(Arc::new(
-            Policy::new(rec("high", "^nothing$", 5, json!({"max-length": 1}))).unwrap()
+            Policy::new(
+                PolicyKind::User,
+                rec("high", "^nothing$", 5, json!({"max-length": 1}))
+            )
+            .unwrap()
         )));
         assert_eq!(ps.for_object(q, "q.a").unwrap().record.name, "low");
     }
@@ -285,34 +333,51 @@ mod tests {
     fn apply_to_selects_the_kind() {
         let mut r = rec("p", ".*", 0, json!({"alternate-exchange": "ae"}));
         r.apply_to = "exchanges".into();
-        let p = Policy::new(r).unwrap();
+        let p = Policy::new(PolicyKind::User, r).unwrap();
         assert!(p.applies(Object::Exchange, "x"));
         assert!(!p.applies(Object::Queue { quorum: false }, "x"));
         let mut r = rec("p", ".*", 0, json!({"max-length": 1}));
         r.apply_to = "quorum_queues".into();
-        let p = Policy::new(r).unwrap();
+        let p = Policy::new(PolicyKind::User, r).unwrap();
         assert!(p.applies(Object::Queue { quorum: true }, "q"));
         assert!(!p.applies(Object::Queue { quorum: false }, "q"));
     }
 
     #[test]
+    fn operator_policies_take_limits_and_ttls_only() {
+        let op = |def: Value| Policy::new(PolicyKind::Operator, rec("o", ".*", 0, def));
+        assert!(op(json!({"max-length": 10, "message-ttl": 1000})).is_ok());
+        assert!(op(json!({"dead-letter-exchange": "x"}))
+            .unwrap_err()
+            .0
+            .contains("not recognised"));
+        let mut r = rec("o", ".*", 0, json!({"max-length": 1}));
+        r.apply_to = "exchanges".into();
+        assert!(Policy::new(PolicyKind::Operator, r).is_err());
+    }
+
+    #[test]
     fn validation_follows_rabbitmq() {
-        let bad = |def: Value| Policy::new(rec("p", ".*", 0, def)).unwrap_err().0;
+        let bad = |def: Value| {
+            Policy::new(PolicyKind::User, rec("p", ".*", 0, def))
+                .unwrap_err()
+                .0
+        };
         assert_eq!(
             bad(json!({"foo": 1, "bar": 2})),
-            "[<<\"bar\">>,<<\"foo\">>] are not recognised policy settings"
+            "[{<<\"bar\">>,2},{<<\"foo\">>,1}] are not recognised policy settings"
         );
         assert!(bad(json!({"max-length": -1})).contains("non-negative"));
         assert!(bad(json!({"expires": 0})).contains("greater than 0"));
         assert!(bad(json!({"overflow": "nope"})).contains("drop-head"));
         assert!(bad(json!({"dead-letter-exchange": 3})).contains("string"));
         assert_eq!(bad(json!({})), "no policy provided");
-        assert!(Policy::new(rec("p", "(", 0, json!({"max-length": 1}))).is_err());
+        assert!(Policy::new(PolicyKind::User, rec("p", "(", 0, json!({"max-length": 1}))).is_err());
         let mut r = rec("p", ".*", 0, json!({"max-length": 1}));
         r.apply_to = "everything".into();
-        assert!(Policy::new(r).is_err());
+        assert!(Policy::new(PolicyKind::User, r).is_err());
         let ok = json!({"ha-mode": "all", "queue-mode": "lazy", "message-ttl": 0,
                         "overflow": "reject-publish", "dead-letter-exchange": "dlx"});
-        assert!(Policy::new(rec("p", ".*", 0, ok)).is_ok());
+        assert!(Policy::new(PolicyKind::User, rec("p", ".*", 0, ok)).is_ok());
     }
 }

@@ -69,6 +69,8 @@ pub struct QueueConfig {
     pub single_active_consumer: bool,
     /// The policy these options came from in part, if any.
     pub policy: Option<Arc<Policy>>,
+    /// The operator policy capping them, if any.
+    pub operator_policy: Option<Arc<Policy>>,
 }
 
 impl QueueConfig {
@@ -86,10 +88,7 @@ impl QueueConfig {
         let Some(p) = policy else {
             return self;
         };
-        let min = |arg: Option<u64>, key: &str| match (arg, p.int(key)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let min = |arg: Option<u64>, key: &str| smaller(arg, p.int(key));
         self.message_ttl = min(self.message_ttl, "message-ttl");
         self.expires = min(self.expires, "expires");
         self.max_length = min(self.max_length, "max-length");
@@ -104,6 +103,21 @@ impl QueueConfig {
             self.overflow = p.text("overflow").and_then(Overflow::parse);
         }
         self.policy = Some(p.clone());
+        self
+    }
+
+    /// These options capped by an operator policy: the smaller value of each limit and TTL
+    /// it names (RabbitMQ's `rabbit_policy:effective_definition`).
+    pub fn with_operator_policy(mut self, op: Option<&Arc<Policy>>) -> Self {
+        let Some(p) = op else {
+            return self;
+        };
+        let cap = |cur: Option<u64>, key: &str| smaller(cur, p.int(key));
+        self.message_ttl = cap(self.message_ttl, "message-ttl");
+        self.expires = cap(self.expires, "expires");
+        self.max_length = cap(self.max_length, "max-length");
+        self.max_length_bytes = cap(self.max_length_bytes, "max-length-bytes");
+        self.operator_policy = Some(p.clone());
         self
     }
 
@@ -170,6 +184,14 @@ impl QueueConfig {
             ));
         }
         Ok(c)
+    }
+}
+
+/// The smaller of two optional limits (either alone if the other is unset).
+fn smaller(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -429,13 +451,23 @@ impl Queue {
         self.config().policy.clone()
     }
 
+    /// The operator policy in force, if any.
+    pub fn operator_policy(&self) -> Option<Arc<Policy>> {
+        self.config().operator_policy.clone()
+    }
+
     /// Re-evaluates the options after a policy change: the arguments combined with
     /// `policy`. A new length limit trims the queue now (drop-head) and a new TTL or
     /// `expires` starts the housekeeping timer, as RabbitMQ applies a policy at once.
-    pub async fn apply_policy(self: &Arc<Self>, vhost: &str, policy: Option<&Arc<Policy>>) {
+    pub async fn apply_policy(
+        self: &Arc<Self>,
+        vhost: &str,
+        policy: Option<&Arc<Policy>>,
+        operator: Option<&Arc<Policy>>,
+    ) {
         let base =
             QueueConfig::parse(&self.arguments, self.name.as_str(), vhost).unwrap_or_default();
-        let next = base.with_policy(policy);
+        let next = base.with_policy(policy).with_operator_policy(operator);
         let before = self.options.load_full();
         if *before == next {
             return;

@@ -15,7 +15,7 @@ use crate::exchange::{Binding, Exchange, ExchangeKind, Target};
 use crate::ids::ConnectionId;
 use crate::message::Message;
 use crate::meta;
-use crate::policies::{Object, Policies, Policy};
+use crate::policies::{Object, Policies, Policy, PolicyKind};
 use crate::queue::{EnqueueOutcome, Queue, QueueConfig};
 
 /// Exchanges every vhost has (RabbitMQ's predeclared set).
@@ -102,6 +102,7 @@ pub struct VHost {
     next_store_id: Arc<std::sync::atomic::AtomicU64>,
     /// Replaced as a whole when a policy changes (rare); read on every declare.
     policies: RwLock<Arc<Policies>>,
+    operator_policies: RwLock<Arc<Policies>>,
     /// The `max-queues` limit (crate::limits); `u64::MAX` when there is none.
     max_queues: std::sync::atomic::AtomicU64,
 }
@@ -141,6 +142,7 @@ impl VHost {
                 self_ref: weak.clone(),
                 next_store_id,
                 policies: RwLock::new(Arc::new(Policies::default())),
+                operator_policies: RwLock::new(Arc::new(Policies::default())),
                 max_queues: std::sync::atomic::AtomicU64::new(u64::MAX),
             }
         })
@@ -185,13 +187,20 @@ impl VHost {
         );
     }
 
-    /// The vhost's policies.
-    pub fn policies(&self) -> Arc<Policies> {
-        self.policies.read().clone()
+    fn policy_set(&self, kind: PolicyKind) -> &RwLock<Arc<Policies>> {
+        match kind {
+            PolicyKind::User => &self.policies,
+            PolicyKind::Operator => &self.operator_policies,
+        }
     }
 
-    fn policy_for(&self, object: Object, name: &str) -> Option<Arc<Policy>> {
-        let ps = self.policies.read();
+    /// The vhost's policies of one kind.
+    pub fn policies(&self, kind: PolicyKind) -> Arc<Policies> {
+        self.policy_set(kind).read().clone()
+    }
+
+    fn policy_for(&self, kind: PolicyKind, object: Object, name: &str) -> Option<Arc<Policy>> {
+        let ps = self.policy_set(kind).read();
         if ps.is_empty() {
             return None;
         }
@@ -200,19 +209,25 @@ impl VHost {
 
     /// Changes the policies in memory (the caller stores the change); call
     /// [`VHost::apply_policies`] after.
-    pub(crate) fn edit_policies<R>(&self, edit: impl FnOnce(&mut Policies) -> R) -> R {
-        let mut g = self.policies.write();
+    pub(crate) fn edit_policies<R>(
+        &self,
+        kind: PolicyKind,
+        edit: impl FnOnce(&mut Policies) -> R,
+    ) -> R {
+        let mut g = self.policy_set(kind).write();
         edit(Arc::make_mut(&mut g))
     }
 
     /// Applies the policies to every queue and exchange of the vhost.
     pub(crate) async fn apply_policies(&self) {
         for x in self.exchanges() {
-            x.set_policy(self.policy_for(Object::Exchange, x.name.as_str()));
+            x.set_policy(self.policy_for(PolicyKind::User, Object::Exchange, x.name.as_str()));
         }
         for q in self.queues() {
-            let p = self.policy_for(queue_object(&q.arguments), q.name.as_str());
-            q.apply_policy(&self.name, p.as_ref()).await;
+            let object = queue_object(&q.arguments);
+            let p = self.policy_for(PolicyKind::User, object, q.name.as_str());
+            let op = self.policy_for(PolicyKind::Operator, object, q.name.as_str());
+            q.apply_policy(&self.name, p.as_ref(), op.as_ref()).await;
         }
     }
 
@@ -284,7 +299,7 @@ impl VHost {
             d.internal,
             d.arguments,
         ));
-        x.set_policy(self.policy_for(Object::Exchange, name));
+        x.set_policy(self.policy_for(PolicyKind::User, Object::Exchange, name));
         let created = {
             let mut g = self.exchanges.write();
             match g.get(name) {
@@ -445,8 +460,12 @@ impl VHost {
         store_id: StoreQueueId,
         config: QueueConfig,
     ) -> Arc<Queue> {
-        let policy = self.policy_for(queue_object(&d.arguments), d.name.as_str());
-        let config = config.with_policy(policy.as_ref());
+        let object = queue_object(&d.arguments);
+        let policy = self.policy_for(PolicyKind::User, object, d.name.as_str());
+        let operator = self.policy_for(PolicyKind::Operator, object, d.name.as_str());
+        let config = config
+            .with_policy(policy.as_ref())
+            .with_operator_policy(operator.as_ref());
         Queue::new(
             d.name,
             self.self_ref.clone(),
@@ -464,7 +483,7 @@ impl VHost {
     }
 
     pub(crate) fn insert_recovered_exchange(&self, x: Arc<Exchange>) {
-        x.set_policy(self.policy_for(Object::Exchange, x.name.as_str()));
+        x.set_policy(self.policy_for(PolicyKind::User, Object::Exchange, x.name.as_str()));
         self.exchanges.write().insert(x.name.clone(), x);
     }
 

@@ -209,7 +209,7 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
     let c = q.counts();
     let r: Rates = s.sampler.queue_rates(q.store_id.0);
     let messages = c.ready as u64 + c.unacked as u64;
-    let policy = q.policy();
+    let (policy, operator) = (q.policy(), q.operator_policy());
     json!({
         "name": q.name.as_str(),
         "vhost": vhost,
@@ -221,7 +221,8 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
         "state": "running",
         "type": "classic",
         "policy": policy.as_ref().map(|p| p.record.name.clone()),
-        "effective_policy_definition": policy.as_ref().map_or_else(|| json!({}), |p| json!(p.record.definition)),
+        "operator_policy": operator.as_ref().map(|p| p.record.name.clone()),
+        "effective_policy_definition": effective_definition(policy.as_deref(), operator.as_deref()),
         "exclusive_consumer_tag": null,
         "consumers": c.consumers,
         "messages": messages,
@@ -245,6 +246,27 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
             "redeliver_details": details(r.redeliver),
         },
     })
+}
+
+/// The policy's definition with the operator policy's limits over it where they are
+/// smaller (RabbitMQ's `effective_policy_definition`).
+fn effective_definition(
+    policy: Option<&warren_core::Policy>,
+    operator: Option<&warren_core::Policy>,
+) -> Value {
+    let mut d = policy
+        .map(|p| p.record.definition.clone())
+        .unwrap_or_default();
+    for (k, v) in operator.map(|p| &p.record.definition).into_iter().flatten() {
+        let smaller = match (d.get(k).and_then(Value::as_i64), v.as_i64()) {
+            (Some(cur), Some(new)) => new < cur,
+            _ => true,
+        };
+        if smaller {
+            d.insert(k.clone(), v.clone());
+        }
+    }
+    Value::Object(d)
 }
 
 fn exchange_json(vhost: &str, x: &Exchange) -> Value {

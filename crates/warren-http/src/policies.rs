@@ -1,5 +1,6 @@
-//! `/api/policies` as RabbitMQ's management plugin has it: `GET` lists (all, or one
-//! vhost's), `GET`/`PUT`/`DELETE` one policy by vhost and name. `PUT` takes
+//! `/api/policies` and `/api/operator-policies` as RabbitMQ's management plugin has
+//! them: `GET` lists (all, or one vhost's), `GET`/`PUT`/`DELETE` one policy by vhost and
+//! name. `PUT` takes
 //! `{"pattern", "definition", "priority"?, "apply-to"?}`; a definition RabbitMQ would
 //! refuse is a 400 with its "Validation failed" text. Policymakers and administrators
 //! only, within the vhosts they may see.
@@ -11,7 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::Value;
 use warren_core::definitions::policy_json;
-use warren_core::policies::Policy;
+use warren_core::policies::{Policy, PolicyKind};
 use warren_core::PolicyRecord;
 
 use crate::api::{body_json, created, list, no_content, required_str, Q};
@@ -22,20 +23,52 @@ use crate::AppState;
 type St = State<AppState>;
 
 pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/policies", get(all))
-        .route("/api/policies/{vhost}", get(of_vhost))
-        .route(
-            "/api/policies/{vhost}/{name}",
-            get(one).put(put).delete(delete),
-        )
+    let mut r = Router::new();
+    for (kind, base) in [
+        (PolicyKind::User, "/api/policies"),
+        (PolicyKind::Operator, "/api/operator-policies"),
+    ] {
+        r = r
+            .route(
+                base,
+                get(move |State(s): St, caller: Caller, params: Q| all(s, caller, kind, params)),
+            )
+            .route(
+                &format!("{base}/{{vhost}}"),
+                get(
+                    move |State(s): St, caller: Caller, Path(v): Path<String>, params: Q| {
+                        of_vhost(s, caller, kind, v, params)
+                    },
+                ),
+            )
+            .route(
+                &format!("{base}/{{vhost}}/{{name}}"),
+                get(
+                    move |State(s): St, caller: Caller, Path(p): Path<(String, String)>| {
+                        one(s, caller, kind, p)
+                    },
+                )
+                .put(
+                    move |State(s): St,
+                          caller: Caller,
+                          Path(p): Path<(String, String)>,
+                          body: Bytes| { put(s, caller, kind, p, body) },
+                )
+                .delete(
+                    move |State(s): St, caller: Caller, Path(p): Path<(String, String)>| {
+                        delete(s, caller, kind, p)
+                    },
+                ),
+            );
+    }
+    r
 }
 
-async fn all(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Value>> {
+async fn all(s: AppState, caller: Caller, kind: PolicyKind, params: Q) -> ApiResult<Json<Value>> {
     caller.require_policymaker()?;
     let items = s
         .broker
-        .policies()
+        .policies(kind)
         .iter()
         .filter(|p| caller.sees_vhost(&s.broker, &p.vhost))
         .map(|p| policy_json(p, true))
@@ -44,15 +77,16 @@ async fn all(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Value>> 
 }
 
 async fn of_vhost(
-    State(s): St,
+    s: AppState,
     caller: Caller,
-    Path(v): Path<String>,
+    kind: PolicyKind,
+    v: String,
     params: Q,
 ) -> ApiResult<Json<Value>> {
     caller.require_policymaker()?;
     let vh = caller.vhost(&s.broker, &v)?;
     let items = vh
-        .policies()
+        .policies(kind)
         .records()
         .map(|p| policy_json(p, true))
         .collect();
@@ -60,21 +94,23 @@ async fn of_vhost(
 }
 
 async fn one(
-    State(s): St,
+    s: AppState,
     caller: Caller,
-    Path((v, name)): Path<(String, String)>,
+    kind: PolicyKind,
+    (v, name): (String, String),
 ) -> ApiResult<Json<Value>> {
     caller.require_policymaker()?;
     let vh = caller.vhost(&s.broker, &v)?;
-    let ps = vh.policies();
+    let ps = vh.policies(kind);
     let p = ps.get(&name).ok_or(ApiError::ObjectNotFound)?;
     Ok(Json(policy_json(&p.record, true)))
 }
 
 async fn put(
-    State(s): St,
+    s: AppState,
     caller: Caller,
-    Path((v, name)): Path<(String, String)>,
+    kind: PolicyKind,
+    (v, name): (String, String),
     body: Bytes,
 ) -> ApiResult<Response> {
     caller.require_policymaker()?;
@@ -114,19 +150,20 @@ async fn put(
         priority,
     };
     // Validated here too, so the 400 carries RabbitMQ's text alone.
-    Policy::new(record.clone()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let new = s.broker.set_policy(record).await?;
+    Policy::new(kind, record.clone()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let new = s.broker.set_policy(kind, record).await?;
     Ok(created(new))
 }
 
 async fn delete(
-    State(s): St,
+    s: AppState,
     caller: Caller,
-    Path((v, name)): Path<(String, String)>,
+    kind: PolicyKind,
+    (v, name): (String, String),
 ) -> ApiResult<Response> {
     caller.require_policymaker()?;
     caller.vhost(&s.broker, &v)?;
-    if s.broker.clear_policy(&v, &name).await? {
+    if s.broker.clear_policy(kind, &v, &name).await? {
         Ok(no_content())
     } else {
         Err(ApiError::ObjectNotFound)

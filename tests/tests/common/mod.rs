@@ -145,6 +145,30 @@ pub async fn channel_open(ch: &Channel) -> bool {
     .is_ok()
 }
 
+/// Waits (up to 5 s) until `queue` holds at least `n` ready messages. Publishes on
+/// another connection are processed in their own order: a test that acts on one
+/// connection after publishing on another must wait for the messages to land.
+pub async fn wait_ready(ch: &Channel, queue: &str, n: u32) {
+    for _ in 0..500 {
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue.declare passive");
+        if q.message_count() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{queue} did not reach {n} ready messages in 5 s");
+}
+
 /// basic.get with no_ack; the body, or None when the queue is empty.
 pub async fn get(ch: &Channel, queue: &str) -> Option<Vec<u8>> {
     ch.basic_get(queue.into(), BasicGetOptions { no_ack: true })
