@@ -991,7 +991,7 @@ fn rabbit_value(v: &AMQPValue) -> String {
 }
 
 /// RabbitMQ's name for a field type (rabbit_binary_parser).
-fn rabbit_type(v: &AMQPValue) -> &'static str {
+pub(crate) fn rabbit_type(v: &AMQPValue) -> &'static str {
     match v {
         AMQPValue::Boolean(_) => "bool",
         AMQPValue::ShortShortInt(_) => "byte",
