@@ -1272,13 +1272,8 @@ impl Conn {
         // After the internal check, as rabbit_channel orders them. The sender-selected
         // CC/BCC keys are routing keys too (RabbitMQ 3.13 checks them as well).
         self.check_topic_write(ch, &x, p.routing_key.as_str())?;
-        if warren_core::deadletter::has_sender_selected(&msg) {
-            for key in warren_core::deadletter::all_routing_keys(&msg)
-                .iter()
-                .skip(1)
-            {
-                self.check_topic_write(ch, &x, key)?;
-            }
+        for key in warren_core::deadletter::sender_selected_keys(&msg) {
+            self.check_topic_write(ch, &x, &key)?;
         }
         let queues = vh.route(&x, &msg);
         let unroutable = queues.is_empty();

@@ -338,14 +338,7 @@ impl Broker {
                 ops.push(meta::policy_delete(kind, name, &p.name));
             }
         }
-        if self
-            .limits
-            .write()
-            .remove(&(LimitOwner::VHost, name.to_owned()))
-            .is_some()
-        {
-            ops.push(meta::limits_put(LimitOwner::VHost, name, &LimitMap::new()));
-        }
+        self.drop_limits(LimitOwner::VHost, name, &mut ops);
         self.bump_permissions();
         self.persist(ops).await?;
         Ok(true)
@@ -353,7 +346,7 @@ impl Broker {
 
     /// Sets (durably) a policy, replacing the one of that name in its vhost, and applies
     /// it at once; true if it is new. 404 without the vhost; a definition RabbitMQ would
-    /// refuse is a [`BadPolicy`] (400 in the API).
+    /// refuse is a [`ValidationFailed`](crate::error::ValidationFailed) (400 in the API).
     pub async fn set_policy(&self, kind: PolicyKind, record: PolicyRecord) -> CoreResult<bool> {
         let vh = self
             .vhost(&record.vhost)
@@ -387,7 +380,7 @@ impl Broker {
     }
 
     /// Sets (durably) one limit of a vhost or user; 404 if it does not exist, a
-    /// [`BadLimit`](limits::BadLimit) for a name RabbitMQ does not know.
+    /// [`ValidationFailed`](crate::error::ValidationFailed) for a name RabbitMQ does not know.
     pub async fn set_limit(
         &self,
         owner: LimitOwner,
@@ -408,6 +401,18 @@ impl Broker {
         })
         .await?;
         Ok(())
+    }
+
+    /// Forgets a deleted vhost's or user's limits; the store delete goes into `ops`.
+    fn drop_limits(&self, owner: LimitOwner, who: &str, ops: &mut Vec<Op>) {
+        if self
+            .limits
+            .write()
+            .remove(&(owner, who.to_owned()))
+            .is_some()
+        {
+            ops.push(meta::limits_put(owner, who, &LimitMap::new()));
+        }
     }
 
     /// Removes one limit; false if it was not set.
@@ -556,14 +561,7 @@ impl Broker {
             }
         });
         self.drop_topic_permissions(|_, u| u == name, &mut ops);
-        if self
-            .limits
-            .write()
-            .remove(&(LimitOwner::User, name.to_owned()))
-            .is_some()
-        {
-            ops.push(meta::limits_put(LimitOwner::User, name, &LimitMap::new()));
-        }
+        self.drop_limits(LimitOwner::User, name, &mut ops);
         self.bump_permissions();
         self.persist(ops).await?;
         self.connections

@@ -45,11 +45,9 @@ pub fn routing_keys(msg: &Message) -> Vec<String> {
     keys
 }
 
-/// Every key a message routes on: its key and the sender-selected `CC` and `BCC` keys.
-pub fn all_routing_keys(msg: &Message) -> Vec<String> {
-    let mut keys = routing_keys(msg);
-    keys.extend(header_keys(msg, "BCC"));
-    keys
+/// The sender-selected keys a message also routes on: its `CC` and `BCC` headers'.
+pub fn sender_selected_keys(msg: &Message) -> impl Iterator<Item = String> + '_ {
+    header_keys(msg, "CC").chain(header_keys(msg, "BCC"))
 }
 
 /// The keys of a sender-selected distribution header (an array of strings; RabbitMQ ignores
@@ -65,14 +63,6 @@ fn header_keys<'m>(msg: &'m Message, name: &str) -> impl Iterator<Item = String>
         _ => &[],
     };
     keys.iter().filter_map(|v| as_str(Some(v)))
-}
-
-/// Whether the message carries sender-selected keys (`CC` or `BCC`).
-pub fn has_sender_selected(msg: &Message) -> bool {
-    msg.properties
-        .headers
-        .as_ref()
-        .is_some_and(|h| h.contains_key("CC") || h.contains_key("BCC"))
 }
 
 /// `msg` without its `BCC` header, or `None` if it has none: RabbitMQ removes it before

@@ -102,3 +102,15 @@ impl From<warren_store::StoreError> for CoreError {
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;
+
+/// A policy or limit RabbitMQ's validators would refuse; the text is the reason, shown as
+/// RabbitMQ shows it (`Validation failed…`, a 400 in the API).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("Validation failed\n\n{0}\n")]
+pub struct ValidationFailed(pub String);
+
+impl From<ValidationFailed> for CoreError {
+    fn from(e: ValidationFailed) -> Self {
+        CoreError::precondition(e.to_string())
+    }
+}

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::error::{CoreError, ErrorKind};
+use crate::error::{CoreError, ErrorKind, ValidationFailed};
 
 /// A limit's name → value.
 pub type LimitMap = BTreeMap<String, i64>;
@@ -39,28 +39,17 @@ impl LimitOwner {
     }
 }
 
-/// A limit RabbitMQ would refuse; the text is its validation reason.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("Validation failed\n\n{0}\n")]
-pub struct BadLimit(pub String);
-
-impl From<BadLimit> for CoreError {
-    fn from(e: BadLimit) -> Self {
-        CoreError::precondition(e.to_string())
-    }
-}
-
 /// Checks one limit as RabbitMQ's `rabbit_vhost_limit` / user-limit validators do: a known
 /// name and an integer value.
-pub fn validate(owner: LimitOwner, name: &str, value: &Value) -> Result<i64, BadLimit> {
+pub fn validate(owner: LimitOwner, name: &str, value: &Value) -> Result<i64, ValidationFailed> {
     if !owner.names().contains(&name) {
-        return Err(BadLimit(format!(
+        return Err(ValidationFailed(format!(
             "Unrecognised terms [{{<<\"{name}\">>,{value}}}] in limits"
         )));
     }
     value
         .as_i64()
-        .ok_or_else(|| BadLimit(format!("<<\"{name}\">> must be an integer, got {value}")))
+        .ok_or_else(|| ValidationFailed(format!("<<\"{name}\">> must be an integer, got {value}")))
 }
 
 /// The value in force for `name`: `None` when unset or negative (no limit).

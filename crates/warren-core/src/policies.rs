@@ -20,7 +20,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::error::CoreError;
+use crate::error::ValidationFailed;
 
 /// A stored policy, in the field names of RabbitMQ's definitions file and API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,17 +37,6 @@ pub struct PolicyRecord {
 
 fn all() -> String {
     "all".into()
-}
-
-/// A policy RabbitMQ would refuse; the text is its `Validation failed` reason.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("Validation failed\n\n{0}\n")]
-pub struct BadPolicy(pub String);
-
-impl From<BadPolicy> for CoreError {
-    fn from(e: BadPolicy) -> Self {
-        CoreError::precondition(e.to_string())
-    }
 }
 
 /// A user policy (`/api/policies`) or an operator policy (`/api/operator-policies`): the
@@ -174,7 +163,7 @@ fn erlang_pair(k: &str, v: &Value) -> String {
 
 impl Policy {
     /// Validates `record` as RabbitMQ's `rabbit_policy:validate` does and compiles it.
-    pub fn new(kind: PolicyKind, record: PolicyRecord) -> Result<Policy, BadPolicy> {
+    pub fn new(kind: PolicyKind, record: PolicyRecord) -> Result<Policy, ValidationFailed> {
         let apply_to_ok = match kind {
             PolicyKind::User => APPLY_TO.contains(&record.apply_to.as_str()),
             // Operator policies only ever apply to queues.
@@ -184,19 +173,19 @@ impl Policy {
             ),
         };
         if !apply_to_ok {
-            return Err(BadPolicy(format!(
+            return Err(ValidationFailed(format!(
                 "\"{}\" is not a valid apply-to value",
                 record.apply_to
             )));
         }
         let pattern = Regex::new(&record.pattern).map_err(|e| {
-            BadPolicy(format!(
+            ValidationFailed(format!(
                 "<<\"{}\">> is not a valid regex: {e}",
                 record.pattern
             ))
         })?;
         if record.definition.is_empty() {
-            return Err(BadPolicy("no policy provided".into()));
+            return Err(ValidationFailed("no policy provided".into()));
         }
         let mut unknown = Vec::new();
         for (k, v) in &record.definition {
@@ -207,12 +196,12 @@ impl Policy {
             match check_value(k, v) {
                 Ok(()) => {}
                 Err(why) if why.is_empty() => unknown.push(erlang_pair(k, v)),
-                Err(why) => return Err(BadPolicy(why)),
+                Err(why) => return Err(ValidationFailed(why)),
             }
         }
         if !unknown.is_empty() {
             unknown.sort();
-            return Err(BadPolicy(format!(
+            return Err(ValidationFailed(format!(
                 "[{}] are not recognised policy settings",
                 unknown.join(",")
             )));

@@ -71,6 +71,9 @@ pub struct QueueConfig {
     pub policy: Option<Arc<Policy>>,
     /// The operator policy capping them, if any.
     pub operator_policy: Option<Arc<Policy>>,
+    /// Declared `x-queue-type: quorum` (policies' `apply-to` tells the types apart;
+    /// the queue itself behaves as a classic one).
+    pub quorum: bool,
 }
 
 impl QueueConfig {
@@ -88,11 +91,7 @@ impl QueueConfig {
         let Some(p) = policy else {
             return self;
         };
-        let min = |arg: Option<u64>, key: &str| smaller(arg, p.int(key));
-        self.message_ttl = min(self.message_ttl, "message-ttl");
-        self.expires = min(self.expires, "expires");
-        self.max_length = min(self.max_length, "max-length");
-        self.max_length_bytes = min(self.max_length_bytes, "max-length-bytes");
+        self.cap_by(p);
         if self.dead_letter_exchange.is_none() {
             self.dead_letter_exchange = p.text("dead-letter-exchange").map(Into::into);
         }
@@ -112,13 +111,21 @@ impl QueueConfig {
         let Some(p) = op else {
             return self;
         };
-        let cap = |cur: Option<u64>, key: &str| smaller(cur, p.int(key));
+        self.cap_by(p);
+        self.operator_policy = Some(p.clone());
+        self
+    }
+
+    /// The smaller of each limit and TTL here and in `p` (either alone if one is unset).
+    fn cap_by(&mut self, p: &Policy) {
+        let cap = |cur: Option<u64>, key: &str| match (cur, p.int(key)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         self.message_ttl = cap(self.message_ttl, "message-ttl");
         self.expires = cap(self.expires, "expires");
         self.max_length = cap(self.max_length, "max-length");
         self.max_length_bytes = cap(self.max_length_bytes, "max-length-bytes");
-        self.operator_policy = Some(p.clone());
-        self
     }
 
     /// Parses RabbitMQ's `x-` queue arguments; bad values are a 406 with RabbitMQ 3.10's
@@ -145,6 +152,7 @@ impl QueueConfig {
                 }
             },
         };
+        c.quorum = quorum;
         let (allowed, type_name) = if quorum {
             (QUORUM_ARGS, "rabbit_quorum_queue")
         } else {
@@ -284,14 +292,6 @@ fn unsupported_arg(key: &str, own: &[&str]) -> bool {
         .iter()
         .any(|l| l.contains(&key));
     known && !own.contains(&key) && !COMMON_ARGS.contains(&key)
-}
-
-/// The smaller of two optional limits (either alone if the other is unset).
-fn smaller(a: Option<u64>, b: Option<u64>) -> Option<u64> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
 }
 
 /// A text argument; another type is RabbitMQ's "invalid type" refusal.

@@ -224,7 +224,9 @@ impl VHost {
             x.set_policy(self.policy_for(PolicyKind::User, Object::Exchange, x.name.as_str()));
         }
         for q in self.queues() {
-            let object = queue_object(&q.arguments);
+            let object = Object::Queue {
+                quorum: q.config().quorum,
+            };
             let p = self.policy_for(PolicyKind::User, object, q.name.as_str());
             let op = self.policy_for(PolicyKind::Operator, object, q.name.as_str());
             q.apply_policy(&self.name, p.as_ref(), op.as_ref()).await;
@@ -460,7 +462,9 @@ impl VHost {
         store_id: StoreQueueId,
         config: QueueConfig,
     ) -> Arc<Queue> {
-        let object = queue_object(&d.arguments);
+        let object = Object::Queue {
+            quorum: config.quorum,
+        };
         let policy = self.policy_for(PolicyKind::User, object, d.name.as_str());
         let operator = self.policy_for(PolicyKind::Operator, object, d.name.as_str());
         let config = config
@@ -750,7 +754,9 @@ impl VHost {
         visited.push(x.name.clone());
         let before = queues.len();
         if x.name.as_str().is_empty() {
-            for key in crate::deadletter::all_routing_keys(msg) {
+            let keys = std::iter::once(msg.routing_key.as_str().to_owned())
+                .chain(crate::deadletter::sender_selected_keys(msg));
+            for key in keys {
                 if let Some(q) = self.queues.read().get(key.as_str()) {
                     push_unique(queues, q.clone());
                 }
@@ -761,10 +767,8 @@ impl VHost {
             x.route(msg.routing_key.as_str(), headers, &mut targets);
             // RabbitMQ's sender-selected distribution: CC and BCC keys route like the key
             // itself.
-            if crate::deadletter::has_sender_selected(msg) {
-                for key in crate::deadletter::all_routing_keys(msg).iter().skip(1) {
-                    x.route(key, headers, &mut targets);
-                }
+            for key in crate::deadletter::sender_selected_keys(msg) {
+                x.route(&key, headers, &mut targets);
             }
             for t in targets {
                 match t {
@@ -1011,14 +1015,4 @@ pub(crate) fn rabbit_type(v: &AMQPValue) -> &'static str {
         AMQPValue::ByteArray(_) => "binary",
         AMQPValue::Void => "void",
     }
-}
-
-/// What a queue is to a policy's `apply-to`: quorum when declared so.
-fn queue_object(arguments: &FieldTable) -> Object {
-    let quorum = match arguments.inner().get("x-queue-type") {
-        Some(AMQPValue::LongString(s)) => s.as_bytes() == b"quorum",
-        Some(AMQPValue::ShortString(s)) => s.as_str() == "quorum",
-        _ => false,
-    };
-    Object::Queue { quorum }
 }
