@@ -1315,3 +1315,61 @@ async fn bcc_routes_blind_copies_and_is_removed() {
         }
     }
 }
+
+/// A quorum queue counts returns: `x-delivery-count` on redeliveries, and past
+/// `x-delivery-limit` the message is dead-lettered with reason `delivery_limit`.
+#[tokio::test]
+async fn quorum_delivery_limit_dead_letters_poison_messages() {
+    let b = start().await;
+    let (_c, ch) = b.channel().await;
+    declare_durable(&ch, "poison").await;
+    let args = table(&[
+        ("x-queue-type", s("quorum")),
+        ("x-delivery-limit", AMQPValue::LongInt(1)),
+        ("x-dead-letter-exchange", s("")),
+        ("x-dead-letter-routing-key", s("poison")),
+    ]);
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare("work".into(), durable, args)
+        .await
+        .unwrap();
+    publish(&ch, "", "work", b"bad").await;
+    wait_ready(&ch, "work", 1).await;
+    let mut counts = Vec::new();
+    for _ in 0..5 {
+        let Some(m) = ch
+            .basic_get("work".into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        else {
+            break;
+        };
+        let h = m.delivery.properties.headers().clone().unwrap_or_default();
+        counts.push(h.inner().get("x-delivery-count").cloned());
+        m.delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    // basic.get shows the count from the first delivery; the limit allows one return.
+    let count = |n| Some(AMQPValue::LongLongInt(n));
+    assert_eq!(counts, vec![count(0), count(1)]);
+    wait_ready(&ch, "poison", 1).await;
+    let d = ch
+        .basic_get("poison".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("dead-lettered");
+    let h = d.delivery.properties.headers().clone().unwrap();
+    assert_eq!(
+        h.inner().get("x-first-death-reason"),
+        Some(&s("delivery_limit"))
+    );
+    assert!(!h.inner().contains_key("x-delivery-count"));
+}

@@ -927,6 +927,17 @@ impl Conn {
             self.check_access(ch, Access::Read, ResourceKind::Queue, c.queue.as_str())?;
             vh.require_queue(c.queue.as_str(), self.id).map_err(core)?
         };
+        // Quorum queues have no channel-wide prefetch (RabbitMQ 3.10's 540).
+        if q.config().quorum && self.chan(ch).credit.limit.load(Ordering::Relaxed) > 0 {
+            return Err(connection_error(
+                code::NOT_IMPLEMENTED,
+                format!(
+                    "queue '{}' in vhost '{}' does not support global qos",
+                    q.name.as_str(),
+                    vh.name
+                ),
+            ));
+        }
         let priority = c
             .arguments
             .inner()

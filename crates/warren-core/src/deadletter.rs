@@ -13,6 +13,8 @@ pub enum DeadReason {
     Rejected,
     Expired,
     Maxlen,
+    /// A quorum queue's `x-delivery-limit` was exceeded.
+    DeliveryLimit,
 }
 
 impl DeadReason {
@@ -21,6 +23,7 @@ impl DeadReason {
             DeadReason::Rejected => "rejected",
             DeadReason::Expired => "expired",
             DeadReason::Maxlen => "maxlen",
+            DeadReason::DeliveryLimit => "delivery_limit",
         }
     }
 }
@@ -68,21 +71,12 @@ fn header_keys<'m>(msg: &'m Message, name: &str) -> impl Iterator<Item = String>
 /// `msg` without its `BCC` header, or `None` if it has none: RabbitMQ removes it before
 /// delivery, so no consumer sees the blind copies' keys.
 pub fn without_bcc(msg: &Message) -> Option<Message> {
-    let headers = msg.properties.headers.as_ref()?;
-    if !headers.contains_key("BCC") {
+    if !msg.properties.headers.as_ref()?.contains_key("BCC") {
         return None;
     }
-    let mut m = headers.inner().clone();
-    m.remove("BCC");
-    let mut props = msg.properties.clone();
-    props.headers = Some(m.into());
-    // A new message: the front-end's encoded properties (if any) still name the BCC keys.
-    Some(Message::new(
-        msg.exchange.clone(),
-        msg.routing_key.clone(),
-        props,
-        msg.body.clone(),
-    ))
+    Some(msg.with_headers(|h| {
+        h.remove("BCC");
+    }))
 }
 
 /// The copy of `msg` that goes to the dead-letter exchange, with `x-death` updated:

@@ -1,9 +1,10 @@
 //! The protocol-neutral message: immutable, shared by `Arc` between every queue it was
 //! routed to, body as `Bytes` (never copied per queue).
 
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use amq_protocol_types::{FieldTable, ShortString};
+use amq_protocol_types::{AMQPValue, FieldTable, ShortString};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::{CoreError, CoreResult};
@@ -54,6 +55,28 @@ impl Message {
             body,
             encoded_properties: OnceLock::new(),
         }
+    }
+
+    /// A copy with its headers changed by `edit`; the body is shared, not copied. The
+    /// front-end's cached encoding of the old properties does not carry over.
+    pub fn with_headers(
+        &self,
+        edit: impl FnOnce(&mut BTreeMap<ShortString, AMQPValue>),
+    ) -> Message {
+        let mut props = self.properties.clone();
+        let mut headers = props
+            .headers
+            .take()
+            .map(|h| h.inner().clone())
+            .unwrap_or_default();
+        edit(&mut headers);
+        props.headers = Some(headers.into());
+        Message::new(
+            self.exchange.clone(),
+            self.routing_key.clone(),
+            props,
+            self.body.clone(),
+        )
     }
 
     /// delivery-mode 2.

@@ -71,9 +71,13 @@ pub struct QueueConfig {
     pub policy: Option<Arc<Policy>>,
     /// The operator policy capping them, if any.
     pub operator_policy: Option<Arc<Policy>>,
-    /// Declared `x-queue-type: quorum` (policies' `apply-to` tells the types apart;
-    /// the queue itself behaves as a classic one).
+    /// Declared `x-queue-type: quorum`: policies' `apply-to` tells the types apart, and
+    /// redeliveries are counted (`x-delivery-count`, `x-delivery-limit`); otherwise the
+    /// queue behaves as a classic one (docs/amqp.md).
     pub quorum: bool,
+    /// `x-delivery-limit` (quorum queues): returns a message may have before it is
+    /// dead-lettered with reason `delivery_limit`.
+    pub delivery_limit: Option<u64>,
 }
 
 impl QueueConfig {
@@ -126,6 +130,7 @@ impl QueueConfig {
         self.expires = cap(self.expires, "expires");
         self.max_length = cap(self.max_length, "max-length");
         self.max_length_bytes = cap(self.max_length_bytes, "max-length-bytes");
+        self.delivery_limit = cap(self.delivery_limit, "delivery-limit");
     }
 
     /// Parses RabbitMQ's `x-` queue arguments; bad values are a 406 with RabbitMQ 3.10's
@@ -216,6 +221,10 @@ impl QueueConfig {
                         ))
                     }
                 },
+                // RabbitMQ 3.10 takes any value and acts on a non-negative integer only.
+                "x-delivery-limit" => {
+                    c.delivery_limit = int_value(v).and_then(|n| u64::try_from(n).ok())
+                }
                 // Accepted (Warren pages long queues whatever the mode); bad values are
                 // refused as RabbitMQ does.
                 "x-queue-mode" => {
@@ -253,7 +262,7 @@ impl QueueConfig {
 }
 
 /// Arguments both queue types take.
-const COMMON_ARGS: &[&str] = &[
+pub(crate) const COMMON_ARGS: &[&str] = &[
     "x-expires",
     "x-message-ttl",
     "x-dead-letter-exchange",
@@ -264,13 +273,13 @@ const COMMON_ARGS: &[&str] = &[
     "x-single-active-consumer",
     "x-queue-type",
 ];
-const CLASSIC_ARGS: &[&str] = &[
+pub(crate) const CLASSIC_ARGS: &[&str] = &[
     "x-max-priority",
     "x-queue-mode",
     "x-queue-version",
     "x-queue-master-locator",
 ];
-const QUORUM_ARGS: &[&str] = &[
+pub(crate) const QUORUM_ARGS: &[&str] = &[
     "x-delivery-limit",
     "x-max-in-memory-length",
     "x-max-in-memory-bytes",
@@ -332,6 +341,9 @@ pub(crate) struct Entry {
     pub seq: u64,
     pub msg: Arc<Message>,
     pub redelivered: bool,
+    /// Times it came back unsettled (quorum queues' delivery count; not kept across a
+    /// restart).
+    pub returns: u32,
     /// Written to the store (persistent message on a durable queue).
     pub persisted: bool,
     /// A delivery mark is in the store (so a restart sets redelivered).
@@ -730,6 +742,7 @@ impl Queue {
                 seq,
                 msg,
                 redelivered: false,
+                returns: 0,
                 persisted,
                 delivered_marked: false,
                 expires_at,
@@ -813,6 +826,9 @@ impl Queue {
             seq,
             msg,
             redelivered: delivered,
+            // A delivery cut short by the restart counts as one return (the count itself
+            // is not stored).
+            returns: u32::from(delivered),
             persisted: true,
             delivered_marked: delivered,
             expires_at: self
@@ -900,6 +916,7 @@ impl Queue {
                 seq: m.seq,
                 msg: Arc::new(msg),
                 redelivered: m.delivered,
+                returns: u32::from(m.delivered),
                 persisted: true,
                 delivered_marked: m.delivered,
                 expires_at,
@@ -934,6 +951,37 @@ impl Queue {
         s.ready_count += 1;
         s.ready_bytes += entry.size();
         dq.insert(pos, entry);
+    }
+
+    /// A delivered message coming back unsettled (requeue, recover, a closed channel).
+    /// Quorum queues count the returns and, past `x-delivery-limit`, dead-letter it with
+    /// reason `delivery_limit` instead (RabbitMQ's poison-message handling).
+    fn put_back(&self, s: &mut QueueState, mut e: Entry, fx: &mut Effects) {
+        e.redelivered = true;
+        let config = self.config();
+        if config.quorum {
+            e.returns = e.returns.saturating_add(1);
+            if config
+                .delivery_limit
+                .is_some_and(|limit| u64::from(e.returns) > limit)
+            {
+                self.discard(e, DeadReason::DeliveryLimit, fx);
+                return;
+            }
+        }
+        self.push_back_in_order(s, e);
+    }
+
+    /// The message as a consumer receives it: a quorum queue adds `x-delivery-count` (the
+    /// returns so far) to redeliveries, and to every basic.get, as RabbitMQ 3.10 does.
+    fn outgoing(&self, e: &Entry, get: bool) -> Arc<Message> {
+        if (e.returns == 0 && !get) || !self.config().quorum {
+            return e.msg.clone();
+        }
+        let count = AMQPValue::LongLongInt(i64::from(e.returns));
+        Arc::new(e.msg.with_headers(|h| {
+            h.insert("x-delivery-count".into(), count);
+        }))
     }
 
     fn delete_op(&self, seq: u64) -> Op {
@@ -1002,7 +1050,7 @@ impl Queue {
                 no_ack: c.spec.no_ack,
                 queue: self.clone(),
                 seq: MsgSeq(entry.seq),
-                message: entry.msg.clone(),
+                message: self.outgoing(&entry, false),
                 redelivered: entry.redelivered,
             };
             if let Err(_returned) = c.spec.outbox.try_deliver(delivery) {
@@ -1177,9 +1225,8 @@ impl Queue {
             let mut s = self.state.lock();
             if !s.deleted {
                 for &seq in seqs {
-                    if let Some(mut e) = self.settle(&mut s, seq) {
-                        e.redelivered = true;
-                        self.push_back_in_order(&mut s, e);
+                    if let Some(e) = self.settle(&mut s, seq) {
+                        self.put_back(&mut s, e, &mut fx);
                     }
                 }
             }
@@ -1272,7 +1319,7 @@ impl Queue {
                 s.stats.delivered += 1;
                 let result = GetResult {
                     seq: MsgSeq(entry.seq),
-                    message: entry.msg.clone(),
+                    message: self.outgoing(&entry, true),
                     redelivered: entry.redelivered,
                     remaining: s.ready_count as u32,
                 };
@@ -1342,9 +1389,8 @@ impl Queue {
                 return;
             }
             for &seq in seqs {
-                if let Some(mut e) = self.settle(&mut s, seq) {
-                    e.redelivered = true;
-                    self.push_back_in_order(&mut s, e);
+                if let Some(e) = self.settle(&mut s, seq) {
+                    self.put_back(&mut s, e, &mut fx);
                 }
             }
             self.dispatch(&mut s, &mut fx, Instant::now());

@@ -394,6 +394,9 @@ impl VHost {
         }
         // A dead-letter exchange need not exist yet, as in RabbitMQ.
         let config = QueueConfig::parse(&d.arguments, name, &self.name)?;
+        if config.quorum {
+            self.check_quorum_declare(&d, server_named)?;
+        }
         let max = self.max_queues.load(std::sync::atomic::Ordering::Relaxed);
         if max != u64::MAX && self.queues.read().len() as u64 >= max {
             return Err(crate::limits::vhost_queues_reached(name, &self.name, max));
@@ -491,6 +494,30 @@ impl VHost {
         self.exchanges.write().insert(x.name.clone(), x);
     }
 
+    /// A quorum queue is durable, shared and named by its client: RabbitMQ 3.10 refuses
+    /// the rest with these texts, checked in this order (rabbit_quorum_queue:declare).
+    fn check_quorum_declare(&self, d: &QueueDecl, server_named: bool) -> CoreResult<()> {
+        if server_named {
+            return Err(CoreError::precondition(
+                "Cannot declare a server-named queue for type rabbit_quorum_queue",
+            ));
+        }
+        let refused = if d.auto_delete {
+            "auto-delete"
+        } else if d.exclusive {
+            "exclusive-owner"
+        } else if !d.durable {
+            "non-durable"
+        } else {
+            return Ok(());
+        };
+        Err(CoreError::precondition(format!(
+            "invalid property '{refused}' for queue '{}' in vhost '{}'",
+            d.name.as_str(),
+            self.name
+        )))
+    }
+
     fn check_equivalent(&self, q: &Queue, d: &QueueDecl) -> CoreResult<()> {
         let name = d.name.as_str();
         let inequivalent = |arg: &str, got: String, cur: String| {
@@ -529,58 +556,79 @@ impl VHost {
                 q.auto_delete.to_string(),
             ));
         }
-        // RabbitMQ compares the x- arguments it knows; a missing one on re-declare is fine
-        // only if it was missing before too.
-        for key in [
-            "x-message-ttl",
-            "x-expires",
-            "x-dead-letter-exchange",
-            "x-dead-letter-routing-key",
-            "x-max-length",
-            "x-max-length-bytes",
-            "x-overflow",
-            "x-max-priority",
-            "x-single-active-consumer",
-        ] {
-            let got = d.arguments.inner().get(key);
-            let cur = q.arguments.inner().get(key);
-            let same = match (got, cur) {
-                (None, None) => true,
-                (Some(a), Some(b)) => {
-                    a == b
-                        || matches!((crate::queue::int_value(a), crate::queue::int_value(b)), (Some(x), Some(y)) if x == y)
-                        || text_of(a).is_some() && text_of(a) == text_of(b)
-                }
-                _ => false,
-            };
-            if !same {
-                // RabbitMQ's wording: both sides as values, or "the value 'v' of type 't'"
-                // against "none".
-                let text = match (got, cur) {
-                    (Some(a), Some(b)) => format!(
-                        "received '{}' but current is '{}'",
-                        rabbit_value(a),
-                        rabbit_value(b)
-                    ),
-                    (Some(a), None) => format!(
-                        "received the value '{}' of type '{}' but current is none",
-                        rabbit_value(a),
-                        rabbit_type(a)
-                    ),
-                    (None, Some(b)) => format!(
-                        "received none but current is the value '{}' of type '{}'",
-                        rabbit_value(b),
-                        rabbit_type(b)
-                    ),
-                    (None, None) => String::new(),
-                };
-                return Err(CoreError::precondition(format!(
-                    "inequivalent arg '{key}' for queue '{name}' in vhost '{}': {text}",
-                    self.name
-                )));
+        // The queue type first (`classic` is the default, so it equals none), then the
+        // x- arguments the existing queue's type knows; a missing one on re-declare is
+        // fine only if it was missing before too (rabbit_amqqueue:assert_args_equivalence).
+        let got = d.arguments.inner().get("x-queue-type");
+        let cur = q.arguments.inner().get("x-queue-type");
+        let type_name =
+            |v: Option<&AMQPValue>| v.and_then(text_of).unwrap_or_else(|| "classic".into());
+        if type_name(got) != type_name(cur) {
+            self.compare_arg(name, "x-queue-type", got, cur)?;
+        }
+        let own = if q.config().quorum {
+            crate::queue::QUORUM_ARGS
+        } else {
+            crate::queue::CLASSIC_ARGS
+        };
+        for &key in crate::queue::COMMON_ARGS.iter().chain(own) {
+            if key != "x-queue-type" {
+                self.compare_arg(
+                    name,
+                    key,
+                    d.arguments.inner().get(key),
+                    q.arguments.inner().get(key),
+                )?;
             }
         }
         Ok(())
+    }
+
+    /// One queue argument of a re-declaration (`got`) against the queue's (`cur`): equal
+    /// values (integers of any width, either string type) or both absent pass; otherwise
+    /// a 406 in RabbitMQ's wording.
+    fn compare_arg(
+        &self,
+        name: &str,
+        key: &str,
+        got: Option<&AMQPValue>,
+        cur: Option<&AMQPValue>,
+    ) -> CoreResult<()> {
+        let same = match (got, cur) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                a == b
+                    || matches!((crate::queue::int_value(a), crate::queue::int_value(b)), (Some(x), Some(y)) if x == y)
+                    || text_of(a).is_some() && text_of(a) == text_of(b)
+            }
+            _ => false,
+        };
+        if same {
+            return Ok(());
+        }
+        // Both sides as values, or "the value 'v' of type 't'" against "none".
+        let text = match (got, cur) {
+            (Some(a), Some(b)) => format!(
+                "received '{}' but current is '{}'",
+                rabbit_value(a),
+                rabbit_value(b)
+            ),
+            (Some(a), None) => format!(
+                "received the value '{}' of type '{}' but current is none",
+                rabbit_value(a),
+                rabbit_type(a)
+            ),
+            (None, Some(b)) => format!(
+                "received none but current is the value '{}' of type '{}'",
+                rabbit_value(b),
+                rabbit_type(b)
+            ),
+            (None, None) => String::new(),
+        };
+        Err(CoreError::precondition(format!(
+            "inequivalent arg '{key}' for queue '{name}' in vhost '{}': {text}",
+            self.name
+        )))
     }
 
     /// queue.delete: returns the number of ready messages deleted.
