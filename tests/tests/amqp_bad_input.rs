@@ -226,3 +226,29 @@ async fn silent_client_is_dropped_after_the_handshake_timeout_elsewhere_unaffect
     let _idle = TcpStream::connect(b.addr).await.unwrap();
     still_serves(&b).await;
 }
+
+/// A client that is still writing when its connection.close is answered (amqplib writes
+/// other channels' frames after it) is not reset: the broker keeps reading until the
+/// client closes, as RabbitMQ does, so the client sees close-ok, not ECONNRESET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_after_connection_close_do_not_reset_the_socket() {
+    let b = common::start().await;
+    let mut s = open(b.addr).await;
+    let mut close = 200u16.to_be_bytes().to_vec();
+    close.extend(shortstr("bye"));
+    close.extend_from_slice(&[0, 0, 0, 0]);
+    s.write_all(&frame(1, 0, &method(10, 50, &close)))
+        .await
+        .unwrap();
+    let ok = read_frame(&mut s).await;
+    assert_eq!(&ok[7..11], &[0, 10, 0, 51], "connection.close-ok");
+    // Heartbeat frames, as a stand-in for anything the client had queued.
+    let heartbeat = frame(8, 0, &[]);
+    for _ in 0..50 {
+        s.write_all(&heartbeat.repeat(200))
+            .await
+            .expect("the broker reset the connection after close-ok");
+        tokio::time::sleep(Duration::from_millis(4)).await;
+    }
+    still_serves(&b).await;
+}

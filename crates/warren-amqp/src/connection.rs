@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::{connection, AMQPClass};
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use warren_amqp_codec::{self as codec, Frame, HeaderCheck};
@@ -167,6 +167,14 @@ pub(crate) async fn run<S: Stream>(
     }
     conn.registration = None;
     warren_core::return_undelivered(&mut deliveries).await;
+    let result = match result {
+        Ok(Some(rd)) => {
+            linger(rd).await;
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
     match result {
         Ok(()) => {
             tracing::info!(conn = conn.id.0, %peer, user = %conn.user, reason = ?conn.reason, "amqp connection closed")
@@ -177,13 +185,33 @@ pub(crate) async fn run<S: Stream>(
     }
 }
 
+/// After connection.close-ok the client closes the socket (AMQP 0-9-1 §4.2.3); frames it
+/// sent before reading close-ok are read and dropped until then. Closing at once with
+/// them unread would reset the connection, and a client still writing (amqplib
+/// interleaves channels) would see ECONNRESET instead of its close completing. At most
+/// `CLOSE_LINGER`, as a misbehaving client may never close.
+async fn linger<S: Stream>(mut rd: ReadHalf<S>) {
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        while let Ok(n) = rd.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// How long a closed connection's socket is kept for the client to close it.
+const CLOSE_LINGER: Duration = Duration::from_secs(3);
+
 impl Conn {
     async fn serve<S: Stream>(
         &mut self,
         socket: S,
         deliveries: &mut warren_core::Deliveries,
         mut shutdown: watch::Receiver<bool>,
-    ) -> Result<(), AmqpError> {
+    ) -> Result<Option<ReadHalf<S>>, AmqpError> {
         let (mut rd, mut wr) = tokio::io::split(socket);
         let mut rbuf = BytesMut::with_capacity(64 * 1024);
         // Protocol header (AMQP 0-9-1 §4.2.2): a wrong one is answered with ours, then close.
@@ -194,16 +222,16 @@ impl Conn {
                 Some(HeaderCheck::Wrong) => {
                     wr.write_all(codec::PROTOCOL_HEADER).await?;
                     self.reason = CloseReason::ProtocolError;
-                    return Ok(());
+                    return Ok(None);
                 }
                 None => {}
             }
             match tokio::time::timeout_at(deadline, rd.read_buf(&mut rbuf)).await {
                 Err(_) => {
                     self.reason = CloseReason::HandshakeTimeout;
-                    return Ok(());
+                    return Ok(None);
                 }
-                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(0)) => return Ok(None),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(e.into()),
             }
@@ -237,7 +265,7 @@ impl Conn {
                         if self.phase != Phase::Done && self.phase != Phase::Closing {
                             self.reason = CloseReason::SocketClosed;
                         }
-                        return Ok(());
+                        return Ok(None);
                     }
                     last_read = Instant::now();
                     self.process_input(&mut rbuf).await;
@@ -266,7 +294,7 @@ impl Conn {
                         && tokio::time::Instant::now() > deadline
                     {
                         self.reason = CloseReason::HandshakeTimeout;
-                        return Ok(());
+                        return Ok(None);
                     }
                     if self.heartbeat > 0 {
                         let hb = Duration::from_secs(self.heartbeat as u64);
@@ -274,7 +302,7 @@ impl Conn {
                         if now.duration_since(last_read) > hb * 2 {
                             self.reason = CloseReason::HeartbeatTimeout;
                             tracing::warn!(conn = self.id.0, peer = %self.peer, "missed heartbeats from client, closing");
-                            return Ok(());
+                            return Ok(None);
                         }
                         if now.duration_since(last_write) >= hb / 2 && self.out.is_empty() {
                             codec::encode_heartbeat(&mut self.out);
@@ -282,7 +310,7 @@ impl Conn {
                     }
                     if let Some(t) = closing_since {
                         if now.duration_since(t) > Duration::from_secs(3) {
-                            return Ok(());
+                            return Ok(None);
                         }
                     }
                 }
@@ -307,7 +335,7 @@ impl Conn {
                                 0,
                             );
                         } else {
-                            return Ok(());
+                            return Ok(None);
                         }
                     }
                 }
@@ -326,7 +354,7 @@ impl Conn {
             }
             if self.phase == Phase::Done {
                 wr.flush().await?;
-                return Ok(());
+                return Ok(Some(rd));
             }
         }
     }
