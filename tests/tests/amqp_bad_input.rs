@@ -1,5 +1,6 @@
-//! Bad input on raw sockets: each gets the spec's answer, the connection closes, and the
-//! broker keeps serving others.
+//! Raw sockets: bad input gets the spec's answer, the connection closes, and the broker
+//! keeps serving others; and wire details a client library hides (confirm batching, the
+//! socket after close-ok).
 
 mod common;
 
@@ -251,4 +252,50 @@ async fn frames_after_connection_close_do_not_reset_the_socket() {
         tokio::time::sleep(Duration::from_millis(4)).await;
     }
     still_serves(&b).await;
+}
+
+/// A burst of publishes read together is confirmed with `multiple` acks, as RabbitMQ
+/// does (amqplib's tests wait for one), and every tag is covered once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_publishes_is_confirmed_with_multiple_acks() {
+    let b = common::start().await;
+    let mut s = open(b.addr).await;
+    s.write_all(&frame(1, 1, &method(20, 10, &shortstr(""))))
+        .await
+        .unwrap();
+    read_frame(&mut s).await; // channel.open-ok
+    s.write_all(&frame(1, 1, &method(85, 10, &[0])))
+        .await
+        .unwrap();
+    let ok = read_frame(&mut s).await;
+    assert_eq!(&ok[7..11], &[0, 85, 0, 11], "confirm.select-ok");
+    // Unroutable and not mandatory: confirmed at once.
+    let mut publish = 0u16.to_be_bytes().to_vec();
+    publish.extend(shortstr(""));
+    publish.extend(shortstr("nowhere"));
+    publish.push(0);
+    let mut header = 60u16.to_be_bytes().to_vec();
+    header.extend_from_slice(&0u16.to_be_bytes());
+    header.extend_from_slice(&1u64.to_be_bytes());
+    header.extend_from_slice(&0u16.to_be_bytes());
+    let mut one = frame(1, 1, &method(60, 40, &publish));
+    one.extend(frame(2, 1, &header));
+    one.extend(frame(3, 1, b"x"));
+    const N: u64 = 500;
+    s.write_all(&one.repeat(N as usize)).await.unwrap();
+    let (mut covered, mut acks, mut multiple) = (0u64, 0, 0);
+    while covered < N {
+        let f = read_frame(&mut s).await;
+        assert_eq!(&f[7..11], &[0, 60, 0, 80], "only basic.ack expected");
+        let tag = u64::from_be_bytes(f[11..19].try_into().unwrap());
+        assert!(tag > covered, "tag {tag} acked twice");
+        if f[19] & 1 == 1 {
+            multiple += 1;
+        } else {
+            assert_eq!(tag, covered + 1, "a single ack skipped tags");
+        }
+        covered = tag;
+        acks += 1;
+    }
+    assert!(multiple > 0 && acks < N, "{acks} acks, {multiple} multiple");
 }

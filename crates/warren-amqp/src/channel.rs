@@ -395,6 +395,8 @@ impl Conn {
         let vh = self.vh()?;
         match m {
             AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                // The channel's confirms owed so far precede its close-ok.
+                self.flush_confirms();
                 self.write(
                     ch,
                     AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
@@ -1230,7 +1232,7 @@ impl Conn {
                 ticket: outcome.ticket.map(|t| t.0),
                 nack: outcome.rejected,
             });
-            self.flush_confirms();
+            self.confirms_due = true;
         }
     }
 
@@ -1309,6 +1311,7 @@ impl Conn {
     /// Sends the confirms whose writes are synced, in order, coalescing runs of acks into
     /// one `multiple` ack.
     pub(crate) fn flush_confirms(&mut self) {
+        self.confirms_due = false;
         let synced = *self.synced.borrow_and_update();
         let mut out = std::mem::take(&mut self.out);
         for (&ch, chan) in self.channels.iter_mut() {
@@ -1420,6 +1423,8 @@ impl Conn {
         class_id: u16,
         method_id: u16,
     ) {
+        // Confirms owed so far go first: nothing but close-ok may follow channel.close.
+        self.flush_confirms();
         self.write(
             ch,
             AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {

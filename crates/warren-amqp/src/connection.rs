@@ -78,6 +78,9 @@ pub(crate) struct Conn {
     blocked_sent: bool,
     /// The connection has published at least once (only publishers are blocked).
     pub publisher: bool,
+    /// Publisher confirms were queued since the last flush: they go out once the frames
+    /// read together are handled, so a burst is acked with `multiple` as RabbitMQ does.
+    pub confirms_due: bool,
     phase: Phase,
     reason: CloseReason,
     /// The broker's side of the socket (for the connection's name).
@@ -128,6 +131,7 @@ pub(crate) async fn run<S: Stream>(
         alarms,
         blocked_notify: false,
         blocked_sent: false,
+        confirms_due: false,
         publisher: false,
         frame_max: cfg.frame_max,
         channel_max: cfg.channel_max,
@@ -269,6 +273,9 @@ impl Conn {
                     }
                     last_read = Instant::now();
                     self.process_input(&mut rbuf).await;
+                    if self.confirms_due {
+                        self.flush_confirms();
+                    }
                 }
                 Some(d) = deliveries.recv(), if self.phase == Phase::Open => {
                     self.write_delivery(d).await;
@@ -428,6 +435,8 @@ impl Conn {
         class_id: u16,
         method_id: u16,
     ) {
+        // Confirms owed so far go first: nothing may follow connection.close.
+        self.flush_confirms();
         codec::encode_method(
             &mut self.out,
             0,
