@@ -130,6 +130,20 @@ def test_405_redeclare_shared_queue_as_exclusive(conn, ch, name):
     check(channel_error(conn, lambda c: c.queue_declare(name, exclusive=True)), 405, LOCKED.format(name))
 
 
+@pytest.mark.parametrize("second", [dict(exclusive=False), dict(exclusive=False, durable=True)])
+def test_405_redeclare_exclusive_queue_as_shared(conn, ch, name, second):
+    # exclusivity is compared before durable, either way round a 405
+    ch.queue_declare(name, exclusive=True)
+    check(channel_error(conn, lambda c: c.queue_declare(name, **second)), 405, LOCKED.format(name))
+
+
+def test_exclusive_queue_is_never_durable(ch, name):
+    # RabbitMQ declares it non-durable whatever was asked, so either flag re-declares it
+    ch.queue_declare(name, exclusive=True, durable=True)
+    ch.queue_declare(name, exclusive=True)
+    ch.queue_declare(name, exclusive=True, durable=True)
+
+
 # --- 406 PRECONDITION_FAILED -------------------------------------------------------------
 
 def test_406_inequivalent_queue_args(conn, ch, name):

@@ -397,6 +397,9 @@ impl VHost {
         if config.quorum {
             self.check_quorum_declare(&d, server_named)?;
         }
+        // An exclusive queue dies with its connection: RabbitMQ makes it non-durable
+        // whatever was asked (`Durable andalso not Exclusive`).
+        d.durable &= !d.exclusive;
         let max = self.max_queues.load(std::sync::atomic::Ordering::Relaxed);
         if max != u64::MAX && self.queues.read().len() as u64 >= max {
             return Err(crate::limits::vhost_queues_reached(name, &self.name, max));
@@ -526,15 +529,9 @@ impl VHost {
                 self.name
             ))
         };
-        if q.durable != d.durable {
-            return Err(inequivalent(
-                "durable",
-                d.durable.to_string(),
-                q.durable.to_string(),
-            ));
-        }
-        // Asking for exclusive use of a shared queue is a lock conflict in RabbitMQ (405).
-        if d.exclusive && q.exclusive_owner.is_none() {
+        // Exclusivity first, and either way round a lock conflict (405), as RabbitMQ's
+        // check_exclusive_access(strict) before any other property.
+        if d.exclusive != q.exclusive_owner.is_some() {
             return Err(CoreError::locked(format!(
                 "cannot obtain exclusive access to locked queue '{name}' in vhost '{}'. It could \
                  be originally declared on another connection or the exclusive property value \
@@ -542,11 +539,13 @@ impl VHost {
                 self.name
             )));
         }
-        if q.exclusive_owner.is_some() != d.exclusive {
+        // An exclusive queue is never durable, whatever was asked (see declare_queue).
+        let durable = d.durable && !d.exclusive;
+        if q.durable != durable {
             return Err(inequivalent(
-                "exclusive",
-                d.exclusive.to_string(),
-                q.exclusive_owner.is_some().to_string(),
+                "durable",
+                durable.to_string(),
+                q.durable.to_string(),
             ));
         }
         if q.auto_delete != d.auto_delete {
