@@ -474,3 +474,31 @@ async fn stomp_1_0_and_1_1_ack_by_message_id() {
     assert_eq!(f.command, "CONNECTED");
     assert_eq!(f.get("version"), None);
 }
+
+/// A STOMP 1.0 SUBSCRIBE without `id`: RabbitMQ sends its MESSAGEs without a
+/// `subscription` header and with a `Q_<destination>` message-id, which ACK takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stomp10_subscription_without_id() {
+    let b = start().await;
+    let (mut c, f) = StompClient::connect_with(b.stomp_addr, &[("accept-version", "1.0")]).await;
+    assert_eq!(f.command, "CONNECTED");
+    c.send_receipted(
+        Frame::new("SUBSCRIBE")
+            .with("destination", "/queue/anon")
+            .with("ack", "client"),
+        "sub",
+    )
+    .await;
+    let mut p = StompClient::connect(b.stomp_addr).await;
+    p.publish("/queue/anon", "hello").await;
+    let m = c.recv().await.unwrap();
+    assert_eq!(m.command, "MESSAGE");
+    assert_eq!(m.get("subscription"), None);
+    let id = m.get("message-id").unwrap().to_owned();
+    assert!(id.starts_with("Q_/queue/anon@@"), "{id}");
+    c.send_receipted(Frame::new("ACK").with("message-id", id), "acked")
+        .await;
+    let vh = b.server.as_ref().unwrap().broker.vhost("/").unwrap();
+    let q = vh.queue("anon").unwrap();
+    assert_eq!(q.counts().unacked, 0);
+}

@@ -42,6 +42,9 @@ enum AckMode {
 
 struct Subscription {
     id: String,
+    /// STOMP 1.0 SUBSCRIBE without `id` (known by its destination): as in RabbitMQ, its
+    /// MESSAGEs carry no `subscription` header and a `Q_<destination>` message-id.
+    anonymous: bool,
     queue: Arc<Queue>,
     consumer: ConsumerId,
     ack: AckMode,
@@ -761,7 +764,8 @@ impl Session {
             .map_err(Stop::core)?;
         let real = q.name.as_str().to_owned();
         let sub_id = format!("/temp-queue/{name}");
-        self.consume(sub_id, q, AckMode::Auto, 0, false).await?;
+        self.consume(sub_id, false, q, AckMode::Auto, 0, false)
+            .await?;
         self.temp_queues.insert(name.to_owned(), real.clone());
         Ok(real)
     }
@@ -772,6 +776,7 @@ impl Session {
             return Err(unknown_destination(dest));
         };
         // STOMP 1.0 allows a subscription without id: it is known by its destination.
+        let anonymous = f.get("id").is_none();
         let id = f.get("id").unwrap_or(dest).to_owned();
         if self.sub_tokens.contains_key(&id) {
             return Err(Stop::error(
@@ -823,7 +828,8 @@ impl Session {
                 ))
             }
         };
-        self.consume(id, queue, ack, prefetch, durable_queue).await
+        self.consume(id, anonymous, queue, ack, prefetch, durable_queue)
+            .await
     }
 
     /// The queue of a `/topic` or `/exchange` subscription: exclusive and auto-deleted, or
@@ -883,6 +889,7 @@ impl Session {
     async fn consume(
         &mut self,
         id: String,
+        anonymous: bool,
         queue: Arc<Queue>,
         ack: AckMode,
         prefetch: u32,
@@ -910,6 +917,7 @@ impl Session {
             token,
             Subscription {
                 id,
+                anonymous,
                 queue,
                 consumer,
                 ack,
@@ -1031,16 +1039,20 @@ impl Session {
         };
         let n = self.next_msg;
         self.next_msg += 1;
-        let message_id = format!("T_{}@@{}@@{n}", sub.id, self.session_id);
+        // RabbitMQ's consumer tag: T_<id>, or Q_<destination> for an anonymous one.
+        let kind = if sub.anonymous { 'Q' } else { 'T' };
+        let message_id = format!("{kind}_{}@@{}@@{n}", sub.id, self.session_id);
         let m = &d.message;
-        let mut f = Frame::new("MESSAGE")
-            .with("subscription", sub.id.clone())
-            .with(
-                "destination",
-                destination::of_message(m.exchange.as_str(), m.routing_key.as_str()),
-            )
-            .with("message-id", message_id.clone())
-            .with("redelivered", if d.redelivered { "true" } else { "false" });
+        let mut f = Frame::new("MESSAGE");
+        if !sub.anonymous {
+            f.push("subscription", sub.id.clone());
+        }
+        f.push(
+            "destination",
+            destination::of_message(m.exchange.as_str(), m.routing_key.as_str()),
+        );
+        f.push("message-id", message_id.clone());
+        f.push("redelivered", if d.redelivered { "true" } else { "false" });
         if sub.ack != AckMode::Auto {
             if self.version == Version::V1_2 {
                 f.push("ack", message_id);
