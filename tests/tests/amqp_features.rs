@@ -1373,3 +1373,47 @@ async fn quorum_delivery_limit_dead_letters_poison_messages() {
     );
     assert!(!h.inner().contains_key("x-delivery-count"));
 }
+
+/// A delivery left unacknowledged past the consumer timeout closes its channel with
+/// RabbitMQ's 406 and goes back to the queue; other channels are untouched.
+#[tokio::test]
+async fn consumer_timeout_closes_the_channel_and_requeues() {
+    let b = start_with(|c| c.amqp.consumer_timeout_ms = 1000).await;
+    let conn = b.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let idle = conn.create_channel().await.unwrap();
+    declare(&ch, "slow", FieldTable::default()).await;
+    publish(&ch, "", "slow", b"m").await;
+    wait_ready(&ch, "slow", 1).await;
+    let mut consumer = ch
+        .basic_consume(
+            "slow".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let m = next(&mut consumer).await;
+    assert!(!m.redelivered);
+    // Not acked: within 1–3 s the channel is closed, which ends the consumer.
+    use futures_lite::StreamExt;
+    let err = match tokio::time::timeout(Duration::from_secs(4), consumer.next()).await {
+        Ok(Some(Err(e))) => e,
+        other => panic!("the channel outlived the consumer timeout: {other:?}"),
+    };
+    assert_eq!(reply_code(&err), Some(406), "{err}");
+    assert!(
+        err.to_string().contains(
+            "delivery acknowledgement on channel 1 timed out. Timeout value used: 1000 ms"
+        ),
+        "{err}"
+    );
+    assert!(idle.status().connected());
+    let again = idle
+        .basic_get("slow".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("requeued");
+    assert!(again.delivery.redelivered);
+}

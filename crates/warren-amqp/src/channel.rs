@@ -46,6 +46,8 @@ struct UnackedTag {
     seq: MsgSeq,
     /// Counted against the channel's global prefetch (consumer deliveries, not basic.get).
     credited: bool,
+    /// When it was delivered, on the connection's seconds clock (consumer timeout).
+    at: u32,
 }
 
 struct ConsumerInfo {
@@ -696,6 +698,7 @@ impl Conn {
                         AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
                     ),
                     Some(r) => {
+                        let at = self.clock;
                         let chan = self.chan(ch);
                         let tag = chan.next_delivery_tag;
                         chan.next_delivery_tag += 1;
@@ -705,6 +708,7 @@ impl Conn {
                                 queue: q.clone(),
                                 seq: r.seq,
                                 credited: false,
+                                at,
                             });
                         }
                         self.write(
@@ -1380,6 +1384,7 @@ impl Conn {
                 queue: d.queue.clone(),
                 seq: d.seq,
                 credited: true,
+                at: self.clock,
             });
         }
         fastpath::encode_deliver(
@@ -1440,6 +1445,42 @@ impl Conn {
         let mut stub = Channel::new();
         stub.closing = true;
         self.channels.insert(ch, stub);
+    }
+
+    /// Closes the channels holding a delivery unacknowledged for longer than the consumer
+    /// timeout, with RabbitMQ's 406; their unacked messages are requeued. Checked each
+    /// second on a whole-second clock, so it fires between the timeout and 2 s after.
+    pub(crate) async fn enforce_consumer_timeout(&mut self) {
+        let Some(timeout) = self.cfg.consumer_timeout else {
+            return;
+        };
+        let late: Vec<u16> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| {
+                !c.closing
+                    && c.unacked.front().is_some_and(|u| {
+                        std::time::Duration::from_secs(u64::from(self.clock.saturating_sub(u.at)))
+                            > timeout
+                    })
+            })
+            .map(|(&ch, _)| ch)
+            .collect();
+        for ch in late {
+            tracing::warn!(
+                conn = self.id.0,
+                ch,
+                "consumer ack timed out, closing the channel"
+            );
+            let text = format!(
+                "PRECONDITION_FAILED - delivery acknowledgement on channel {ch} timed out. Timeout \
+                 value used: {} ms. This timeout value can be configured, see consumers doc guide \
+                 to learn more",
+                timeout.as_millis()
+            );
+            self.close_channel_with_error(ch, code::PRECONDITION_FAILED, &text, 0, 0)
+                .await;
+        }
     }
 
     /// Releases a channel: cancels its consumers and requeues its unacked messages.

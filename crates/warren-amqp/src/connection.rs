@@ -78,6 +78,9 @@ pub(crate) struct Conn {
     blocked_sent: bool,
     /// The connection has published at least once (only publishers are blocked).
     pub publisher: bool,
+    /// Whole seconds since the connection began, advanced by its 1 s tick: the cheap
+    /// timestamp of each unacked delivery (consumer timeout).
+    pub clock: u32,
     /// Publisher confirms were queued since the last flush: they go out once the frames
     /// read together are handled, so a burst is acked with `multiple` as RabbitMQ does.
     pub confirms_due: bool,
@@ -132,6 +135,7 @@ pub(crate) async fn run<S: Stream>(
         blocked_notify: false,
         blocked_sent: false,
         confirms_due: false,
+        clock: 0,
         publisher: false,
         frame_max: cfg.frame_max,
         channel_max: cfg.channel_max,
@@ -249,6 +253,7 @@ impl Conn {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut closing_since: Option<Instant> = None;
+        let started = Instant::now();
         loop {
             let want_sync = self.channels.values().any(|c| c.waiting_for_sync());
             // While an alarm is up, publishers are not read from (RabbitMQ's blocking);
@@ -297,6 +302,10 @@ impl Conn {
                 }
                 _ = tick.tick() => {
                     let now = Instant::now();
+                    self.clock = u32::try_from(now.duration_since(started).as_secs()).unwrap_or(u32::MAX);
+                    if self.phase == Phase::Open {
+                        self.enforce_consumer_timeout().await;
+                    }
                     if self.phase != Phase::Open && self.phase != Phase::Closing
                         && tokio::time::Instant::now() > deadline
                     {

@@ -39,6 +39,9 @@ pub struct AmqpConfig {
     pub handshake_timeout: Duration,
     /// Connections accepted at once (0 = unlimited).
     pub max_connections: usize,
+    /// An unacknowledged delivery older than this closes its channel (RabbitMQ's
+    /// `consumer_timeout`); `None` = never.
+    pub consumer_timeout: Option<Duration>,
 }
 
 impl Default for AmqpConfig {
@@ -51,6 +54,7 @@ impl Default for AmqpConfig {
             outbox_capacity: 2048,
             handshake_timeout: Duration::from_secs(10),
             max_connections: 0,
+            consumer_timeout: Some(Duration::from_secs(1800)),
         }
     }
 }

@@ -166,6 +166,9 @@ pub struct Amqp {
     pub channel_max: u16,
     pub heartbeat: u16,
     pub max_connections: usize,
+    /// A delivery left unacknowledged this long closes its channel with 406 (RabbitMQ's
+    /// `consumer_timeout`, 30 minutes); 0 disables it.
+    pub consumer_timeout_ms: u64,
 }
 
 impl Default for Amqp {
@@ -175,6 +178,7 @@ impl Default for Amqp {
             channel_max: 2047,
             heartbeat: 60,
             max_connections: 0,
+            consumer_timeout_ms: 1_800_000,
         }
     }
 }

@@ -212,6 +212,8 @@ impl Server {
                 heartbeat: config.amqp.heartbeat,
                 max_connections: config.amqp.max_connections,
                 max_message_size: config.limits.max_message_size,
+                consumer_timeout: (config.amqp.consumer_timeout_ms > 0)
+                    .then(|| std::time::Duration::from_millis(config.amqp.consumer_timeout_ms)),
                 ..Default::default()
             },
         );

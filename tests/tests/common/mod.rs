@@ -44,9 +44,22 @@ pub async fn start() -> TestBroker {
 }
 
 pub async fn start_in(dir: tempfile::TempDir) -> TestBroker {
-    let server = warren::Server::start(&config(dir.path()))
-        .await
-        .expect("start warren");
+    start_configured(dir, |_| {}).await
+}
+
+/// A broker with `edit` applied to the test configuration.
+#[allow(dead_code)]
+pub async fn start_with(edit: impl FnOnce(&mut warren::Config)) -> TestBroker {
+    start_configured(tempfile::tempdir().expect("tempdir"), edit).await
+}
+
+async fn start_configured(
+    dir: tempfile::TempDir,
+    edit: impl FnOnce(&mut warren::Config),
+) -> TestBroker {
+    let mut c = config(dir.path());
+    edit(&mut c);
+    let server = warren::Server::start(&c).await.expect("start warren");
     let addr = server.amqp_addr.expect("amqp listener");
     let mqtt_addr = server.mqtt_addr.expect("mqtt listener");
     let stomp_addr = server.stomp_addr.expect("stomp listener");
