@@ -445,9 +445,15 @@ async fn queues_exchanges_bindings_publish_get() {
         .status,
         201
     );
+    // No type: a direct exchange; no durable: transient (RabbitMQ 3.10's defaults).
     assert_eq!(
-        api.put("/api/exchanges/%2F/bad", json!({})).await.status,
-        400
+        api.put("/api/exchanges/%2F/plain", json!({})).await.status,
+        201
+    );
+    let plain = api.get("/api/exchanges/%2F/plain").await.json();
+    assert_eq!(
+        (&plain["type"], &plain["durable"]),
+        (&json!("direct"), &json!(false))
     );
     let x = api.get("/api/exchanges/%2F/shop").await.json();
     assert_eq!(x["type"], "topic");
@@ -461,7 +467,7 @@ async fn queues_exchanges_bindings_publish_get() {
             .json()
             .as_array()
             .map(Vec::len),
-        Some(7)
+        Some(8)
     );
 
     let r = api
@@ -1625,4 +1631,124 @@ async fn operator_policies_cap_queues() {
     let q = api.get("/api/queues/%2F/op.q").await.json();
     assert_eq!(q["messages"], 5, "the user policy's limit again: {q}");
     assert_eq!(q["operator_policy"], Value::Null);
+}
+
+/// What rabbitmqadmin and admin libraries send, answered as RabbitMQ 3.10 does: numbers as
+/// strings, trailing slashes, `tags` required on user PUT, `reject_requeue_false`
+/// dead-letters, runtime-parameter lists, the cluster name, ties in sorts by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmqadmin_style_requests() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    assert_eq!(api.get("/api/overview/").await.status, 200);
+    assert_eq!(api.get("/api/queues/%2F/").await.status, 200);
+    assert_eq!(
+        api.get("/api/cluster-name").await.json()["name"],
+        api.get("/api/overview").await.json()["cluster_name"]
+    );
+    assert_eq!(
+        api.get("/api/healthchecks/node").await.json()["status"],
+        "ok"
+    );
+    for path in [
+        "/api/parameters",
+        "/api/parameters/shovel/%2F",
+        "/api/global-parameters",
+    ] {
+        assert_eq!(api.get(path).await.json(), json!([]), "{path}");
+    }
+
+    let r = api
+        .put("/api/users/rotated", json!({"password": "p"}))
+        .await;
+    assert_eq!(
+        (r.status, &r.json()["reason"]),
+        (400, &json!("tags_not_present"))
+    );
+    assert_eq!(
+        api.put(
+            "/api/users/rotated",
+            json!({"password": "p", "tags": "administrator"})
+        )
+        .await
+        .status,
+        201
+    );
+
+    assert_eq!(api.put("/api/queues/%2F/dead", json!({})).await.status, 201);
+    let dlx =
+        json!({"arguments": {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "dead"}});
+    assert_eq!(api.put("/api/queues/%2F/work", dlx).await.status, 201);
+    for i in 0..3 {
+        let body = json!({"routing_key": "work", "payload": format!("m{i}"), "payload_encoding": "string", "properties": {}});
+        assert_eq!(
+            api.post("/api/exchanges/%2F/amq.default/publish", body)
+                .await
+                .json()["routed"],
+            true
+        );
+    }
+    let got = api
+        .post("/api/queues/%2F/work/get", json!({"count": "2", "ackmode": "reject_requeue_false", "encoding": "auto", "truncate": "1"}))
+        .await
+        .json();
+    let payloads: Vec<&Value> = got
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["payload"])
+        .collect();
+    assert_eq!(payloads, [&json!("m"), &json!("m")]);
+    let dead = api
+        .post(
+            "/api/queues/%2F/dead/get",
+            json!({"count": 5, "ackmode": "ack_requeue_false", "encoding": "auto"}),
+        )
+        .await
+        .json();
+    assert_eq!(dead.as_array().unwrap().len(), 2, "{dead}");
+
+    // Equal sort keys stay in name order (reversed with sort_reverse).
+    for q in ["s-b", "s-a", "s-c"] {
+        assert_eq!(
+            api.put(&format!("/api/queues/%2F/{q}"), json!({}))
+                .await
+                .status,
+            201
+        );
+    }
+    let names = |v: Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|q| {
+                q["name"]
+                    .as_str()
+                    .filter(|n| n.starts_with("s-"))
+                    .map(str::to_owned)
+            })
+            .collect()
+    };
+    assert_eq!(
+        names(api.get("/api/queues/%2F?sort=messages").await.json()),
+        ["s-a", "s-b", "s-c"]
+    );
+    assert_eq!(
+        names(
+            api.get("/api/queues/%2F?sort=messages&sort_reverse=true")
+                .await
+                .json()
+        ),
+        ["s-c", "s-b", "s-a"]
+    );
+    // Without `page`, the page size and name filter are ignored.
+    assert_eq!(
+        names(
+            api.get("/api/queues/%2F?page_size=600&name=s-a")
+                .await
+                .json()
+        )
+        .len(),
+        3
+    );
 }

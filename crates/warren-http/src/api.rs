@@ -129,6 +129,16 @@ pub fn routes() -> Router<AppState> {
             get(health_ok),
         )
         .route("/api/aliveness-test/{vhost}", get(aliveness))
+        // Pre-3.8 health check, still used by liveness probes.
+        .route("/api/healthchecks/node", get(health_ok))
+        .route("/api/healthchecks/node/{node}", get(health_ok))
+        .route("/api/cluster-name", get(cluster_name))
+        // Runtime parameters (shovel, federation): Warren has no such components, so
+        // every list is empty, as on a RabbitMQ without those plugins.
+        .route("/api/parameters", get(empty_list))
+        .route("/api/parameters/{component}", get(empty_list))
+        .route("/api/parameters/{component}/{vhost}", get(empty_list))
+        .route("/api/global-parameters", get(empty_list))
         .fallback(|| async { ApiError::ObjectNotFound })
 }
 
@@ -778,6 +788,11 @@ async fn user_put(
 ) -> ApiResult<Response> {
     caller.require_admin()?;
     let b = body_json(&body)?;
+    // RabbitMQ 3.10 wants `tags` every time (an empty string for none), so a password
+    // change cannot silently drop an administrator's tags.
+    if b.get("tags").is_none() {
+        return Err(ApiError::BadRequest("tags_not_present".into()));
+    }
     let tags = parse_tags(b.get("tags"));
     let existing = s.broker.user(&u);
     let rec = if let Some(p) = str_field(&b, "password") {
@@ -1044,8 +1059,8 @@ async fn exchange_put(
 ) -> ApiResult<Response> {
     let vh = caller.vhost(&s.broker, &v)?;
     let b = body_json(&body)?;
-    let kind =
-        str_field(&b, "type").ok_or_else(|| ApiError::BadRequest("[{key_missing,type}]".into()))?;
+    // RabbitMQ 3.10 makes a `direct` exchange when no type is given.
+    let kind = str_field(&b, "type").unwrap_or("direct");
     let name = exchange_path_name(&name);
     caller.check(
         &s.broker,
@@ -1061,7 +1076,7 @@ async fn exchange_put(
         name: short,
         kind: kind.to_owned(),
         passive: false,
-        durable: bool_field(&b, "durable", true)?,
+        durable: bool_field(&b, "durable", false)?,
         auto_delete: bool_field(&b, "auto_delete", false)?,
         internal: bool_field(&b, "internal", false)?,
         arguments: b.get("arguments").map(json_to_table).unwrap_or_default(),
@@ -1247,7 +1262,7 @@ async fn queue_put(
             QueueDecl {
                 name: short,
                 passive: false,
-                durable: bool_field(&b, "durable", true)?,
+                durable: bool_field(&b, "durable", false)?,
                 exclusive: false,
                 auto_delete: bool_field(&b, "auto_delete", false)?,
                 arguments: b.get("arguments").map(json_to_table).unwrap_or_default(),
@@ -1299,18 +1314,23 @@ async fn queue_get_messages(
     let (_, q) = find_queue(&s, &caller, &v, &name)?;
     caller.check(&s.broker, &v, Access::Read, ResourceKind::Queue, &name)?;
     let b = body_json(&body)?;
-    let count = b
-        .get("count")
-        .and_then(Value::as_u64)
-        .unwrap_or(1)
-        .min(10_000);
-    let requeue = match str_field(&b, "ackmode") {
-        Some("ack_requeue_true") | Some("reject_requeue_true") => true,
-        Some("ack_requeue_false") | Some("reject_requeue_false") => false,
+    // rabbitmqadmin sends numbers as strings ("count":"5").
+    let number = |k: &str| match b.get(k) {
+        Some(Value::String(s)) => s.trim().parse::<u64>().ok(),
+        Some(v) => v.as_u64(),
+        None => None,
+    };
+    let count = number("count").unwrap_or(1).min(10_000);
+    let settle = match str_field(&b, "ackmode") {
+        Some("ack_requeue_true") | Some("reject_requeue_true") => Settle::Requeue,
+        Some("ack_requeue_false") => Settle::Ack,
+        // Rejected: dead-lettered when the queue has a dead-letter exchange.
+        Some("reject_requeue_false") => Settle::Reject,
         Some(other) => return Err(ApiError::BadRequest(format!("unknown ackmode {other}"))),
         // Before 3.7 the parameter was `requeue`.
         None => match b.get("requeue") {
-            Some(r) => r.as_bool().unwrap_or(true),
+            Some(r) if !r.as_bool().unwrap_or(true) => Settle::Ack,
+            Some(_) => Settle::Requeue,
             None => return Err(ApiError::BadRequest("[{key_missing,ackmode}]".into())),
         },
     };
@@ -1320,10 +1340,7 @@ async fn queue_get_messages(
             "Unsupported encoding {encoding}"
         )));
     }
-    let truncate = b
-        .get("truncate")
-        .and_then(Value::as_u64)
-        .map(|t| t as usize);
+    let truncate = number("truncate").map(|t| t as usize);
     let mut out = Vec::new();
     let mut taken: Vec<MsgSeq> = Vec::new();
     for _ in 0..count {
@@ -1344,12 +1361,19 @@ async fn queue_get_messages(
         taken.push(r.seq);
     }
     // All are taken before any is requeued, else the same message would come back.
-    if requeue {
-        q.requeue(&taken).await;
-    } else {
-        q.ack(&taken).await;
+    match settle {
+        Settle::Requeue => q.requeue(&taken).await,
+        Settle::Ack => q.ack(&taken).await,
+        Settle::Reject => q.reject(&taken).await,
     }
     Ok(Json(Value::Array(out)))
+}
+
+/// What `/get` does with the messages it took (its `ackmode`).
+enum Settle {
+    Requeue,
+    Ack,
+    Reject,
 }
 
 async fn queue_bindings(
@@ -1544,6 +1568,15 @@ async fn health_alarms(State(s): St, caller: Caller) -> ApiResult<Response> {
         })),
     )
         .into_response())
+}
+
+async fn empty_list(_: Caller) -> Json<Value> {
+    Json(json!([]))
+}
+
+/// The cluster name is the node's name on one node (RabbitMQ's default).
+async fn cluster_name(State(s): St, _: Caller) -> Json<Value> {
+    Json(json!({"name": s.cfg.node_name}))
 }
 
 async fn health_ok(_: Caller) -> Json<Value> {

@@ -112,10 +112,28 @@ impl AppState {
 
 /// The whole HTTP application (API, metrics, dashboard).
 pub fn router(state: AppState) -> Router {
-    api::routes()
+    let app = api::routes()
         .merge(metrics::routes())
         .route("/", axum::routing::get(dashboard))
-        .with_state(state)
+        .with_state(state);
+    // RabbitMQ answers `/api/queues/` as `/api/queues` (tools send both, e.g. a policy
+    // DELETE with a trailing slash); the path is trimmed before routing.
+    Router::new().fallback_service(tower::ServiceExt::map_request(app, trim_trailing_slash))
+}
+
+fn trim_trailing_slash(mut req: axum::extract::Request) -> axum::extract::Request {
+    let path = req.uri().path();
+    if path.len() > 1 && path.ends_with('/') {
+        let trimmed = path.trim_end_matches('/');
+        let new = match req.uri().query() {
+            Some(q) => format!("{trimmed}?{q}"),
+            None => trimmed.to_owned(),
+        };
+        if let Ok(uri) = new.parse() {
+            *req.uri_mut() = uri;
+        }
+    }
+    req
 }
 
 /// The embedded dashboard: one page that uses only the API.

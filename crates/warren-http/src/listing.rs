@@ -53,13 +53,14 @@ impl ListParams {
         };
         let page = int("page")?;
         let page_size = int("page_size")?.unwrap_or(100);
-        if page_size > MAX_PAGE_SIZE {
+        // Without `page` RabbitMQ ignores the page size and the name filter.
+        if page.is_some() && page_size > MAX_PAGE_SIZE {
             return Err(ApiError::BadRequest(format!(
                 "Page size {page_size} must be no greater than {MAX_PAGE_SIZE}"
             )));
         }
         let use_regex = q.get("use_regex").is_some_and(|v| v == "true");
-        let name = match q.get("name").filter(|n| !n.is_empty()) {
+        let name = match q.get("name").filter(|n| !n.is_empty() && page.is_some()) {
             None => None,
             Some(n) if use_regex => {
                 Some(NameFilter::Regex(Regex::new(n).map_err(|e| {
@@ -102,6 +103,9 @@ impl ListParams {
         render: impl Fn(&T) -> Value,
     ) -> Result<Value, ApiError> {
         if !self.sorted_by_name() {
+            // Equal sort keys stay in (vhost, name) order, as in RabbitMQ (a stable sort
+            // follows).
+            items.sort_unstable_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
             let rendered: Vec<Value> = items
                 .iter()
                 .filter(|(_, n, _)| self.name_matches(n))
