@@ -1543,7 +1543,12 @@ async fn vhost_and_user_limits() {
         .cloned()
         .unwrap_or_default();
     assert_eq!(guest["limits"], json!({"max-channels": 2}));
-    assert_eq!(defs["vhosts"][0]["limits"], json!({"max-queues": 1}));
+    // RabbitMQ 3.10 exports vhost limits as a runtime parameter.
+    assert_eq!(
+        defs["parameters"],
+        json!([{"vhost": "/", "component": "vhost-limits", "name": "limits",
+                "value": {"max-queues": 1}}])
+    );
 
     // Kept across a restart.
     drop((c2, _c1, _first, ch, _c));
@@ -1751,4 +1756,44 @@ async fn rabbitmqadmin_style_requests() {
         .len(),
         3
     );
+}
+
+/// RabbitMQ 3.10's definitions keep vhost limits and operator policies as runtime
+/// parameters: importing its file sets both, and the export writes them back the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_parameters_round_trip() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    let parameters = json!([
+        {"value": {"max-connections": 100}, "vhost": "/", "component": "vhost-limits", "name": "limits"},
+        {"value": {"pattern": "^zz", "definition": {"max-length": 5}, "priority": 1, "apply-to": "queues"},
+         "vhost": "/", "component": "operator_policy", "name": "opx"}
+    ]);
+    let r = api
+        .post(
+            "/api/definitions",
+            json!({"parameters": parameters.clone(), "global_parameters": [
+            {"name": "internal_cluster_id", "value": "rabbitmq-cluster-id-x"}]}),
+        )
+        .await;
+    assert!(r.status < 300, "{}", r.text());
+    assert_eq!(
+        api.get("/api/vhost-limits/%2F").await.json(),
+        json!([{"vhost": "/", "value": {"max-connections": 100}}])
+    );
+    let op = api.get("/api/operator-policies/%2F/opx").await.json();
+    assert_eq!(
+        (&op["pattern"], &op["definition"]),
+        (&json!("^zz"), &json!({"max-length": 5}))
+    );
+    let exported = api.get("/api/definitions").await.json();
+    let mut got = exported["parameters"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut want = parameters.as_array().cloned().unwrap_or_default();
+    let key = |v: &Value| v["component"].as_str().unwrap_or("").to_owned();
+    got.sort_by_key(key);
+    want.sort_by_key(key);
+    assert_eq!(got, want);
 }

@@ -140,13 +140,13 @@ pub fn export(b: &Broker, only: Option<&str>, rabbit_version: &str) -> Value {
                     .collect::<Vec<_>>()
             })
             .collect::<Vec<_>>(),
-        "parameters": [],
+        "parameters": parameters_json(b, &vhosts, only.is_none()),
         "queues": queues,
         "exchanges": exchanges,
         "bindings": bindings,
     });
     if only.is_none() {
-        let (user_limits, vhost_limits) = (b.limits(LimitOwner::User), b.limits(LimitOwner::VHost));
+        let user_limits = b.limits(LimitOwner::User);
         out["users"] = json!(b
             .users()
             .iter()
@@ -158,11 +158,9 @@ pub fn export(b: &Broker, only: Option<&str>, rabbit_version: &str) -> Value {
                 "limits": limits_of(&user_limits, &u.name, json!({})),
             }))
             .collect::<Vec<_>>());
-        out["vhosts"] =
-            json!(vhosts
+        out["vhosts"] = json!(vhosts
             .iter()
-            .map(|v| json!({"name": v.name, "limits": limits_of(&vhost_limits, &v.name, json!([])),
-                            "metadata": {"description": "", "tags": []}}))
+            .map(|v| json!({"name": v.name, "metadata": {"description": "", "tags": []}}))
             .collect::<Vec<_>>());
         out["permissions"] = json!(b
             .permissions()
@@ -175,6 +173,39 @@ pub fn export(b: &Broker, only: Option<&str>, rabbit_version: &str) -> Value {
             .map(topic_permission_json)
             .collect::<Vec<_>>());
         out["global_parameters"] = json!([]);
+    }
+    out
+}
+
+/// Vhost limits and operator policies as RabbitMQ 3.10 exports them: runtime parameters
+/// of components `vhost-limits` (named `limits`) and `operator_policy`.
+fn parameters_json(
+    b: &Broker,
+    vhosts: &[std::sync::Arc<crate::VHost>],
+    with_vhost: bool,
+) -> Vec<Value> {
+    let wanted = |v: &str| vhosts.iter().any(|vh| vh.name == v);
+    let mut out = Vec::new();
+    let mut add = |vhost: &str, component: &str, name: &str, value: Value| {
+        let mut e = json!({"component": component, "name": name, "value": value});
+        if with_vhost {
+            e["vhost"] = json!(vhost);
+        }
+        out.push(e);
+    };
+    for (vhost, limits) in b.limits(LimitOwner::VHost) {
+        if wanted(&vhost) {
+            add(&vhost, "vhost-limits", "limits", json!(limits));
+        }
+    }
+    for p in b.policies(PolicyKind::Operator) {
+        if wanted(&p.vhost) {
+            let mut value = policy_json(&p, false);
+            if let Value::Object(m) = &mut value {
+                m.remove("name");
+            }
+            add(&p.vhost, "operator_policy", &p.name, value);
+        }
     }
     out
 }
@@ -201,6 +232,26 @@ pub fn policy_json(p: &PolicyRecord, with_vhost: bool) -> Value {
         e["vhost"] = json!(p.vhost);
     }
     e
+}
+
+/// A policy from its JSON (`pattern`, `apply-to`, `definition`, `priority`).
+fn policy_record(p: &Value, vhost: String, name: &str) -> Result<PolicyRecord, DefinitionsError> {
+    Ok(PolicyRecord {
+        vhost,
+        name: name.to_owned(),
+        pattern: text(p, "pattern")?.to_owned(),
+        apply_to: p
+            .get("apply-to")
+            .and_then(Value::as_str)
+            .unwrap_or("all")
+            .to_owned(),
+        definition: p
+            .get("definition")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default(),
+        priority: p.get("priority").and_then(Value::as_i64).unwrap_or(0),
+    })
 }
 
 fn arr<'a>(v: &'a Value, k: &str) -> &'a [Value] {
@@ -289,31 +340,30 @@ pub async fn import(b: &Broker, defs: &Value, only: Option<&str>) -> Result<(), 
         }
     }
     for p in arr(defs, "policies") {
-        let record = PolicyRecord {
-            vhost: vhost_of(p)?,
-            name: text(p, "name")?.to_owned(),
-            pattern: text(p, "pattern")?.to_owned(),
-            apply_to: p
-                .get("apply-to")
-                .and_then(Value::as_str)
-                .unwrap_or("all")
-                .to_owned(),
-            definition: p
-                .get("definition")
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default(),
-            priority: p.get("priority").and_then(Value::as_i64).unwrap_or(0),
-        };
+        let record = policy_record(p, vhost_of(p)?, text(p, "name")?)?;
         b.set_policy(PolicyKind::User, record).await?;
     }
-    for k in ["parameters", "global_parameters"] {
-        if !arr(defs, k).is_empty() {
-            tracing::warn!(
-                section = k,
-                "definitions: section not supported by Warren; ignored"
-            );
+    // RabbitMQ keeps vhost limits and operator policies as runtime parameters.
+    for p in arr(defs, "parameters") {
+        let (vhost, value) = (vhost_of(p)?, p.get("value").unwrap_or(&Value::Null));
+        match text(p, "component")? {
+            "vhost-limits" => {
+                for (name, v) in value.as_object().into_iter().flatten() {
+                    b.set_limit(LimitOwner::VHost, &vhost, name, v).await?;
+                }
+            }
+            "operator_policy" => {
+                let record = policy_record(value, vhost, text(p, "name")?)?;
+                b.set_policy(PolicyKind::Operator, record).await?;
+            }
+            other => tracing::warn!(
+                component = other,
+                "definitions: runtime parameter component not supported by Warren; ignored"
+            ),
         }
+    }
+    if !arr(defs, "global_parameters").is_empty() {
+        tracing::debug!("definitions: global parameters ignored (cluster name and id)");
     }
     for x in arr(defs, "exchanges") {
         let v = vhost_of(x)?;
