@@ -248,6 +248,38 @@ async fn auth_overview_whoami_nodes() {
         mon.put("/api/vhosts/x", json!({})).await.json()["error"],
         "not_authorised"
     );
+    // It lists every vhost but sees objects only where it has access (RabbitMQ 3.10).
+    // The vhost's creator already has full permissions there (204: updated).
+    assert_eq!(api.put("/api/vhosts/hidden", json!({})).await.status, 201);
+    assert_eq!(
+        api.put(
+            "/api/permissions/hidden/guest",
+            json!({"configure": ".*", "write": ".*", "read": ".*"})
+        )
+        .await
+        .status,
+        204
+    );
+    assert_eq!(
+        api.put("/api/queues/hidden/secret", json!({})).await.status,
+        201
+    );
+    let vhosts = mon.get("/api/vhosts").await.json();
+    assert!(vhosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["name"] == "hidden"));
+    assert_eq!(mon.get("/api/queues/hidden").await.status, 401);
+    let queues = mon.get("/api/queues").await.json();
+    assert!(
+        !queues
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|q| q["name"] == "secret"),
+        "{queues}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,7 +28,8 @@ impl Caller {
         self.has_tag("administrator")
     }
 
-    /// Sees every vhost's objects (RabbitMQ's `monitoring` and `administrator`).
+    /// Sees every connection, channel and vhost name, and node data (RabbitMQ's
+    /// `monitoring` and `administrator`); a vhost's objects need access to it all the same.
     pub fn is_monitor(&self) -> bool {
         self.is_admin() || self.has_tag("monitoring")
     }
@@ -59,9 +60,10 @@ impl Caller {
         }
     }
 
-    /// Whether the caller may see objects of `vhost`.
+    /// Whether the caller may see objects of `vhost`: administrators everywhere, others
+    /// (`monitoring` too, checked against RabbitMQ 3.10) where they have access.
     pub fn sees_vhost(&self, broker: &Broker, vhost: &str) -> bool {
-        self.is_monitor() || broker.check_vhost_access(&self.name, vhost).is_ok()
+        self.is_admin() || broker.check_vhost_access(&self.name, vhost).is_ok()
     }
 
     /// The vhosts whose objects the caller may list, sorted by name.
