@@ -707,6 +707,10 @@ async fn connections_channels_consumers_and_close() {
     let api = Api::new(&b);
     let (conn, ch) = b.channel().await;
     common::declare(&ch, "work", FieldTable::default()).await;
+    ch.basic_qos(5, BasicQosOptions::default()).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     let _consumer = ch
         .basic_consume(
             "work".into(),
@@ -730,6 +734,12 @@ async fn connections_channels_consumers_and_close() {
     assert_eq!(chans[0]["number"], 1);
     assert_eq!(chans[0]["consumer_count"], 1);
     assert_eq!(chans[0]["connection_details"]["name"], name.as_str());
+    assert_eq!(chans[0]["prefetch_count"], 5);
+    assert_eq!(chans[0]["global_prefetch_count"], 0);
+    assert_eq!(chans[0]["confirm"], true);
+    assert_eq!(chans[0]["transactional"], false);
+    assert!(c["recv_oct"].as_u64().unwrap() > 0, "{c}");
+    assert!(c["send_oct"].as_u64().unwrap() > 0, "{c}");
     let cons = api.get("/api/consumers").await.json();
     assert_eq!(cons[0]["consumer_tag"], "ctag-1");
     assert_eq!(cons[0]["queue"], json!({"name": "work", "vhost": "/"}));

@@ -656,12 +656,17 @@ impl Conn {
             }
             AMQPClass::Basic(basic::AMQPMethod::Qos(q)) => {
                 let chan = self.chan(ch);
+                let n = q.prefetch_count as u32;
                 if q.global {
-                    chan.credit
-                        .limit
-                        .store(q.prefetch_count as u32, Ordering::Relaxed);
+                    chan.credit.limit.store(n, Ordering::Relaxed);
                 } else {
-                    chan.consumer_prefetch = q.prefetch_count as u32;
+                    chan.consumer_prefetch = n;
+                }
+                if let Some(g) = &self.registration {
+                    g.update_channel(ch, |s| match q.global {
+                        true => s.global_prefetch_count = n,
+                        false => s.prefetch_count = n,
+                    });
                 }
                 self.write(
                     ch,
@@ -794,6 +799,9 @@ impl Conn {
                     ));
                 }
                 chan.confirm = true;
+                if let Some(g) = &self.registration {
+                    g.update_channel(ch, |s| s.confirm = true);
+                }
                 if !s.nowait {
                     self.write(
                         ch,
@@ -812,6 +820,9 @@ impl Conn {
                 }
                 if chan.tx.is_none() {
                     chan.tx = Some(TxBuffer::default());
+                    if let Some(g) = &self.registration {
+                        g.update_channel(ch, |s| s.transactional = true);
+                    }
                 }
                 self.write(ch, AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
             }

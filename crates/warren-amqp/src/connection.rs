@@ -277,6 +277,9 @@ impl Conn {
                         return Ok(None);
                     }
                     last_read = Instant::now();
+                    if let Some(g) = &self.registration {
+                        g.add_octets(n as u64, 0);
+                    }
                     self.process_input(&mut rbuf).await;
                     if self.confirms_due {
                         self.flush_confirms();
@@ -364,6 +367,9 @@ impl Conn {
                 closing_since = Some(Instant::now());
             }
             if !self.out.is_empty() {
+                if let Some(g) = &self.registration {
+                    g.add_octets(0, self.out.len() as u64);
+                }
                 wr.write_all(&self.out).await?;
                 self.out.clear();
                 last_write = Instant::now();

@@ -60,6 +60,17 @@ pub struct ConnectionInfo {
     pub client_properties: FieldTable,
 }
 
+/// A channel's settings as RabbitMQ's API shows them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelSettings {
+    /// Per-consumer prefetch for new consumers (`basic.qos global=false`).
+    pub prefetch_count: u32,
+    /// Channel-wide prefetch (`basic.qos global=true`).
+    pub global_prefetch_count: u32,
+    pub confirm: bool,
+    pub transactional: bool,
+}
+
 /// One registered connection.
 #[derive(Debug)]
 pub struct ConnectionEntry {
@@ -67,6 +78,9 @@ pub struct ConnectionEntry {
     /// Milliseconds since the Unix epoch.
     pub connected_at: u64,
     channels: Mutex<BTreeSet<u16>>,
+    /// Settings of the channels that changed any (empty, so unallocated, for MQTT and
+    /// STOMP sessions and most AMQP channels).
+    channel_settings: Mutex<Vec<(u16, ChannelSettings)>>,
     /// Bytes received/sent, if the front-end reports them.
     pub recv_oct: AtomicU64,
     pub send_oct: AtomicU64,
@@ -87,6 +101,16 @@ impl ConnectionEntry {
     /// Open channel numbers, ascending.
     pub fn channels(&self) -> Vec<u16> {
         self.channels.lock().iter().copied().collect()
+    }
+
+    /// What the management API shows of channel `n`'s settings.
+    pub fn channel_settings(&self, n: u16) -> ChannelSettings {
+        self.channel_settings
+            .lock()
+            .iter()
+            .find(|(c, _)| *c == n)
+            .map(|(_, s)| *s)
+            .unwrap_or_default()
     }
 
     /// Asks the front-end to close the connection with `reason` (RabbitMQ's
@@ -117,6 +141,7 @@ impl Connections {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             channels: Mutex::new(BTreeSet::new()),
+            channel_settings: Mutex::new(Vec::new()),
             recv_oct: AtomicU64::new(0),
             send_oct: AtomicU64::new(0),
             close_reason: Mutex::new(None),
@@ -235,6 +260,20 @@ impl ConnectionGuard {
 
     pub fn channel_closed(&self, n: u16) {
         self.entry.channels.lock().remove(&n);
+        self.entry.channel_settings.lock().retain(|(c, _)| *c != n);
+    }
+
+    /// Records a change of channel `n`'s settings (basic.qos, confirm.select, tx.select).
+    pub fn update_channel(&self, n: u16, change: impl FnOnce(&mut ChannelSettings)) {
+        let mut all = self.entry.channel_settings.lock();
+        match all.iter_mut().find(|(c, _)| *c == n) {
+            Some((_, s)) => change(s),
+            None => {
+                let mut s = ChannelSettings::default();
+                change(&mut s);
+                all.push((n, s));
+            }
+        }
     }
 
     /// Adds to the byte counters shown by the API.

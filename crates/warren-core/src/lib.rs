@@ -31,7 +31,9 @@ pub use alarm::{AlarmState, Alarms};
 pub use amq_protocol_types::{AMQPValue, FieldTable, LongString, ShortString};
 pub use auth::ConnectionAuth;
 pub use broker::{full_permission, Broker, BrokerConfig};
-pub use connections::{ConnectionEntry, ConnectionGuard, ConnectionInfo, Connections};
+pub use connections::{
+    ChannelSettings, ConnectionEntry, ConnectionGuard, ConnectionInfo, Connections,
+};
 pub use consumer::{
     return_undelivered, ConsumerSpec, Credit, Deliveries, Delivery, Outbox, OutboxEvent,
 };

@@ -407,7 +407,9 @@ fn connection_json(s: &AppState, e: &ConnectionEntry) -> Value {
     if client.as_object().is_some_and(|m| m.is_empty()) {
         client = json!({});
     }
-    json!({
+    // The name the client gave itself (`connection_name`), as RabbitMQ shows it.
+    let user_provided_name = client.get("connection_name").cloned();
+    let mut out = json!({
         "name": e.name(),
         "node": s.cfg.node_name,
         "vhost": i.vhost,
@@ -427,7 +429,11 @@ fn connection_json(s: &AppState, e: &ConnectionEntry) -> Value {
         "client_properties": client,
         "recv_oct": e.recv_oct.load(std::sync::atomic::Ordering::Relaxed),
         "send_oct": e.send_oct.load(std::sync::atomic::Ordering::Relaxed),
-    })
+    });
+    if let Some(n) = user_provided_name {
+        out["user_provided_name"] = n;
+    }
+    out
 }
 
 /// Consumers of every visible queue: (vhost, queue, consumer).
@@ -481,6 +487,7 @@ fn connection_channels_json(
                 .filter(|(_, _, c)| c.owner == e.info.id && c.channel == n as u64);
             let (count, unacked) =
                 mine.fold((0u32, 0u32), |(k, u), (_, _, c)| (k + 1, u + c.unacked));
+            let settings = e.channel_settings(n);
             json!({
                 "name": channel_name(e, n),
                 "number": n,
@@ -490,9 +497,10 @@ fn connection_channels_json(
                 "state": "running",
                 "consumer_count": count,
                 "messages_unacknowledged": unacked,
-                "prefetch_count": 0,
-                "confirm": false,
-                "transactional": false,
+                "prefetch_count": settings.prefetch_count,
+                "global_prefetch_count": settings.global_prefetch_count,
+                "confirm": settings.confirm,
+                "transactional": settings.transactional,
                 "connection_details": {
                     "name": e.name(),
                     "peer_host": e.info.peer.ip().to_string(),
