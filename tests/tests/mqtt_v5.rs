@@ -587,6 +587,9 @@ async fn receive_maximum_exceeded_disconnects_with_0x93() {
         p.extend(body);
         s.write_all(&p).await.unwrap();
     }
+    // Like a client that answers each PUBREC before it reads the DISCONNECT: the broker
+    // drains what it still sends instead of resetting the connection.
+    let mut pubrecs = 0u16;
     loop {
         let (t, body) = read_packet(&mut s).await.expect("DISCONNECT before close");
         if t == 0xE0 {
@@ -594,6 +597,20 @@ async fn receive_maximum_exceeded_disconnects_with_0x93() {
             break;
         }
         assert_eq!(t, 0x50);
+        pubrecs += 1;
+        let mut pubrel = vec![0x62, 2];
+        pubrel.extend_from_slice(&pubrecs.to_be_bytes());
+        s.write_all(&pubrel)
+            .await
+            .expect("PUBREL after the broker's DISCONNECT");
+    }
+    for id in 1..=50u16 {
+        let mut pubrel = vec![0x62, 2];
+        pubrel.extend_from_slice(&id.to_be_bytes());
+        s.write_all(&pubrel)
+            .await
+            .expect("no reset after DISCONNECT");
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

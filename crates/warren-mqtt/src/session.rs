@@ -332,9 +332,34 @@ where
                 &mut c.shutdown,
             )
             .await;
+        let refused = matches!(end, End::ProtocolError);
         Box::pin(c.session.close(end)).await;
         Box::pin(warren_core::return_undelivered(&mut c.deliveries)).await;
+        if refused {
+            // Boxed: only connections that end in error pay for this future.
+            Box::pin(linger(&mut c.rd, &mut c.rbuf)).await;
+        }
     }
+}
+
+/// After the server ends a connection for a protocol error (with a 5.0 DISCONNECT), the
+/// client may still be sending (PUBRELs for PUBRECs it is reading): its bytes are read
+/// and dropped until it closes, for at most 2 s, so it reads the DISCONNECT instead of a
+/// connection reset.
+async fn linger<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            buf.clear();
+            if buf.capacity() == 0 {
+                buf.reserve(512);
+            }
+            match rd.read_buf(buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
 }
 
 /// A connection whose CONNECT was accepted.
