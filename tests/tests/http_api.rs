@@ -1839,3 +1839,37 @@ async fn definitions_parameters_round_trip() {
     want.sort_by_key(key);
     assert_eq!(got, want);
 }
+
+/// A vhost's description, tags and default queue type are kept (across a restart and in
+/// definitions), as RabbitMQ shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vhost_metadata_is_kept() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    let body = json!({"description": "orders", "tags": "prod,eu", "default_queue_type": "quorum"});
+    assert_eq!(api.put("/api/vhosts/meta", body).await.status, 201);
+    // A later PUT changes only what it names.
+    assert_eq!(
+        api.put("/api/vhosts/meta", json!({"description": "orders v2"}))
+            .await
+            .status,
+        204
+    );
+    let check = |v: &Value| {
+        assert_eq!(v["description"], "orders v2", "{v}");
+        assert_eq!(v["tags"], json!(["prod", "eu"]), "{v}");
+        assert_eq!(v["default_queue_type"], "quorum", "{v}");
+    };
+    check(&api.get("/api/vhosts/meta").await.json());
+    let b = b.restart().await;
+    let api = Api::new(&b);
+    check(&api.get("/api/vhosts/meta").await.json());
+    let defs = api.get("/api/definitions").await.json();
+    let v = defs["vhosts"]
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["name"] == "meta"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(v["metadata"]["tags"], json!(["prod", "eu"]), "{v}");
+    assert_eq!(v["metadata"]["default_queue_type"], "quorum", "{v}");
+}

@@ -20,7 +20,7 @@ use crate::permissions::{self, Access, CompiledPermission, PermissionRecord, Res
 use crate::policies::{Policy, PolicyKind, PolicyRecord};
 use crate::queue::QueueConfig;
 use crate::topic_permissions::{self, TopicPermissionRecord, TopicPermissions};
-use crate::vhost::{QueueDecl, VHost};
+use crate::vhost::{QueueDecl, VHost, VHostMetadata};
 
 /// Settings the core needs.
 #[derive(Debug, Clone)]
@@ -104,13 +104,13 @@ impl Broker {
                 tags: vec!["administrator".into()],
             };
             first_boot_ops.push(meta::user_put(&u));
-            first_boot_ops.push(meta::vhost_put("/"));
+            first_boot_ops.push(meta::vhost_put("/", &Default::default()));
             self.users.write().insert(u.name.clone(), u);
             self.add_vhost_in_memory("/");
         }
         for (_, v) in &vhosts {
             let r: VHostRecord = decode(v)?;
-            self.add_vhost_in_memory(&r.name);
+            self.add_vhost_in_memory(&r.name).set_metadata(r.metadata);
         }
         for (k, v) in self.store.meta_scan(meta::LIMIT)? {
             let Some((owner, who)) = meta::limits_key_parts(&k) else {
@@ -297,9 +297,27 @@ impl Broker {
         if let Some(v) = self.vhost(name) {
             return Ok(v);
         }
-        let t = self.store.submit(vec![meta::vhost_put(name)]).await?;
+        self.put_vhost(name, VHostMetadata::default()).await
+    }
+
+    /// Creates a vhost or replaces its metadata (RabbitMQ's `PUT /api/vhosts/{v}`), durably.
+    pub async fn put_vhost(&self, name: &str, metadata: VHostMetadata) -> CoreResult<Arc<VHost>> {
+        if self.vhost(name).is_some_and(|v| v.metadata() == metadata) {
+            return self
+                .vhost(name)
+                .ok_or_else(|| CoreError::not_found("vhost"));
+        }
+        let t = self
+            .store
+            .submit(vec![meta::vhost_put(name, &metadata)])
+            .await?;
         self.store.wait_synced(t).await?;
-        Ok(self.add_vhost_in_memory(name))
+        let vh = match self.vhost(name) {
+            Some(v) => v,
+            None => self.add_vhost_in_memory(name),
+        };
+        vh.set_metadata(metadata);
+        Ok(vh)
     }
 
     /// Deletes a vhost with everything in it: its connections are asked to close, its

@@ -160,7 +160,15 @@ pub fn export(b: &Broker, only: Option<&str>, rabbit_version: &str) -> Value {
             .collect::<Vec<_>>());
         out["vhosts"] = json!(vhosts
             .iter()
-            .map(|v| json!({"name": v.name, "metadata": {"description": "", "tags": []}}))
+            .map(|v| {
+                let m = v.metadata();
+                let mut meta = json!({"description": m.description, "tags": m.tags});
+                if let Some(t) = &m.default_queue_type {
+                    meta["default_queue_type"] = json!(t);
+                }
+                json!({"name": v.name, "description": m.description, "tags": m.tags,
+                       "metadata": meta})
+            })
             .collect::<Vec<_>>());
         out["permissions"] = json!(b
             .permissions()
@@ -304,7 +312,20 @@ pub async fn import(b: &Broker, defs: &Value, only: Option<&str>) -> Result<(), 
             .await?;
         }
         for v in arr(defs, "vhosts") {
-            b.add_vhost(text(v, "name")?).await?;
+            // RabbitMQ 3.11+ writes description and tags both at the top and in `metadata`.
+            let meta = v.get("metadata").unwrap_or(v);
+            let field = |k: &str| meta.get(k).or_else(|| v.get(k));
+            let metadata = crate::vhost::VHostMetadata {
+                description: field("description")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                tags: parse_tags(field("tags")),
+                default_queue_type: field("default_queue_type")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+            };
+            b.put_vhost(text(v, "name")?, metadata).await?;
         }
         // Limits after their owners exist ({} or, from RabbitMQ 3.x vhosts, [] when none).
         for (owner, section) in [(LimitOwner::User, "users"), (LimitOwner::VHost, "vhosts")] {

@@ -46,7 +46,7 @@ pub use permissions::{Access, PermissionRecord, ResourceKind};
 pub use policies::{Policy, PolicyRecord};
 pub use queue::{ConsumerInfo, GetResult, Queue, QueueCounts};
 pub use topic_permissions::{TopicPermissionRecord, TopicPermissions};
-pub use vhost::{ExchangeDecl, PublishOutcome, QueueDecl, Unfinished, VHost};
+pub use vhost::{ExchangeDecl, PublishOutcome, QueueDecl, Unfinished, VHost, VHostMetadata};
 pub use warren_store::{Store, StoreOptions, Ticket};
 
 #[cfg(test)]

@@ -56,6 +56,9 @@ fn put<T: Serialize>(key: Vec<u8>, value: &T) -> Op {
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct VHostRecord {
     pub name: String,
+    /// Absent in records written before vhosts had metadata.
+    #[serde(default)]
+    pub metadata: crate::vhost::VHostMetadata,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -97,8 +100,14 @@ pub struct UserRecord {
     pub tags: Vec<String>,
 }
 
-pub(crate) fn vhost_put(name: &str) -> Op {
-    put(key(VHOST, &[name]), &VHostRecord { name: name.into() })
+pub(crate) fn vhost_put(name: &str, metadata: &crate::vhost::VHostMetadata) -> Op {
+    put(
+        key(VHOST, &[name]),
+        &VHostRecord {
+            name: name.into(),
+            metadata: metadata.clone(),
+        },
+    )
 }
 
 pub(crate) fn exchange_put(vhost: &str, x: &Exchange) -> Op {

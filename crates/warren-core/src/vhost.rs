@@ -105,6 +105,17 @@ pub struct VHost {
     operator_policies: RwLock<Arc<Policies>>,
     /// The `max-queues` limit (crate::limits); `u64::MAX` when there is none.
     max_queues: std::sync::atomic::AtomicU64,
+    metadata: RwLock<VHostMetadata>,
+}
+
+/// What an operator says about a vhost (RabbitMQ's `description`, `tags` and
+/// `default_queue_type`), shown by the API and kept in definitions.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VHostMetadata {
+    pub description: String,
+    pub tags: Vec<String>,
+    /// `None` is classic.
+    pub default_queue_type: Option<String>,
 }
 
 impl std::fmt::Debug for VHost {
@@ -114,6 +125,15 @@ impl std::fmt::Debug for VHost {
 }
 
 impl VHost {
+    /// Its description, tags and default queue type.
+    pub fn metadata(&self) -> VHostMetadata {
+        self.metadata.read().clone()
+    }
+
+    pub(crate) fn set_metadata(&self, m: VHostMetadata) {
+        *self.metadata.write() = m;
+    }
+
     pub(crate) fn new(
         name: String,
         store: Store,
@@ -144,6 +164,7 @@ impl VHost {
                 policies: RwLock::new(Arc::new(Policies::default())),
                 operator_policies: RwLock::new(Arc::new(Policies::default())),
                 max_queues: std::sync::atomic::AtomicU64::new(u64::MAX),
+                metadata: RwLock::new(VHostMetadata::default()),
             }
         })
     }

@@ -682,12 +682,15 @@ fn vhost_json(vh: &VHost) -> Value {
         ready += c.ready as u64;
         unacked += c.unacked as u64;
     }
+    let m = vh.metadata();
+    let queue_type = m.default_queue_type.as_deref().unwrap_or("classic");
     json!({
         "name": vh.name,
-        "description": "",
-        "tags": [],
-        "metadata": {"description": "", "tags": []},
-        "default_queue_type": "classic",
+        "description": m.description,
+        "tags": m.tags,
+        "metadata": {"description": m.description, "tags": m.tags, "default_queue_type": queue_type},
+        "default_queue_type": queue_type,
+        // Firehose tracing is not implemented (README).
         "tracing": false,
         "messages": ready + unacked,
         "messages_ready": ready,
@@ -712,10 +715,28 @@ async fn vhost_get(State(s): St, caller: Caller, Path(v): Path<String>) -> ApiRe
     Ok(Json(vhost_json(&vh)))
 }
 
-async fn vhost_put(State(s): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Response> {
+async fn vhost_put(
+    State(s): St,
+    caller: Caller,
+    Path(v): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
     caller.require_admin()?;
-    let existed = s.broker.vhost(&v).is_some();
-    s.broker.add_vhost(&v).await?;
+    let b = body_json(&body)?;
+    let existing = s.broker.vhost(&v);
+    let existed = existing.is_some();
+    // What the body names replaces the vhost's metadata; the rest is kept.
+    let mut m = existing.map(|vh| vh.metadata()).unwrap_or_default();
+    if let Some(d) = str_field(&b, "description") {
+        m.description = d.to_owned();
+    }
+    if b.get("tags").is_some() {
+        m.tags = parse_tags(b.get("tags"));
+    }
+    if let Some(t) = str_field(&b, "default_queue_type") {
+        m.default_queue_type = Some(t.to_owned());
+    }
+    s.broker.put_vhost(&v, m).await?;
     if !existed {
         // RabbitMQ grants the creating user full permissions on a new vhost.
         s.broker
