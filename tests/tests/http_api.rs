@@ -202,7 +202,7 @@ async fn auth_overview_whoami_nodes() {
     ] {
         assert!(o.get(k).is_some(), "overview lacks {k}: {o}");
     }
-    assert_eq!(o["object_totals"]["exchanges"], 6);
+    assert_eq!(o["object_totals"]["exchanges"], 7);
     let listeners = o["listeners"].as_array().expect("listeners");
     assert!(listeners
         .iter()
@@ -499,7 +499,7 @@ async fn queues_exchanges_bindings_publish_get() {
             .json()
             .as_array()
             .map(Vec::len),
-        Some(8)
+        Some(9)
     );
 
     let r = api

@@ -26,7 +26,12 @@ const PREDECLARED: &[(&str, ExchangeKind)] = &[
     ("amq.topic", ExchangeKind::Topic),
     ("amq.headers", ExchangeKind::Headers),
     ("amq.match", ExchangeKind::Headers),
+    // RabbitMQ's firehose exchange: internal, so only the broker could publish to it
+    // (Warren has no firehose; it is declared so that listings match).
+    (TRACE_EXCHANGE, ExchangeKind::Topic),
 ];
+
+const TRACE_EXCHANGE: &str = "amq.rabbitmq.trace";
 
 /// Bound on exchange-to-exchange hops, against binding cycles.
 const MAX_E2E_DEPTH: usize = 16;
@@ -149,7 +154,7 @@ impl VHost {
                         *k,
                         true,
                         false,
-                        false,
+                        *n == TRACE_EXCHANGE,
                         FieldTable::default(),
                     )),
                 );

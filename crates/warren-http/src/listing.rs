@@ -298,6 +298,14 @@ mod tests {
         let q = [("page_size".to_string(), "501".to_string())]
             .into_iter()
             .collect();
+        // Without `page` the size is ignored, as RabbitMQ does.
+        assert!(ListParams::parse(&q).is_ok());
+        let q = [
+            ("page".to_string(), "1".to_string()),
+            ("page_size".to_string(), "501".to_string()),
+        ]
+        .into_iter()
+        .collect();
         assert!(ListParams::parse(&q).is_err());
         let q = [("page".to_string(), "0".to_string())]
             .into_iter()
