@@ -423,6 +423,42 @@ async fn vhosts_users_permissions() {
         Some(2)
     );
 
+    let lonely: Vec<Value> = api
+        .get("/api/users/without-permissions")
+        .await
+        .json()
+        .as_array()
+        .expect("users")
+        .iter()
+        .map(|u| u["name"].clone())
+        .collect();
+    assert_eq!(lonely, vec![json!("bob"), json!("carol")]);
+    // In order, stopping at the first unknown name (400), as RabbitMQ.
+    assert_eq!(
+        api.post(
+            "/api/users/bulk-delete",
+            json!({"users": ["bob", "nobody", "carol"]})
+        )
+        .await
+        .status,
+        400
+    );
+    assert_eq!(api.get("/api/users/bob").await.status, 404);
+    assert_eq!(api.get("/api/users/carol").await.status, 200);
+    assert_eq!(
+        api.post("/api/users/bulk-delete", json!({"users": ["carol"]}))
+            .await
+            .status,
+        204
+    );
+    assert_eq!(api.get("/api/users/carol").await.status, 404);
+    assert_eq!(
+        api.post("/api/users/bulk-delete", json!({"names": []}))
+            .await
+            .status,
+        400
+    );
+
     assert_eq!(api.delete("/api/permissions/dev/alice").await.status, 204);
     assert_eq!(api.delete("/api/permissions/dev/alice").await.status, 404);
     assert_eq!(api.delete("/api/users/alice").await.status, 204);
@@ -653,6 +689,33 @@ async fn queues_exchanges_bindings_publish_get() {
         json!({"status": "ok"})
     );
     assert_eq!(api.get("/api/health/checks/local-alarms").await.status, 200);
+    let port = b.addr.port();
+    assert_eq!(
+        api.get(&format!("/api/health/checks/port-listener/{port}"))
+            .await
+            .json(),
+        json!({"status": "ok", "port": port})
+    );
+    let r = api.get("/api/health/checks/port-listener/1").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["missing"], 1);
+    assert!(r.json()["ports"]
+        .as_array()
+        .expect("ports")
+        .contains(&json!(port)));
+    assert_eq!(
+        api.get("/api/health/checks/port-listener/x").await.status,
+        400
+    );
+    assert_eq!(
+        api.get("/api/health/checks/protocol-listener/AMQP0-9-1")
+            .await
+            .json(),
+        json!({"status": "ok", "protocol": "amqp"})
+    );
+    let r = api.get("/api/health/checks/protocol-listener/amqps").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["missing"], "amqp/ssl");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -755,6 +818,23 @@ async fn connections_channels_consumers_and_close() {
     let o = api.get("/api/overview").await.json();
     assert_eq!(o["object_totals"]["connections"], 1);
     assert_eq!(o["object_totals"]["consumers"], 1);
+    // One channel by name, with its consumers.
+    let chan_name = chans[0]["name"].as_str().expect("channel name").to_owned();
+    let one = api
+        .get(&format!("/api/channels/{}", percent_encode(&chan_name)))
+        .await
+        .json();
+    assert_eq!(one["number"], 1);
+    assert_eq!(one["consumer_details"][0]["consumer_tag"], "ctag-1");
+    assert_eq!(one["consumer_details"][0]["queue"]["name"], "work");
+    assert_eq!(api.get("/api/channels/nope%20(1)").await.status, 404);
+    // `columns` applies to single objects too.
+    assert_eq!(
+        api.get("/api/queues/%2F/work?columns=name,consumers,arguments")
+            .await
+            .json(),
+        json!({"name": "work", "consumers": 1, "arguments": {}})
+    );
 
     let path = format!("/api/connections/{}", percent_encode(&name));
     assert_eq!(api.get(&path).await.json()["name"], name.as_str());

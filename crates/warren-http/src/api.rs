@@ -49,6 +49,11 @@ pub fn routes() -> Router<AppState> {
         .route("/api/vhosts/{vhost}/channels", get(vhost_channels))
         .route("/api/users", get(users))
         .route(
+            "/api/users/without-permissions",
+            get(users_without_permissions),
+        )
+        .route("/api/users/bulk-delete", post(users_bulk_delete))
+        .route(
             "/api/users/{user}",
             get(user_get).put(user_put).delete(user_delete),
         )
@@ -70,6 +75,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/api/connections/{name}/channels", get(connection_channels))
         .route("/api/channels", get(channels))
+        .route("/api/channels/{name}", get(channel_get))
         .route("/api/consumers", get(consumers))
         .route("/api/consumers/{vhost}", get(consumers_in))
         .route("/api/exchanges", get(exchanges))
@@ -123,6 +129,11 @@ pub fn routes() -> Router<AppState> {
         .route("/api/health/checks/alarms", get(health_alarms))
         .route("/api/health/checks/local-alarms", get(health_alarms))
         .route("/api/health/checks/virtual-hosts", get(health_ok))
+        .route("/api/health/checks/port-listener/{port}", get(health_port))
+        .route(
+            "/api/health/checks/protocol-listener/{protocol}",
+            get(health_protocol),
+        )
         .route("/api/health/checks/node-is-quorum-critical", get(health_ok))
         .route(
             "/api/health/checks/node-is-mirror-sync-critical",
@@ -804,6 +815,41 @@ async fn users(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Value>
     list(&params, s.broker.users().iter().map(user_json).collect())
 }
 
+/// Users with no permission in any vhost (RabbitMQ 3.8+).
+async fn users_without_permissions(State(s): St, caller: Caller) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    let perms = s.broker.permissions();
+    Ok(Json(Value::Array(
+        s.broker
+            .users()
+            .iter()
+            .filter(|u| !perms.iter().any(|p| p.user == u.name))
+            .map(user_json)
+            .collect(),
+    )))
+}
+
+/// `{"users": [...]}`: deletes the named users in order. As RabbitMQ, the first name
+/// that does not exist stops it with a 400 (the users before it are gone).
+async fn users_bulk_delete(State(s): St, caller: Caller, body: Bytes) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let v = body_json(&body)?;
+    let Some(names) = v.get("users").and_then(Value::as_array) else {
+        return Err(ApiError::BadRequest("[{key_missing,users}]".into()));
+    };
+    for n in names {
+        let Some(n) = n.as_str() else {
+            return Err(ApiError::BadRequest(
+                "users must be a list of user names".into(),
+            ));
+        };
+        if !s.broker.delete_user(n).await? {
+            return Err(ApiError::BadRequest(format!("no_such_user {n}")));
+        }
+    }
+    Ok(no_content())
+}
+
 async fn user_get(State(s): St, caller: Caller, Path(u): Path<String>) -> ApiResult<Json<Value>> {
     caller.require_admin()?;
     s.broker
@@ -1017,6 +1063,33 @@ async fn connection_channels(
 
 async fn channels(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Value>> {
     list(&params, channels_json(&s, &caller, None))
+}
+
+/// One channel, with its consumers (RabbitMQ's `consumer_details`).
+async fn channel_get(
+    State(s): St,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let consumers = all_consumers(&s, &caller, None);
+    for e in visible_connections(&s, &caller) {
+        for mut ch in connection_channels_json(&s, &e, &consumers) {
+            if ch["name"] != name.as_str() {
+                continue;
+            }
+            let number = ch["number"].as_u64();
+            let details: Vec<Value> = consumers
+                .iter()
+                .filter(|(_, _, c)| c.owner == e.info.id && Some(c.channel) == number)
+                .map(|(v, q, c)| consumer_json(&s, v, q, c))
+                .collect();
+            ch["consumer_details"] = Value::Array(details);
+            ch["publishes"] = json!([]);
+            ch["deliveries"] = json!([]);
+            return Ok(Json(ch));
+        }
+    }
+    Err(ApiError::ObjectNotFound)
 }
 
 async fn consumers(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Value>> {
@@ -1609,6 +1682,82 @@ async fn empty_list(_: Caller) -> Json<Value> {
 /// The cluster name is the node's name on one node (RabbitMQ's default).
 async fn cluster_name(State(s): St, _: Caller) -> Json<Value> {
     Json(json!({"name": s.cfg.node_name}))
+}
+
+/// 200 when a listener is bound to `port`, else 503 naming the ports there are.
+async fn health_port(
+    State(s): St,
+    caller: Caller,
+    Path(port): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_monitor()?;
+    let Ok(port) = port.parse::<u16>() else {
+        return Err(ApiError::BadRequest("Invalid port".into()));
+    };
+    let ports: Vec<Value> = s
+        .cfg
+        .listeners
+        .iter()
+        .map(|l| json!(l.addr.port()))
+        .collect();
+    Ok(listener_health(("port", json!(port)), ("ports", ports)))
+}
+
+/// 200 when a listener speaks `protocol` (RabbitMQ's aliases accepted), else 503.
+async fn health_protocol(
+    State(s): St,
+    caller: Caller,
+    Path(protocol): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_monitor()?;
+    let protocols: Vec<Value> = s.cfg.listeners.iter().map(|l| json!(l.protocol)).collect();
+    let wanted = json!(normalize_protocol(&protocol));
+    Ok(listener_health(
+        ("protocol", wanted),
+        ("protocols", protocols),
+    ))
+}
+
+/// RabbitMQ's listener checks: `{"status":"ok", <what>: wanted}` when `wanted` is among
+/// `present`, else 503 `{"status":"failed","reason":…,"missing":wanted, <list>: present}`.
+fn listener_health((what, wanted): (&str, Value), (list, present): (&str, Vec<Value>)) -> Response {
+    let mut body = serde_json::Map::new();
+    if present.contains(&wanted) {
+        body.insert("status".into(), json!("ok"));
+        body.insert(what.into(), wanted);
+        return Json(Value::Object(body)).into_response();
+    }
+    body.insert("status".into(), json!("failed"));
+    body.insert("reason".into(), json!("No active listener"));
+    body.insert("missing".into(), wanted);
+    body.insert(list.into(), Value::Array(present));
+    (StatusCode::SERVICE_UNAVAILABLE, Json(Value::Object(body))).into_response()
+}
+
+/// The protocol names RabbitMQ's protocol-listener check accepts for its listeners'.
+fn normalize_protocol(p: &str) -> String {
+    let p = p.to_lowercase();
+    let name = match p.as_str() {
+        "amqp091" | "amqp0.9.1" | "amqp0-9-1" | "amqp0_9_1" | "amqp10" | "amqp1.0" | "amqp1-0"
+        | "amqp1_0" => "amqp",
+        "amqps" => "amqp/ssl",
+        "mqtt3.1" | "mqtt3.1.1" | "mqtt31" | "mqtt311" | "mqtt3_1" | "mqtt3_1_1" | "mqtt5" => {
+            "mqtt"
+        }
+        "mqtts" | "mqtt+tls" | "mqtt+ssl" => "mqtt/ssl",
+        "stomp1.0" | "stomp1.1" | "stomp1.2" | "stomp10" | "stomp11" | "stomp12" | "stomp1_0"
+        | "stomp1_1" | "stomp1_2" => "stomp",
+        "stomps" | "stomp+tls" | "stomp+ssl" => "stomp/ssl",
+        "http1" | "http1.1" | "http_api" | "management" | "management_ui" | "ui" => "http",
+        "webmqtt" | "web-mqtt" | "web_mqtt" => "http/web-mqtt",
+        "webmqtt/tls" | "web-mqtt/tls" | "webmqtt/ssl" | "web-mqtt/ssl" | "webmqtt+tls"
+        | "web-mqtt+tls" | "webmqtt+ssl" | "web-mqtt+ssl" => "https/web-mqtt",
+        "webstomp" | "web-stomp" | "web_stomp" => "http/web-stomp",
+        "webstomp/tls" | "web-stomp/tls" | "webstomp/ssl" | "web-stomp/ssl" | "webstomp+tls"
+        | "web-stomp+tls" | "webstomp+ssl" | "web-stomp+ssl" => "https/web-stomp",
+        other => other,
+    };
+    name.to_owned()
 }
 
 async fn health_ok(_: Caller) -> Json<Value> {

@@ -115,6 +115,7 @@ pub fn router(state: AppState) -> Router {
     let app = api::routes()
         .merge(metrics::routes())
         .route("/", axum::routing::get(dashboard))
+        .layer(axum::middleware::from_fn(listing::columns_on_objects))
         .with_state(state);
     // RabbitMQ answers `/api/queues/` as `/api/queues` (tools send both, e.g. a policy
     // DELETE with a trailing slash); the path is trimmed before routing.

@@ -193,35 +193,82 @@ impl ListParams {
 
     /// `columns=name,message_stats.publish`: keeps only those fields.
     fn project(&self, v: Value) -> Value {
-        let Some(cols) = &self.columns else {
-            return v;
-        };
-        let mut out = Map::new();
-        for c in cols {
-            let mut parts = c.split('.');
-            let Some(first) = parts.next() else { continue };
-            let rest: Vec<&str> = parts.collect();
-            let Some(val) = v.get(first) else { continue };
-            if rest.is_empty() {
-                out.insert(first.to_owned(), val.clone());
-            } else if let Some(inner) = rest.iter().try_fold(val, |acc, k| acc.get(*k)) {
-                let mut cur = out
-                    .entry(first.to_owned())
-                    .or_insert_with(|| Value::Object(Map::new()));
-                for (i, k) in rest.iter().enumerate() {
-                    let Value::Object(m) = cur else { break };
-                    if i + 1 == rest.len() {
-                        m.insert((*k).to_owned(), inner.clone());
-                        break;
-                    }
-                    cur = m
-                        .entry((*k).to_owned())
-                        .or_insert_with(|| Value::Object(Map::new()));
+        match &self.columns {
+            None => v,
+            Some(cols) => project_columns(cols, &v),
+        }
+    }
+}
+
+/// Keeps the fields `cols` names (dotted paths reach into nested objects).
+pub fn project_columns(cols: &[String], v: &Value) -> Value {
+    let mut out = Map::new();
+    for c in cols {
+        let mut parts = c.split('.');
+        let Some(first) = parts.next() else { continue };
+        let rest: Vec<&str> = parts.collect();
+        let Some(val) = v.get(first) else { continue };
+        if rest.is_empty() {
+            out.insert(first.to_owned(), val.clone());
+        } else if let Some(inner) = rest.iter().try_fold(val, |acc, k| acc.get(*k)) {
+            let mut cur = out
+                .entry(first.to_owned())
+                .or_insert_with(|| Value::Object(Map::new()));
+            for (i, k) in rest.iter().enumerate() {
+                let Value::Object(m) = cur else { break };
+                if i + 1 == rest.len() {
+                    m.insert((*k).to_owned(), inner.clone());
+                    break;
                 }
+                cur = m
+                    .entry((*k).to_owned())
+                    .or_insert_with(|| Value::Object(Map::new()));
             }
         }
-        Value::Object(out)
     }
+    Value::Object(out)
+}
+
+/// RabbitMQ applies `columns` to every GET reply, single objects too
+/// (`rabbit_mgmt_util:reply/3` extracts the columns of whatever it sends): `GET
+/// /api/queues/%2F/q?columns=name,messages` is `{"name":…,"messages":…}`. Lists project
+/// their items themselves (paged or not), so only object replies are projected here.
+pub async fn columns_on_objects(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::extract::Query;
+    use axum::response::IntoResponse;
+    let cols: Option<Vec<String>> = if req.method() == axum::http::Method::GET {
+        Query::<HashMap<String, String>>::try_from_uri(req.uri())
+            .ok()
+            .filter(|q| !q.contains_key("page"))
+            .and_then(|q| {
+                q.get("columns")
+                    .filter(|c| !c.is_empty())
+                    .map(|c| c.split(',').map(|s| s.trim().to_owned()).collect())
+            })
+    } else {
+        None
+    };
+    let resp = next.run(req).await;
+    let Some(cols) = cols else { return resp };
+    if resp.status() != axum::http::StatusCode::OK {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // Replies are the API's own JSON, a few KB; the bound only guards the buffer.
+    let Ok(bytes) = axum::body::to_bytes(body, 64 << 20).await else {
+        return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let body = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(v @ Value::Object(_)) => {
+            parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+            axum::body::Body::from(project_columns(&cols, &v).to_string())
+        }
+        _ => axum::body::Body::from(bytes),
+    };
+    axum::response::Response::from_parts(parts, body)
 }
 
 fn lookup<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
