@@ -501,6 +501,20 @@ async fn queues_exchanges_bindings_publish_get() {
     assert_eq!(q["state"], "running");
     assert_eq!(q["type"], "classic");
     assert_eq!(q["messages"], 0);
+    assert_eq!(q["consumer_details"], json!([]));
+    assert_eq!(
+        api.put(
+            "/api/queues/%2F/qq",
+            json!({"durable": true, "arguments": {"x-queue-type": "quorum"}})
+        )
+        .await
+        .status,
+        201
+    );
+    let q = api.get("/api/queues/%2F/qq").await.json();
+    assert_eq!(q["type"], "quorum");
+    assert_eq!(q["leader"], q["node"]);
+    assert_eq!(q["members"], json!([q["node"]]));
     assert_eq!(api.get("/api/queues/%2F/nope").await.status, 404);
     assert_eq!(api.get("/api/queues/nohost").await.status, 404);
 
@@ -828,6 +842,10 @@ async fn connections_channels_consumers_and_close() {
     assert_eq!(one["consumer_details"][0]["consumer_tag"], "ctag-1");
     assert_eq!(one["consumer_details"][0]["queue"]["name"], "work");
     assert_eq!(api.get("/api/channels/nope%20(1)").await.status, 404);
+    assert_eq!(
+        api.get("/api/queues/%2F/work").await.json()["consumer_details"][0]["consumer_tag"],
+        "ctag-1"
+    );
     // `columns` applies to single objects too.
     assert_eq!(
         api.get("/api/queues/%2F/work?columns=name,consumers,arguments")

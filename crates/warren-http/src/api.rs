@@ -231,7 +231,8 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
     let r: Rates = s.sampler.queue_rates(q.store_id.0);
     let messages = c.ready as u64 + c.unacked as u64;
     let (policy, operator) = (q.policy(), q.operator_policy());
-    json!({
+    let quorum = q.config().quorum;
+    let mut v = json!({
         "name": q.name.as_str(),
         "vhost": vhost,
         "durable": q.durable,
@@ -240,7 +241,7 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
         "arguments": table_to_json(&q.arguments),
         "node": s.cfg.node_name,
         "state": "running",
-        "type": "classic",
+        "type": if quorum { "quorum" } else { "classic" },
         "policy": policy.as_ref().map(|p| p.record.name.clone()),
         "operator_policy": operator.as_ref().map(|p| p.record.name.clone()),
         "effective_policy_definition": effective_definition(policy.as_deref(), operator.as_deref()),
@@ -266,7 +267,15 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
             "redeliver": c.stats.redelivered,
             "redeliver_details": details(r.redeliver),
         },
-    })
+    });
+    if quorum {
+        // One node: it leads and is the only member, as a single-node RabbitMQ shows.
+        let node = json!([s.cfg.node_name]);
+        v["leader"] = json!(s.cfg.node_name);
+        v["members"] = node.clone();
+        v["online"] = node;
+    }
+    v
 }
 
 /// The policy's definition with the operator policy's limits over it where they are
@@ -1348,7 +1357,17 @@ async fn queue_get(
     Path((v, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let (_, q) = find_queue(&s, &caller, &v, &name)?;
-    Ok(Json(queue_json(&s, &v, &q)))
+    let mut json = queue_json(&s, &v, &q);
+    // A single queue also lists its consumers, as RabbitMQ's queue page.
+    let consumers: Vec<Value> = q
+        .consumers_info()
+        .iter()
+        .map(|c| consumer_json(&s, &v, &q, c))
+        .collect();
+    json["consumer_details"] = Value::Array(consumers);
+    json["deliveries"] = json!([]);
+    json["incoming"] = json!([]);
+    Ok(Json(json))
 }
 
 async fn queue_put(
