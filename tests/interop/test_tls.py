@@ -126,6 +126,14 @@ def test_pika_external_login(tls_warren):
         ch.basic_publish("", q, b"hello over EXTERNAL")
         _, _, body = next(ch.consume(q, auto_ack=True, inactivity_timeout=5))
         assert body == b"hello over EXTERNAL"
+        # The API shows the TLS session and the mechanism, as RabbitMQ.
+        d = tls_warren.dir
+        r = requests.get(f"https://localhost:{tls_warren.ports['https']}/api/connections", auth=("guest", "guest"),
+                         verify=os.path.join(d, "ca.pem"),
+                         cert=(os.path.join(d, "alice.pem"), os.path.join(d, "alice.key")))
+        [c] = [c for c in r.json() if c["user"] == "alice"]
+        assert c["ssl"] is True and c["auth_mechanism"] == "EXTERNAL", c
+        assert c["ssl_protocol"] in ("tlsv1.2", "tlsv1.3") and c["ssl_cipher"], c
     finally:
         conn.close()
 

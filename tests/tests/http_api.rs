@@ -806,6 +806,12 @@ async fn connections_channels_consumers_and_close() {
     let name = c["name"].as_str().expect("name").to_owned();
     assert!(name.ends_with(&format!("-> {}", b.addr)), "{name}");
     assert!(c["client_properties"]["product"].is_string(), "{c}");
+    assert_eq!(c["ssl"], false);
+    assert_eq!(c["auth_mechanism"], "PLAIN");
+    // The limits agreed in connection.tune-ok.
+    assert!(c["frame_max"].as_u64().is_some_and(|f| f >= 4096), "{c}");
+    assert!(c["channel_max"].as_u64().is_some_and(|n| n > 0), "{c}");
+    assert!(c["timeout"].is_u64(), "{c}");
 
     let chans = api.get("/api/channels").await.json();
     assert_eq!(chans[0]["number"], 1);
@@ -1072,6 +1078,17 @@ async fn metrics_text() {
     .expect("connect");
     let mut ack = [0u8; 4];
     s.read_exact(&mut ack).await.expect("connack");
+    // An MQTT connection shows its client id, as RabbitMQ's MQTT plugin does.
+    let conns = api.get("/api/connections").await.json();
+    let m = conns
+        .as_array()
+        .and_then(|l| l.iter().find(|c| c["protocol"] == "MQTT 3.1.1"))
+        .expect("the MQTT connection is listed");
+    assert_eq!(
+        m["client_properties"],
+        json!({"product": "MQTT client", "client_id": "m"})
+    );
+    assert_eq!(m["frame_max"], 0);
     drop(s);
     let want = [
         "warren_connections_closed_by_reason_total{protocol=\"amqp\",reason=\"client_closed\"} 1",

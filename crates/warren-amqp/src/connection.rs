@@ -19,7 +19,7 @@ use warren_amqp_codec::{self as codec, Frame, HeaderCheck};
 use warren_core::{
     AMQPValue, AlarmState, Broker, ConnectionAuth, ConnectionGuard, ConnectionId, ConnectionInfo,
     ConsumerId, Exchange, FieldTable, LongString, Outbox, OutboxEvent, ShortString,
-    TopicPermissions, VHost,
+    TopicPermissions, Tuning, VHost,
 };
 
 use crate::channel::{Channel, PublishLater};
@@ -92,6 +92,8 @@ pub(crate) struct Conn {
     client_properties: FieldTable,
     /// What the transport vouches for (a client certificate's user, for EXTERNAL).
     auth: ConnectionAuth,
+    /// The SASL mechanism the client logged in with.
+    mechanism: &'static str,
     /// In the broker's connection registry from connection.open on; dropping it unregisters.
     pub registration: Option<ConnectionGuard>,
     /// Exchanges this connection may publish to, valid while the broker's permission
@@ -125,6 +127,7 @@ pub(crate) async fn run<S: Stream>(
     let mut conn = Conn {
         local,
         auth,
+        mechanism: "PLAIN",
         client_properties: FieldTable::default(),
         registration: None,
         write_allowed: HashSet::new(),
@@ -602,7 +605,14 @@ impl Conn {
                     }
                 };
                 match login {
-                    Some(Ok(u)) => self.user = u.name,
+                    Some(Ok(u)) => {
+                        self.user = u.name;
+                        self.mechanism = match mechanism.as_str() {
+                            "AMQPLAIN" => "AMQPLAIN",
+                            "EXTERNAL" => "EXTERNAL",
+                            _ => "PLAIN",
+                        };
+                    }
                     Some(Err(e)) => {
                         tracing::warn!(conn = self.id.0, peer = %self.peer, %mechanism, error = %e, "amqp login refused");
                         self.reason = CloseReason::AuthFailure;
@@ -678,6 +688,13 @@ impl Conn {
                                 peer: self.peer,
                                 local: self.local,
                                 client_properties: std::mem::take(&mut self.client_properties),
+                                auth_mechanism: Some(self.mechanism),
+                                tuning: Some(Tuning {
+                                    channel_max: self.channel_max,
+                                    frame_max: self.frame_max,
+                                    heartbeat: self.heartbeat,
+                                }),
+                                tls: self.auth.tls.clone(),
                             }));
                         self.write_method(0, connection::AMQPMethod::OpenOk(connection::OpenOk {}));
                         self.phase = Phase::Open;

@@ -60,6 +60,8 @@ pub struct ConnectionAuth {
     /// STOMP logins without credentials, log in as this user (RabbitMQ's
     /// rabbitmq_auth_mechanism_ssl and the plugins' `ssl_cert_login`).
     pub cert_user: Option<String>,
+    /// The TLS session, when the connection came through a TLS listener.
+    pub tls: Option<crate::connections::TlsDetails>,
 }
 
 /// An authenticated user.

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use amq_protocol_types::FieldTable;
+use amq_protocol_types::{AMQPValue, FieldTable};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
@@ -56,8 +56,45 @@ pub struct ConnectionInfo {
     pub peer: SocketAddr,
     /// The broker's side of the socket.
     pub local: SocketAddr,
-    /// AMQP client properties (empty for other protocols).
+    /// AMQP client properties; MQTT and STOMP give `product` (and MQTT `client_id`), as
+    /// RabbitMQ's plugins do.
     pub client_properties: FieldTable,
+    /// The SASL mechanism the client logged in with (AMQP only).
+    pub auth_mechanism: Option<&'static str>,
+    /// The limits agreed in connection.tune-ok (AMQP only).
+    pub tuning: Option<Tuning>,
+    /// Set when the connection came through a TLS listener.
+    pub tls: Option<TlsDetails>,
+}
+
+/// The client properties RabbitMQ's MQTT and STOMP plugins show for their connections:
+/// `{"product": "MQTT client", "client_id": "…"}`.
+pub fn client_properties(product: &str, client_id: Option<&str>) -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("product".into(), AMQPValue::LongString(product.into()));
+    if let Some(id) = client_id {
+        t.insert("client_id".into(), AMQPValue::LongString(id.into()));
+    }
+    t
+}
+
+/// AMQP's negotiated connection limits, shown as RabbitMQ's `channel_max`, `frame_max`
+/// and `timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    pub channel_max: u16,
+    pub frame_max: u32,
+    /// Heartbeat interval in seconds (0: none).
+    pub heartbeat: u16,
+}
+
+/// The TLS session of a connection (RabbitMQ's `ssl_protocol` and `ssl_cipher`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsDetails {
+    /// `tlsv1.2` or `tlsv1.3`, RabbitMQ's spelling.
+    pub protocol: String,
+    /// The negotiated cipher suite's IANA name.
+    pub cipher: String,
 }
 
 /// A channel's settings as RabbitMQ's API shows them.
@@ -319,6 +356,9 @@ mod tests {
             peer: "127.0.0.1:50000".parse().expect("addr"),
             local: "127.0.0.1:5672".parse().expect("addr"),
             client_properties: FieldTable::default(),
+            auth_mechanism: None,
+            tuning: None,
+            tls: None,
         }
     }
 

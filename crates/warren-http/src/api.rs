@@ -442,8 +442,7 @@ fn connection_json(s: &AppState, e: &ConnectionEntry) -> Value {
         "peer_port": i.peer.port(),
         "state": "running",
         "type": "network",
-        "ssl": false,
-        "auth_mechanism": "PLAIN",
+        "ssl": i.tls.is_some(),
         "channels": e.channels().len(),
         "connected_at": e.connected_at,
         "client_properties": client,
@@ -452,6 +451,25 @@ fn connection_json(s: &AppState, e: &ConnectionEntry) -> Value {
     });
     if let Some(n) = user_provided_name {
         out["user_provided_name"] = n;
+    }
+    if let Some(m) = i.auth_mechanism {
+        out["auth_mechanism"] = json!(m);
+    }
+    match &i.tuning {
+        Some(t) => {
+            out["channel_max"] = json!(t.channel_max);
+            out["frame_max"] = json!(t.frame_max);
+            out["timeout"] = json!(t.heartbeat);
+        }
+        // RabbitMQ's MQTT and STOMP connections: one channel, no frame limit.
+        None => {
+            out["channel_max"] = json!(1);
+            out["frame_max"] = json!(0);
+        }
+    }
+    if let Some(t) = &i.tls {
+        out["ssl_protocol"] = json!(t.protocol);
+        out["ssl_cipher"] = json!(t.cipher);
     }
     out
 }

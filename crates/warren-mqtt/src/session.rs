@@ -784,7 +784,10 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         vhost: vhost_name.clone(),
         peer,
         local,
-        client_properties: FieldTable::default(),
+        client_properties: warren_core::client_properties("MQTT client", Some(client_id.as_str())),
+        auth_mechanism: None,
+        tuning: None,
+        tls: auth.tls.clone(),
     });
     // Session takeover (MQTT-3.1.4-2): the older connection with this client id goes.
     let key = format!("{vhost_name}\0{client_id}");

@@ -328,7 +328,10 @@ fn connect_session(
         vhost: vhost_name.to_owned(),
         peer,
         local,
-        client_properties: FieldTable::default(),
+        client_properties: warren_core::client_properties("STOMP client", None),
+        auth_mechanism: None,
+        tuning: None,
+        tls: auth.tls.clone(),
     });
     let (outbox, deliveries) = Outbox::new(OUTBOX);
     let session = Session {

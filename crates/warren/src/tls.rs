@@ -34,6 +34,23 @@ pub enum TlsError {
     Config(String),
 }
 
+/// The session's protocol and cipher suite, for the management API's `ssl_*` fields.
+pub fn details(s: &TlsStream<TcpStream>) -> warren_core::TlsDetails {
+    let conn = s.get_ref().1;
+    let protocol = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "tlsv1.3".to_owned(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "tlsv1.2".to_owned(),
+        Some(other) => format!("{other:?}").to_lowercase(),
+        None => String::new(),
+    };
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .and_then(|c| c.suite().as_str())
+        .unwrap_or_default()
+        .to_owned();
+    warren_core::TlsDetails { protocol, cipher }
+}
+
 /// Builds the acceptor from PEM files (`ca_file` empty: no client certificates).
 pub fn acceptor(
     cert_file: &Path,
