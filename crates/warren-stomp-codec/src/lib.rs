@@ -133,9 +133,10 @@ pub fn decode(
     limits: &Limits,
 ) -> Result<Option<Decoded>, CodecError> {
     // Heart-beats and the optional EOLs after a frame's NUL (STOMP 1.2 "Augmented BNF").
+    // A stray NUL between frames is skipped the same way, as RabbitMQ does.
     match buf.first() {
         None => return Ok(None),
-        Some(b'\n') => {
+        Some(b'\n') | Some(0) => {
             buf.advance(1);
             return Ok(Some(Decoded::HeartBeat));
         }
@@ -293,6 +294,9 @@ fn parse_header_block(
             header_line(l).map_err(|_| CodecError::Malformed("header without colon"))?;
         let (name, value) = if escaped {
             (unescape(name, version)?, unescape(value, version)?)
+        } else if version == Version::V1_0 {
+            // STOMP 1.0 clients write `name: value`; RabbitMQ drops the leading blanks.
+            (utf8(name)?, utf8(value.trim_ascii_start())?)
         } else {
             (utf8(name)?, utf8(value)?)
         };

@@ -125,6 +125,30 @@ fn heart_beats_and_trailing_eols() {
 }
 
 #[test]
+fn a_stray_nul_between_frames_is_skipped() {
+    let mut b = BytesMut::from(&b"\0SEND\n\n\0"[..]);
+    let l = Limits::default();
+    assert_eq!(
+        decode(&mut b, Version::V1_2, &l),
+        Ok(Some(Decoded::HeartBeat))
+    );
+    assert!(matches!(
+        decode(&mut b, Version::V1_2, &l),
+        Ok(Some(Decoded::Frame(f))) if f.command == "SEND"
+    ));
+}
+
+#[test]
+fn stomp_1_0_values_lose_leading_blanks() {
+    let f = frame(b"SUBSCRIBE\nid: s1\nreceipt:  r \n\n\0", Version::V1_0);
+    assert_eq!(f.get("id"), Some("s1"));
+    assert_eq!(f.get("receipt"), Some("r "));
+    // STOMP 1.2 "Value Encoding": whitespace is part of the value.
+    let f = frame(b"SUBSCRIBE\nid: s1\n\n\0", Version::V1_2);
+    assert_eq!(f.get("id"), Some(" s1"));
+}
+
+#[test]
 fn incomplete_frames_need_more() {
     let whole = b"SEND\ndestination:/queue/a\ncontent-length:3\n\nabc\0";
     for cut in 0..whole.len() {

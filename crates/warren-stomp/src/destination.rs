@@ -21,46 +21,76 @@ pub enum Destination {
 /// RabbitMQ's list, in its words, for the "Unknown destination" ERROR.
 pub const VALID_TYPES: &str = "/temp-queue, /exchange, /topic, /queue, /amq/queue, /reply-queue/";
 
+/// Why a destination was refused, in RabbitMQ's two kinds of ERROR.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DestError {
+    /// No known prefix: "Unknown destination" (the whole destination).
+    Unknown(String),
+    /// A known prefix with a bad rest: "Invalid destination", `'<rest>' is not a valid
+    /// <kind> destination` (RabbitMQ's kind names: queue, topic, exchange, amqqueue,
+    /// temp_queue, reply_queue).
+    Invalid { kind: &'static str, rest: String },
+}
+
 impl Destination {
-    /// Parses a destination; `None` if it is not one of RabbitMQ's kinds. Names are
-    /// percent-decoded (`%2F` for a `/` inside a queue name), as RabbitMQ does.
-    pub fn parse(s: &str) -> Option<Destination> {
-        let name = |rest: &str| -> Option<String> {
-            let n = percent_decode(rest)?;
-            (!n.is_empty()).then_some(n)
-        };
-        if let Some(rest) = s.strip_prefix("/queue/") {
-            return name(rest).map(Destination::Queue);
+    /// Parses a destination as RabbitMQ's `rabbit_routing_parser` does: split on `/`,
+    /// exactly one name after a prefix (two for `/exchange/<name>/<pattern>`); a bare
+    /// name without a slash is a queue. Names are percent-decoded (`%2F` for a `/` inside
+    /// a queue name).
+    pub fn parse(s: &str) -> Result<Destination, DestError> {
+        use Destination::*;
+        let parts: Vec<&str> = s.split('/').collect();
+        match parts.as_slice() {
+            [name] if !name.is_empty() => one("queue", &[name]).map(Queue),
+            ["", "exchange", rest @ ..] => match rest {
+                [name, pattern @ ..] if !name.is_empty() && pattern.len() <= 1 => {
+                    let pattern = match pattern {
+                        [p] => decode(p).ok_or_else(|| invalid("exchange", rest))?,
+                        _ => String::new(),
+                    };
+                    Ok(Exchange(one("exchange", &[name])?, pattern))
+                }
+                _ => Err(invalid("exchange", rest)),
+            },
+            ["", "queue", rest @ ..] => one("queue", rest).map(Queue),
+            ["", "topic", rest @ ..] => one("topic", rest).map(Topic),
+            ["", "temp-queue", rest @ ..] => one("temp_queue", rest).map(TempQueue),
+            ["", "amq", "queue", rest @ ..] => one("amqqueue", rest).map(AmqQueue),
+            // Everything after the prefix names the queue, slashes included.
+            ["", "reply-queue", _, ..] => {
+                one("reply_queue", &[&s["/reply-queue/".len()..]]).map(ReplyQueue)
+            }
+            _ => Err(DestError::Unknown(s.to_owned())),
         }
-        if let Some(rest) = s.strip_prefix("/amq/queue/") {
-            return name(rest).map(Destination::AmqQueue);
-        }
-        if let Some(rest) = s.strip_prefix("/topic/") {
-            return name(rest).map(Destination::Topic);
-        }
-        if let Some(rest) = s.strip_prefix("/temp-queue/") {
-            return name(rest).map(Destination::TempQueue);
-        }
-        if let Some(rest) = s.strip_prefix("/reply-queue/") {
-            return name(rest).map(Destination::ReplyQueue);
-        }
-        if let Some(rest) = s.strip_prefix("/exchange/") {
-            let (x, pattern) = match rest.split_once('/') {
-                Some((x, p)) => (x, percent_decode(p)?),
-                None => (rest, String::new()),
-            };
-            return name(x).map(|x| Destination::Exchange(x, pattern));
-        }
-        None
     }
+}
+
+/// The single non-empty name `rest` must be.
+fn one(kind: &'static str, rest: &[&str]) -> Result<String, DestError> {
+    match rest {
+        [name] if !name.is_empty() => decode(name).ok_or_else(|| invalid(kind, rest)),
+        _ => Err(invalid(kind, rest)),
+    }
+}
+
+fn invalid(kind: &'static str, rest: &[&str]) -> DestError {
+    // RabbitMQ's to_url: nothing for no parts, else "/" and the parts joined by "/".
+    let rest = if rest.is_empty() {
+        String::new()
+    } else {
+        format!("/{}", rest.join("/"))
+    };
+    DestError::Invalid { kind, rest }
 }
 
 /// The `destination` header of a delivered message, from where it was published.
 pub fn of_message(exchange: &str, routing_key: &str) -> String {
-    match exchange {
-        "" => format!("/queue/{}", percent_encode(routing_key)),
-        "amq.topic" => format!("/topic/{}", percent_encode(routing_key)),
-        x => format!(
+    match (exchange, routing_key) {
+        ("", _) => format!("/queue/{}", percent_encode(routing_key)),
+        ("amq.topic", _) => format!("/topic/{}", percent_encode(routing_key)),
+        // RabbitMQ's format_destination: no trailing slash for an empty key.
+        (x, "") => format!("/exchange/{}", percent_encode(x)),
+        (x, _) => format!(
             "/exchange/{}/{}",
             percent_encode(x),
             percent_encode(routing_key)
@@ -68,7 +98,7 @@ pub fn of_message(exchange: &str, routing_key: &str) -> String {
     }
 }
 
-fn percent_decode(s: &str) -> Option<String> {
+fn decode(s: &str) -> Option<String> {
     if !s.contains('%') {
         return Some(s.to_owned());
     }
@@ -103,45 +133,62 @@ mod tests {
     #[test]
     fn parses_rabbitmq_kinds() {
         use Destination::*;
-        assert_eq!(Destination::parse("/queue/a"), Some(Queue("a".into())));
+        let ok = |d: &str| Destination::parse(d).expect(d);
+        assert_eq!(ok("/queue/a"), Queue("a".into()));
+        assert_eq!(ok("a"), Queue("a".into()), "a bare name is a queue");
+        assert_eq!(ok("/amq/queue/a"), AmqQueue("a".into()));
+        assert_eq!(ok("/topic/a.b.#"), Topic("a.b.#".into()));
         assert_eq!(
-            Destination::parse("/amq/queue/a"),
-            Some(AmqQueue("a".into()))
+            ok("/exchange/amq.direct/k"),
+            Exchange("amq.direct".into(), "k".into())
         );
         assert_eq!(
-            Destination::parse("/topic/a.b.#"),
-            Some(Topic("a.b.#".into()))
+            ok("/exchange/amq.fanout"),
+            Exchange("amq.fanout".into(), String::new())
         );
-        assert_eq!(
-            Destination::parse("/exchange/amq.direct/k"),
-            Some(Exchange("amq.direct".into(), "k".into()))
-        );
-        assert_eq!(
-            Destination::parse("/exchange/amq.fanout"),
-            Some(Exchange("amq.fanout".into(), String::new()))
-        );
-        assert_eq!(
-            Destination::parse("/temp-queue/r"),
-            Some(TempQueue("r".into()))
-        );
-        assert_eq!(
-            Destination::parse("/reply-queue/amq.gen-x"),
-            Some(ReplyQueue("amq.gen-x".into()))
-        );
-        assert_eq!(
-            Destination::parse("/queue/a%2Fb"),
-            Some(Queue("a/b".into()))
-        );
-        assert_eq!(Destination::parse("/queue/"), None);
-        assert_eq!(Destination::parse("/foo/bar"), None);
-        assert_eq!(Destination::parse("/queue/%zz"), None);
+        assert_eq!(ok("/temp-queue/r"), TempQueue("r".into()));
+        assert_eq!(ok("/reply-queue/amq.gen-x"), ReplyQueue("amq.gen-x".into()));
+        assert_eq!(ok("/reply-queue/a/b"), ReplyQueue("a/b".into()));
+        assert_eq!(ok("/queue/a%2Fb"), Queue("a/b".into()));
+    }
+
+    #[test]
+    fn refuses_as_rabbitmq() {
+        // The answers of RabbitMQ 3.10 to these destinations.
+        let invalid = |kind, rest: &str| {
+            Err(DestError::Invalid {
+                kind,
+                rest: rest.into(),
+            })
+        };
+        for (d, expected) in [
+            ("/queue/", invalid("queue", "/")),
+            ("/queue", invalid("queue", "")),
+            ("/queue/bah/baz", invalid("queue", "/bah/baz")),
+            ("/topic/a/b", invalid("topic", "/a/b")),
+            ("/topic", invalid("topic", "")),
+            ("/exchange", invalid("exchange", "")),
+            ("/exchange/", invalid("exchange", "/")),
+            ("/exchange//foo", invalid("exchange", "//foo")),
+            ("/exchange/bah/baz/boo", invalid("exchange", "/bah/baz/boo")),
+            ("/amq/queue/a/b", invalid("amqqueue", "/a/b")),
+            ("/amq/queue", invalid("amqqueue", "")),
+            ("/temp-queue/", invalid("temp_queue", "/")),
+            ("/reply-queue/", invalid("reply_queue", "/")),
+            ("/queue/%zz", invalid("queue", "/%zz")),
+            ("/foo/bar", Err(DestError::Unknown("/foo/bar".into()))),
+            ("zz/x", Err(DestError::Unknown("zz/x".into()))),
+            ("", Err(DestError::Unknown(String::new()))),
+        ] {
+            assert_eq!(Destination::parse(d), expected, "{d}");
+        }
     }
 
     #[test]
     fn message_destinations_round_trip() {
-        for (x, k) in [("", "q/1"), ("amq.topic", "a.b"), ("ex", "k%")] {
+        for (x, k) in [("", "q/1"), ("amq.topic", "a.b"), ("ex", "k%"), ("ex", "")] {
             let d = of_message(x, k);
-            let back = Destination::parse(&d).unwrap();
+            let back = Destination::parse(&d).expect("parses");
             match back {
                 Destination::Queue(n) => assert_eq!((x, n.as_str()), ("", k)),
                 Destination::Topic(n) => assert_eq!((x, n.as_str()), ("amq.topic", k)),

@@ -54,6 +54,20 @@ pub const QUEUE_ARGS: &[&str] = &[
     "x-queue-name",
 ];
 
+/// A boolean header as RabbitMQ's `boolean_header` reads it: `true`/`false`, and the
+/// `True`/`False` some Python clients send; anything else is absent.
+pub fn flag(f: &Frame, name: &str) -> Option<bool> {
+    f.get(name).and_then(parse_bool)
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "true" | "True" => Some(true),
+        "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
 /// Errors in property headers, reported in an ERROR frame.
 #[derive(Debug, thiserror::Error)]
 pub enum HeaderError {
@@ -87,7 +101,7 @@ pub fn from_send(f: &Frame) -> Result<Properties, HeaderError> {
     p.kind = opt("type")?;
     p.user_id = opt("user-id")?;
     p.app_id = opt("app-id")?;
-    p.delivery_mode = Some(if f.get("persistent") == Some("true") {
+    p.delivery_mode = Some(if flag(f, "persistent") == Some(true) {
         2
     } else {
         1
@@ -208,7 +222,7 @@ pub fn queue_arguments(f: &Frame) -> Result<FieldTable, HeaderError> {
             | "x-message-ttl" => {
                 AMQPValue::LongLongInt(v.trim().parse().map_err(|_| HeaderError::Invalid(name))?)
             }
-            "x-single-active-consumer" => AMQPValue::Boolean(v.trim() == "true"),
+            "x-single-active-consumer" => AMQPValue::Boolean(parse_bool(v.trim()) == Some(true)),
             _ => AMQPValue::LongString(LongString::from(v.as_bytes().to_vec())),
         };
         t.insert(ShortString::from(name), value);

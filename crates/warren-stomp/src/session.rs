@@ -20,7 +20,7 @@ use warren_core::{
 };
 
 use crate::codec::{self, CodecError, Decoded, Frame, Version};
-use crate::destination::{self, Destination};
+use crate::destination::{self, DestError, Destination};
 use crate::props;
 use crate::StompFrontend;
 
@@ -67,6 +67,8 @@ enum Stop {
         message: String,
         detail: String,
         receipt: Option<String>,
+        /// The body ends with a newline, as most of RabbitMQ's do (a few have none).
+        newline: bool,
     },
     Disconnect,
 }
@@ -77,6 +79,17 @@ impl Stop {
             message: message.into(),
             detail: detail.into(),
             receipt: None,
+            newline: true,
+        }
+    }
+
+    /// An ERROR whose body has no trailing newline, where RabbitMQ's has none.
+    fn bare(message: impl Into<String>, detail: impl Into<String>) -> Stop {
+        Stop::Error {
+            message: message.into(),
+            detail: detail.into(),
+            receipt: None,
+            newline: false,
         }
     }
     fn core(e: CoreError) -> Stop {
@@ -187,9 +200,8 @@ pub(crate) async fn run<S>(
         .with("server", format!("Warren/{}", env!("CARGO_PKG_VERSION")))
         .with("session", session.session_id.clone())
         .with("heart-beat", format!("{cy},{cx}"));
-    if session.version > Version::V1_0 || connect.get("accept-version").is_some() {
-        connected.push("version", session.version.as_str());
-    }
+    // RabbitMQ names the version even for a 1.0 client that sent no accept-version.
+    connected.push("version", session.version.as_str());
     codec::encode(&connected, session.version, &mut session.out);
     tracing::info!(conn = session.id.0, %peer, user = %session.user, vhost = %session.vhost.name, version = session.version.as_str(), "stomp connection opened");
 
@@ -245,6 +257,7 @@ fn error_frame(out: &mut BytesMut, version: Version, stop: &Stop) {
         message,
         detail,
         receipt,
+        newline,
     } = stop
     else {
         return;
@@ -256,7 +269,11 @@ fn error_frame(out: &mut BytesMut, version: Version, stop: &Stop) {
     if let Some(r) = receipt {
         f.push("receipt-id", r.clone());
     }
-    let body = format!("{detail}\n");
+    let body = if *newline {
+        format!("{detail}\n")
+    } else {
+        detail.clone()
+    };
     f.push("content-length", body.len().to_string());
     f.body = body.into();
     codec::encode(&f, version, out);
@@ -286,6 +303,10 @@ fn connect_session(
         },
     };
     let bad = |detail: String| (version, Stop::error("Bad CONNECT", detail));
+    let denied = |vhost: &str| {
+        let detail = format!("Virtual host '{vhost}' access denied");
+        (version, Stop::bare("Bad CONNECT", detail))
+    };
     // No login: the client certificate's user (RabbitMQ's stomp.ssl_cert_login), else the
     // configured default user (stomp.default_user). A login header always wins.
     let login = match (c.get("login"), &auth.cert_user) {
@@ -312,10 +333,10 @@ fn connect_session(
     // The `host` header names the vhost, as in RabbitMQ.
     let vhost_name = c.get("host").unwrap_or(&fe.config.default_vhost);
     let Some(vhost) = fe.broker.vhost(vhost_name) else {
-        return Err(bad(format!("Virtual host '{vhost_name}' access denied")));
+        return Err(denied(vhost_name));
     };
     if fe.broker.check_vhost_access(&user, vhost_name).is_err() {
-        return Err(bad(format!("Virtual host '{vhost_name}' access denied")));
+        return Err(denied(vhost_name));
     }
     if let Err(e) = fe.broker.check_connection_limits(&user, vhost_name) {
         return Err(bad(e.text));
@@ -404,12 +425,16 @@ impl Session {
                             match self.handle(f).await {
                                 Ok(()) => {}
                                 Err(Stop::Error {
-                                    message, detail, ..
+                                    message,
+                                    detail,
+                                    newline,
+                                    ..
                                 }) => {
                                     return Err(Stop::Error {
                                         message,
                                         detail,
                                         receipt,
+                                        newline,
                                     })
                                 }
                                 Err(Stop::Disconnect) => {
@@ -586,10 +611,15 @@ impl Session {
     }
 
     async fn handle(&mut self, f: Frame) -> Step {
-        let receipt = f.get("receipt").map(str::to_owned);
+        let mut receipt = f.get("receipt").map(str::to_owned);
         let ticket = match f.command.as_str() {
-            "SEND" => self.in_tx_or(f).await?,
-            "ACK" | "NACK" => self.in_tx_or(f).await?,
+            "SEND" | "ACK" | "NACK" => {
+                // In a transaction the frame's receipt waits for the COMMIT, as RabbitMQ.
+                if f.get("transaction").is_some() {
+                    receipt = None;
+                }
+                self.in_tx_or(f).await?
+            }
             "SUBSCRIBE" => {
                 self.subscribe(&f).await?;
                 None
@@ -621,9 +651,18 @@ impl Session {
                     return Err(unknown_tx(tx));
                 };
                 let mut last = None;
+                let mut inner_receipts = Vec::new();
                 for inner in frames {
-                    last = self.apply(inner).await?.max(last);
+                    let r = inner.get("receipt").map(str::to_owned);
+                    let ticket = self.apply(inner).await?;
+                    last = ticket.max(last);
+                    inner_receipts.extend(r.map(|r| (ticket, r)));
                 }
+                // RabbitMQ answers the COMMIT first, then the receipts its frames asked for.
+                if let Some(r) = receipt.take() {
+                    self.receipts.push_back((last, r));
+                }
+                self.receipts.extend(inner_receipts);
                 last
             }
             "ABORT" => {
@@ -686,11 +725,10 @@ impl Session {
 
     async fn send(&mut self, f: Frame) -> Result<Option<Ticket>, Stop> {
         let dest = require(&f, "destination")?;
-        let Some(d) = Destination::parse(dest) else {
-            return Err(unknown_destination(dest));
-        };
+        // Headers are checked before the destination, as RabbitMQ does.
         let mut properties =
             props::from_send(&f).map_err(|e| Stop::error("Invalid header", e.to_string()))?;
+        let d = parse_destination(dest)?;
         let (exchange, routing_key) = match d {
             Destination::Queue(name) => {
                 if !self.declared.contains(&name) {
@@ -732,9 +770,9 @@ impl Session {
         let decl = QueueDecl {
             name: short(name)?,
             passive: false,
-            durable: f.get("durable").map(|v| v == "true").unwrap_or(true),
-            exclusive: f.get("exclusive") == Some("true"),
-            auto_delete: f.get("auto-delete") == Some("true"),
+            durable: props::flag(f, "durable").unwrap_or(true),
+            exclusive: props::flag(f, "exclusive") == Some(true),
+            auto_delete: props::flag(f, "auto-delete") == Some(true),
             arguments,
         };
         self.vhost
@@ -775,16 +813,23 @@ impl Session {
 
     async fn subscribe(&mut self, f: &Frame) -> Step {
         let dest = require(f, "destination")?;
-        let Some(d) = Destination::parse(dest) else {
-            return Err(unknown_destination(dest));
-        };
+        let d = parse_destination(dest)?;
         // STOMP 1.0 allows a subscription without id: it is known by its destination.
         let anonymous = f.get("id").is_none();
         let id = f.get("id").unwrap_or(dest).to_owned();
         if self.sub_tokens.contains_key(&id) {
-            return Err(Stop::error(
+            // Named by RabbitMQ's consumer tag: T_<id>, or Q_<destination> without an id.
+            let kind = if anonymous { 'Q' } else { 'T' };
+            return Err(Stop::bare(
                 "Duplicated subscription identifier",
-                format!("A subscription identified by '{id}' already exists."),
+                format!("A subscription identified by '{kind}_{id}' already exists."),
+            ));
+        }
+        let topic_like = matches!(d, Destination::Topic(_) | Destination::Exchange(..));
+        if anonymous && topic_like && wants_durable(f) {
+            return Err(Stop::bare(
+                "Missing Header",
+                "Header 'id' is required for durable subscriptions",
             ));
         }
         let ack = match f.get("ack").unwrap_or("auto") {
@@ -848,8 +893,7 @@ impl Session {
         self.vhost.exchange(exchange).map_err(Stop::core)?;
         // Before the queue exists, so a refusal leaves nothing behind.
         self.allow_topic(exchange, Access::Read, key)?;
-        let durable = (f.get("durable") == Some("true") || f.get("persistent") == Some("true"))
-            && f.get("auto-delete") == Some("false");
+        let durable = durable_subscription(f);
         let name = match f.get("x-queue-name") {
             Some(n) => n.to_owned(),
             None if durable => format!("stomp-subscription-{}", sanitize(id)),
@@ -934,16 +978,23 @@ impl Session {
         let id = match f.get("id").or_else(|| f.get("destination")) {
             Some(id) => id.to_owned(),
             None => {
-                return Err(Stop::error(
-                    "Missing header",
-                    "UNSUBSCRIBE needs an 'id' header",
+                return Err(Stop::bare(
+                    "Missing destination or id",
+                    "UNSUBSCRIBE must include a 'destination' or 'id' header",
                 ))
             }
         };
         let Some(token) = self.sub_tokens.remove(&id) else {
+            let by = if f.get("id").is_some() {
+                "id"
+            } else {
+                "destination"
+            };
             return Err(Stop::error(
-                "Bad unsubscribe",
-                format!("Subscription to '{id}' not found."),
+                "No subscription found",
+                format!(
+                    "UNSUBSCRIBE must refer to an existing subscription.\nSubscription to \"{by}='{id}'\" not found."
+                ),
             ));
         };
         if let Some(sub) = self.subs.remove(&token) {
@@ -964,8 +1015,7 @@ impl Session {
             if !back.is_empty() {
                 sub.queue.requeue(&back).await;
             }
-            let forget = f.get("durable") == Some("true") || f.get("persistent") == Some("true");
-            if sub.durable_queue && forget {
+            if sub.durable_queue && wants_durable(f) {
                 let _ = self
                     .vhost
                     .delete_queue(sub.queue.name.as_str(), Some(self.id), false, false)
@@ -991,7 +1041,12 @@ impl Session {
                 format!("\"{cmd}\" must include a valid \"{header}\" header"),
             )
         };
-        let id = f.get(header).ok_or_else(invalid)?;
+        let id = f.get(header).ok_or_else(|| {
+            Stop::error(
+                "Missing header",
+                format!("\"{cmd}\" must include the \"{header}\" header"),
+            )
+        })?;
         let n: u64 = id
             .rsplit_once("@@")
             .and_then(|(_, n)| n.parse().ok())
@@ -1019,7 +1074,7 @@ impl Session {
                 }
             }
         }
-        let requeue = f.get("requeue") != Some("false");
+        let requeue = props::flag(f, "requeue") != Some(false);
         for (q, seqs) in by_queue {
             if ack {
                 q.ack(&seqs).await;
@@ -1103,30 +1158,39 @@ impl Session {
     }
 }
 
+/// A required header (`destination`, `transaction`), or RabbitMQ's "Missing destination"
+/// / "Missing transaction" ERROR.
 fn require<'a>(f: &'a Frame, name: &str) -> Result<&'a str, Stop> {
     f.get(name).ok_or_else(|| {
         Stop::error(
-            "Missing header",
-            format!("Frame '{}' needs header '{name}'", f.command),
+            format!("Missing {name}"),
+            format!("\"{}\" must include a '{name}' header", f.command),
         )
     })
 }
 
 fn unknown_tx(tx: &str) -> Stop {
     Stop::error(
-        "Invalid transaction",
-        format!("Transaction '{tx}' not found"),
+        "Bad transaction",
+        format!("Invalid transaction identifier: \"{tx}\""),
     )
 }
 
-fn unknown_destination(dest: &str) -> Stop {
-    Stop::error(
-        "Unknown destination",
-        format!(
-            "'{dest}' is not a valid destination.\nValid destination types are: {}.",
-            destination::VALID_TYPES
+/// A `destination` header, parsed, or RabbitMQ's ERROR for it.
+fn parse_destination(dest: &str) -> Result<Destination, Stop> {
+    Destination::parse(dest).map_err(|e| match e {
+        DestError::Unknown(d) => Stop::error(
+            "Unknown destination",
+            format!(
+                "'{d}' is not a valid destination.\nValid destination types are: {}.",
+                destination::VALID_TYPES
+            ),
         ),
-    )
+        DestError::Invalid { kind, rest } => Stop::error(
+            "Invalid destination",
+            format!("'{rest}' is not a valid {kind} destination"),
+        ),
+    })
 }
 
 /// Names and keys from peers must fit an AMQP short string.
@@ -1141,6 +1205,18 @@ fn short(s: &str) -> Result<ShortString, Stop> {
         ));
     }
     Ok(ShortString::from(s))
+}
+
+/// `durable:true` (or the older `persistent:true`) with `auto-delete:false`: a topic or
+/// exchange subscription whose queue outlives the connection (RabbitMQ's durable topic
+/// subscriptions).
+fn durable_subscription(f: &Frame) -> bool {
+    wants_durable(f) && props::flag(f, "auto-delete") == Some(false)
+}
+
+/// `durable:true`, or the older `persistent:true`.
+fn wants_durable(f: &Frame) -> bool {
+    props::flag(f, "durable") == Some(true) || props::flag(f, "persistent") == Some(true)
 }
 
 /// A subscription id made safe for a queue name.
