@@ -806,3 +806,120 @@ async fn session_takeover_closes_the_older_connection() {
         "closed without a packet"
     );
 }
+
+/// The CONNACK properties Warren sends, by id, walked with their spec sizes.
+fn connack_property_ids(body: &[u8]) -> Vec<u8> {
+    // flags, reason, property length (one byte here), properties.
+    let len = body[2] as usize;
+    let mut p = &body[3..3 + len];
+    let mut ids = Vec::new();
+    while let Some((&id, rest)) = p.split_first() {
+        let size = match id {
+            0x24 | 0x25 | 0x28 | 0x29 | 0x2A => 1,
+            0x21 | 0x22 | 0x13 => 2,
+            0x27 | 0x11 => 4,
+            0x12 | 0x1F | 0x1A | 0x1C => 2 + u16::from_be_bytes([rest[0], rest[1]]) as usize,
+            other => panic!("unexpected CONNACK property {other:#x}"),
+        };
+        ids.push(id);
+        p = &rest[size..];
+    }
+    ids
+}
+
+/// Findings of Mosquitto's own broker tests (test/broker), each a spec rule: the CONNACK
+/// names no Maximum QoS, PUBACK says 0x10 when nobody is subscribed, a Payload Format
+/// Indicator of 0 is forwarded, a will with an empty topic closes the connection, and a
+/// session without subscriptions taken over from a live connection is still present.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_suite_rules() {
+    let b = start().await;
+    // MQTT 5 §3.2.2.3.4: Maximum QoS is 0 or 1; a server with QoS 2 leaves it out.
+    let mut publ = raw(&b).await;
+    publ.write_all(&connect_v5("pfi-pub", &[], None))
+        .await
+        .unwrap();
+    let (t, body) = read_packet(&mut publ).await.unwrap();
+    assert_eq!(t, 0x20);
+    let ids = connack_property_ids(&body);
+    assert!(!ids.contains(&0x24), "no Maximum QoS: {ids:x?}");
+    assert!(ids.contains(&0x21), "Receive Maximum: {ids:x?}");
+
+    // QoS 1 to a topic nobody subscribes: PUBACK 0x10, three bytes (no property length).
+    let publish = |qos: u8, topic: &str, id: u16, props: &[u8], payload: &[u8]| {
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        if qos > 0 {
+            body.extend_from_slice(&id.to_be_bytes());
+        }
+        body.push(props.len() as u8);
+        body.extend_from_slice(props);
+        body.extend_from_slice(payload);
+        let mut p = vec![0x30 | (qos << 1), body.len() as u8];
+        p.extend(body);
+        p
+    };
+    publ.write_all(&publish(1, "pfi/none", 5, &[], b"x"))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_packet(&mut publ).await.unwrap(),
+        (0x40, vec![0, 5, 0x10])
+    );
+
+    // MQTT-3.3.2-4: Payload Format Indicator 0 arrives unaltered.
+    let mut sub = raw(&b).await;
+    sub.write_all(&connect_v5("pfi-sub", &[], None))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut sub).await.unwrap().0, 0x20);
+    let topic = b"pfi/t";
+    let mut body = vec![0, 1, 0, 0, topic.len() as u8];
+    body.extend_from_slice(topic);
+    body.push(0);
+    let mut p = vec![0x82, body.len() as u8];
+    p.extend(body);
+    sub.write_all(&p).await.unwrap();
+    assert_eq!(read_packet(&mut sub).await.unwrap().0, 0x90);
+    publ.write_all(&publish(1, "pfi/t", 6, &[0x01, 0x00], b"raw"))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_packet(&mut publ).await.unwrap(),
+        (0x40, vec![0, 6]),
+        "delivered: plain success"
+    );
+    let (t, body) = read_packet(&mut sub).await.unwrap();
+    assert_eq!(t & 0xF0, 0x30);
+    let props_at = 2 + topic.len();
+    let props = &body[props_at + 1..props_at + 1 + body[props_at] as usize];
+    assert!(
+        props.windows(2).any(|w| w == [0x01, 0x00]),
+        "PFI 0 forwarded: {props:x?}"
+    );
+
+    // MQTT-4.7.3-1: a will topic of zero length closes the connection, no CONNACK.
+    let mut p = connect_v4("empty-will", true);
+    p[9] |= 0x04;
+    p.extend_from_slice(&[0, 0, 0, 1, b'w']);
+    p[1] = (p.len() - 2) as u8;
+    let mut s = raw(&b).await;
+    s.write_all(&p).await.unwrap();
+    assert!(
+        read_packet(&mut s).await.is_none(),
+        "closed without CONNACK"
+    );
+
+    // MQTT-3.2.2-2: a persistent session exists even without subscriptions; taking it
+    // over from a live connection resumes it.
+    let mut first = raw(&b).await;
+    first.write_all(&connect_v4("tk", false)).await.unwrap();
+    assert_eq!(read_packet(&mut first).await.unwrap(), (0x20, vec![0, 0]));
+    let mut second = raw(&b).await;
+    second.write_all(&connect_v4("tk", false)).await.unwrap();
+    assert_eq!(
+        read_packet(&mut second).await.unwrap(),
+        (0x20, vec![1, 0]),
+        "Session Present"
+    );
+}

@@ -664,6 +664,14 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     } else {
         c.client_id.clone()
     };
+    // MQTT-4.7.3-1 / MQTT-3.3.2-2: a will topic is a topic name, at least one character and
+    // no wildcards. Like Mosquitto, the connection closes without a CONNACK.
+    if let Some(w) = &c.will {
+        if w.topic.is_empty() || w.topic.contains(['+', '#']) {
+            tracing::info!(%peer, topic = %w.topic, "mqtt will topic is not a valid topic name");
+            return None;
+        }
+    }
     // Session lifetime: 3.1.1 clean session ↔ 5.0 clean start + session expiry interval
     // (MQTT-3.1.2-11: absent = 0; 0xFFFFFFFF = never).
     let session_expiry = if version == 5 {
@@ -792,8 +800,6 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     // Session takeover (MQTT-3.1.4-2): the older connection with this client id goes.
     let key = format!("{vhost_name}\0{client_id}");
     let previous = shared.sessions.lock().insert(key.clone(), id);
-    // A parked session is resumed (or, with clean start, discarded): its timers stop.
-    let parked = shared.parked.lock().remove(&key);
     let qname = queue_name(&client_id);
     if let Some(old) = previous {
         // Through the connection registry, like a close from the management API; the
@@ -801,18 +807,21 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         if let Some(e) = shared.broker.connections().get(old) {
             e.request_close(TAKEN_OVER_REASON);
         }
-        // Give it a moment to release its exclusive queue.
-        for _ in 0..50 {
-            if vhost
+        // Give it a moment to end: to release its exclusive queue and hand over its
+        // session state (parked below, even when it had no queue: MQTT-3.2.2-2).
+        for _ in 0..100 {
+            let released = vhost
                 .queue(&qname)
                 .map(|q| q.exclusive_owner != Some(old))
-                .unwrap_or(true)
-            {
+                .unwrap_or(true);
+            if released && shared.broker.connections().get(old).is_none() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+    // A parked session is resumed (or, with clean start, discarded): its timers stop.
+    let parked = shared.parked.lock().remove(&key);
     // MQTT-3.1.2-4 / 3.1.2-5: clean start discards any existing session.
     let parked_record = parked.is_some();
     let had_session = parked_record || vhost.queue(&qname).is_ok();
@@ -836,8 +845,9 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         // A new session starts without QoS 2 state.
         record = SessionRecord::default();
     }
-    // MQTT-3.2.2-2/3: Session Present only when an existing session is resumed.
-    let session_present = !c.clean_start && existed;
+    // MQTT-3.2.2-2/3: Session Present only when an existing session is resumed. MQTT 3.1
+    // has no such flag: the byte is reserved, 0.
+    let session_present = !c.clean_start && existed && level != 3;
     let mut ack = if version == 5 {
         ConnAckPacket::new(session_present, ReasonCode::Success)
             .with_receive_maximum(cfg.receive_maximum)
@@ -847,7 +857,8 @@ async fn connect_session<W: AsyncWrite + Unpin>(
             .with_wildcard_subscription_available(true)
             .with_subscription_identifier_available(true)
             .with_shared_subscription_available(true)
-            .with_maximum_qos(2)
+        // No Maximum QoS: absent means QoS 2 is supported, and 2 is not a value the
+        // property may take (MQTT 5 §3.2.2.3.4; clients treat it as a protocol error).
     } else {
         ConnAckPacket::new_v311(session_present, ReasonCode::Success)
     };
@@ -1660,11 +1671,11 @@ impl Session {
         } else {
             None
         };
-        let ticket = match self.vhost.publish("amq.topic", msg).await {
-            Ok(o) => o.ticket.max(retained_ticket),
+        let (ticket, routed) = match self.vhost.publish("amq.topic", msg).await {
+            Ok(o) => (o.ticket.max(retained_ticket), o.routed),
             Err(e) => {
                 tracing::warn!(error = %e, "mqtt publish failed");
-                retained_ticket
+                (retained_ticket, 0)
             }
         };
         let mut ticket = ticket;
@@ -1678,7 +1689,14 @@ impl Session {
             // PUBACK/PUBREC only once a durable copy (and the QoS 2 id) is synced.
             self.wait(ticket).await;
             if let Some(id) = p.packet_id {
-                if qos == 1 {
+                let [hi, lo] = id.to_be_bytes();
+                if self.version == 5 && routed == 0 {
+                    // MQTT 5 §3.4.2.1: 0x10 tells the sender nobody was subscribed
+                    // (accepted all the same), as Mosquitto answers; with no properties
+                    // the Property Length is left out (§3.4.2.2.1), 3 bytes.
+                    let kind = if qos == 1 { 0x40 } else { 0x50 };
+                    self.out.extend_from_slice(&[kind, 3, hi, lo, 0x10]);
+                } else if qos == 1 {
                     codec::encode(&PubAckPacket::new(id), &mut self.out);
                 } else {
                     codec::encode(&PubRecPacket::new(id), &mut self.out);
@@ -2108,6 +2126,16 @@ impl Session {
             }
         }
         if !owner {
+            // Taken over: a session that outlives its connection is handed to the new
+            // one (parked without timers; the new connection takes it at once).
+            if self.session_expiry != 0 {
+                let record = self.record(now_ms());
+                let generation = warren_core::ids::next_id();
+                self.shared
+                    .parked
+                    .lock()
+                    .insert(key, Parked { record, generation });
+            }
             return;
         }
         if ends {
@@ -2200,8 +2228,9 @@ fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
             AMQPValue::LongLongInt((now_ms() + secs as u64 * 1000) as i64),
         );
     }
-    if let Some(PropertyValue::Byte(1)) = p.get(PropertyId::PayloadFormatIndicator) {
-        headers.insert(FORMAT_HEADER.into(), AMQPValue::ShortShortUInt(1));
+    // MQTT-3.3.2-4: forwarded unaltered, 0 (unspecified bytes) as well as 1 (UTF-8).
+    if let Some(PropertyValue::Byte(b)) = p.get(PropertyId::PayloadFormatIndicator) {
+        headers.insert(FORMAT_HEADER.into(), AMQPValue::ShortShortUInt(*b));
     }
     if let Some(PropertyValue::BinaryData(cd)) = p.get(PropertyId::CorrelationData) {
         match std::str::from_utf8(cd) {
@@ -2289,8 +2318,9 @@ fn v5_properties_of(m: &Message, p: &mut PublishPacket) {
             .set_correlation_data(Bytes::copy_from_slice(c.as_str().as_bytes()));
     }
     if let Some(h) = &props.headers {
-        if h.inner().contains_key(FORMAT_HEADER) {
-            p.properties.set_payload_format_indicator(true);
+        if let Some(v) = h.inner().get(FORMAT_HEADER) {
+            p.properties
+                .set_payload_format_indicator(matches!(v, AMQPValue::ShortShortUInt(1)));
         }
         let listed = user_props_list(h);
         if let Some(list) = &listed {
