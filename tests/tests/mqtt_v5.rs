@@ -922,4 +922,39 @@ async fn mosquitto_suite_rules() {
         (0x20, vec![1, 0]),
         "Session Present"
     );
+
+    // A will: not sent when a persistent session is taken over and resumed (it goes on);
+    // sent when the newer connection starts clean (the session ends), as Mosquitto.
+    let mut watcher = raw(&b).await;
+    watcher
+        .write_all(&connect_v4("will-watcher", true))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut watcher).await.unwrap().0, 0x20);
+    watcher.write_all(&subscribe_qos1("will/tk")).await.unwrap();
+    assert_eq!(read_packet(&mut watcher).await.unwrap().0, 0x90);
+    let with_will = |id: &str| {
+        let mut p = connect_v4(id, false);
+        p[9] |= 0x04;
+        for f in [&b"will/tk"[..], b"LWT"] {
+            p.extend_from_slice(&(f.len() as u16).to_be_bytes());
+            p.extend_from_slice(f);
+        }
+        p[1] = (p.len() - 2) as u8;
+        p
+    };
+    let mut old = raw(&b).await;
+    old.write_all(&with_will("wt")).await.unwrap();
+    assert_eq!(read_packet(&mut old).await.unwrap(), (0x20, vec![0, 0]));
+    let mut resumed = raw(&b).await;
+    resumed.write_all(&with_will("wt")).await.unwrap();
+    assert_eq!(read_packet(&mut resumed).await.unwrap(), (0x20, vec![1, 0]));
+    let quiet = tokio::time::timeout(Duration::from_millis(300), read_packet(&mut watcher)).await;
+    assert!(quiet.is_err(), "no will on a resumed takeover: {quiet:?}");
+    let mut clean = raw(&b).await;
+    clean.write_all(&connect_v4("wt", true)).await.unwrap();
+    assert_eq!(read_packet(&mut clean).await.unwrap(), (0x20, vec![0, 0]));
+    let (t, body) = read_packet(&mut watcher).await.expect("the will");
+    assert_eq!(t & 0xF0, 0x30);
+    assert!(body.ends_with(b"LWT"), "{body:?}");
 }

@@ -72,6 +72,8 @@ enum End {
     ProtocolError,
     KeepAliveTimeout,
     TakenOver,
+    /// Taken over by a connection resuming this persistent session.
+    TakenOverResumed,
     /// Closed from the management API (or its vhost or user was deleted).
     AdminClosed,
     Shutdown,
@@ -79,6 +81,9 @@ enum End {
 
 /// The close reason a session takeover gives the older connection (MQTT-3.1.4-3).
 const TAKEN_OVER_REASON: &str = "session taken over";
+/// The same, by a connection that resumes the session (no clean start): a persistent
+/// session goes on, so its will is not sent (as Mosquitto).
+const TAKEN_OVER_RESUMED: &str = "session taken over and resumed";
 
 /// 5.0 DISCONNECT reason codes the server sends (MQTT 5 §3.14.2.1).
 mod rc {
@@ -805,7 +810,11 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         // Through the connection registry, like a close from the management API; the
         // reason tells the old connection to answer 0x8E.
         if let Some(e) = shared.broker.connections().get(old) {
-            e.request_close(TAKEN_OVER_REASON);
+            e.request_close(if c.clean_start {
+                TAKEN_OVER_REASON
+            } else {
+                TAKEN_OVER_RESUMED
+            });
         }
         // Give it a moment to end: to release its exclusive queue and hand over its
         // session state (parked below, even when it had no queue: MQTT-3.2.2-2).
@@ -1138,10 +1147,13 @@ impl Session {
                     return End::Shutdown;
                 }
                 reason = self.registration.closed() => {
-                    if reason == TAKEN_OVER_REASON {
+                    if reason == TAKEN_OVER_REASON || reason == TAKEN_OVER_RESUMED {
                         // MQTT-3.1.4-3: DISCONNECT 0x8E to the connection taken over.
                         self.disconnect(rc::TAKEN_OVER, TAKEN_OVER_REASON);
                         let _ = wr.write_all(&self.out).await;
+                        if reason == TAKEN_OVER_RESUMED && self.session_expiry != 0 {
+                            return End::TakenOverResumed;
+                        }
                         return End::TakenOver;
                     }
                     // Closed from the management API: 0x98 Administrative action (5.0).
@@ -1690,12 +1702,12 @@ impl Session {
             self.wait(ticket).await;
             if let Some(id) = p.packet_id {
                 let [hi, lo] = id.to_be_bytes();
-                if self.version == 5 && routed == 0 {
+                if self.version == 5 && routed == 0 && qos == 1 {
                     // MQTT 5 §3.4.2.1: 0x10 tells the sender nobody was subscribed
-                    // (accepted all the same), as Mosquitto answers; with no properties
-                    // the Property Length is left out (§3.4.2.2.1), 3 bytes.
-                    let kind = if qos == 1 { 0x40 } else { 0x50 };
-                    self.out.extend_from_slice(&[kind, 3, hi, lo, 0x10]);
+                    // (accepted all the same), as Mosquitto answers a QoS 1 PUBLISH (its
+                    // PUBREC stays plain); with no properties the Property Length is left
+                    // out (§3.4.2.2.1), 3 bytes.
+                    self.out.extend_from_slice(&[0x40, 3, hi, lo, 0x10]);
                 } else if qos == 1 {
                     codec::encode(&PubAckPacket::new(id), &mut self.out);
                 } else {
@@ -2065,7 +2077,7 @@ impl Session {
             End::SocketClosed => "socket_closed",
             End::ProtocolError => "protocol_error",
             End::KeepAliveTimeout => "keep_alive_timeout",
-            End::TakenOver => "taken_over",
+            End::TakenOver | End::TakenOverResumed => "taken_over",
             End::AdminClosed => "admin_closed",
             End::Shutdown => "server_closed",
         });
@@ -2116,7 +2128,9 @@ impl Session {
         // the session ends, whichever is first (MQTT-3.1.3-9); not if another connection
         // resumed the session within the delay.
         let mut delayed_will = None;
-        if end != End::Normal {
+        // A persistent session resumed by the connection that took it over goes on:
+        // no will (as Mosquitto).
+        if end != End::Normal && end != End::TakenOverResumed {
             if let Some(w) = self.will.take() {
                 if w.delay.is_zero() || ends {
                     publish_will(&self.shared, &self.vhost, w.msg, w.retain).await;
