@@ -241,6 +241,10 @@ def test_406_direct_reply_to_misuse(conn, name):
 def test_503_unknown_exchange_type(broker, name):
     err = connection_error(broker.url, lambda c: c.exchange_declare(name, "nonsense"))
     check(err, 503, "COMMAND_INVALID - unknown exchange type 'nonsense'")
+    # A name that is an Erlang atom is "invalid" in RabbitMQ's words (amqp-client.js
+    # tests declare type 'none').
+    err = connection_error(broker.url, lambda c: c.exchange_declare(name, "none"))
+    check(err, 503, "COMMAND_INVALID - invalid exchange type 'none'")
 
 
 def test_540_recover_without_requeue(broker):

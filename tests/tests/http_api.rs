@@ -216,6 +216,15 @@ async fn auth_overview_whoami_nodes() {
     assert_eq!(nodes[0]["running"], true);
     assert_eq!(nodes[0]["mem_alarm"], false);
     assert!(nodes[0]["mem_used"].as_u64().unwrap_or(0) > 0);
+    let n = &nodes[0];
+    assert!(n["fd_used"].as_u64().is_some_and(|f| f > 0), "{n}");
+    assert!(n["fd_total"].as_u64() >= n["fd_used"].as_u64(), "{n}");
+    assert!(n["proc_used"].as_u64().is_some_and(|t| t > 0), "{n}");
+    let plugins = n["enabled_plugins"].as_array().expect("enabled_plugins");
+    for p in ["rabbitmq_management", "rabbitmq_mqtt", "rabbitmq_stomp"] {
+        assert!(plugins.contains(&json!(p)), "{p} in {plugins:?}");
+    }
+    assert_eq!(n["exchange_types"].as_array().map(Vec::len), Some(4));
 
     let r = api.get("/api/nosuch").await;
     assert_eq!(r.status, 404);

@@ -621,10 +621,7 @@ async fn overview(State(s): St, caller: Caller) -> ApiResult<Json<Value>> {
         .find(|l| l.protocol == "http")
         .map(|l| l.addr.port().to_string())
         .unwrap_or_default();
-    let exchange_types: Vec<Value> = ["direct", "fanout", "topic", "headers"]
-        .iter()
-        .map(|t| json!({"name": t, "description": format!("AMQP {t} exchange"), "enabled": true}))
-        .collect();
+    let exchange_types = exchange_types_json();
     Ok(Json(json!({
         "management_version": RABBITMQ_COMPAT_VERSION,
         "rabbitmq_version": RABBITMQ_COMPAT_VERSION,
@@ -678,6 +675,30 @@ async fn whoami(caller: Caller) -> Json<Value> {
 fn node_json(s: &AppState) -> Value {
     let r = s.resources();
     let alarms = s.broker.alarms.get();
+    // RabbitMQ's plugin names for what this node serves, which tools check for.
+    let mut plugins = vec!["rabbitmq_management", "rabbitmq_prometheus"];
+    for (protocol, plugin) in [
+        ("mqtt", "rabbitmq_mqtt"),
+        ("stomp", "rabbitmq_stomp"),
+        ("http/web-stomp", "rabbitmq_web_stomp"),
+        ("http/web-mqtt", "rabbitmq_web_mqtt"),
+    ] {
+        if s.cfg.listeners.iter().any(|l| l.protocol == protocol) {
+            plugins.push(plugin);
+        }
+    }
+    let mechanisms: Vec<Value> = [
+        ("PLAIN", "SASL PLAIN authentication mechanism"),
+        ("AMQPLAIN", "QPid AMQPLAIN mechanism"),
+        (
+            "EXTERNAL",
+            "SASL EXTERNAL authentication mechanism (client certificate)",
+        ),
+    ]
+    .iter()
+    .map(|(n, d)| json!({"name": n, "description": d, "enabled": true}))
+    .collect();
+    let connections = s.broker.connections().len();
     json!({
         "name": s.cfg.node_name,
         "type": "disc",
@@ -695,7 +716,25 @@ fn node_json(s: &AppState) -> Value {
         "partitions": [],
         "applications": [{"name": "warren", "description": "Warren message broker", "version": env!("CARGO_PKG_VERSION")}],
         "rates_mode": "basic",
+        "fd_used": r.fd_used,
+        "fd_total": r.fd_total,
+        "sockets_used": connections,
+        // RabbitMQ reserves part of the descriptors for files; Warren has no such split.
+        "sockets_total": r.fd_total,
+        "proc_used": r.threads,
+        "enabled_plugins": plugins,
+        "auth_mechanisms": mechanisms,
+        "exchange_types": exchange_types_json(),
+        "net_ticktime": 60,
+        "cluster_links": [],
     })
+}
+
+fn exchange_types_json() -> Vec<Value> {
+    ["direct", "fanout", "topic", "headers"]
+        .iter()
+        .map(|t| json!({"name": t, "description": format!("AMQP {t} exchange"), "enabled": true}))
+        .collect()
 }
 
 async fn nodes(State(s): St, caller: Caller) -> ApiResult<Json<Value>> {

@@ -47,6 +47,11 @@ pub struct NodeResources {
     pub mem_limit: u64,
     pub disk_free: u64,
     pub disk_free_limit: u64,
+    /// Open file descriptors and their limit.
+    pub fd_used: u64,
+    pub fd_total: u64,
+    /// OS threads (shown as RabbitMQ's `proc_used`).
+    pub threads: u64,
 }
 
 /// Reads the node's resources on demand.

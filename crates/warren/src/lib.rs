@@ -430,6 +430,9 @@ impl Server {
                     disk_free_limit: probe_limits
                         .disk_free_bytes
                         .load(std::sync::atomic::Ordering::Relaxed),
+                    fd_used: resources::fd_used().unwrap_or(0),
+                    fd_total: resources::fd_total().unwrap_or(0),
+                    threads: resources::threads().unwrap_or(0),
                 })),
                 ..Default::default()
             };

@@ -83,6 +83,25 @@ fn page_size() -> u64 {
     }
 }
 
+/// Open file descriptors of this process (its entries in /proc/self/fd).
+pub fn fd_used() -> Option<u64> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as u64)
+}
+
+/// The soft limit on open files (/proc/self/limits, "Max open files").
+pub fn fd_total() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Threads of this process (/proc/self/status), the nearest thing to Erlang's processes.
+pub fn threads() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Threads:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Resident set size of this process, from /proc/self/statm.
 pub fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
