@@ -299,3 +299,96 @@ async fn a_burst_of_publishes_is_confirmed_with_multiple_acks() {
     }
     assert!(multiple > 0 && acks < N, "{acks} acks, {multiple} multiple");
 }
+
+/// The class and method ids of a frame's method.
+fn method_ids(f: &[u8]) -> (u16, u16) {
+    (
+        u16::from_be_bytes([f[7], f[8]]),
+        u16::from_be_bytes([f[9], f[10]]),
+    )
+}
+
+/// As RabbitMQ 3.10 (rabbit_reader): channel_max bounds how many channels are open, not
+/// their numbers (aiormq's tests open channel 65535 with channel_max 2047).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_numbers_above_channel_max_open() {
+    let b = common::start().await;
+    let mut s = open(b.addr).await;
+    s.write_all(&frame(1, 65535, &method(20, 10, &shortstr(""))))
+        .await
+        .unwrap();
+    let ok = read_frame(&mut s).await;
+    assert_eq!(
+        (u16::from_be_bytes([ok[1], ok[2]]), method_ids(&ok)),
+        (65535, (20, 11))
+    );
+}
+
+/// A refused exclusive consume gets only the channel.close (403), no consume-ok first:
+/// clients that resolve on consume-ok otherwise think they consume (aio-pika's tests).
+/// Unbinding a queue or exchange that is not there succeeds, as in RabbitMQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_consume_has_no_consume_ok_and_unbinding_nothing_is_ok() {
+    let b = common::start().await;
+    let (_c, ch) = b.channel().await;
+    common::declare(&ch, "solo", Default::default()).await;
+    let mut s = open(b.addr).await;
+    s.write_all(&frame(1, 1, &method(20, 10, &shortstr(""))))
+        .await
+        .unwrap();
+    assert_eq!(method_ids(&read_frame(&mut s).await), (20, 11));
+    let consume = |tag: &str, exclusive: bool| {
+        let mut a = 0u16.to_be_bytes().to_vec();
+        a.extend(shortstr("solo"));
+        a.extend(shortstr(tag));
+        a.push(if exclusive { 0b100 } else { 0 });
+        a.extend_from_slice(&0u32.to_be_bytes());
+        frame(1, 1, &method(60, 20, &a))
+    };
+    s.write_all(&consume("first", true)).await.unwrap();
+    assert_eq!(method_ids(&read_frame(&mut s).await), (60, 21));
+    s.write_all(&consume("second", false)).await.unwrap();
+    let next = read_frame(&mut s).await;
+    assert_eq!(method_ids(&next), (20, 40), "channel.close, not consume-ok");
+    assert_eq!(u16::from_be_bytes([next[11], next[12]]), 403);
+    s.write_all(&frame(1, 1, &method(20, 41, &[])))
+        .await
+        .unwrap();
+
+    // queue.unbind of a missing queue and exchange.unbind of missing exchanges: ok.
+    s.write_all(&frame(1, 2, &method(20, 10, &shortstr(""))))
+        .await
+        .unwrap();
+    assert_eq!(method_ids(&read_frame(&mut s).await), (20, 11));
+    let mut a = 0u16.to_be_bytes().to_vec();
+    for n in ["no-queue", "no-exchange", "k"] {
+        a.extend(shortstr(n));
+    }
+    a.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&frame(1, 2, &method(50, 50, &a)))
+        .await
+        .unwrap();
+    assert_eq!(method_ids(&read_frame(&mut s).await), (50, 51));
+    let mut a = 0u16.to_be_bytes().to_vec();
+    for n in ["no-dest", "no-source", "k"] {
+        a.extend(shortstr(n));
+    }
+    a.push(0);
+    a.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&frame(1, 2, &method(40, 40, &a)))
+        .await
+        .unwrap();
+    assert_eq!(method_ids(&read_frame(&mut s).await), (40, 51));
+    // exchange.declare passive of the default exchange: 403, as RabbitMQ.
+    let mut a = 0u16.to_be_bytes().to_vec();
+    a.extend(shortstr(""));
+    a.extend(shortstr("direct"));
+    a.push(1);
+    a.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&frame(1, 2, &method(40, 10, &a)))
+        .await
+        .unwrap();
+    let close = read_frame(&mut s).await;
+    assert_eq!(method_ids(&close), (20, 40));
+    assert_eq!(u16::from_be_bytes([close[11], close[12]]), 403);
+}

@@ -297,16 +297,17 @@ impl Conn {
         let (class_id, method_id) = ids(&m);
         // channel.open and frames for closing channels first.
         if let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = m {
-            if ch > self.channel_max {
-                // RabbitMQ 3.12+ answers a channel over the negotiated limit with 530.
+            // As RabbitMQ 3.10 (rabbit_reader:create_channel): channel_max bounds how many
+            // channels are open, not their numbers; the 530 names no method.
+            let open = self.channels.len();
+            if self.channel_max != 0 && open >= self.channel_max as usize {
                 return Err(connection_error(
                     code::NOT_ALLOWED,
                     format!(
-                        "channel number {ch} exceeds negotiated channel_max {}",
+                        "number of channels opened ({open}) has reached the negotiated channel_max ({})",
                         self.channel_max
                     ),
-                )
-                .at(class_id, method_id));
+                ));
             }
             if self.channels.contains_key(&ch) {
                 return Err(
@@ -509,15 +510,18 @@ impl Conn {
                 )?;
                 self.check_access(ch, Access::Read, ResourceKind::Exchange, b.source.as_str())?;
                 self.check_topic_read(ch, &vh, b.source.as_str(), b.routing_key.as_str())?;
-                vh.exchange(b.destination.as_str()).map_err(core)?;
-                vh.unbind(
-                    b.source.as_str(),
-                    Target::Exchange(b.destination),
-                    b.routing_key.as_str(),
-                    &b.arguments,
-                )
-                .await
-                .map_err(core)?;
+                // Unbinding what is not there (source, destination or binding) succeeds,
+                // as in RabbitMQ: clients clean up after auto-delete removed things.
+                if vh.exchange(b.destination.as_str()).is_ok() || b.source.as_str().is_empty() {
+                    vh.unbind(
+                        b.source.as_str(),
+                        Target::Exchange(b.destination),
+                        b.routing_key.as_str(),
+                        &b.arguments,
+                    )
+                    .await
+                    .map_err(core)?;
+                }
                 if !b.nowait {
                     self.write(
                         ch,
@@ -608,15 +612,26 @@ impl Conn {
                     b.exchange.as_str(),
                 )?;
                 self.check_topic_read(ch, &vh, b.exchange.as_str(), b.routing_key.as_str())?;
-                let q = vh.require_queue(b.queue.as_str(), self.id).map_err(core)?;
-                vh.unbind(
-                    b.exchange.as_str(),
-                    Target::Queue(q),
-                    b.routing_key.as_str(),
-                    &b.arguments,
-                )
-                .await
-                .map_err(core)?;
+                // A missing queue (or exchange, or binding) is not an error, as in RabbitMQ.
+                match vh.require_queue(b.queue.as_str(), self.id) {
+                    Ok(q) => vh
+                        .unbind(
+                            b.exchange.as_str(),
+                            Target::Queue(q),
+                            b.routing_key.as_str(),
+                            &b.arguments,
+                        )
+                        .await
+                        .map_err(core)?,
+                    Err(e) if e.kind == warren_core::ErrorKind::NotFound => {
+                        if b.exchange.as_str().is_empty() {
+                            return Err(core(warren_core::CoreError::access_refused(
+                                "operation not permitted on the default exchange",
+                            )));
+                        }
+                    }
+                    Err(e) => return Err(core(e)),
+                }
                 self.write(
                     ch,
                     AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})),
@@ -984,8 +999,15 @@ impl Conn {
             },
         );
         self.consumers.insert(id, (ch, tag.clone()));
-        // consume-ok goes out before the first delivery (deliveries are written later by
-        // the connection loop).
+        if let Err(e) = q.add_consumer(spec).await {
+            // Refused (exclusive use): only the channel error goes out, no consume-ok, as
+            // RabbitMQ answers.
+            self.chan(ch).consumers.remove(&tag);
+            self.consumers.remove(&id);
+            return Err(core(e));
+        }
+        // consume-ok still goes out before the first delivery: deliveries reach the
+        // outbox, which this connection's loop writes only after this method is handled.
         if !c.nowait {
             self.write(
                 ch,
@@ -993,13 +1015,6 @@ impl Conn {
                     consumer_tag: tag.clone(),
                 })),
             );
-        }
-        if let Err(e) = q.add_consumer(spec).await {
-            self.chan(ch).consumers.remove(&tag);
-            self.consumers.remove(&id);
-            // Take back the consume-ok: it was not sent yet (still in the buffer) only if
-            // nothing else followed; simplest correct answer is the channel error itself.
-            return Err(core(e));
         }
         Ok(())
     }
