@@ -552,6 +552,14 @@ async fn mqtt_31_is_accepted_and_bad_levels_refused() {
     assert_eq!(read_packet(&mut s).await.unwrap(), (0x20, vec![0, 0]));
     s.write_all(&[0xC0, 0]).await.unwrap();
     assert_eq!(read_packet(&mut s).await.unwrap(), (0xD0, vec![]));
+    // MQTT 3.1 clients re-send PUBREL with DUP set (0x6A); it is completed, not a
+    // malformed packet.
+    s.write_all(&publish_qos2("v31/t", 9, false, b"x"))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut s).await.unwrap(), (0x50, vec![0, 9]));
+    s.write_all(&[0x6A, 2, 0, 9]).await.unwrap();
+    assert_eq!(read_packet(&mut s).await.unwrap(), (0x70, vec![0, 9]));
 
     let mut s = raw(&b).await;
     s.write_all(&[

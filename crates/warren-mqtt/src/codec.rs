@@ -23,8 +23,20 @@ pub enum CodecError {
 }
 
 /// Decodes one packet; `Ok(None)` until it is complete. `version` is 0 before CONNECT
-/// (whose body carries its own level), then 4 or 5.
+/// (whose body carries its own level), then 3 (MQTT 3.1), 4 or 5.
 pub fn decode(buf: &mut BytesMut, version: u8, max: usize) -> Result<Option<Packet>, CodecError> {
+    let mut version = version;
+    if version == 3 {
+        // MQTT 3.1 clients set DUP on re-sent PUBREL, SUBSCRIBE and UNSUBSCRIBE, whose
+        // flags 3.1.1 fixes (MQTT-3.6.1-1, 3.8.1-1, 3.10.1-1): the bit is cleared and the
+        // packet decoded as 3.1.1, as Mosquitto accepts it.
+        if let Some(b) = buf.first_mut() {
+            if matches!(*b, 0x6A | 0x8A | 0xAA) {
+                *b &= !0x08;
+            }
+        }
+        version = 4;
+    }
     let mut len: usize = 0;
     let mut header = 0;
     for i in 1..=4 {

@@ -243,7 +243,7 @@ struct Session {
     cfg: Arc<MqttConfig>,
     id: ConnectionId,
     peer: SocketAddr,
-    /// 4 for 3.1 and 3.1.1 (3.1 is decoded as 3.1.1), or 5.
+    /// 3 for MQTT 3.1 (decoded and answered as 3.1.1, with its DUP flags tolerated), 4, or 5.
     version: u8,
     client_id: String,
     vhost: Arc<VHost>,
@@ -912,7 +912,9 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         cfg: cfg.clone(),
         id,
         peer,
-        version,
+        // MQTT 3.1 sessions keep level 3 for the decoder's DUP leniency; everything else
+        // treats them as 3.1.1.
+        version: level.min(version),
         client_id,
         vhost,
         queue: None,
