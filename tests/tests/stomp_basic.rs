@@ -321,6 +321,10 @@ async fn durable_topic_subscription_keeps_messages() {
     c.send(durable("reader-1")).await;
     let m = c.recv().await.unwrap();
     assert_eq!(&m.body[..], b"while away");
+    // The queue has RabbitMQ's name for this subscription (MD5 of {"news", "reader-1"}).
+    let vh = b.server.as_ref().unwrap().broker.vhost("/").unwrap();
+    let name = "stomp-subscription-QKa7mkWnRYKVoO70W0stew";
+    assert!(vh.queue(name).is_ok());
     // UNSUBSCRIBE with durable:true removes the queue.
     c.send_receipted(
         Frame::new("UNSUBSCRIBE")
@@ -329,8 +333,7 @@ async fn durable_topic_subscription_keeps_messages() {
         "u",
     )
     .await;
-    let vh = b.server.as_ref().unwrap().broker.vhost("/").unwrap();
-    assert!(vh.queue("stomp-subscription-reader-1").is_err());
+    assert!(vh.queue(name).is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

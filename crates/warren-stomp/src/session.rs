@@ -896,7 +896,7 @@ impl Session {
         let durable = durable_subscription(f);
         let name = match f.get("x-queue-name") {
             Some(n) => n.to_owned(),
-            None if durable => format!("stomp-subscription-{}", sanitize(id)),
+            None if durable => durable_queue_name(key, id),
             None => String::new(),
         };
         let arguments =
@@ -1219,16 +1219,58 @@ fn wants_durable(f: &Frame) -> bool {
     props::flag(f, "durable") == Some(true) || props::flag(f, "persistent") == Some(true)
 }
 
-/// A subscription id made safe for a queue name.
-fn sanitize(id: &str) -> String {
-    id.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
+/// RabbitMQ's name for the queue of a durable subscription (rabbit_stomp_util:
+/// subscription_queue_name): `stomp-subscription-` and the unpadded base64url MD5 of the
+/// Erlang term `{Key, Id}` (both strings), so an application that finds the queue by
+/// name finds it here too.
+fn durable_queue_name(key: &str, id: &str) -> String {
+    use base64::Engine;
+    use md5::Digest;
+    // Erlang's external term format: a string is STRING_EXT (107, u16 length, bytes) or
+    // NIL_EXT (106) when empty; longer ones are lists of small integers.
+    fn string(out: &mut Vec<u8>, s: &str) {
+        let b = s.as_bytes();
+        match u16::try_from(b.len()) {
+            Ok(0) => out.push(106),
+            Ok(n) => {
+                out.push(107);
+                out.extend_from_slice(&n.to_be_bytes());
+                out.extend_from_slice(b);
             }
-        })
-        .take(200)
-        .collect()
+            Err(_) => {
+                out.push(108);
+                out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+                for &c in b {
+                    out.extend_from_slice(&[97, c]);
+                }
+                out.push(106);
+            }
+        }
+    }
+    // Version 131, SMALL_TUPLE_EXT of arity 2.
+    let mut term = vec![131, 104, 2];
+    string(&mut term, key);
+    string(&mut term, id);
+    let digest = md5::Md5::digest(&term);
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest);
+    format!("stomp-subscription-{b64}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durable_queue_names_are_rabbitmqs() {
+        // Names RabbitMQ 3.10 gave these subscriptions (/topic/abc and
+        // /exchange/amq.topic/kk, ids sub1 and sub2).
+        assert_eq!(
+            durable_queue_name("abc", "sub1"),
+            "stomp-subscription-OaSVA3pDFAdnf1Afw5PyEw"
+        );
+        assert_eq!(
+            durable_queue_name("kk", "sub2"),
+            "stomp-subscription-T9_qZG1Fr1UutKw2hLp7eg"
+        );
+    }
 }
