@@ -625,6 +625,13 @@ async fn queues_exchanges_bindings_publish_get() {
         )
         .await;
     assert_eq!(r.json(), json!({"routed": false}));
+    // Two messages in, one routed to one queue: RabbitMQ's publish_in / publish_out.
+    let stats = &api.get("/api/exchanges/%2F/shop").await.json()["message_stats"];
+    assert_eq!(
+        (&stats["publish_in"], &stats["publish_out"]),
+        (&json!(2), &json!(1))
+    );
+    assert!(stats["publish_in_details"]["rate"].is_number(), "{stats}");
     api.post(
         "/api/exchanges/%2F/amq.default/publish",
         json!({"routing_key": "orders", "payload": "//4=", "payload_encoding": "base64", "properties": {}}),

@@ -1,7 +1,7 @@
 //! Exchanges and their bindings: direct, fanout, topic (trie) and headers.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use amq_protocol_types::{AMQPValue, FieldTable, ShortString};
@@ -134,6 +134,10 @@ pub struct Exchange {
     deleted: AtomicBool,
     /// The policy in force (crate::policies), if any.
     policy: ArcSwapOption<Policy>,
+    /// Messages published to this exchange, and queue deliveries they made (RabbitMQ's
+    /// `publish_in` / `publish_out`); relaxed counters, read by the management API.
+    publish_in: AtomicU64,
+    publish_out: AtomicU64,
 }
 
 impl std::fmt::Debug for Exchange {
@@ -164,7 +168,25 @@ impl Exchange {
             bindings: RwLock::new(Bindings::default()),
             deleted: AtomicBool::new(false),
             policy: ArcSwapOption::empty(),
+            publish_in: AtomicU64::new(0),
+            publish_out: AtomicU64::new(0),
         }
+    }
+
+    /// Counts one message published here that reached `routed` queues.
+    pub(crate) fn count_publish(&self, routed: usize) {
+        self.publish_in.fetch_add(1, Ordering::Relaxed);
+        if routed > 0 {
+            self.publish_out.fetch_add(routed as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// (publish_in, publish_out) so far.
+    pub fn publish_counts(&self) -> (u64, u64) {
+        (
+            self.publish_in.load(Ordering::Relaxed),
+            self.publish_out.load(Ordering::Relaxed),
+        )
     }
 
     pub fn is_deleted(&self) -> bool {

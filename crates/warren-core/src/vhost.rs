@@ -814,6 +814,7 @@ impl VHost {
         let mut queues: Vec<Arc<Queue>> = Vec::new();
         let mut visited: Vec<ShortString> = Vec::new();
         self.route_into(exchange, msg, &mut queues, &mut visited, 0);
+        exchange.count_publish(queues.len());
         queues
     }
 

@@ -299,7 +299,9 @@ fn effective_definition(
     Value::Object(d)
 }
 
-fn exchange_json(vhost: &str, x: &Exchange) -> Value {
+fn exchange_json(s: &AppState, vhost: &str, x: &Exchange) -> Value {
+    let (publish_in, publish_out) = x.publish_counts();
+    let (rate_in, rate_out) = s.sampler.exchange_rates(vhost, x.name.as_str());
     let mut e = json!({
         "name": x.name.as_str(),
         "vhost": vhost,
@@ -310,6 +312,15 @@ fn exchange_json(vhost: &str, x: &Exchange) -> Value {
         "arguments": table_to_json(&x.arguments),
         "user_who_performed_action": "rmq-internal",
     });
+    // RabbitMQ shows message_stats once something was published to the exchange.
+    if publish_in > 0 {
+        e["message_stats"] = json!({
+            "publish_in": publish_in,
+            "publish_in_details": details(rate_in),
+            "publish_out": publish_out,
+            "publish_out_details": details(rate_out),
+        });
+    }
     if let Some(p) = x.policy() {
         e["policy"] = json!(p.record.name);
     }
@@ -1183,7 +1194,7 @@ async fn consumers_in(
 // ---------------------------------------------------------------- exchanges
 
 async fn exchanges(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Value>> {
-    render_exchanges(caller.visible_vhosts(&s.broker), &params)
+    render_exchanges(&s, caller.visible_vhosts(&s.broker), &params)
 }
 
 async fn exchanges_in(
@@ -1192,10 +1203,10 @@ async fn exchanges_in(
     Path(v): Path<String>,
     params: Q,
 ) -> ApiResult<Json<Value>> {
-    render_exchanges(vec![caller.vhost(&s.broker, &v)?], &params)
+    render_exchanges(&s, vec![caller.vhost(&s.broker, &v)?], &params)
 }
 
-fn render_exchanges(vhosts: Vec<Arc<VHost>>, params: &Q) -> ApiResult<Json<Value>> {
+fn render_exchanges(s: &AppState, vhosts: Vec<Arc<VHost>>, params: &Q) -> ApiResult<Json<Value>> {
     let p = ListParams::parse(&params.0)?;
     let mut items = Vec::new();
     for vh in vhosts {
@@ -1207,7 +1218,9 @@ fn render_exchanges(vhosts: Vec<Arc<VHost>>, params: &Q) -> ApiResult<Json<Value
             ));
         }
     }
-    Ok(Json(p.page_by_name(items, |(v, x)| exchange_json(v, x))?))
+    Ok(Json(
+        p.page_by_name(items, |(v, x)| exchange_json(s, v, x))?,
+    ))
 }
 
 async fn exchange_get(
@@ -1219,7 +1232,7 @@ async fn exchange_get(
     let x = vh
         .exchange(exchange_path_name(&name))
         .map_err(|_| ApiError::ObjectNotFound)?;
-    Ok(Json(exchange_json(&v, &x)))
+    Ok(Json(exchange_json(&s, &v, &x)))
 }
 
 async fn exchange_put(

@@ -53,10 +53,19 @@ struct Sample {
     rates: Rates,
 }
 
+/// An exchange's (publish_in, publish_out) counts and their rates at the last sample.
+#[derive(Clone, Copy, Default)]
+pub struct ExchangeSample {
+    counts: (u64, u64),
+    pub rates: (f64, f64),
+}
+
 #[derive(Default)]
 struct State {
     at: Option<Instant>,
     queues: HashMap<u64, Sample>,
+    /// By (vhost, exchange name).
+    exchanges: HashMap<(String, String), ExchangeSample>,
     /// Message counters of deleted queues.
     retired: Totals,
     global: Totals,
@@ -100,9 +109,14 @@ impl Sampler {
     pub fn sample(&self, broker: &Broker) {
         let now = Instant::now();
         let mut fresh: HashMap<u64, QueueCounts> = HashMap::new();
+        let mut fresh_exchanges = Vec::new();
         for vh in broker.vhosts() {
             for q in vh.queues() {
                 fresh.insert(q.store_id.0, q.counts());
+            }
+            for x in vh.exchanges() {
+                let key = (vh.name.clone(), x.name.as_str().to_owned());
+                fresh_exchanges.push((key, x.publish_counts()));
             }
         }
         let Ok(mut st) = self.state.write() else {
@@ -146,9 +160,23 @@ impl Sampler {
         } else {
             Rates::default()
         };
+        let exchanges = fresh_exchanges
+            .into_iter()
+            .map(|(key, counts)| {
+                let rates = match st.exchanges.get(&key) {
+                    Some(prev) => (
+                        rate(counts.0, prev.counts.0, secs),
+                        rate(counts.1, prev.counts.1, secs),
+                    ),
+                    None => (0.0, 0.0),
+                };
+                (key, ExchangeSample { counts, rates })
+            })
+            .collect();
         *st = State {
             at: Some(now),
             queues,
+            exchanges,
             retired,
             global,
             global_rates,
@@ -161,6 +189,19 @@ impl Sampler {
             .read()
             .ok()
             .and_then(|s| s.queues.get(&store_id).map(|x| x.rates))
+            .unwrap_or_default()
+    }
+
+    /// The (publish_in, publish_out) rates of an exchange at the last sample.
+    pub fn exchange_rates(&self, vhost: &str, name: &str) -> (f64, f64) {
+        self.state
+            .read()
+            .ok()
+            .and_then(|s| {
+                s.exchanges
+                    .get(&(vhost.to_owned(), name.to_owned()))
+                    .map(|x| x.rates)
+            })
             .unwrap_or_default()
     }
 
