@@ -966,3 +966,43 @@ async fn mosquitto_suite_rules() {
     assert_eq!(t & 0xF0, 0x30);
     assert!(body.ends_with(b"LWT"), "{body:?}");
 }
+
+/// A client that publishes, drops its socket and connects again at once (taking over its
+/// own session before the broker noticed the close) has the last PUBLISH handled first,
+/// as Mosquitto reads them in order: here a retained clear, which the new subscription
+/// must see. Raced 20 times (without the drain it failed about one time in six).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_sent_before_a_takeover_are_routed() {
+    let b = start().await;
+    let publish = |qos: u8, topic: &str, payload: &[u8]| {
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        if qos > 0 {
+            body.extend_from_slice(&1u16.to_be_bytes());
+        }
+        body.extend_from_slice(payload);
+        let mut p = vec![0x31 | (qos << 1), body.len() as u8];
+        p.extend(body);
+        p
+    };
+    for i in 0..20 {
+        let topic = format!("fresh/{i}");
+        let mut old = raw(&b).await;
+        old.write_all(&connect_v4("fresh", true)).await.unwrap();
+        assert_eq!(read_packet(&mut old).await.unwrap().0, 0x20);
+        old.write_all(&publish(1, &topic, b"x")).await.unwrap();
+        assert_eq!(read_packet(&mut old).await.unwrap().0, 0x40);
+        old.write_all(&publish(0, &topic, b"")).await.unwrap();
+        drop(old);
+        let mut new = raw(&b).await;
+        new.write_all(&connect_v4("fresh", true)).await.unwrap();
+        assert_eq!(read_packet(&mut new).await.unwrap().0, 0x20);
+        new.write_all(&subscribe_qos1(&topic)).await.unwrap();
+        assert_eq!(read_packet(&mut new).await.unwrap().0, 0x90);
+        let stale = tokio::time::timeout(Duration::from_millis(50), read_packet(&mut new)).await;
+        assert!(
+            stale.is_err(),
+            "round {i}: a cleared retained message came back"
+        );
+    }
+}

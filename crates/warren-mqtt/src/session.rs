@@ -1062,6 +1062,20 @@ struct Outgoing<'a> {
 }
 
 impl Session {
+    /// Before a taken-over connection ends, the PUBLISHes its client already sent (read
+    /// or waiting in the socket) are routed: a client that publishes, closes and connects
+    /// again expects them handled in that order, as Mosquitto reads them. Nothing else is
+    /// acted on: the session now belongs to the newer connection.
+    async fn drain_publishes<R: AsyncRead + Unpin>(&mut self, rd: &mut R, rbuf: &mut BytesMut) {
+        // A zero timeout still polls the read once: only what is already there.
+        let _ = tokio::time::timeout(Duration::ZERO, rd.read_buf(rbuf)).await;
+        while let Ok(Some(p)) = codec::decode(rbuf, self.version, self.cfg.max_packet_size) {
+            if matches!(p, Packet::Publish(_)) && Box::pin(self.handle(p)).await.is_err() {
+                break;
+            }
+        }
+    }
+
     async fn serve<R, W>(
         &mut self,
         rd: &mut R,
@@ -1150,6 +1164,7 @@ impl Session {
                 }
                 reason = self.registration.closed() => {
                     if reason == TAKEN_OVER_REASON || reason == TAKEN_OVER_RESUMED {
+                        self.drain_publishes(rd, rbuf).await;
                         // MQTT-3.1.4-3: DISCONNECT 0x8E to the connection taken over.
                         self.disconnect(rc::TAKEN_OVER, TAKEN_OVER_REASON);
                         let _ = wr.write_all(&self.out).await;
