@@ -152,3 +152,45 @@ async fn web_mqtt_binary_packets_reach_amqp_and_back() {
         [0x30, 0x07, 0x00, 0x03, b'a', b'/', b'b', b'h', b'i']
     );
 }
+
+/// A client that closes the WebSocket (no DISCONNECT) ends its session at once, as
+/// RabbitMQ's Web-STOMP: the TCP connection closes, the connection leaves the registry
+/// and its unacknowledged message goes back to the queue for another consumer.
+/// (stomp.js waits for the close; Warren used to keep the socket and the session.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_close_ends_the_session() {
+    let b = start().await;
+    let mut p = StompClient::connect(b.stomp_addr).await;
+    p.send_receipted(
+        Frame::new("SEND")
+            .with("destination", "/queue/ws-close")
+            .with("receipt", "p"),
+        "p",
+    )
+    .await;
+    let (mut ws, _) = open(b.web_stomp_addr, "v12.stomp").await;
+    let mut buf = BytesMut::new();
+    ws.send(Message::Text(
+        "CONNECT\naccept-version:1.2\nhost:/\nlogin:guest\npasscode:guest\n\n\0".into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_frame(&mut ws, &mut buf).await.command, "CONNECTED");
+    ws.send(Message::Text(
+        "SUBSCRIBE\nid:a\ndestination:/queue/ws-close\nack:client\n\n\0".into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_frame(&mut ws, &mut buf).await.command, "MESSAGE");
+    ws.close(None).await.unwrap();
+    // The server answers the close and then closes the TCP connection: the stream ends.
+    let ended = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the server closed the socket");
+    let mut other = StompClient::connect(b.stomp_addr).await;
+    other.subscribe("b", "/queue/ws-close", "client").await;
+    let m = other.recv().await.expect("the unacked message, requeued");
+    assert_eq!(m.get("redelivered"), Some("true"));
+}

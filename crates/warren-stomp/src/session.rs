@@ -514,7 +514,10 @@ impl Session {
                         }
                     }
                     if let Some(every) = send_every {
-                        if last_write.elapsed() >= every {
+                        // Ticks come every half interval, a little late or early: half a
+                        // tick of slack keeps the gaps at the interval, never one tick
+                        // over it (1.5 s for a 1 s heart-beat).
+                        if last_write.elapsed() + period / 2 >= every {
                             self.out.extend_from_slice(b"\n");
                         }
                     }

@@ -131,8 +131,11 @@ async fn bridge(socket: WebSocket, peer: SocketAddr, t: Transport) {
     }
     let _ = ws_tx.send(WsMessage::Close(None)).await;
     let _ = ws_tx.close().await;
-    drop(to_app);
-    // The session sees EOF on its input and ends (requeueing, wills, ...).
+    // The TCP connection closes now, whatever the session still does.
+    drop((ws_tx, ws_rx));
+    // Both halves of our end go: the duplex closes only when all of it is dropped, and
+    // then the session sees EOF on its input and ends (requeueing, wills, ...).
+    drop((from_app, to_app));
     let _ = session.await;
 }
 
