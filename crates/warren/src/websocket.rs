@@ -129,7 +129,12 @@ async fn bridge(socket: WebSocket, peer: SocketAddr, t: Transport) {
             }
         }
     }
-    let _ = ws_tx.send(WsMessage::Close(None)).await;
+    // 1000 Normal Closure, as RabbitMQ's Web-STOMP/Web-MQTT close (no code reads as 1005).
+    let normal = axum::extract::ws::CloseFrame {
+        code: axum::extract::ws::close_code::NORMAL,
+        reason: "".into(),
+    };
+    let _ = ws_tx.send(WsMessage::Close(Some(normal))).await;
     let _ = ws_tx.close().await;
     // The TCP connection closes now, whatever the session still does.
     drop((ws_tx, ws_rx));
