@@ -9,6 +9,7 @@ use amq_protocol::frame::AMQPContentHeader;
 use amq_protocol::protocol::{access, basic, channel, confirm, exchange, queue, tx, AMQPClass};
 use bytes::{Bytes, BytesMut};
 use warren_amqp_codec as codec;
+use warren_core::vhost::refuse_default_exchange;
 use warren_core::{
     Access, ConsumerId, ConsumerSpec, Credit, Delivery, Exchange, ExchangeDecl, ExchangeKind,
     Message, MsgSeq, PublishOutcome, Queue, QueueDecl, ResourceKind, ShortString, Target, VHost,
@@ -512,7 +513,8 @@ impl Conn {
                 self.check_topic_read(ch, &vh, b.source.as_str(), b.routing_key.as_str())?;
                 // Unbinding what is not there (source, destination or binding) succeeds,
                 // as in RabbitMQ: clients clean up after auto-delete removed things.
-                if vh.exchange(b.destination.as_str()).is_ok() || b.source.as_str().is_empty() {
+                refuse_default_exchange(b.source.as_str()).map_err(core)?;
+                if vh.exchange(b.destination.as_str()).is_ok() {
                     vh.unbind(
                         b.source.as_str(),
                         Target::Exchange(b.destination),
@@ -613,6 +615,7 @@ impl Conn {
                 )?;
                 self.check_topic_read(ch, &vh, b.exchange.as_str(), b.routing_key.as_str())?;
                 // A missing queue (or exchange, or binding) is not an error, as in RabbitMQ.
+                refuse_default_exchange(b.exchange.as_str()).map_err(core)?;
                 match vh.require_queue(b.queue.as_str(), self.id) {
                     Ok(q) => vh
                         .unbind(
@@ -623,13 +626,7 @@ impl Conn {
                         )
                         .await
                         .map_err(core)?,
-                    Err(e) if e.kind == warren_core::ErrorKind::NotFound => {
-                        if b.exchange.as_str().is_empty() {
-                            return Err(core(warren_core::CoreError::access_refused(
-                                "operation not permitted on the default exchange",
-                            )));
-                        }
-                    }
+                    Err(e) if e.kind == warren_core::ErrorKind::NotFound => {}
                     Err(e) => return Err(core(e)),
                 }
                 self.write(

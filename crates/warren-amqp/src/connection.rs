@@ -587,16 +587,25 @@ impl Conn {
                 self.blocked_notify = client_capability(&s.client_properties, "connection.blocked");
                 self.client_properties = s.client_properties.clone();
                 let mechanism = s.mechanism.as_str().to_owned();
-                let login = match (mechanism.as_str(), &self.auth.cert_user) {
-                    ("PLAIN", _) => parse_plain(s.response.as_bytes())
-                        .map(|(user, pass)| self.broker.authenticate(&user, &pass, self.peer.ip())),
-                    ("AMQPLAIN", _) => parse_amqplain(s.response.as_bytes())
-                        .map(|(user, pass)| self.broker.authenticate(&user, &pass, self.peer.ip())),
+                let (login, name) = match (mechanism.as_str(), &self.auth.cert_user) {
+                    ("PLAIN", _) => (
+                        parse_plain(s.response.as_bytes()).map(|(user, pass)| {
+                            self.broker.authenticate(&user, &pass, self.peer.ip())
+                        }),
+                        "PLAIN",
+                    ),
+                    ("AMQPLAIN", _) => (
+                        parse_amqplain(s.response.as_bytes()).map(|(user, pass)| {
+                            self.broker.authenticate(&user, &pass, self.peer.ip())
+                        }),
+                        "AMQPLAIN",
+                    ),
                     // The response is ignored: the certificate names the user (RabbitMQ's
                     // rabbit_auth_mechanism_ssl), which must exist; no password.
-                    ("EXTERNAL", Some(user)) => {
-                        Some(self.broker.authenticate_external(user, self.peer.ip()))
-                    }
+                    ("EXTERNAL", Some(user)) => (
+                        Some(self.broker.authenticate_external(user, self.peer.ip())),
+                        "EXTERNAL",
+                    ),
                     (other, _) => {
                         return Err(connection_error(
                             code::COMMAND_INVALID,
@@ -607,11 +616,7 @@ impl Conn {
                 match login {
                     Some(Ok(u)) => {
                         self.user = u.name;
-                        self.mechanism = match mechanism.as_str() {
-                            "AMQPLAIN" => "AMQPLAIN",
-                            "EXTERNAL" => "EXTERNAL",
-                            _ => "PLAIN",
-                        };
+                        self.mechanism = name;
                     }
                     Some(Err(e)) => {
                         tracing::warn!(conn = self.id.0, peer = %self.peer, %mechanism, error = %e, "amqp login refused");

@@ -33,6 +33,16 @@ const PREDECLARED: &[(&str, ExchangeKind)] = &[
 
 const TRACE_EXCHANGE: &str = "amq.rabbitmq.trace";
 
+/// RabbitMQ's 403 for declaring, deleting, binding or unbinding the default exchange.
+pub fn refuse_default_exchange(name: &str) -> CoreResult<()> {
+    if name.is_empty() {
+        return Err(CoreError::access_refused(
+            "operation not permitted on the default exchange",
+        ));
+    }
+    Ok(())
+}
+
 /// Bound on exchange-to-exchange hops, against binding cycles.
 const MAX_E2E_DEPTH: usize = 16;
 
@@ -273,11 +283,7 @@ impl VHost {
     pub async fn declare_exchange(&self, d: ExchangeDecl) -> CoreResult<Arc<Exchange>> {
         let name = d.name.as_str();
         // Passive or not, as RabbitMQ (aiormq's tests rely on the 403).
-        if name.is_empty() {
-            return Err(CoreError::access_refused(
-                "operation not permitted on the default exchange",
-            ));
-        }
+        refuse_default_exchange(name)?;
         if d.passive {
             return self.exchange(name);
         }
@@ -348,11 +354,7 @@ impl VHost {
 
     /// exchange.delete.
     pub async fn delete_exchange(&self, name: &str, if_unused: bool) -> CoreResult<()> {
-        if name.is_empty() {
-            return Err(CoreError::access_refused(
-                "operation not permitted on the default exchange",
-            ));
-        }
+        refuse_default_exchange(name)?;
         if name.starts_with("amq.") {
             return Err(CoreError::access_refused(format!(
                 "deletion of system exchange '{name}' in vhost '{}' not allowed",
@@ -743,11 +745,7 @@ impl VHost {
         arguments: FieldTable,
     ) -> CoreResult<()> {
         let x = self.exchange(source)?;
-        if source.is_empty() {
-            return Err(CoreError::access_refused(
-                "operation not permitted on the default exchange",
-            ));
-        }
+        refuse_default_exchange(source)?;
         let durable_target = match &target {
             Target::Queue(q) => q.is_stored(),
             Target::Exchange(e) => self.exchange(e.as_str())?.durable,
@@ -773,11 +771,7 @@ impl VHost {
         routing_key: &str,
         arguments: &FieldTable,
     ) -> CoreResult<()> {
-        if source.is_empty() {
-            return Err(CoreError::access_refused(
-                "operation not permitted on the default exchange",
-            ));
-        }
+        refuse_default_exchange(source)?;
         let Ok(x) = self.exchange(source) else {
             return Ok(());
         };

@@ -257,10 +257,15 @@ pub async fn columns_on_objects(
         return resp;
     }
     let (mut parts, body) = resp.into_parts();
-    // Replies are the API's own JSON, a few KB; the bound only guards the buffer.
-    let Ok(bytes) = axum::body::to_bytes(body, 64 << 20).await else {
+    // The API's replies are `Json`, already whole in memory: collecting them copies
+    // nothing and needs no bound (a 100k-queue list can pass any small one).
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
         return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
+    // Lists (arrays) were projected by their handler: not parsed a second time.
+    if bytes.first() != Some(&b'{') {
+        return axum::response::Response::from_parts(parts, axum::body::Body::from(bytes));
+    }
     let body = match serde_json::from_slice::<Value>(&bytes) {
         Ok(v @ Value::Object(_)) => {
             parts.headers.remove(axum::http::header::CONTENT_LENGTH);

@@ -821,11 +821,11 @@ impl Session {
         let anonymous = f.get("id").is_none();
         let id = f.get("id").unwrap_or(dest).to_owned();
         if self.sub_tokens.contains_key(&id) {
-            // Named by RabbitMQ's consumer tag: T_<id>, or Q_<destination> without an id.
-            let kind = if anonymous { 'Q' } else { 'T' };
+            // Named by its consumer tag, as RabbitMQ names it.
+            let tag = consumer_tag(anonymous, &id);
             return Err(Stop::bare(
                 "Duplicated subscription identifier",
-                format!("A subscription identified by '{kind}_{id}' already exists."),
+                format!("A subscription identified by '{tag}' already exists."),
             ));
         }
         let topic_like = matches!(d, Destination::Topic(_) | Destination::Exchange(..));
@@ -1100,9 +1100,8 @@ impl Session {
         };
         let n = self.next_msg;
         self.next_msg += 1;
-        // RabbitMQ's consumer tag: T_<id>, or Q_<destination> for an anonymous one.
-        let kind = if sub.anonymous { 'Q' } else { 'T' };
-        let message_id = format!("{kind}_{}@@{}@@{n}", sub.id, self.session_id);
+        let tag = consumer_tag(sub.anonymous, &sub.id);
+        let message_id = format!("{tag}@@{}@@{n}", self.session_id);
         let m = &d.message;
         let mut f = Frame::new("MESSAGE");
         if !sub.anonymous {
@@ -1177,6 +1176,13 @@ fn unknown_tx(tx: &str) -> Stop {
         "Bad transaction",
         format!("Invalid transaction identifier: \"{tx}\""),
     )
+}
+
+/// RabbitMQ's consumer tag of a subscription: `T_<id>`, or `Q_<destination>` for one
+/// without an id (STOMP 1.0); message ids and error texts start with it.
+fn consumer_tag(anonymous: bool, id: &str) -> String {
+    let kind = if anonymous { 'Q' } else { 'T' };
+    format!("{kind}_{id}")
 }
 
 /// A `destination` header, parsed, or RabbitMQ's ERROR for it.
