@@ -18,6 +18,11 @@ def check(err, code, text):
     assert (err.reply_code, err.reply_text) == (code, text)
 
 
+# Streams share these declare rules (test_pika_streams.py has the rest of them).
+TYPES = pytest.mark.parametrize("qtype", ["quorum", "stream"])
+
+
+@TYPES
 @pytest.mark.parametrize("flags,refused", [
     (dict(durable=False), "non-durable"),
     (dict(durable=True, exclusive=True), "exclusive-owner"),
@@ -26,16 +31,19 @@ def check(err, code, text):
     (dict(durable=False, exclusive=True, auto_delete=True), "auto-delete"),
     (dict(durable=False, exclusive=True), "exclusive-owner"),
 ])
-def test_quorum_queue_properties_refused(conn, name, flags, refused):
-    err = channel_error(conn, lambda ch: ch.queue_declare(name, arguments=QUORUM, **flags))
+def test_replicated_queue_properties_refused(conn, name, flags, refused, qtype):
+    args = {"x-queue-type": qtype}
+    err = channel_error(conn, lambda ch: ch.queue_declare(name, arguments=args, **flags))
     check(err, 406, f"PRECONDITION_FAILED - invalid property '{refused}' for queue "
                     f"'{name}' in vhost '/'")
 
 
-def test_quorum_queue_cannot_be_server_named(conn):
-    err = channel_error(conn, lambda ch: ch.queue_declare("", durable=True, arguments=QUORUM))
+@TYPES
+def test_replicated_queue_cannot_be_server_named(conn, qtype):
+    args = {"x-queue-type": qtype}
+    err = channel_error(conn, lambda ch: ch.queue_declare("", durable=True, arguments=args))
     check(err, 406, "PRECONDITION_FAILED - Cannot declare a server-named queue for type "
-                    "rabbit_quorum_queue")
+                    f"rabbit_{qtype}_queue")
 
 
 @pytest.mark.parametrize("first,second,text", [

@@ -161,6 +161,46 @@ def test_stomp_to_amqp_and_back(broker, qname):
     c.disconnect()
 
 
+@pytest.mark.parametrize("offset,expected", [
+    ("first", ["0", "1", "2"]),
+    ("offset=1", ["1", "2"]),
+    ("timestamp=1000", ["0", "1", "2"]),
+    ("next", []),
+])
+def test_stream_subscription_from_an_offset(broker, qname, offset, expected):
+    conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+    ch = conn.channel()
+    ch.queue_declare(qname, durable=True, arguments={"x-queue-type": "stream"})
+    ch.confirm_delivery()
+    for i in range(3):
+        ch.basic_publish("", qname, str(i).encode())
+    c, l = connect(broker)
+    c.subscribe(f"/amq/queue/{qname}", id="s", ack="client",
+                headers={"prefetch-count": "10", "x-stream-offset": offset})
+    got = []
+    for _ in expected:
+        m = l.get()
+        got.append(m.headers["x-stream-offset"])
+        c.ack(m.headers["ack"])
+    assert got == expected
+    assert l.none()
+    c.disconnect()
+    ch.queue_delete(qname)
+    conn.close()
+
+
+def test_stream_subscription_needs_prefetch(broker, qname):
+    conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+    conn.channel().queue_declare(qname, durable=True, arguments={"x-queue-type": "stream"})
+    c, l = connect(broker)
+    c.subscribe(f"/amq/queue/{qname}", id="s", ack="client")
+    e = l.errors.get(timeout=5)
+    assert e.headers["message"] == "precondition_failed"
+    assert "consumer prefetch count is not set" in e.body
+    conn.channel().queue_delete(qname)
+    conn.close()
+
+
 def test_error_on_missing_queue(broker):
     c, l = connect(broker)
     c.subscribe("/amq/queue/does-not-exist-" + uuid.uuid4().hex[:6], id="x", ack="auto")

@@ -56,17 +56,7 @@ async fn publish_consume_ack() {
         assert!(!d.redelivered);
         d.ack(BasicAckOptions::default()).await.unwrap();
     }
-    let q = ch
-        .queue_declare(
-            "work".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let q = passive(&ch, "work").await;
     assert_eq!(q.message_count(), 0);
     assert_eq!(q.consumer_count(), 1);
 }
@@ -1416,4 +1406,60 @@ async fn consumer_timeout_closes_the_channel_and_requeues() {
         .unwrap()
         .expect("requeued");
     assert!(again.delivery.redelivered);
+}
+
+/// A stream queue: every reader starts where `x-stream-offset` says and gets each message
+/// with its offset; acks return credit without removing anything; basic.get is refused.
+#[tokio::test]
+async fn stream_readers_start_at_their_offsets() {
+    let b = start().await;
+    let (_c, ch) = b.channel().await;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(
+        "log".into(),
+        durable,
+        table(&[("x-queue-type", s("stream"))]),
+    )
+    .await
+    .unwrap();
+    for i in 0..5u8 {
+        publish(&ch, "", "log", &[b'0' + i]).await;
+    }
+    ch.basic_qos(2, BasicQosOptions::default()).await.unwrap();
+    let offset_of = |d: &lapin::message::Delivery| {
+        d.properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-stream-offset").cloned())
+    };
+    for (start, first) in [
+        (AMQPValue::LongString("first".into()), 0i64),
+        (AMQPValue::LongLongInt(3), 3),
+    ] {
+        let mut c = ch
+            .basic_consume(
+                "log".into(),
+                format!("from-{first}").as_str().into(),
+                BasicConsumeOptions::default(),
+                table(&[("x-stream-offset", start)]),
+            )
+            .await
+            .unwrap();
+        for want in first..5 {
+            let d = next(&mut c).await;
+            assert_eq!(offset_of(&d), Some(AMQPValue::LongLongInt(want)));
+            assert_eq!(d.data, vec![b'0' + want as u8]);
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    }
+    // Still five messages after every ack.
+    assert_eq!(passive(&ch, "log").await.message_count(), 5);
+    let err = ch
+        .basic_get("log".into(), BasicGetOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(reply_code(&err), Some(540), "{err}");
 }

@@ -637,6 +637,9 @@ impl Conn {
             AMQPClass::Queue(queue::AMQPMethod::Purge(p)) => {
                 self.check_access(ch, Access::Read, ResourceKind::Queue, p.queue.as_str())?;
                 let q = vh.require_queue(p.queue.as_str(), self.id).map_err(core)?;
+                if q.is_stream() {
+                    return Err(core(q.stream_refusal("queue.purge")));
+                }
                 let n = q.purge().await;
                 if !p.nowait {
                     self.write(
@@ -709,6 +712,9 @@ impl Conn {
             AMQPClass::Basic(basic::AMQPMethod::Get(g)) => {
                 self.check_access(ch, Access::Read, ResourceKind::Queue, g.queue.as_str())?;
                 let q = vh.require_queue(g.queue.as_str(), self.id).map_err(core)?;
+                if q.is_stream() {
+                    return Err(core(q.stream_refusal("basic.get")));
+                }
                 match q.get(g.no_ack).await {
                     None => self.write(
                         ch,
@@ -967,6 +973,20 @@ impl Conn {
                 ),
             ));
         }
+        q.check_consumer(c.no_ack, self.chan(ch).consumer_prefetch)
+            .map_err(core)?;
+        let stream_start = if q.is_stream() {
+            Some(
+                warren_core::stream::StreamStart::parse(
+                    c.arguments.inner().get("x-stream-offset"),
+                    q.name.as_str(),
+                    &vh.name,
+                )
+                .map_err(core)?,
+            )
+        } else {
+            None
+        };
         let priority = c
             .arguments
             .inner()
@@ -987,6 +1007,7 @@ impl Conn {
             prefetch: chan.consumer_prefetch,
             channel_credit: chan.credit.clone(),
             outbox,
+            stream_start,
         };
         chan.consumers.insert(
             tag.clone(),
@@ -1039,6 +1060,12 @@ impl Conn {
             return Ok(());
         }
         let (groups, credited) = by_queue(tags);
+        if kind != SettleKind::Ack {
+            if let Some((q, _)) = groups.iter().find(|(q, _)| q.is_stream()) {
+                let e = q.stream_refusal("basic.nack and basic.reject");
+                return Err(AmqpError::from_core(e, ch, 0, 0));
+            }
+        }
         for (q, seqs) in groups {
             match kind {
                 SettleKind::Ack => q.ack(&seqs).await,
@@ -1538,7 +1565,7 @@ impl Conn {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum SettleKind {
     Ack,
     Requeue,

@@ -205,6 +205,16 @@ impl Broker {
             );
             // Streamed: past the paging threshold a message is decoded, counted and dropped.
             self.store.scan_queue(q.store_id, 0, u64::MAX, |m| {
+                if q.is_stream() {
+                    // Every stream record stays, whatever its delivery mode.
+                    match q.restore_stream(m.seq, m.data) {
+                        Ok(()) => n_msgs += 1,
+                        Err(e) => {
+                            tracing::warn!(queue = %r.name, offset = m.seq, error = %e, "skipping unreadable stream record")
+                        }
+                    }
+                    return true;
+                }
                 match Message::decode(m.data) {
                     // A transient message paged out before the restart: gone, as in RabbitMQ.
                     Ok(msg) if !msg.is_persistent() => stale.push(Op::DeleteMessage {

@@ -67,6 +67,8 @@ pub struct ConsumerSpec {
     pub prefetch: u32,
     pub channel_credit: Arc<Credit>,
     pub outbox: Arc<Outbox>,
+    /// Stream queues: where to start reading (`x-stream-offset`; None = next).
+    pub stream_start: Option<crate::stream::StreamStart>,
 }
 
 /// A message handed to a consumer.

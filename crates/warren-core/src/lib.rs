@@ -23,6 +23,7 @@ pub mod permissions;
 pub mod policies;
 pub mod queue;
 pub mod shutdown;
+pub mod stream;
 pub mod topic;
 pub mod topic_permissions;
 pub mod vhost;

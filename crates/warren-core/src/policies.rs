@@ -61,9 +61,10 @@ const OPERATOR_KEYS: &[&str] = &[
 /// What kind of object a policy is matched against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Object {
-    /// A queue; `quorum` when declared with `x-queue-type: quorum`.
+    /// A queue; `quorum` / `stream` when declared with that `x-queue-type`.
     Queue {
         quorum: bool,
+        stream: bool,
     },
     Exchange,
 }
@@ -213,8 +214,9 @@ impl Policy {
         let kind = match (self.record.apply_to.as_str(), object) {
             ("all", _) => true,
             ("queues", Object::Queue { .. }) => true,
-            ("classic_queues", Object::Queue { quorum }) => !quorum,
-            ("quorum_queues", Object::Queue { quorum }) => quorum,
+            ("classic_queues", Object::Queue { quorum, stream }) => !quorum && !stream,
+            ("quorum_queues", Object::Queue { quorum, .. }) => quorum,
+            ("streams", Object::Queue { stream, .. }) => stream,
             ("exchanges", Object::Exchange) => true,
             _ => false,
         };
@@ -302,7 +304,10 @@ mod tests {
             .unwrap();
             ps.set(Arc::new(p));
         }
-        let q = Object::Queue { quorum: false };
+        let q = Object::Queue {
+            quorum: false,
+            stream: false,
+        };
         assert_eq!(ps.for_object(q, "q.a").unwrap().record.name, "high");
         assert_eq!(ps.for_object(q, "qa").unwrap().record.name, "low");
         assert!(ps.for_object(q, "z").is_none());
@@ -324,12 +329,47 @@ mod tests {
         r.apply_to = "exchanges".into();
         let p = Policy::new(PolicyKind::User, r).unwrap();
         assert!(p.applies(Object::Exchange, "x"));
-        assert!(!p.applies(Object::Queue { quorum: false }, "x"));
+        assert!(!p.applies(
+            Object::Queue {
+                quorum: false,
+                stream: false
+            },
+            "x"
+        ));
         let mut r = rec("p", ".*", 0, json!({"max-length": 1}));
         r.apply_to = "quorum_queues".into();
         let p = Policy::new(PolicyKind::User, r).unwrap();
-        assert!(p.applies(Object::Queue { quorum: true }, "q"));
-        assert!(!p.applies(Object::Queue { quorum: false }, "q"));
+        assert!(p.applies(
+            Object::Queue {
+                quorum: true,
+                stream: false
+            },
+            "q"
+        ));
+        assert!(!p.applies(
+            Object::Queue {
+                quorum: false,
+                stream: false
+            },
+            "q"
+        ));
+        let mut r = rec("p", ".*", 0, json!({"max-age": "1h"}));
+        r.apply_to = "streams".into();
+        let p = Policy::new(PolicyKind::User, r).unwrap();
+        assert!(p.applies(
+            Object::Queue {
+                quorum: false,
+                stream: true
+            },
+            "s"
+        ));
+        assert!(!p.applies(
+            Object::Queue {
+                quorum: false,
+                stream: false
+            },
+            "q"
+        ));
     }
 
     #[test]

@@ -33,6 +33,7 @@ use crate::ids::{ConnectionId, ConsumerId, MsgSeq};
 use crate::message::Message;
 use crate::paging::{Paged, Readiness, PAGE_AFTER_BYTES, PAGE_AFTER_MESSAGES};
 use crate::policies::Policy;
+use crate::stream::{StreamEntry, StreamLog};
 use crate::vhost::{rabbit_type, VHost};
 
 /// What to do when a queue is full (`x-overflow`).
@@ -78,6 +79,12 @@ pub struct QueueConfig {
     /// `x-delivery-limit` (quorum queues): returns a message may have before it is
     /// dead-lettered with reason `delivery_limit`.
     pub delivery_limit: Option<u64>,
+    /// Declared `x-queue-type: stream`: an append-only log (crate::stream).
+    pub stream: bool,
+    /// `x-max-age` (streams): segments older than this are dropped.
+    pub max_age: Option<std::time::Duration>,
+    /// `x-stream-max-segment-size-bytes` (streams).
+    pub segment_bytes: Option<u64>,
 }
 
 impl QueueConfig {
@@ -104,6 +111,13 @@ impl QueueConfig {
         }
         if self.overflow.is_none() {
             self.overflow = p.text("overflow").and_then(Overflow::parse);
+        }
+        // Streams: the argument first, as for the DLX.
+        if self.max_age.is_none() {
+            self.max_age = p.text("max-age").and_then(crate::stream::parse_age);
+        }
+        if self.segment_bytes.is_none() {
+            self.segment_bytes = p.int("stream-max-segment-size-bytes");
         }
         self.policy = Some(p.clone());
         self
@@ -143,12 +157,12 @@ impl QueueConfig {
             ))
         };
         // The queue type decides which arguments are allowed at all.
-        let quorum = match args.inner().get("x-queue-type") {
-            None => false,
+        let kind = match args.inner().get("x-queue-type") {
+            None => QueueKind::Classic,
             Some(v) => match text_value(v, "x-queue-type", queue, vhost)?.as_str() {
-                // Accepted for compatibility; every queue has classic semantics here.
-                "classic" => false,
-                "quorum" => true,
+                "classic" => QueueKind::Classic,
+                "quorum" => QueueKind::Quorum,
+                "stream" => QueueKind::Stream,
                 other => {
                     return Err(bad(
                         "x-queue-type",
@@ -157,15 +171,12 @@ impl QueueConfig {
                 }
             },
         };
-        c.quorum = quorum;
-        let (allowed, type_name) = if quorum {
-            (QUORUM_ARGS, "rabbit_quorum_queue")
-        } else {
-            (CLASSIC_ARGS, "rabbit_classic_queue")
-        };
+        c.quorum = kind == QueueKind::Quorum;
+        c.stream = kind == QueueKind::Stream;
+        let type_name = kind.module();
         for k in args.inner().keys() {
             let key = k.as_str();
-            if unsupported_arg(key, allowed) {
+            if !kind.takes(key) {
                 return Err(CoreError::precondition(format!(
                     "invalid arg '{key}' for queue '{queue}' in vhost '{vhost}' of queue type {type_name}"
                 )));
@@ -174,8 +185,12 @@ impl QueueConfig {
         for (k, v) in args.inner() {
             let key = k.as_str();
             match key {
-                "x-message-ttl" | "x-expires" | "x-max-length" | "x-max-length-bytes"
-                | "x-max-priority" => {
+                "x-message-ttl"
+                | "x-expires"
+                | "x-max-length"
+                | "x-max-length-bytes"
+                | "x-max-priority"
+                | "x-stream-max-segment-size-bytes" => {
                     let n = int_value(v).ok_or_else(|| {
                         bad(key, format!("\"expected integer, got {}\"", rabbit_type(v)))
                     })?;
@@ -191,6 +206,7 @@ impl QueueConfig {
                         "x-expires" => c.expires = Some(n),
                         "x-max-length" => c.max_length = Some(n),
                         "x-max-length-bytes" => c.max_length_bytes = Some(n),
+                        "x-stream-max-segment-size-bytes" => c.segment_bytes = Some(n),
                         _ => {
                             if n > 255 {
                                 return Err(bad(key, format!("{{max_value_exceeded,{n}}}")));
@@ -214,6 +230,21 @@ impl QueueConfig {
                 }
                 "x-single-active-consumer" => match v {
                     AMQPValue::Boolean(b) => c.single_active_consumer = *b,
+                    other => {
+                        return Err(bad(
+                            key,
+                            format!("{{unacceptable_type,{}}}", rabbit_type(other)),
+                        ))
+                    }
+                },
+                "x-max-age" => match v {
+                    AMQPValue::LongString(_) | AMQPValue::ShortString(_) => {
+                        let text = text_value(v, key, queue, vhost)?;
+                        c.max_age = Some(
+                            crate::stream::parse_age(text.as_str())
+                                .ok_or_else(|| bad(key, "invalid_max_age".into()))?,
+                        );
+                    }
                     other => {
                         return Err(bad(
                             key,
@@ -287,20 +318,62 @@ pub(crate) const QUORUM_ARGS: &[&str] = &[
     "x-dead-letter-strategy",
     "x-queue-leader-locator",
 ];
-const STREAM_ARGS: &[&str] = &[
+/// Stream queues take only these (checked against RabbitMQ 3.10: `x-message-ttl`,
+/// `x-max-length`, dead-lettering, overflow and the rest are refused).
+pub(crate) const STREAM_ARGS: &[&str] = &[
+    "x-max-length-bytes",
     "x-max-age",
     "x-stream-max-segment-size-bytes",
     "x-initial-cluster-size",
+    "x-queue-leader-locator",
 ];
 
-/// Whether some RabbitMQ 3.10 queue type knows `key` but `own` (the declared type's
-/// specific arguments) does not: such an argument is refused
-/// (`rabbit_queue_type:check_invalid_arguments`); one no type knows is ignored.
-fn unsupported_arg(key: &str, own: &[&str]) -> bool {
-    let known = [CLASSIC_ARGS, QUORUM_ARGS, STREAM_ARGS]
-        .iter()
-        .any(|l| l.contains(&key));
-    known && !own.contains(&key) && !COMMON_ARGS.contains(&key)
+/// The queue types of RabbitMQ 3.10.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QueueKind {
+    Classic,
+    Quorum,
+    Stream,
+}
+
+impl QueueKind {
+    pub(crate) fn of(config: &QueueConfig) -> QueueKind {
+        if config.stream {
+            QueueKind::Stream
+        } else if config.quorum {
+            QueueKind::Quorum
+        } else {
+            QueueKind::Classic
+        }
+    }
+
+    /// RabbitMQ's module name, as its refusals print it.
+    fn module(self) -> &'static str {
+        match self {
+            QueueKind::Classic => "rabbit_classic_queue",
+            QueueKind::Quorum => "rabbit_quorum_queue",
+            QueueKind::Stream => "rabbit_stream_queue",
+        }
+    }
+
+    /// The arguments this type compares on re-declare (besides `x-queue-type`).
+    pub(crate) fn own_args(self) -> Vec<&'static str> {
+        match self {
+            QueueKind::Classic => COMMON_ARGS.iter().chain(CLASSIC_ARGS).copied().collect(),
+            QueueKind::Quorum => COMMON_ARGS.iter().chain(QUORUM_ARGS).copied().collect(),
+            QueueKind::Stream => STREAM_ARGS.to_vec(),
+        }
+    }
+
+    /// Whether a queue of this type takes `key`: an argument some other RabbitMQ 3.10
+    /// type knows is refused (`rabbit_queue_type:check_invalid_arguments`); one no type
+    /// knows is ignored.
+    fn takes(self, key: &str) -> bool {
+        let known = [COMMON_ARGS, CLASSIC_ARGS, QUORUM_ARGS, STREAM_ARGS]
+            .iter()
+            .any(|l| l.contains(&key));
+        !known || key == "x-queue-type" || self.own_args().contains(&key)
+    }
 }
 
 /// A text argument; another type is RabbitMQ's "invalid type" refusal.
@@ -366,6 +439,8 @@ struct ConsumerEntry {
     spec: ConsumerSpec,
     unacked: u32,
     stalled: bool,
+    /// Stream queues: the next offset this consumer reads.
+    cursor: u64,
 }
 
 impl ConsumerEntry {
@@ -402,6 +477,8 @@ struct QueueState {
     stats: QueueStats,
     /// The paged-out tail (counted in `ready_count`/`ready_bytes` too).
     paged: Paged,
+    /// Stream queues: the log (the ready lists stay empty).
+    stream: Option<Box<StreamLog>>,
 }
 
 /// Counters for the management API.
@@ -498,6 +575,9 @@ pub struct Queue {
     next_seq: AtomicU64,
     /// Wakes the housekeeping task (TTL and x-expires) when a nearer deadline appears.
     timer: Notify,
+    /// Stream queues: held from taking an offset until the message is in the log, so the
+    /// log, the offsets and the store writes keep one order.
+    append: Option<Box<tokio::sync::Mutex<()>>>,
 }
 
 /// `config` itself, or the one shared default when it has no options.
@@ -530,9 +610,11 @@ impl Queue {
         config: QueueConfig,
     ) -> Arc<Self> {
         let levels = config.max_priority.map(|p| p as usize + 1).unwrap_or(1);
+        let stream = config.stream;
         let state = QueueState {
             ready: (0..levels).map(|_| VecDeque::new()).collect(),
             last_used: Some(Instant::now()),
+            stream: stream.then(Box::default),
             ..Default::default()
         };
         let q = Arc::new(Queue {
@@ -547,6 +629,7 @@ impl Queue {
             state: Mutex::new(state),
             next_seq: AtomicU64::new(1),
             timer: Notify::new(),
+            append: stream.then(|| Box::new(tokio::sync::Mutex::new(()))),
         });
         if q.config().message_ttl.is_some() || q.config().expires.is_some() {
             q.ensure_timer();
@@ -630,6 +713,16 @@ impl Queue {
 
     pub fn counts(&self) -> QueueCounts {
         let s = self.state.lock();
+        if let Some(log) = &s.stream {
+            return QueueCounts {
+                ready: log.count() as u32,
+                unacked: log.unacked.len() as u32,
+                consumers: s.consumers.len() as u32,
+                ready_bytes: log.bytes(),
+                paged_out: log.on_disk_only() as u32,
+                stats: s.stats,
+            };
+        }
         QueueCounts {
             ready: s.ready_count as u32,
             unacked: s.unacked.len() as u32,
@@ -659,7 +752,48 @@ impl Queue {
     }
 
     pub fn message_count(&self) -> u32 {
-        self.state.lock().ready_count as u32
+        let s = self.state.lock();
+        match &s.stream {
+            Some(log) => log.count() as u32,
+            None => s.ready_count as u32,
+        }
+    }
+
+    /// A stream queue (`x-queue-type: stream`): consumers read, nothing is dequeued.
+    pub fn is_stream(&self) -> bool {
+        self.append.is_some()
+    }
+
+    /// RabbitMQ's refusal of an operation streams do not have (540): `what` is e.g.
+    /// "basic.get".
+    pub fn stream_refusal(&self, what: &str) -> CoreError {
+        CoreError::new(
+            crate::error::ErrorKind::NotImplemented,
+            format!(
+                "{what} not supported by stream queues queue '{}' in vhost '{}'",
+                self.name.as_str(),
+                self.vhost_name()
+            ),
+        )
+    }
+
+    /// Whether a consumer may read this queue: a stream needs acks and a per-consumer
+    /// prefetch, as RabbitMQ 3.10 requires (406 before 540).
+    pub fn check_consumer(&self, no_ack: bool, prefetch: u32) -> CoreResult<()> {
+        if !self.is_stream() {
+            return Ok(());
+        }
+        if prefetch == 0 {
+            return Err(CoreError::precondition(format!(
+                "consumer prefetch count is not set for 'queue '{}' in vhost '{}''",
+                self.name.as_str(),
+                self.vhost_name()
+            )));
+        }
+        if no_ack {
+            return Err(self.stream_refusal("automatic acknowledgement"));
+        }
+        Ok(())
     }
 
     pub fn consumer_count(&self) -> u32 {
@@ -697,7 +831,7 @@ impl Queue {
 
     /// Whether a publish would be refused by `x-overflow: reject-publish[-dlx]` right now.
     pub(crate) fn would_reject(&self, msg: &Message) -> bool {
-        if !self.config().refuses_when_full() {
+        if self.is_stream() || !self.config().refuses_when_full() {
             return false;
         }
         let s = self.state.lock();
@@ -733,6 +867,20 @@ impl Queue {
         .min();
         let expires_at = ttl.map(|t| now + Duration::from_millis(t));
         let mut fx = Effects::default();
+        if self.is_stream() {
+            // Streams take the ordered path (VHost::deliver_awaiting); one arriving here
+            // anyway is appended and written after.
+            let offset = self.stream_next_offset();
+            let ts = crate::stream::now_ms();
+            fx.ops.push(Op::PutMessage {
+                queue: self.store_id,
+                seq: offset,
+                data: crate::stream::encode_stored(ts, &msg),
+            });
+            let more = self.append_stream(offset, msg, ts, u64::MAX);
+            fx.ops.extend(more.ops);
+            return (EnqueueOutcome::Accepted, fx);
+        }
         let outcome = {
             let mut s = self.state.lock();
             if s.deleted {
@@ -804,6 +952,87 @@ impl Queue {
             }
         };
         (outcome, fx)
+    }
+
+    /// Takes the append lock of a stream (None for other queues): see [`Queue::append`].
+    pub(crate) async fn lock_append(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.append {
+            Some(m) => Some(m.lock().await),
+            None => None,
+        }
+    }
+
+    /// The offset the next message of this stream gets (hold the append lock).
+    pub(crate) fn stream_next_offset(&self) -> u64 {
+        self.state.lock().stream.as_ref().map_or(0, |l| l.next())
+    }
+
+    /// Appends a message written (or being written) to the store at `offset` with
+    /// `ticket`, applies retention and feeds the consumers.
+    pub(crate) fn append_stream(
+        self: &Arc<Self>,
+        offset: u64,
+        msg: Arc<Message>,
+        ts_ms: i64,
+        ticket: u64,
+    ) -> Effects {
+        let mut fx = Effects::default();
+        let synced = self
+            .vhost
+            .upgrade()
+            .map_or(0, |v| *v.store.synced().borrow());
+        let cfg = self.config();
+        let mut s = self.state.lock();
+        if s.deleted {
+            return fx;
+        }
+        s.stats.published += 1;
+        let Some(log) = s.stream.as_mut() else {
+            return fx;
+        };
+        log.append(
+            StreamEntry {
+                offset,
+                msg,
+                ts_ms,
+                ticket,
+            },
+            cfg.segment_bytes
+                .unwrap_or(crate::stream::DEFAULT_SEGMENT_BYTES),
+        );
+        if let Some((first, last)) = log.apply_retention(cfg.max_length_bytes, cfg.max_age, ts_ms) {
+            fx.ops.push(Op::DeleteMessageRange {
+                queue: self.store_id,
+                first,
+                last,
+            });
+        }
+        log.evict(synced);
+        self.dispatch(&mut s, &mut fx, Instant::now());
+        fx
+    }
+
+    /// Puts a recovered stream record back (startup only).
+    pub(crate) fn restore_stream(&self, offset: u64, data: bytes::Bytes) -> CoreResult<()> {
+        let (ts_ms, msg) = crate::stream::decode_stored(data)?;
+        let segment = self
+            .config()
+            .segment_bytes
+            .unwrap_or(crate::stream::DEFAULT_SEGMENT_BYTES);
+        let mut s = self.state.lock();
+        if let Some(log) = s.stream.as_mut() {
+            log.append(
+                StreamEntry {
+                    offset,
+                    msg: Arc::new(msg),
+                    ts_ms,
+                    ticket: 0,
+                },
+                segment,
+            );
+            log.evict(0);
+        }
+        Ok(())
     }
 
     /// Puts a recovered message back (startup only, no consumers yet). Past the paging
@@ -1029,6 +1258,10 @@ impl Queue {
 
     /// Hands ready messages to consumers while credit lasts.
     fn dispatch(self: &Arc<Self>, s: &mut QueueState, fx: &mut Effects, now: Instant) {
+        if s.stream.is_some() {
+            self.dispatch_stream(s);
+            return;
+        }
         while s.ready_count > 0 && !s.consumers.is_empty() {
             let Some(ci) = self.pick_consumer(s) else {
                 break;
@@ -1043,16 +1276,12 @@ impl Queue {
                 continue;
             }
             let c = &mut s.consumers[ci];
-            let delivery = Delivery {
-                consumer: c.spec.id,
-                tag: c.spec.tag.clone(),
-                token: c.spec.token,
-                no_ack: c.spec.no_ack,
-                queue: self.clone(),
-                seq: MsgSeq(entry.seq),
-                message: self.outgoing(&entry, false),
-                redelivered: entry.redelivered,
-            };
+            let delivery = self.delivery(
+                c,
+                entry.seq,
+                self.outgoing(&entry, false),
+                entry.redelivered,
+            );
             if let Err(_returned) = c.spec.outbox.try_deliver(delivery) {
                 c.stalled = true;
                 c.spec.outbox.note_stalled(Arc::downgrade(self));
@@ -1088,6 +1317,119 @@ impl Queue {
                 },
             );
         }
+    }
+
+    /// A delivery of `message` to consumer `c` under `seq` (what its settle names).
+    fn delivery(
+        self: &Arc<Self>,
+        c: &ConsumerEntry,
+        seq: u64,
+        message: Arc<Message>,
+        redelivered: bool,
+    ) -> Delivery {
+        Delivery {
+            consumer: c.spec.id,
+            tag: c.spec.tag.clone(),
+            token: c.spec.token,
+            no_ack: c.spec.no_ack,
+            queue: self.clone(),
+            seq: MsgSeq(seq),
+            message,
+            redelivered,
+        }
+    }
+
+    /// Hands each stream consumer the messages from its cursor on while its credit lasts.
+    /// Messages no longer in memory are read from the store in batches.
+    fn dispatch_stream(self: &Arc<Self>, s: &mut QueueState) {
+        let QueueState {
+            stream: Some(log),
+            consumers,
+            stats,
+            ..
+        } = s
+        else {
+            return;
+        };
+        let store = self.vhost.upgrade().map(|v| v.store.clone());
+        for c in consumers.iter_mut() {
+            let mut batch: VecDeque<StreamEntry> = VecDeque::new();
+            while c.has_credit() && c.cursor < log.next() {
+                c.cursor = c.cursor.max(log.first());
+                let entry = match log.in_memory(c.cursor) {
+                    Some(e) => e.clone(),
+                    None => {
+                        if batch.front().is_none_or(|e| e.offset < c.cursor) {
+                            batch = self.read_stream(store.as_ref(), c.cursor, log.next());
+                            batch.retain(|e| e.offset >= c.cursor);
+                        }
+                        match batch.pop_front() {
+                            Some(e) => e,
+                            None => {
+                                // Not in the store either (trimmed meanwhile): skip to
+                                // what memory holds.
+                                let skip_to = (c.cursor + 1).max(log.first());
+                                c.cursor = skip_to;
+                                continue;
+                            }
+                        }
+                    }
+                };
+                let offset = entry.offset;
+                let message = Arc::new(entry.msg.with_headers(|h| {
+                    h.insert(
+                        "x-stream-offset".into(),
+                        AMQPValue::LongLongInt(offset as i64),
+                    );
+                }));
+                let id = log.delivery_id();
+                let delivery = self.delivery(c, id, message, false);
+                if c.spec.outbox.try_deliver(delivery).is_err() {
+                    c.stalled = true;
+                    c.spec.outbox.note_stalled(Arc::downgrade(self));
+                    break;
+                }
+                c.cursor = offset + 1;
+                stats.delivered += 1;
+                if !c.spec.no_ack {
+                    c.unacked += 1;
+                    c.spec.channel_credit.take();
+                    log.unacked.insert(id, c.spec.id);
+                }
+            }
+        }
+    }
+
+    /// Up to a batch of stream records from `from` on, read back from the store.
+    fn read_stream(
+        &self,
+        store: Option<&warren_store::Store>,
+        from: u64,
+        next: u64,
+    ) -> VecDeque<StreamEntry> {
+        let mut out = VecDeque::new();
+        let Some(store) = store else {
+            return out;
+        };
+        let last = (from + crate::stream::READ_BATCH - 1).min(next.saturating_sub(1));
+        let read = store.scan_queue(self.store_id, from, last, |m| {
+            match crate::stream::decode_stored(m.data) {
+                Ok((ts_ms, msg)) => out.push_back(StreamEntry {
+                    offset: m.seq,
+                    msg: Arc::new(msg),
+                    ts_ms,
+                    ticket: 0,
+                }),
+                Err(e) => {
+                    tracing::warn!(queue = %self.name.as_str(), offset = m.seq, error = %e, "skipping an unreadable stream record")
+                }
+            }
+            true
+        });
+        if let Err(e) = read {
+            tracing::error!(queue = %self.name.as_str(), error = %e, "reading a stream failed");
+        }
+        out
     }
 
     /// Carries out what was decided under the lock.
@@ -1188,10 +1530,16 @@ impl Queue {
             if s.consumers.capacity() == 0 {
                 s.consumers.reserve_exact(1);
             }
+            let cursor = match (&s.stream, spec.stream_start) {
+                (Some(log), Some(start)) => log.start_offset(start),
+                (Some(log), None) => log.next(),
+                (None, _) => 0,
+            };
             s.consumers.push(ConsumerEntry {
                 spec,
                 unacked: 0,
                 stalled: false,
+                cursor,
             });
             self.dispatch(&mut s, &mut fx, Instant::now());
         }
@@ -1305,6 +1653,10 @@ impl Queue {
     }
 
     async fn get_once(self: &Arc<Self>, no_ack: bool) -> Option<GetResult> {
+        if self.is_stream() {
+            // Front-ends refuse basic.get on streams (RabbitMQ: 540).
+            return None;
+        }
         let mut fx = Effects::default();
         let now = Instant::now();
         let result = {
@@ -1353,6 +1705,15 @@ impl Queue {
     }
 
     fn settle(&self, s: &mut QueueState, seq: MsgSeq) -> Option<Entry> {
+        if let Some(log) = s.stream.as_mut() {
+            // A stream delivery only held credit: nothing goes back or away.
+            let cid = log.unacked.remove(&seq.0)?;
+            if let Some(c) = s.consumers.iter_mut().find(|c| c.spec.id == cid) {
+                c.unacked = c.unacked.saturating_sub(1);
+            }
+            s.stats.acked += 1;
+            return None;
+        }
         let u = s.unacked.remove(&seq.0)?;
         if let Some(cid) = u.consumer {
             if let Some(c) = s.consumers.iter_mut().find(|c| c.spec.id == cid) {
@@ -1415,6 +1776,10 @@ impl Queue {
 
     /// queue.purge: drops the ready messages, returns how many.
     pub async fn purge(self: &Arc<Self>) -> u32 {
+        if self.is_stream() {
+            // Front-ends refuse queue.purge on streams (RabbitMQ: 540).
+            return 0;
+        }
         let mut fx = Effects::default();
         let n = {
             let mut s = self.state.lock();
@@ -1458,6 +1823,7 @@ impl Queue {
         let mut s = self.state.lock();
         s.deleted = true;
         let n = s.ready_count as u32;
+        s.stream = None;
         let consumers = s
             .consumers
             .drain(..)

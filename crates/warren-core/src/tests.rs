@@ -46,6 +46,7 @@ fn consumer(outbox: &Arc<Outbox>, prefetch: u32) -> ConsumerSpec {
         prefetch,
         channel_credit: Arc::new(Credit::default()),
         outbox: outbox.clone(),
+        stream_start: None,
     }
 }
 

@@ -262,6 +262,7 @@ impl VHost {
         for q in self.queues() {
             let object = Object::Queue {
                 quorum: q.config().quorum,
+                stream: q.config().stream,
             };
             let p = self.policy_for(PolicyKind::User, object, q.name.as_str());
             let op = self.policy_for(PolicyKind::Operator, object, q.name.as_str());
@@ -423,8 +424,8 @@ impl VHost {
         }
         // A dead-letter exchange need not exist yet, as in RabbitMQ.
         let config = QueueConfig::parse(&d.arguments, name, &self.name)?;
-        if config.quorum {
-            self.check_quorum_declare(&d, server_named)?;
+        if config.quorum || config.stream {
+            self.check_replicated_declare(&d, server_named, config.stream)?;
         }
         // An exclusive queue dies with its connection: RabbitMQ makes it non-durable
         // whatever was asked (`Durable andalso not Exclusive`).
@@ -499,6 +500,7 @@ impl VHost {
     ) -> Arc<Queue> {
         let object = Object::Queue {
             quorum: config.quorum,
+            stream: config.stream,
         };
         let policy = self.policy_for(PolicyKind::User, object, d.name.as_str());
         let operator = self.policy_for(PolicyKind::Operator, object, d.name.as_str());
@@ -526,13 +528,24 @@ impl VHost {
         self.exchanges.write().insert(x.name.clone(), x);
     }
 
-    /// A quorum queue is durable, shared and named by its client: RabbitMQ 3.10 refuses
-    /// the rest with these texts, checked in this order (rabbit_quorum_queue:declare).
-    fn check_quorum_declare(&self, d: &QueueDecl, server_named: bool) -> CoreResult<()> {
+    /// A quorum queue or stream is durable, shared and named by its client: RabbitMQ 3.10
+    /// refuses the rest with these texts, checked in this order
+    /// (rabbit_quorum_queue:declare, rabbit_stream_queue:declare).
+    fn check_replicated_declare(
+        &self,
+        d: &QueueDecl,
+        server_named: bool,
+        stream: bool,
+    ) -> CoreResult<()> {
         if server_named {
-            return Err(CoreError::precondition(
-                "Cannot declare a server-named queue for type rabbit_quorum_queue",
-            ));
+            let module = if stream {
+                "rabbit_stream_queue"
+            } else {
+                "rabbit_quorum_queue"
+            };
+            return Err(CoreError::precondition(format!(
+                "Cannot declare a server-named queue for type {module}"
+            )));
         }
         let refused = if d.auto_delete {
             "auto-delete"
@@ -587,6 +600,20 @@ impl VHost {
         // The queue type first (`classic` is the default, so it equals none), then the
         // x- arguments the existing queue's type knows; a missing one on re-declare is
         // fine only if it was missing before too (rabbit_amqqueue:assert_args_equivalence).
+        // A stream lists `x-max-length-bytes` before its type (rabbit_stream_queue's
+        // capabilities, the order RabbitMQ 3.10 compares in).
+        let same = |key: &str| {
+            self.compare_arg(
+                name,
+                key,
+                d.arguments.inner().get(key),
+                q.arguments.inner().get(key),
+            )
+        };
+        let kind = crate::queue::QueueKind::of(&q.config());
+        if kind == crate::queue::QueueKind::Stream {
+            same("x-max-length-bytes")?;
+        }
         let got = d.arguments.inner().get("x-queue-type");
         let cur = q.arguments.inner().get("x-queue-type");
         let type_name =
@@ -594,19 +621,9 @@ impl VHost {
         if type_name(got) != type_name(cur) {
             self.compare_arg(name, "x-queue-type", got, cur)?;
         }
-        let own = if q.config().quorum {
-            crate::queue::QUORUM_ARGS
-        } else {
-            crate::queue::CLASSIC_ARGS
-        };
-        for &key in crate::queue::COMMON_ARGS.iter().chain(own) {
+        for key in kind.own_args() {
             if key != "x-queue-type" {
-                self.compare_arg(
-                    name,
-                    key,
-                    d.arguments.inner().get(key),
-                    q.arguments.inner().get(key),
-                )?;
+                same(key)?;
             }
         }
         Ok(())
@@ -903,7 +920,8 @@ impl VHost {
             Some(m) => Arc::new(m),
             None => msg,
         };
-        let writes = msg.is_persistent() && queues.iter().any(|q| q.is_stored());
+        let writes = (msg.is_persistent() && queues.iter().any(|q| q.is_stored()))
+            || queues.iter().any(|q| q.is_stream());
         let may_refuse = queues.iter().any(|q| q.config().refuses_when_full());
         if writes || may_refuse {
             return Ok(Err(Unfinished(UnfinishedKind::Deliver { queues, msg })));
@@ -948,11 +966,34 @@ impl VHost {
         let mut ops = Vec::new();
         let mut encoded = None;
         let mut plan = Vec::with_capacity(queues.len());
+        // Streams: each append lock (in store-id order, so two publishers cannot deadlock)
+        // is held until the message is in the log, so offsets follow the write order.
+        let (mut streams, queues): (Vec<_>, Vec<_>) =
+            queues.into_iter().partition(|q| q.is_stream());
+        streams.sort_by_key(|q| q.store_id.0);
+        streams.dedup_by_key(|q| q.store_id.0);
+        let mut held = Vec::with_capacity(streams.len());
+        for q in &streams {
+            held.push(q.lock_append().await);
+        }
+        let stream_ts = crate::stream::now_ms();
+        let mut offsets = Vec::with_capacity(streams.len());
+        for q in &streams {
+            let offset = q.stream_next_offset();
+            ops.push(Op::PutMessage {
+                queue: q.store_id,
+                seq: offset,
+                data: crate::stream::encode_stored(stream_ts, &msg),
+            });
+            offsets.push(offset);
+        }
+        // Dead-lettered after the append locks are released (the DLX may route to one).
+        let mut refused = Vec::new();
         for q in queues {
             if q.would_reject(&msg) {
                 out.rejected = true;
                 if q.config().overflow == Some(crate::queue::Overflow::RejectPublishDlx) {
-                    self.dead_letter(&q, msg.clone(), DeadReason::Maxlen).await;
+                    refused.push(q);
                 }
                 continue;
             }
@@ -970,6 +1011,16 @@ impl VHost {
         }
         if !ops.is_empty() {
             out.ticket = Some(self.store.submit(ops).await?);
+        }
+        let ticket = out.ticket.map_or(0, |t| t.0);
+        for (q, offset) in streams.iter().zip(offsets) {
+            let fx = q.append_stream(offset, msg.clone(), stream_ts, ticket);
+            q.finish(fx).await;
+            out.count(EnqueueOutcome::Accepted);
+        }
+        drop(held);
+        for q in refused {
+            self.dead_letter(&q, msg.clone(), DeadReason::Maxlen).await;
         }
         let now = Instant::now();
         for (q, seq, persist) in plan {

@@ -229,9 +229,18 @@ fn q_flag(params: &Q, k: &str) -> bool {
 pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
     let c = q.counts();
     let r: Rates = s.sampler.queue_rates(q.store_id.0);
-    let messages = c.ready as u64 + c.unacked as u64;
+    let stream = q.is_stream();
+    // A stream's unacked deliveries are still in the log (counted in `ready`).
+    let messages = c.ready as u64 + if stream { 0 } else { c.unacked as u64 };
     let (policy, operator) = (q.policy(), q.operator_policy());
     let quorum = q.config().quorum;
+    let kind = if stream {
+        "stream"
+    } else if quorum {
+        "quorum"
+    } else {
+        "classic"
+    };
     let mut v = json!({
         "name": q.name.as_str(),
         "vhost": vhost,
@@ -241,7 +250,7 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
         "arguments": table_to_json(&q.arguments),
         "node": s.cfg.node_name,
         "state": "running",
-        "type": if quorum { "quorum" } else { "classic" },
+        "type": kind,
         "policy": policy.as_ref().map(|p| p.record.name.clone()),
         "operator_policy": operator.as_ref().map(|p| p.record.name.clone()),
         "effective_policy_definition": effective_definition(policy.as_deref(), operator.as_deref()),
@@ -268,7 +277,7 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
             "redeliver_details": details(r.redeliver),
         },
     });
-    if quorum {
+    if quorum || stream {
         // One node: it leads and is the only member, as a single-node RabbitMQ shows.
         let node = json!([s.cfg.node_name]);
         v["leader"] = json!(s.cfg.node_name);
@@ -1492,6 +1501,9 @@ async fn queue_purge(
 ) -> ApiResult<Response> {
     let (_, q) = find_queue(&s, &caller, &v, &name)?;
     caller.check(&s.broker, &v, Access::Read, ResourceKind::Queue, &name)?;
+    if q.is_stream() {
+        return Err(ApiError::BadRequest(q.stream_refusal("queue.purge").text));
+    }
     q.purge().await;
     Ok(no_content())
 }
@@ -1507,6 +1519,10 @@ async fn queue_get_messages(
 ) -> ApiResult<Json<Value>> {
     let (_, q) = find_queue(&s, &caller, &v, &name)?;
     caller.check(&s.broker, &v, Access::Read, ResourceKind::Queue, &name)?;
+    if q.is_stream() {
+        let e = q.stream_refusal("basic.get");
+        return Err(ApiError::BadRequest(format!("540 {}", e.text)));
+    }
     let b = body_json(&body)?;
     // rabbitmqadmin sends numbers as strings ("count":"5").
     let number = |k: &str| match b.get(k) {

@@ -1596,6 +1596,7 @@ impl Session {
             prefetch: 0,
             channel_credit: self.credit.clone(),
             outbox: self.outbox.clone(),
+            stream_start: None,
         };
         (id, spec)
     }

@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use warren_core::auth::AuthError;
 use warren_core::permissions::{Access, ResourceKind};
+use warren_core::stream::StreamStart;
 use warren_core::{
     AlarmState, ConnectionAuth, ConnectionGuard, ConnectionId, ConnectionInfo, ConsumerId,
     ConsumerSpec, CoreError, Credit, Delivery, ExchangeKind, FieldTable, Message, MsgSeq, Outbox,
@@ -808,8 +809,12 @@ impl Session {
             .map_err(Stop::core)?;
         let real = q.name.as_str().to_owned();
         let sub_id = format!("/temp-queue/{name}");
-        self.consume(sub_id, false, q, AckMode::Auto, 0, false)
-            .await?;
+        let how = Reading {
+            ack: AckMode::Auto,
+            prefetch: 0,
+            stream_start: None,
+        };
+        self.consume(sub_id, false, q, how, false).await?;
         self.temp_queues.insert(name.to_owned(), real.clone());
         Ok(real)
     }
@@ -879,8 +884,12 @@ impl Session {
                 ))
             }
         };
-        self.consume(id, anonymous, queue, ack, prefetch, durable_queue)
-            .await
+        let how = Reading {
+            ack,
+            prefetch,
+            stream_start: stream_offset(f),
+        };
+        self.consume(id, anonymous, queue, how, durable_queue).await
     }
 
     /// The queue of a `/topic` or `/exchange` subscription: exclusive and auto-deleted, or
@@ -941,11 +950,18 @@ impl Session {
         id: String,
         anonymous: bool,
         queue: Arc<Queue>,
-        ack: AckMode,
-        prefetch: u32,
+        how: Reading,
         durable_queue: bool,
     ) -> Step {
+        let Reading {
+            ack,
+            prefetch,
+            stream_start,
+        } = how;
         self.allow(Access::Read, ResourceKind::Queue, queue.name.as_str())?;
+        queue
+            .check_consumer(ack == AckMode::Auto, prefetch)
+            .map_err(Stop::core)?;
         let token = self.next_token;
         self.next_token += 1;
         let consumer = ConsumerId::next();
@@ -960,6 +976,7 @@ impl Session {
             prefetch,
             channel_credit: Arc::new(Credit::default()),
             outbox: self.outbox.clone(),
+            stream_start,
         };
         queue.add_consumer(spec).await.map_err(Stop::core)?;
         self.sub_tokens.insert(id.clone(), token);
@@ -1263,6 +1280,37 @@ fn durable_queue_name(key: &str, id: &str) -> String {
     let digest = md5::Md5::digest(&term);
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest);
     format!("stomp-subscription-{b64}")
+}
+
+/// How a subscription reads its queue: the SUBSCRIBE's `ack`, `prefetch-count` and
+/// `x-stream-offset`.
+struct Reading {
+    ack: AckMode,
+    prefetch: u32,
+    stream_start: Option<StreamStart>,
+}
+
+/// The `x-stream-offset` header of a SUBSCRIBE to a stream, as RabbitMQ's STOMP plugin
+/// reads it: `first`, `last`, `next`, `offset=<n>` or `timestamp=<unix seconds>`; anything
+/// else (or none) is `next`.
+fn stream_offset(f: &Frame) -> Option<StreamStart> {
+    let v = f.get("x-stream-offset")?.trim();
+    Some(match v {
+        "first" => StreamStart::First,
+        "last" => StreamStart::Last,
+        _ => {
+            if let Some(n) = v.strip_prefix("offset=").and_then(|n| n.parse().ok()) {
+                StreamStart::Offset(n)
+            } else if let Some(t) = v
+                .strip_prefix("timestamp=")
+                .and_then(|t| t.parse::<i64>().ok())
+            {
+                StreamStart::Timestamp(t.saturating_mul(1000))
+            } else {
+                StreamStart::Next
+            }
+        }
+    })
 }
 
 #[cfg(test)]

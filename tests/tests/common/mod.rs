@@ -163,23 +163,26 @@ pub async fn channel_open(ch: &Channel) -> bool {
 /// connection after publishing on another must wait for the messages to land.
 pub async fn wait_ready(ch: &Channel, queue: &str, n: u32) {
     for _ in 0..500 {
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue.declare passive");
-        if q.message_count() >= n {
+        if passive(ch, queue).await.message_count() >= n {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("{queue} did not reach {n} ready messages in 5 s");
+}
+
+/// A passive queue.declare: the queue's message and consumer counts.
+pub async fn passive(ch: &Channel, queue: &str) -> lapin::Queue {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue.declare passive")
 }
 
 /// basic.get with no_ack; the body, or None when the queue is empty.
