@@ -372,3 +372,55 @@ def test_binary_payload_with_every_byte_value(port, topic):
     Client(port).publish(topic, payload, qos=1)
     assert c.got.get(timeout=5).payload == payload
     c.close()
+
+
+def raw_session(port):
+    """A raw 5.0 connection whose CONNACK accepted it."""
+    s = raw_connect(port)
+    t, body = read_packet(s)
+    assert t == 0x20 and body[1] == 0
+    return s
+
+
+def test_publish_to_sys_topics_is_refused(port):
+    s = raw_session(port)
+    # Clients may not publish to $SYS (0x87, the reason code alone: 3 bytes)...
+    s.sendall(packet(0x32, mqtt_str("$SYS/broker/uptime") + b"\x00\x01\x00" + b"x"))
+    assert read_packet(s) == (0x40, b"\x00\x01\x87")
+    # ...but to a bridge's connection state topic (no subscriber: 0x10).
+    state = "$SYS/broker/connection/" + uuid.uuid4().hex[:6] + "/state"
+    s.sendall(packet(0x32, mqtt_str(state) + b"\x00\x02\x00" + b"1"))
+    assert read_packet(s) == (0x40, b"\x00\x02\x10")
+    s.close()
+
+
+def test_server_disconnect_is_the_bare_reason_code(port):
+    s = raw_session(port)
+    # A topic alias that was never set: protocol error, DISCONNECT e0 01 82.
+    s.sendall(packet(0x30, mqtt_str("") + b"\x03\x23\x00\x05" + b"x"))
+    assert read_packet(s) == (0xE0, b"\x82")
+    s.close()
+
+
+def test_retained_messages_come_parents_first(port, topic):
+    c = Client(port)
+    for t in [f"{topic}/a/b/c", f"{topic}/a", f"{topic}/a/b"]:
+        c.publish(t, b"r", retain=True)
+    sub = Client(port)
+    sub.subscribe(f"{topic}/#")
+    got = [m.topic for m in sub.messages(1)]
+    assert got == [f"{topic}/a", f"{topic}/a/b", f"{topic}/a/b/c"]
+    for t in got:
+        c.publish(t, b"", retain=True)
+    c.close()
+    sub.close()
+
+
+def test_empty_user_name_without_password_is_anonymous(port):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    body = mqtt_str("MQTT") + bytes([5, 0x82]) + struct.pack(">H", 30) + b"\x00"
+    body += mqtt_str("raw-" + uuid.uuid4().hex[:8]) + mqtt_str("")
+    s.sendall(packet(0x10, body))
+    t, body = read_packet(s)
+    assert (t, body[1]) == (0x20, 0)
+    s.close()

@@ -100,15 +100,19 @@ impl Shared {
         }
     }
 
-    /// Retained messages whose topic matches `filter`, wildcards included.
+    /// Retained messages whose topic matches `filter`, wildcards included, parents before
+    /// children (`a`, `a/b`, `a/b/c`): the order of Mosquitto's walk of its topic tree.
     pub fn retained_matching(&self, vhost: &str, filter: &str) -> Vec<(String, Arc<Message>)> {
         let prefix = format!("{vhost}\0");
-        self.retained
+        let mut found: Vec<(String, Arc<Message>)> = self
+            .retained
             .lock()
             .iter()
             .filter(|(k, (t, _))| k.starts_with(&prefix) && topic::matches(filter, t))
             .map(|(_, (t, m))| (t.clone(), m.clone()))
-            .collect()
+            .collect();
+        found.sort_by(|a, b| a.0.split('/').cmp(b.0.split('/')));
+        found
     }
 }
 

@@ -17,7 +17,6 @@ use litemap::LiteMap;
 use mqtt5_protocol::packet::connack::ConnAckPacket;
 use mqtt5_protocol::packet::connect::ConnectPacket;
 use mqtt5_protocol::packet::disconnect::DisconnectPacket;
-use mqtt5_protocol::packet::puback::PubAckPacket;
 use mqtt5_protocol::packet::pubcomp::PubCompPacket;
 use mqtt5_protocol::packet::publish::PublishPacket;
 use mqtt5_protocol::packet::pubrec::PubRecPacket;
@@ -87,8 +86,10 @@ const TAKEN_OVER_RESUMED: &str = "session taken over and resumed";
 
 /// 5.0 DISCONNECT reason codes the server sends (MQTT 5 §3.14.2.1).
 mod rc {
+    pub const NO_MATCHING_SUBSCRIBERS: u8 = 0x10;
     pub const MALFORMED: u8 = 0x81;
     pub const PROTOCOL_ERROR: u8 = 0x82;
+    pub const NOT_AUTHORIZED: u8 = 0x87;
     pub const SHUTTING_DOWN: u8 = 0x8B;
     pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
     pub const TAKEN_OVER: u8 = 0x8E;
@@ -710,7 +711,13 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     // Credentials: `vhost:user` selects the vhost, as RabbitMQ's MQTT plugin does; no
     // username means the client certificate's user (RabbitMQ's mqtt.ssl_cert_login),
     // else the configured default user (mqtt.default_user). A username always wins.
-    let (vhost_name, user, pass) = match &c.username {
+    // An empty user name without a password is no user name (as Mosquitto takes it; some
+    // clients always set the flag).
+    let username = c
+        .username
+        .as_ref()
+        .filter(|u| !(u.is_empty() && c.password.is_none()));
+    let (vhost_name, user, pass) = match username {
         Some(u) => {
             let (vh, user) = match u.split_once(':') {
                 Some((vh, user)) => (vh.to_owned(), user.to_owned()),
@@ -1194,22 +1201,29 @@ impl Session {
         true
     }
 
-    /// Queues a 5.0 DISCONNECT with `code` (and a reason string when it fits the client's
-    /// Maximum Packet Size, MQTT-3.14.2-3); nothing for 3.1.1, which has no server
-    /// DISCONNECT.
+    /// Queues a 5.0 DISCONNECT with `code`; nothing for 3.1.1, which has no server
+    /// DISCONNECT. The reason goes to the log, not on the wire: Mosquitto sends the bare
+    /// reason code (`e0 01 82`), and clients and test suites compare those bytes.
     fn disconnect(&mut self, code: u8, reason: &str) {
         if self.version != 5 {
             return;
         }
+        tracing::debug!(client_id = %self.client_id, code, reason, "mqtt disconnect sent");
         let code = ReasonCode::from_u8(code).unwrap_or(ReasonCode::UnspecifiedError);
-        let before = self.out.len();
-        codec::encode(
-            &DisconnectPacket::new(code).with_reason_string(reason.to_owned()),
-            &mut self.out,
-        );
-        if self.out.len() - before > self.client_max_packet {
-            self.out.truncate(before);
-            codec::encode(&DisconnectPacket::new(code), &mut self.out);
+        codec::encode(&DisconnectPacket::new(code), &mut self.out);
+    }
+
+    /// PUBACK (QoS 1) or PUBREC (QoS 2) of packet `id` with reason `code`: two bytes for
+    /// success and always in 3.1.1 (which has no reason codes, so a refusal is a plain
+    /// ack there); otherwise the code without properties, whose length is then left out
+    /// (§3.4.2.2.1), 3 bytes, as Mosquitto sends them.
+    fn ack_publish(&mut self, qos: u8, id: u16, code: u8) {
+        let kind = if qos == 1 { 0x40 } else { 0x50 };
+        let [hi, lo] = id.to_be_bytes();
+        if code == 0 || self.version != 5 {
+            self.out.extend_from_slice(&[kind, 2, hi, lo]);
+        } else {
+            self.out.extend_from_slice(&[kind, 3, hi, lo, code]);
         }
     }
 
@@ -1670,17 +1684,17 @@ impl Session {
                 return Err(End::ProtocolError);
             }
             if let Some(id) = p.packet_id {
-                if qos == 1 {
-                    codec::encode(
-                        &PubAckPacket::new_with_reason(id, ReasonCode::NotAuthorized),
-                        &mut self.out,
-                    );
-                } else if qos == 2 {
-                    codec::encode(
-                        &PubRecPacket::new_with_reason(id, ReasonCode::NotAuthorized),
-                        &mut self.out,
-                    );
-                }
+                self.ack_publish(qos, id, rc::NOT_AUTHORIZED);
+            }
+            return Ok(());
+        }
+        // Clients may not publish to `$SYS/` (but a bridge's connection state topic) or
+        // to `$share/` names, as Mosquitto refuses them: 0x87 in 5.0, dropped
+        // with a plain acknowledgement in 3.1.1.
+        if reserved_topic(&topic_name) {
+            tracing::debug!(client_id = %self.client_id, topic = %topic_name, "mqtt publish to a reserved topic dropped");
+            if let Some(id) = p.packet_id {
+                self.ack_publish(qos, id, rc::NOT_AUTHORIZED);
             }
             return Ok(());
         }
@@ -1719,18 +1733,15 @@ impl Session {
             // PUBACK/PUBREC only once a durable copy (and the QoS 2 id) is synced.
             self.wait(ticket).await;
             if let Some(id) = p.packet_id {
-                let [hi, lo] = id.to_be_bytes();
-                if self.version == 5 && routed == 0 && qos == 1 {
-                    // MQTT 5 §3.4.2.1: 0x10 tells the sender nobody was subscribed
-                    // (accepted all the same), as Mosquitto answers a QoS 1 PUBLISH (its
-                    // PUBREC stays plain); with no properties the Property Length is left
-                    // out (§3.4.2.2.1), 3 bytes.
-                    self.out.extend_from_slice(&[0x40, 3, hi, lo, 0x10]);
-                } else if qos == 1 {
-                    codec::encode(&PubAckPacket::new(id), &mut self.out);
+                // MQTT 5 §3.4.2.1: 0x10 tells the sender nobody was subscribed (accepted
+                // all the same), as Mosquitto answers a QoS 1 PUBLISH (its PUBREC stays
+                // plain).
+                let code = if routed == 0 && qos == 1 {
+                    rc::NO_MATCHING_SUBSCRIBERS
                 } else {
-                    codec::encode(&PubRecPacket::new(id), &mut self.out);
-                }
+                    0
+                };
+                self.ack_publish(qos, id, code);
             }
         }
         Ok(())
@@ -2392,5 +2403,36 @@ fn msg_qos(m: &Message) -> u8 {
     {
         Some(v) => warren_core::queue::int_value(v).unwrap_or(0).clamp(0, 2) as u8,
         None => u8::from(m.is_persistent()),
+    }
+}
+
+/// A topic name clients may not publish to: `$SYS/…` other than a bridge's
+/// `$SYS/broker/connection/<name>/state`, and `$share/…`.
+fn reserved_topic(topic: &str) -> bool {
+    if topic.starts_with("$share/") {
+        return true;
+    }
+    match topic.strip_prefix("$SYS/") {
+        None => false,
+        Some(rest) => !rest
+            .strip_prefix("broker/connection/")
+            .and_then(|r| r.strip_suffix("/state"))
+            .is_some_and(|name| !name.is_empty() && !name.contains('/')),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reserved_topic;
+
+    #[test]
+    fn reserved_topics_as_mosquitto_refuses_them() {
+        assert!(reserved_topic("$SYS/broker/uptime"));
+        assert!(reserved_topic("$SYS/broker/connection/me"));
+        assert!(!reserved_topic("$SYS/broker/connection/me/state"));
+        assert!(reserved_topic("$SYS/broker/connection/a/b/state"));
+        assert!(reserved_topic("$share/g/t"));
+        assert!(!reserved_topic("$test/test"));
+        assert!(!reserved_topic("a/$SYS/b"));
     }
 }
