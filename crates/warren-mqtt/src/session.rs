@@ -998,8 +998,10 @@ fn queue_name(client_id: &str) -> String {
     format!("mqtt-subscription-{client_id}qos1")
 }
 
-/// AMQP routing keys are short strings: MQTT topics and filters longer than this cannot be
-/// routed (RabbitMQ has the same limit).
+/// AMQP routing keys are short strings (amq-protocol's `ShortString` refuses more, and the
+/// core routes on them): MQTT topics and filters longer than this are refused. Mosquitto
+/// and RabbitMQ's MQTT plugin take them (RabbitMQ then closes an AMQP 0-9-1 consumer's
+/// connection with 541 when one reaches it).
 const MAX_TOPIC_BYTES: usize = 255;
 
 /// A message published over MQTT, as the core carries it; `None` for a topic too long to
