@@ -336,3 +336,37 @@ def test_vhost_limits_refuse_queues_and_connections(api_url, broker, name):
         assert requests.get(lim, auth=AUTH).json() == [{"vhost": vh, "value": {"max-connections": 1}}]
     finally:
         requests.delete(base, auth=AUTH)
+
+
+def test_vhost_message_stats(api_url, broker, name):
+    import time
+    vh = name
+    assert requests.put(f"{api_url}/api/vhosts/{q(vh)}", auth=AUTH).status_code in (201, 204)
+    try:
+        requests.put(f"{api_url}/api/permissions/{q(vh)}/guest", auth=AUTH,
+                     json={"configure": ".*", "write": ".*", "read": ".*"})
+        params = pika.URLParameters(broker.url)
+        params.virtual_host = vh
+        c = pika.BlockingConnection(params)
+        ch = c.channel()
+        ch.confirm_delivery()
+        ch.queue_declare("work")
+        for i in range(3):
+            ch.basic_publish("", "work", b"m")
+        m, _, _ = ch.basic_get("work")
+        ch.basic_ack(m.delivery_tag)
+        deadline = time.time() + 15
+        while True:  # RabbitMQ collects its stats every 5 s
+            v = requests.get(f"{api_url}/api/vhosts/{q(vh)}", auth=AUTH).json()
+            stats = v.get("message_stats", {})
+            if (stats.get("ack"), v.get("messages")) == (1, 2) or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        assert stats["publish"] == 3
+        assert stats["deliver_get"] == 1
+        assert stats["ack"] == 1
+        assert (v["messages"], v["messages_ready"], v["messages_unacknowledged"]) == (2, 2, 0)
+        assert "rate" in stats["publish_details"]
+        c.close()
+    finally:
+        requests.delete(f"{api_url}/api/vhosts/{q(vh)}", auth=AUTH)

@@ -23,7 +23,7 @@ use crate::convert::{
 };
 use crate::error::{ApiError, ApiResult};
 use crate::listing::ListParams;
-use crate::stats::Rates;
+use crate::stats::{Rates, Totals};
 use crate::{definitions, AppState, RABBITMQ_COMPAT_VERSION};
 
 pub(crate) type Q = Query<HashMap<String, String>>;
@@ -656,16 +656,7 @@ async fn overview(State(s): St, caller: Caller) -> ApiResult<Json<Value>> {
         "enable_queue_totals": true,
         "is_op_policy_updating_enabled": false,
         "exchange_types": exchange_types,
-        "message_stats": {
-            "publish": totals.publish,
-            "publish_details": details(rates.publish),
-            "deliver_get": totals.deliver_get,
-            "deliver_get_details": details(rates.deliver_get),
-            "ack": totals.ack,
-            "ack_details": details(rates.ack),
-            "redeliver": totals.redeliver,
-            "redeliver_details": details(rates.redeliver),
-        },
+        "message_stats": message_stats(&totals, &rates),
         "queue_totals": {
             "messages": totals.ready + totals.unacked,
             "messages_details": details(rates.messages),
@@ -772,13 +763,22 @@ async fn node(State(s): St, caller: Caller, Path(name): Path<String>) -> ApiResu
 
 // ---------------------------------------------------------------- vhosts
 
-fn vhost_json(vh: &VHost) -> Value {
-    let (mut ready, mut unacked) = (0u64, 0u64);
-    for q in vh.queues() {
-        let c = q.counts();
-        ready += c.ready as u64;
-        unacked += c.unacked as u64;
-    }
+/// `message_stats` of the overview and of a vhost: counters summed over queues.
+fn message_stats(t: &Totals, r: &Rates) -> Value {
+    json!({
+        "publish": t.publish,
+        "publish_details": details(r.publish),
+        "deliver_get": t.deliver_get,
+        "deliver_get_details": details(r.deliver_get),
+        "ack": t.ack,
+        "ack_details": details(r.ack),
+        "redeliver": t.redeliver,
+        "redeliver_details": details(r.redeliver),
+    })
+}
+
+fn vhost_json(s: &AppState, vh: &VHost) -> Value {
+    let (t, r) = s.sampler.vhost(vh);
     let m = vh.metadata();
     let queue_type = m.default_queue_type.as_deref().unwrap_or("classic");
     json!({
@@ -789,9 +789,14 @@ fn vhost_json(vh: &VHost) -> Value {
         "default_queue_type": queue_type,
         // Firehose tracing is not implemented (README).
         "tracing": false,
-        "messages": ready + unacked,
-        "messages_ready": ready,
-        "messages_unacknowledged": unacked,
+        "messages": t.ready + t.unacked,
+        "messages_details": details(r.messages),
+        "messages_ready": t.ready,
+        "messages_ready_details": details(r.ready),
+        "messages_unacknowledged": t.unacked,
+        "messages_unacknowledged_details": details(r.unacked),
+        // Summed over the vhost's queues (deleted ones included), as the overview's.
+        "message_stats": message_stats(&t, &r),
     })
 }
 
@@ -802,14 +807,14 @@ async fn vhosts(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Value
     let items = all
         .iter()
         .filter(|v| caller.is_monitor() || caller.sees_vhost(&s.broker, &v.name))
-        .map(|v| vhost_json(v))
+        .map(|v| vhost_json(&s, v))
         .collect();
     list(&params, items)
 }
 
 async fn vhost_get(State(s): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Json<Value>> {
     let vh = caller.vhost(&s.broker, &v)?;
-    Ok(Json(vhost_json(&vh)))
+    Ok(Json(vhost_json(&s, &vh)))
 }
 
 async fn vhost_put(

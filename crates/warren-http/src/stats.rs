@@ -37,6 +37,14 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// Adds the message counters (not the depths) of `other`.
+    fn add_counters(&mut self, other: &Totals) {
+        self.publish += other.publish;
+        self.deliver_get += other.deliver_get;
+        self.ack += other.ack;
+        self.redeliver += other.redeliver;
+    }
+
     fn add(&mut self, c: &QueueCounts) {
         self.publish += c.stats.published;
         self.deliver_get += c.stats.delivered;
@@ -47,9 +55,18 @@ impl Totals {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Sample {
     counts: QueueCounts,
+    rates: Rates,
+    vhost: Arc<str>,
+}
+
+/// A vhost's totals at the last sample, the counters of its deleted queues, and its rates.
+#[derive(Clone, Copy, Default)]
+struct VhostSample {
+    totals: Totals,
+    retired: Totals,
     rates: Rates,
 }
 
@@ -68,6 +85,7 @@ struct State {
     exchanges: HashMap<(String, String), ExchangeSample>,
     /// Message counters of deleted queues.
     retired: Totals,
+    vhosts: HashMap<Arc<str>, VhostSample>,
     global: Totals,
     global_rates: Rates,
 }
@@ -108,11 +126,12 @@ impl Sampler {
     /// Takes one sample of every queue.
     pub fn sample(&self, broker: &Broker) {
         let now = Instant::now();
-        let mut fresh: HashMap<u64, QueueCounts> = HashMap::new();
+        let mut fresh: HashMap<u64, (Arc<str>, QueueCounts)> = HashMap::new();
         let mut fresh_exchanges = Vec::new();
         for vh in broker.vhosts() {
+            let name: Arc<str> = Arc::from(vh.name.as_str());
             for q in vh.queues() {
-                fresh.insert(q.store_id.0, q.counts());
+                fresh.insert(q.store_id.0, (name.clone(), q.counts()));
             }
             for x in vh.exchanges() {
                 let key = (vh.name.clone(), x.name.as_str().to_owned());
@@ -128,10 +147,12 @@ impl Sampler {
             .unwrap_or(0.0);
         let mut queues = HashMap::with_capacity(fresh.len());
         let mut global = Totals::default();
-        for (id, counts) in fresh {
+        let mut by_vhost: HashMap<Arc<str>, Totals> = HashMap::new();
+        for (id, (vhost, counts)) in fresh {
             let mut t = Totals::default();
             t.add(&counts);
             global.add(&counts);
+            by_vhost.entry(vhost.clone()).or_default().add(&counts);
             let rates = match st.queues.get(&id) {
                 Some(prev) => {
                     let mut p = Totals::default();
@@ -140,21 +161,51 @@ impl Sampler {
                 }
                 None => Rates::default(),
             };
-            queues.insert(id, Sample { counts, rates });
+            queues.insert(
+                id,
+                Sample {
+                    counts,
+                    rates,
+                    vhost,
+                },
+            );
         }
         let mut retired = st.retired;
+        let mut vhost_retired: HashMap<Arc<str>, Totals> = st
+            .vhosts
+            .iter()
+            .map(|(k, v)| (k.clone(), v.retired))
+            .collect();
         for (id, old) in st.queues.iter() {
             if !queues.contains_key(id) {
-                retired.publish += old.counts.stats.published;
-                retired.deliver_get += old.counts.stats.delivered;
-                retired.ack += old.counts.stats.acked;
-                retired.redeliver += old.counts.stats.redelivered;
+                let mut t = Totals::default();
+                t.add(&old.counts);
+                retired.add_counters(&t);
+                vhost_retired
+                    .entry(old.vhost.clone())
+                    .or_default()
+                    .add_counters(&t);
             }
         }
-        global.publish += retired.publish;
-        global.deliver_get += retired.deliver_get;
-        global.ack += retired.ack;
-        global.redeliver += retired.redeliver;
+        global.add_counters(&retired);
+        // A vhost's counters with its deleted queues'; gone with the vhost itself.
+        let vhosts = by_vhost
+            .into_iter()
+            .map(|(name, mut totals)| {
+                let retired = vhost_retired.get(&name).copied().unwrap_or_default();
+                totals.add_counters(&retired);
+                let rates = match st.vhosts.get(&name) {
+                    Some(prev) if st.at.is_some() => rates_between(&totals, &prev.totals, secs),
+                    _ => Rates::default(),
+                };
+                let sample = VhostSample {
+                    totals,
+                    retired,
+                    rates,
+                };
+                (name, sample)
+            })
+            .collect();
         let global_rates = if st.at.is_some() {
             rates_between(&global, &st.global, secs)
         } else {
@@ -178,6 +229,7 @@ impl Sampler {
             queues,
             exchanges,
             retired,
+            vhosts,
             global,
             global_rates,
         };
@@ -205,6 +257,23 @@ impl Sampler {
             .unwrap_or_default()
     }
 
+    /// A vhost's counters (its live queues now plus its deleted queues' last counts) and
+    /// its rates at the last sample.
+    pub fn vhost(&self, vh: &warren_core::VHost) -> (Totals, Rates) {
+        let mut t = Totals::default();
+        for q in vh.queues() {
+            t.add(&q.counts());
+        }
+        let (retired, rates) = self
+            .state
+            .read()
+            .ok()
+            .and_then(|s| s.vhosts.get(vh.name.as_str()).map(|v| (v.retired, v.rates)))
+            .unwrap_or_default();
+        t.add_counters(&retired);
+        (t, rates)
+    }
+
     /// Global counters: live queues now plus deleted queues' last counts.
     pub fn global(&self, broker: &Broker) -> (Totals, Rates) {
         let mut t = Totals::default();
@@ -218,10 +287,7 @@ impl Sampler {
             .read()
             .map(|s| (s.retired, s.global_rates))
             .unwrap_or_default();
-        t.publish += retired.publish;
-        t.deliver_get += retired.deliver_get;
-        t.ack += retired.ack;
-        t.redeliver += retired.redeliver;
+        t.add_counters(&retired);
         (t, rates)
     }
 
