@@ -201,6 +201,33 @@ def test_stream_subscription_needs_prefetch(broker, qname):
     conn.close()
 
 
+def test_declare_exchange_header(broker, qname):
+    """RabbitMQ 3.13's `declare-exchange` (3.10 has not got it): the exchange of an
+    /exchange destination is declared with the given type and flags."""
+    if broker.external:
+        pytest.skip("RabbitMQ 3.10 does not declare exchanges for STOMP")
+    x = "x-" + qname
+    c, l = connect(broker)
+    c.subscribe(f"/exchange/{x}/k.*", id="d", ack="auto", headers={
+        "declare-exchange": "true", "exchange-type": "topic",
+        "exchange-durable": "false", "exchange-auto-delete": "true", "receipt": "sub"})
+    assert l.receipts.get(timeout=5) == "sub"
+    c.send(f"/exchange/{x}/k.1", "via declared", headers={"declare-exchange": "true",
+                                                          "exchange-type": "topic",
+                                                          "exchange-durable": "false",
+                                                          "exchange-auto-delete": "true"})
+    assert l.get().body == "via declared"
+    conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+    # Equivalent: the same properties redeclare fine over AMQP.
+    conn.channel().exchange_declare(x, "topic", durable=False, auto_delete=True)
+    conn.close()
+    # An inequivalent declaration is the exchange.declare 406.
+    c.send(f"/exchange/{x}/k.2", "x", headers={"declare-exchange": "true"})
+    e = l.errors.get(timeout=5)
+    assert e.headers["message"] == "precondition_failed"
+    c.disconnect()
+
+
 def test_error_on_missing_queue(broker):
     c, l = connect(broker)
     c.subscribe("/amq/queue/does-not-exist-" + uuid.uuid4().hex[:6], id="x", ack="auto")

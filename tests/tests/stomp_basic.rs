@@ -20,7 +20,9 @@ async fn connect_negotiates_version_and_checks_credentials() {
     assert_eq!(f.command, "CONNECTED");
     assert_eq!(f.get("version"), Some("1.2"));
     assert!(f.get("session").is_some_and(|s| s.starts_with("session-")));
-    assert!(f.get("server").is_some_and(|s| s.starts_with("Warren/")));
+    assert!(f
+        .get("server")
+        .is_some_and(|s| s.starts_with("RabbitMQ/") && s.contains(" Warren/")));
     // RabbitMQ's answer: we send every 5000 ms, expect nothing from the client.
     assert_eq!(f.get("heart-beat"), Some("5000,0"));
 

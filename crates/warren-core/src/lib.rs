@@ -53,3 +53,7 @@ pub use warren_store::{Store, StoreOptions, Ticket};
 
 #[cfg(test)]
 mod tests;
+
+/// The RabbitMQ version Warren presents itself as (the management API's
+/// `rabbitmq_version`, STOMP's `server` header): clients check it for features.
+pub const RABBITMQ_COMPAT_VERSION: &str = "3.12.0";

@@ -29,8 +29,7 @@ use warren_core::Broker;
 
 pub use error::ApiError;
 
-/// The RabbitMQ version Warren's API presents itself as (clients check it for features).
-pub const RABBITMQ_COMPAT_VERSION: &str = "3.12.0";
+pub use warren_core::RABBITMQ_COMPAT_VERSION;
 
 /// A listener shown in `/api/overview` (RabbitMQ's `listeners`).
 #[derive(Debug, Clone)]

@@ -16,8 +16,9 @@ use warren_core::permissions::{Access, ResourceKind};
 use warren_core::stream::StreamStart;
 use warren_core::{
     AlarmState, ConnectionAuth, ConnectionGuard, ConnectionId, ConnectionInfo, ConsumerId,
-    ConsumerSpec, CoreError, Credit, Delivery, ExchangeKind, FieldTable, Message, MsgSeq, Outbox,
-    OutboxEvent, Queue, QueueDecl, ShortString, Target, Ticket, TopicPermissions, VHost,
+    ConsumerSpec, CoreError, Credit, Delivery, ExchangeDecl, ExchangeKind, FieldTable, Message,
+    MsgSeq, Outbox, OutboxEvent, Queue, QueueDecl, ShortString, Target, Ticket, TopicPermissions,
+    VHost,
 };
 
 use crate::codec::{self, CodecError, Decoded, Frame, Version};
@@ -198,7 +199,17 @@ pub(crate) async fn run<S>(
     let send_every = (cy > 0).then(|| Duration::from_millis(cy));
     let expect_every = (cx > 0).then(|| Duration::from_millis(cx));
     let mut connected = Frame::new("CONNECTED")
-        .with("server", format!("Warren/{}", env!("CARGO_PKG_VERSION")))
+        // The RabbitMQ version whose behaviour Warren follows first, then Warren's own
+        // (STOMP 1.2: `name/version` and comments), as the management API reports both:
+        // clients and suites that look for `RabbitMQ/` find it.
+        .with(
+            "server",
+            format!(
+                "RabbitMQ/{} Warren/{}",
+                warren_core::RABBITMQ_COMPAT_VERSION,
+                env!("CARGO_PKG_VERSION")
+            ),
+        )
         .with("session", session.session_id.clone())
         .with("heart-beat", format!("{cy},{cx}"));
     // RabbitMQ names the version even for a 1.0 client that sent no accept-version.
@@ -727,6 +738,31 @@ impl Session {
         }
     }
 
+    /// `declare-exchange:true` on a SEND or SUBSCRIBE to `/exchange/<x>/…` declares `x`
+    /// first (RabbitMQ 3.13's STOMP plugin): `exchange-type` (default `direct`),
+    /// `exchange-durable` (default true), `exchange-auto-delete` (default false); an
+    /// existing exchange must be equivalent, as with exchange.declare.
+    async fn maybe_declare_exchange(&mut self, name: &str, f: &Frame) -> Result<(), Stop> {
+        if props::flag(f, "declare-exchange") != Some(true) {
+            return Ok(());
+        }
+        self.allow(Access::Configure, ResourceKind::Exchange, name)?;
+        let decl = ExchangeDecl {
+            name: short(name)?,
+            kind: f.get("exchange-type").unwrap_or("direct").to_owned(),
+            passive: false,
+            durable: props::flag(f, "exchange-durable").unwrap_or(true),
+            auto_delete: props::flag(f, "exchange-auto-delete").unwrap_or(false),
+            internal: false,
+            arguments: FieldTable::default(),
+        };
+        self.vhost
+            .declare_exchange(decl)
+            .await
+            .map(|_| ())
+            .map_err(Stop::core)
+    }
+
     async fn send(&mut self, f: Frame) -> Result<Option<Ticket>, Stop> {
         let dest = require(&f, "destination")?;
         // Headers are checked before the destination, as RabbitMQ does.
@@ -743,7 +779,10 @@ impl Session {
             }
             Destination::AmqQueue(name) | Destination::ReplyQueue(name) => (String::new(), name),
             Destination::Topic(key) => ("amq.topic".to_owned(), key),
-            Destination::Exchange(x, key) => (x, key),
+            Destination::Exchange(x, key) => {
+                self.maybe_declare_exchange(&x, &f).await?;
+                (x, key)
+            }
             Destination::TempQueue(name) => (String::new(), self.temp_queue(&name).await?),
         };
         // reply-to:/temp-queue/x creates this session's private reply queue and names it
@@ -876,7 +915,10 @@ impl Session {
                 false,
             ),
             Destination::Topic(key) => self.bound_queue("amq.topic", &key, &id, f).await?,
-            Destination::Exchange(x, key) => self.bound_queue(&x, &key, &id, f).await?,
+            Destination::Exchange(x, key) => {
+                self.maybe_declare_exchange(&x, f).await?;
+                self.bound_queue(&x, &key, &id, f).await?
+            }
             Destination::TempQueue(_) => {
                 return Err(Stop::error(
                     "Invalid destination",
