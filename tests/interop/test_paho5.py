@@ -416,10 +416,14 @@ def test_retained_messages_come_parents_first(port, topic):
     sub.close()
 
 
-def test_empty_user_name_without_password_is_anonymous(port):
+@pytest.mark.parametrize("password", [None, ""])
+def test_empty_user_name_without_password_is_anonymous(port, password):
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    body = mqtt_str("MQTT") + bytes([5, 0x82]) + struct.pack(">H", 30) + b"\x00"
+    flags = 0x82 if password is None else 0xC2
+    body = mqtt_str("MQTT") + bytes([5, flags]) + struct.pack(">H", 30) + b"\x00"
     body += mqtt_str("raw-" + uuid.uuid4().hex[:8]) + mqtt_str("")
+    if password is not None:
+        body += mqtt_str(password)
     s.sendall(packet(0x10, body))
     t, body = read_packet(s)
     assert (t, body[1]) == (0x20, 0)

@@ -711,12 +711,12 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     // Credentials: `vhost:user` selects the vhost, as RabbitMQ's MQTT plugin does; no
     // username means the client certificate's user (RabbitMQ's mqtt.ssl_cert_login),
     // else the configured default user (mqtt.default_user). A username always wins.
-    // An empty user name without a password is no user name (as Mosquitto takes it; some
-    // clients always set the flag).
+    // An empty user name without a password (or with an empty one) is no user name, as
+    // Mosquitto takes it: some clients always set the flags.
     let username = c
         .username
         .as_ref()
-        .filter(|u| !(u.is_empty() && c.password.is_none()));
+        .filter(|u| !(u.is_empty() && c.password.as_deref().is_none_or(|p| p.is_empty())));
     let (vhost_name, user, pass) = match username {
         Some(u) => {
             let (vh, user) = match u.split_once(':') {

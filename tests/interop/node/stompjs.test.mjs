@@ -26,7 +26,7 @@ function connect() {
 test("stompjs connects with 1.2 and heart-beats", async () => {
   const [c, frame] = await connect();
   assert.equal(frame.headers.version, "1.2");
-  assert.match(frame.headers.server, /^Warren\//);
+  assert.match(frame.headers.server, /^RabbitMQ\/\S+ Warren\//);
   await c.deactivate();
 });
 
