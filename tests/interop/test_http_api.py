@@ -26,6 +26,8 @@ def test_overview_and_auth(api_url):
     for k in ("management_version", "rabbitmq_version", "node", "object_totals", "queue_totals", "listeners"):
         assert k in o
     assert requests.get(f"{api_url}/api/whoami", auth=AUTH).json()["name"] == "guest"
+    # Read by the UI before it logs in: no credentials needed, no OAuth here.
+    assert requests.get(f"{api_url}/api/auth").json()["enable_uaa"] is False
     r = requests.get(f"{api_url}/api/queues/%2F/no-such-queue-here", auth=AUTH)
     assert r.status_code == 404
     assert r.json() == {"error": "Object Not Found", "reason": "Not Found"}

@@ -33,6 +33,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/overview", get(overview))
         .route("/api/whoami", get(whoami))
+        .route("/api/auth", get(auth_settings))
         .route(
             "/api/extensions",
             get(|_: Caller| async { Json(json!([])) }),
@@ -677,6 +678,12 @@ async fn overview(State(s): St, caller: Caller) -> ApiResult<Json<Value>> {
         "listeners": listeners,
         "contexts": [{"node": s.cfg.node_name, "description": "RabbitMQ Management", "path": "/", "port": http_port}],
     })))
+}
+
+/// `GET /api/auth`, which RabbitMQ's UI reads before logging in (no credentials needed):
+/// Warren has basic authentication only, no OAuth 2 / UAA.
+async fn auth_settings() -> Json<Value> {
+    Json(json!({"enable_uaa": false, "uaa_client_id": "", "uaa_location": ""}))
 }
 
 async fn whoami(caller: Caller) -> Json<Value> {
