@@ -88,6 +88,12 @@ pub struct QueueConfig {
 }
 
 impl QueueConfig {
+    /// A stream's segment size (`x-stream-max-segment-size-bytes` or RabbitMQ's default).
+    pub fn segment_bytes(&self) -> u64 {
+        self.segment_bytes
+            .unwrap_or(crate::stream::DEFAULT_SEGMENT_BYTES)
+    }
+
     /// `x-overflow: reject-publish[-dlx]`: a full queue refuses publishes.
     pub fn refuses_when_full(&self) -> bool {
         matches!(
@@ -867,20 +873,8 @@ impl Queue {
         .min();
         let expires_at = ttl.map(|t| now + Duration::from_millis(t));
         let mut fx = Effects::default();
-        if self.is_stream() {
-            // Streams take the ordered path (VHost::deliver_awaiting); one arriving here
-            // anyway is appended and written after.
-            let offset = self.stream_next_offset();
-            let ts = crate::stream::now_ms();
-            fx.ops.push(Op::PutMessage {
-                queue: self.store_id,
-                seq: offset,
-                data: crate::stream::encode_stored(ts, &msg),
-            });
-            let more = self.append_stream(offset, msg, ts, u64::MAX);
-            fx.ops.extend(more.ops);
-            return (EnqueueOutcome::Accepted, fx);
-        }
+        // Streams take the ordered path: VHost::deliver_awaiting → append_stream.
+        debug_assert!(!self.is_stream(), "enqueue_now on a stream");
         let outcome = {
             let mut s = self.state.lock();
             if s.deleted {
@@ -990,16 +984,13 @@ impl Queue {
         let Some(log) = s.stream.as_mut() else {
             return fx;
         };
-        log.append(
-            StreamEntry {
-                offset,
-                msg,
-                ts_ms,
-                ticket,
-            },
-            cfg.segment_bytes
-                .unwrap_or(crate::stream::DEFAULT_SEGMENT_BYTES),
-        );
+        let entry = StreamEntry {
+            offset,
+            msg,
+            ts_ms,
+            ticket,
+        };
+        log.append(entry, cfg.segment_bytes());
         if let Some((first, last)) = log.apply_retention(cfg.max_length_bytes, cfg.max_age, ts_ms) {
             fx.ops.push(Op::DeleteMessageRange {
                 queue: self.store_id,
@@ -1015,21 +1006,16 @@ impl Queue {
     /// Puts a recovered stream record back (startup only).
     pub(crate) fn restore_stream(&self, offset: u64, data: bytes::Bytes) -> CoreResult<()> {
         let (ts_ms, msg) = crate::stream::decode_stored(data)?;
-        let segment = self
-            .config()
-            .segment_bytes
-            .unwrap_or(crate::stream::DEFAULT_SEGMENT_BYTES);
+        let segment = self.config().segment_bytes();
         let mut s = self.state.lock();
         if let Some(log) = s.stream.as_mut() {
-            log.append(
-                StreamEntry {
-                    offset,
-                    msg: Arc::new(msg),
-                    ts_ms,
-                    ticket: 0,
-                },
-                segment,
-            );
+            let entry = StreamEntry {
+                offset,
+                msg: Arc::new(msg),
+                ts_ms,
+                ticket: 0,
+            };
+            log.append(entry, segment);
             log.evict(0);
         }
         Ok(())

@@ -209,9 +209,6 @@ impl StreamLog {
 
     /// Appends the message at `offset` (the log's next; a recovered log may start later).
     pub fn append(&mut self, entry: StreamEntry, segment_bytes: u64) {
-        if self.segments.is_empty() {
-            self.next = entry.offset;
-        }
         self.next = entry.offset + 1;
         let size = entry.size();
         let roll = self

@@ -920,8 +920,11 @@ impl VHost {
             Some(m) => Arc::new(m),
             None => msg,
         };
-        let writes = (msg.is_persistent() && queues.iter().any(|q| q.is_stored()))
-            || queues.iter().any(|q| q.is_stream());
+        // Streams are always written (and take their ordered path).
+        let persistent = msg.is_persistent();
+        let writes = queues
+            .iter()
+            .any(|q| q.is_stream() || (persistent && q.is_stored()));
         let may_refuse = queues.iter().any(|q| q.config().refuses_when_full());
         if writes || may_refuse {
             return Ok(Err(Unfinished(UnfinishedKind::Deliver { queues, msg })));
@@ -968,8 +971,12 @@ impl VHost {
         let mut plan = Vec::with_capacity(queues.len());
         // Streams: each append lock (in store-id order, so two publishers cannot deadlock)
         // is held until the message is in the log, so offsets follow the write order.
-        let (mut streams, queues): (Vec<_>, Vec<_>) =
-            queues.into_iter().partition(|q| q.is_stream());
+        // (Split only when there is one: no allocation on the usual persistent publish.)
+        let (mut streams, queues) = if queues.iter().any(|q| q.is_stream()) {
+            queues.into_iter().partition(|q| q.is_stream())
+        } else {
+            (Vec::new(), queues)
+        };
         streams.sort_by_key(|q| q.store_id.0);
         streams.dedup_by_key(|q| q.store_id.0);
         let mut held = Vec::with_capacity(streams.len());
