@@ -4,6 +4,7 @@ permission denial seen by pika (403 ACCESS_REFUSED).
 Every test also passes against RabbitMQ:
   AMQP_URL=amqp://guest:guest@127.0.0.1:5680/ HTTP_API_URL=http://127.0.0.1:15680 pytest test_http_api.py
 """
+import contextlib
 import urllib.parse
 
 import pika
@@ -340,9 +341,9 @@ def test_vhost_limits_refuse_queues_and_connections(api_url, broker, name):
         requests.delete(base, auth=AUTH)
 
 
-def test_vhost_message_stats(api_url, broker, name):
-    import time
-    vh = name
+@contextlib.contextmanager
+def _vhost_connection(api_url, broker, vh):
+    """A pika connection to a fresh vhost `vh`, deleted afterwards."""
     assert requests.put(f"{api_url}/api/vhosts/{q(vh)}", auth=AUTH).status_code in (201, 204)
     try:
         requests.put(f"{api_url}/api/permissions/{q(vh)}/guest", auth=AUTH,
@@ -350,6 +351,19 @@ def test_vhost_message_stats(api_url, broker, name):
         params = pika.URLParameters(broker.url)
         params.virtual_host = vh
         c = pika.BlockingConnection(params)
+        try:
+            yield c
+        finally:
+            if c.is_open:
+                c.close()
+    finally:
+        requests.delete(f"{api_url}/api/vhosts/{q(vh)}", auth=AUTH)
+
+
+def test_vhost_message_stats(api_url, broker, name):
+    import time
+    vh = name
+    with _vhost_connection(api_url, broker, vh) as c:
         ch = c.channel()
         ch.confirm_delivery()
         ch.queue_declare("work")
@@ -369,9 +383,6 @@ def test_vhost_message_stats(api_url, broker, name):
         assert stats["ack"] == 1
         assert (v["messages"], v["messages_ready"], v["messages_unacknowledged"]) == (2, 2, 0)
         assert "rate" in stats["publish_details"]
-        c.close()
-    finally:
-        requests.delete(f"{api_url}/api/vhosts/{q(vh)}", auth=AUTH)
 
 
 @pytest.mark.parametrize("kind", ["vhost", "user"])
@@ -401,3 +412,50 @@ def test_deleting_a_vhost_or_user_closes_its_connections(api_url, broker, name, 
     # its consumers can lose); "is deleted" is the usual text.
     assert (e.value.reply_code, e.value.reply_text) == (
         320, f"CONNECTION_FORCED - {kind} '{what}' is deleted")
+
+
+def test_channel_message_stats(api_url, broker, name):
+    """Per-channel counters as RabbitMQ's /api/channels shows them: a publishing channel
+    with confirms, unroutable messages and basic.get, and a consuming channel whose
+    nacked deliveries come back redelivered; each group only once it moved."""
+    import time
+    vh = name
+    with _vhost_connection(api_url, broker, vh) as c:
+        ch = c.channel()
+        ch.queue_declare("work")
+        ch.confirm_delivery()
+        for _ in range(5):
+            ch.basic_publish("", "work", b"m")
+        ch.basic_publish("", "nowhere", b"m")
+        with pytest.raises(pika.exceptions.UnroutableError):
+            ch.basic_publish("", "nowhere", b"m", mandatory=True)
+        m, _, _ = ch.basic_get("work")
+        ch.basic_ack(m.delivery_tag)
+        ch.basic_get("work", auto_ack=True)
+        ch2 = c.channel()
+        ch2.basic_qos(prefetch_count=10)
+        tags = []
+        ch2.basic_consume("work", lambda _c, m, _p, _b: tags.append(m.delivery_tag))
+        while len(tags) < 3:
+            c.process_data_events(0.2)
+        ch2.basic_nack(tags[-1], multiple=True, requeue=True)
+        while len(tags) < 6:
+            c.process_data_events(0.2)
+        deadline = time.time() + 15
+        while True:  # RabbitMQ collects its stats every 5 s
+            chans = requests.get(f"{api_url}/api/vhosts/{q(vh)}/channels", auth=AUTH).json()
+            chans.sort(key=lambda x: x["number"])
+            stats = [x.get("message_stats", {}) for x in chans]
+            if (len(stats) == 2 and stats[1].get("redeliver") == 3) or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        pub, cons = stats
+        assert {k: pub[k] for k in ("publish", "confirm", "drop_unroutable", "return_unroutable",
+                                    "get", "get_no_ack", "ack", "deliver_get")} == {
+            "publish": 7, "confirm": 7, "drop_unroutable": 1, "return_unroutable": 1,
+            "get": 1, "get_no_ack": 1, "ack": 1, "deliver_get": 2}
+        assert {k: cons[k] for k in ("deliver", "redeliver", "deliver_get", "ack")} == {
+            "deliver": 6, "redeliver": 3, "deliver_get": 6, "ack": 0}
+        assert "publish" not in cons
+        assert "rate" in pub["publish_details"]
+        assert chans[0]["messages_unconfirmed"] == 0

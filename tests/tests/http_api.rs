@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
+use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -791,6 +792,156 @@ async fn pagination_like_rabbitmq() {
     assert_eq!(
         api.get("/api/queues").await.json().as_array().map(Vec::len),
         Some(26)
+    );
+}
+
+/// A channel's `message_stats` as RabbitMQ 3.10 counts them (the same steps against
+/// RabbitMQ gave these numbers): publishes with confirms, unroutable ones dropped or
+/// returned, basic.get with and without ack and on an empty queue, a consumer's
+/// deliveries and redeliveries on a second channel; each group only once it moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_message_stats() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    let (conn, ch) = b.channel().await;
+    common::declare(&ch, "stats.q", FieldTable::default()).await;
+    common::declare(&ch, "stats.empty", FieldTable::default()).await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let publish = |key: &'static str, mandatory: bool| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_publish(
+                "".into(),
+                key.into(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..Default::default()
+                },
+                b"x",
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    };
+    for _ in 0..5 {
+        publish("stats.q", false).await;
+    }
+    publish("nowhere", false).await;
+    publish("nowhere", true).await;
+    let got = |no_ack: bool, q: &'static str| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_get(q.into(), BasicGetOptions { no_ack })
+                .await
+                .unwrap()
+        }
+    };
+    let m = got(false, "stats.q").await.expect("a message");
+    m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    got(true, "stats.q").await.expect("a message");
+    got(false, "stats.q").await.expect("a message");
+    assert!(got(false, "stats.empty").await.is_none());
+
+    let ch2 = conn.create_channel().await.unwrap();
+    ch2.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = ch2
+        .basic_consume(
+            "stats.q".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut last = 0;
+    for _ in 0..2 {
+        let d = consumer.next().await.expect("delivery").expect("ok");
+        last = d.delivery_tag;
+    }
+    ch2.basic_nack(
+        last,
+        BasicNackOptions {
+            multiple: true,
+            requeue: true,
+        },
+    )
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        let d = consumer.next().await.expect("redelivery").expect("ok");
+        assert!(d.redelivered);
+    }
+
+    // Counted before the frames are written: nothing to wait for.
+    let chans = api.get("/api/channels").await.json();
+    let s1 = &chans[0]["message_stats"];
+    for (k, v) in [
+        ("publish", 7),
+        ("confirm", 7),
+        ("drop_unroutable", 1),
+        ("return_unroutable", 1),
+        ("get", 2),
+        ("get_no_ack", 1),
+        ("get_empty", 1),
+        ("ack", 1),
+        ("deliver", 0),
+        ("deliver_get", 3),
+        ("redeliver", 0),
+    ] {
+        assert_eq!(s1[k], v, "channel 1 {k}: {s1}");
+        assert!(s1[format!("{k}_details")]["rate"].is_number(), "{s1}");
+    }
+    let s2 = &chans[1]["message_stats"];
+    for (k, v) in [
+        ("deliver", 4),
+        ("redeliver", 2),
+        ("deliver_get", 4),
+        ("ack", 0),
+    ] {
+        assert_eq!(s2[k], v, "channel 2 {k}: {s2}");
+    }
+    assert!(s2.get("publish").is_none(), "{s2}");
+    assert_eq!(chans[0]["messages_unconfirmed"], 0);
+
+    // A transaction's held publishes and acks; an idle channel has no message_stats.
+    let tx = conn.create_channel().await.unwrap();
+    tx.tx_select().await.unwrap();
+    tx.basic_publish(
+        "".into(),
+        "stats.q".into(),
+        BasicPublishOptions::default(),
+        b"t",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    // A round trip on the channel: the publish before it was handled.
+    tx.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let chans = api.get("/api/channels").await.json();
+    assert_eq!(chans[2]["messages_uncommitted"], 1, "{}", chans[2]);
+    assert_eq!(chans[2]["transactional"], true);
+    assert!(chans[2].get("message_stats").is_none(), "{}", chans[2]);
+    tx.tx_commit().await.unwrap();
+    let c = api.get("/api/channels").await.json();
+    assert_eq!(c[2]["messages_uncommitted"], 0);
+    assert_eq!(c[2]["message_stats"]["publish"], 1);
+    assert!(c[2]["message_stats"].get("deliver").is_none());
+    // Connections show their byte rates.
+    let conns = api.get("/api/connections").await.json();
+    assert!(
+        conns[0]["recv_oct_details"]["rate"].is_number(),
+        "{}",
+        conns[0]
+    );
+    assert!(
+        conns[0]["send_oct_details"]["rate"].is_number(),
+        "{}",
+        conns[0]
     );
 }
 

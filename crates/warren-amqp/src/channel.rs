@@ -11,8 +11,9 @@ use bytes::{Bytes, BytesMut};
 use warren_amqp_codec as codec;
 use warren_core::vhost::refuse_default_exchange;
 use warren_core::{
-    Access, ConsumerId, ConsumerSpec, Credit, Delivery, Exchange, ExchangeDecl, ExchangeKind,
-    Message, MsgSeq, PublishOutcome, Queue, QueueDecl, ResourceKind, ShortString, Target, VHost,
+    Access, ChannelStat, ChannelStats, ConsumerId, ConsumerSpec, Credit, Delivery, Exchange,
+    ExchangeDecl, ExchangeKind, Message, MsgSeq, PublishOutcome, Queue, QueueDecl, ResourceKind,
+    ShortString, Target, VHost,
 };
 
 use crate::connection::{truncate_short, Conn};
@@ -97,10 +98,12 @@ pub(crate) struct Channel {
     confirms: VecDeque<PendingConfirm>,
     tx: Option<TxBuffer>,
     reply_queue: Option<Arc<Queue>>,
+    /// What the management API shows of this channel (`message_stats`).
+    stats: Arc<ChannelStats>,
 }
 
 impl Channel {
-    fn new() -> Self {
+    fn new(stats: Arc<ChannelStats>) -> Self {
         Channel {
             closing: false,
             pending: None,
@@ -114,6 +117,7 @@ impl Channel {
             confirms: VecDeque::new(),
             tx: None,
             reply_queue: None,
+            stats,
         }
     }
 
@@ -320,10 +324,11 @@ impl Conn {
             if let Err(e) = self.broker.check_channel_limit(&self.user) {
                 return Err(connection_error(code::NOT_ALLOWED, e.text).at(class_id, method_id));
             }
-            self.channels.insert(ch, Channel::new());
-            if let Some(g) = &self.registration {
-                g.channel_opened(ch);
-            }
+            let stats = match &self.registration {
+                Some(g) => g.channel_opened(ch),
+                None => Arc::default(),
+            };
+            self.channels.insert(ch, Channel::new(stats));
             self.write(
                 ch,
                 AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
@@ -716,13 +721,20 @@ impl Conn {
                     return Err(core(q.stream_refusal("basic.get")));
                 }
                 match q.get(g.no_ack).await {
-                    None => self.write(
-                        ch,
-                        AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
-                    ),
+                    None => {
+                        self.chan(ch).stats.add(ChannelStat::GetEmpty, 1);
+                        self.write(
+                            ch,
+                            AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
+                        )
+                    }
                     Some(r) => {
                         let at = self.clock;
                         let chan = self.chan(ch);
+                        chan.stats.add(delivery_stat(g.no_ack, true), 1);
+                        if r.redelivered {
+                            chan.stats.add(ChannelStat::Redeliver, 1);
+                        }
                         let tag = chan.next_delivery_tag;
                         chan.next_delivery_tag += 1;
                         if !g.no_ack {
@@ -749,23 +761,29 @@ impl Conn {
                 }
             }
             AMQPClass::Basic(basic::AMQPMethod::Ack(a)) => {
-                if let Some(tx) = self.chan(ch).tx.as_mut() {
+                let chan = self.chan(ch);
+                if let Some(tx) = chan.tx.as_mut() {
                     tx.settles.push(Settle::Ack {
                         tag: a.delivery_tag,
                         multiple: a.multiple,
                     });
+                    chan.stats
+                        .set_uncommitted(tx.publishes.len(), tx.settles.len());
                 } else {
                     self.settle(ch, a.delivery_tag, a.multiple, SettleKind::Ack)
                         .await?;
                 }
             }
             AMQPClass::Basic(basic::AMQPMethod::Nack(n)) => {
-                if let Some(tx) = self.chan(ch).tx.as_mut() {
+                let chan = self.chan(ch);
+                if let Some(tx) = chan.tx.as_mut() {
                     tx.settles.push(Settle::Nack {
                         tag: n.delivery_tag,
                         multiple: n.multiple,
                         requeue: n.requeue,
                     });
+                    chan.stats
+                        .set_uncommitted(tx.publishes.len(), tx.settles.len());
                 } else {
                     let kind = if n.requeue {
                         SettleKind::Requeue
@@ -776,12 +794,15 @@ impl Conn {
                 }
             }
             AMQPClass::Basic(basic::AMQPMethod::Reject(r)) => {
-                if let Some(tx) = self.chan(ch).tx.as_mut() {
+                let chan = self.chan(ch);
+                if let Some(tx) = chan.tx.as_mut() {
                     tx.settles.push(Settle::Nack {
                         tag: r.delivery_tag,
                         multiple: false,
                         requeue: r.requeue,
                     });
+                    chan.stats
+                        .set_uncommitted(tx.publishes.len(), tx.settles.len());
                 } else {
                     let kind = if r.requeue {
                         SettleKind::Requeue
@@ -845,7 +866,9 @@ impl Conn {
                 self.write(ch, AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
             }
             AMQPClass::Tx(tx::AMQPMethod::Commit(_)) => {
-                let Some(buf) = self.chan(ch).tx.replace(TxBuffer::default()) else {
+                let chan = self.chan(ch);
+                chan.stats.set_uncommitted(0, 0);
+                let Some(buf) = chan.tx.replace(TxBuffer::default()) else {
                     return Err(channel_error(
                         ch,
                         code::PRECONDITION_FAILED,
@@ -900,6 +923,7 @@ impl Conn {
                     ));
                 }
                 chan.tx = Some(TxBuffer::default());
+                chan.stats.set_uncommitted(0, 0);
                 self.write(
                     ch,
                     AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})),
@@ -918,7 +942,9 @@ impl Conn {
 
     fn chan(&mut self, ch: u16) -> &mut Channel {
         // Callers checked that the channel exists; a fresh one is never observable here.
-        self.channels.entry(ch).or_insert_with(Channel::new)
+        self.channels
+            .entry(ch)
+            .or_insert_with(|| Channel::new(Arc::default()))
     }
 
     async fn consume(
@@ -1058,6 +1084,9 @@ impl Conn {
         let tags = self.chan(ch).take_unacked(ch, tag, multiple)?;
         if tags.is_empty() {
             return Ok(());
+        }
+        if kind == SettleKind::Ack {
+            self.chan(ch).stats.add(ChannelStat::Ack, tags.len() as u64);
         }
         let (groups, credited) = by_queue(tags);
         if kind != SettleKind::Ack {
@@ -1233,8 +1262,11 @@ impl Conn {
             self.vh()?
                 .exchange(p.method.exchange.as_str())
                 .map_err(|e| AmqpError::from_core(e, ch, 60, 40))?;
-            if let Some(tx) = self.chan(ch).tx.as_mut() {
+            let chan = self.chan(ch);
+            if let Some(tx) = chan.tx.as_mut() {
                 tx.publishes.push((p.method, msg));
+                chan.stats
+                    .set_uncommitted(tx.publishes.len(), tx.settles.len());
             }
             return Ok(None);
         }
@@ -1286,6 +1318,7 @@ impl Conn {
                 ticket: outcome.ticket.map(|t| t.0),
                 nack: outcome.rejected,
             });
+            chan.stats.set_unconfirmed(chan.confirms.len());
             self.confirms_due = true;
         }
     }
@@ -1347,6 +1380,18 @@ impl Conn {
         let outcome = vh
             .deliver_now(queues, msg.clone())
             .map_err(|e| AmqpError::from_core(e, ch, 60, 40))?;
+        let stats = &self.chan(ch).stats;
+        stats.add(ChannelStat::Publish, 1);
+        if unroutable {
+            stats.add(
+                if p.mandatory {
+                    ChannelStat::ReturnUnroutable
+                } else {
+                    ChannelStat::DropUnroutable
+                },
+                1,
+            );
+        }
         if unroutable && p.mandatory {
             self.write(
                 ch,
@@ -1369,7 +1414,11 @@ impl Conn {
         let synced = *self.synced.borrow_and_update();
         let mut out = std::mem::take(&mut self.out);
         for (&ch, chan) in self.channels.iter_mut() {
+            if chan.confirms.is_empty() {
+                continue;
+            }
             let mut run: Option<(u64, usize)> = None;
+            let mut acked = 0;
             while chan
                 .confirms
                 .front()
@@ -1392,6 +1441,7 @@ impl Conn {
                         })),
                     );
                 } else {
+                    acked += 1;
                     run = Some(match run {
                         Some((_, n)) => (c.tag, n + 1),
                         None => (c.tag, 1),
@@ -1401,6 +1451,8 @@ impl Conn {
             if let Some((tag, n)) = run {
                 write_ack(&mut out, ch, tag, n > 1);
             }
+            chan.stats.add(ChannelStat::Confirm, acked);
+            chan.stats.set_unconfirmed(chan.confirms.len());
         }
         self.out = out;
     }
@@ -1427,6 +1479,10 @@ impl Conn {
         };
         let dtag = chan.next_delivery_tag;
         chan.next_delivery_tag += 1;
+        chan.stats.add(delivery_stat(d.no_ack, false), 1);
+        if d.redelivered {
+            chan.stats.add(ChannelStat::Redeliver, 1);
+        }
         tracing::trace!(conn = self.id.0, ch, dtag, "deliver");
         if !d.no_ack {
             chan.unacked.push_back(UnackedTag {
@@ -1489,10 +1545,15 @@ impl Conn {
                 method_id,
             })),
         );
-        if let Some(mut chan) = self.channels.remove(&ch) {
-            self.release(&mut chan).await;
-        }
-        let mut stub = Channel::new();
+        let stats = match self.channels.remove(&ch) {
+            Some(mut chan) => {
+                self.release(&mut chan).await;
+                chan.stats.clone()
+            }
+            None => Arc::default(),
+        };
+        // Listed until its close-ok, with its counters.
+        let mut stub = Channel::new(stats);
         stub.closing = true;
         self.channels.insert(ch, stub);
     }
@@ -1570,6 +1631,16 @@ enum SettleKind {
     Ack,
     Requeue,
     Reject,
+}
+
+/// The counter of one delivery: a consumer's or a basic.get's, with or without an ack.
+fn delivery_stat(no_ack: bool, get: bool) -> ChannelStat {
+    match (get, no_ack) {
+        (false, false) => ChannelStat::Deliver,
+        (false, true) => ChannelStat::DeliverNoAck,
+        (true, false) => ChannelStat::Get,
+        (true, true) => ChannelStat::GetNoAck,
+    }
 }
 
 fn write_ack(out: &mut BytesMut, ch: u16, tag: u64, multiple: bool) {

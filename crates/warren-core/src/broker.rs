@@ -530,7 +530,7 @@ impl Broker {
             .list()
             .iter()
             .filter(|c| c.info.user == user)
-            .map(|c| c.channels().len())
+            .map(|c| c.channel_count())
             .sum();
         if open as u64 >= max {
             return Err(limits::user_channels_reached(user, max));

@@ -31,7 +31,7 @@
 //!   entry list, never across an `.await`.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -108,16 +108,121 @@ pub struct ChannelSettings {
     pub transactional: bool,
 }
 
+/// What RabbitMQ's API counts per channel (`message_stats`), in the order of
+/// [`ChannelStat::ALL`]; `deliver_get` is the API's sum of the four delivery kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelStat {
+    Publish,
+    Confirm,
+    ReturnUnroutable,
+    DropUnroutable,
+    Deliver,
+    DeliverNoAck,
+    Get,
+    GetNoAck,
+    GetEmpty,
+    Redeliver,
+    Ack,
+}
+
+/// A snapshot of one channel's counters, indexed by `ChannelStat as usize`.
+pub type ChannelCounts = [u64; ChannelStat::ALL.len()];
+
+impl ChannelStat {
+    pub const ALL: [ChannelStat; 11] = [
+        ChannelStat::Publish,
+        ChannelStat::Confirm,
+        ChannelStat::ReturnUnroutable,
+        ChannelStat::DropUnroutable,
+        ChannelStat::Deliver,
+        ChannelStat::DeliverNoAck,
+        ChannelStat::Get,
+        ChannelStat::GetNoAck,
+        ChannelStat::GetEmpty,
+        ChannelStat::Redeliver,
+        ChannelStat::Ack,
+    ];
+
+    /// The API's field name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChannelStat::Publish => "publish",
+            ChannelStat::Confirm => "confirm",
+            ChannelStat::ReturnUnroutable => "return_unroutable",
+            ChannelStat::DropUnroutable => "drop_unroutable",
+            ChannelStat::Deliver => "deliver",
+            ChannelStat::DeliverNoAck => "deliver_no_ack",
+            ChannelStat::Get => "get",
+            ChannelStat::GetNoAck => "get_no_ack",
+            ChannelStat::GetEmpty => "get_empty",
+            ChannelStat::Redeliver => "redeliver",
+            ChannelStat::Ack => "ack",
+        }
+    }
+
+    /// RabbitMQ keeps a channel's publishing counters (per exchange) apart from its
+    /// consuming ones (per queue) and shows each group once one of its counters moved.
+    pub fn publishing(self) -> bool {
+        matches!(
+            self,
+            ChannelStat::Publish
+                | ChannelStat::Confirm
+                | ChannelStat::ReturnUnroutable
+                | ChannelStat::DropUnroutable
+        )
+    }
+}
+
+/// A channel's counters and gauges for the API, written by its connection task only
+/// (relaxed atomics: nothing is ordered by them).
+#[derive(Debug, Default)]
+pub struct ChannelStats {
+    counters: [AtomicU64; ChannelStat::ALL.len()],
+    /// Publisher confirms owed (RabbitMQ's `messages_unconfirmed`).
+    pub unconfirmed: AtomicU64,
+    /// Publishes and acknowledgements held by an open transaction
+    /// (`messages_uncommitted`, `acks_uncommitted`).
+    pub uncommitted: AtomicU64,
+    pub acks_uncommitted: AtomicU64,
+}
+
+impl ChannelStats {
+    pub fn add(&self, stat: ChannelStat, n: u64) {
+        self.counters[stat as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn counts(&self) -> ChannelCounts {
+        std::array::from_fn(|i| self.counters[i].load(Ordering::Relaxed))
+    }
+
+    pub fn set_unconfirmed(&self, n: usize) {
+        self.unconfirmed.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// What an open transaction holds: publishes and acknowledgements.
+    pub fn set_uncommitted(&self, publishes: usize, settles: usize) {
+        self.uncommitted.store(publishes as u64, Ordering::Relaxed);
+        self.acks_uncommitted
+            .store(settles as u64, Ordering::Relaxed);
+    }
+}
+
+/// One open channel as the API lists it.
+#[derive(Debug, Clone)]
+pub struct ChannelRecord {
+    pub number: u16,
+    pub settings: ChannelSettings,
+    pub stats: Arc<ChannelStats>,
+}
+
 /// One registered connection.
 #[derive(Debug)]
 pub struct ConnectionEntry {
     pub info: ConnectionInfo,
     /// Milliseconds since the Unix epoch.
     pub connected_at: u64,
-    channels: Mutex<BTreeSet<u16>>,
-    /// Settings of the channels that changed any (empty, so unallocated, for MQTT and
-    /// STOMP sessions and most AMQP channels).
-    channel_settings: Mutex<Vec<(u16, ChannelSettings)>>,
+    /// Open channels by number (empty, so unallocated, for MQTT and STOMP sessions).
+    channels: Mutex<Vec<ChannelRecord>>,
     /// Bytes received/sent, if the front-end reports them.
     pub recv_oct: AtomicU64,
     pub send_oct: AtomicU64,
@@ -137,17 +242,17 @@ impl ConnectionEntry {
 
     /// Open channel numbers, ascending.
     pub fn channels(&self) -> Vec<u16> {
-        self.channels.lock().iter().copied().collect()
+        self.channels.lock().iter().map(|c| c.number).collect()
     }
 
-    /// What the management API shows of channel `n`'s settings.
-    pub fn channel_settings(&self, n: u16) -> ChannelSettings {
-        self.channel_settings
-            .lock()
-            .iter()
-            .find(|(c, _)| *c == n)
-            .map(|(_, s)| *s)
-            .unwrap_or_default()
+    /// How many channels are open.
+    pub fn channel_count(&self) -> usize {
+        self.channels.lock().len()
+    }
+
+    /// The open channels with their settings and counters, by number.
+    pub fn channel_records(&self) -> Vec<ChannelRecord> {
+        self.channels.lock().clone()
     }
 
     /// Asks the front-end to close the connection with `reason` (RabbitMQ's
@@ -177,8 +282,7 @@ impl Connections {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
-            channels: Mutex::new(BTreeSet::new()),
-            channel_settings: Mutex::new(Vec::new()),
+            channels: Mutex::new(Vec::new()),
             recv_oct: AtomicU64::new(0),
             send_oct: AtomicU64::new(0),
             close_reason: Mutex::new(None),
@@ -291,25 +395,36 @@ impl ConnectionGuard {
         }
     }
 
-    pub fn channel_opened(&self, n: u16) {
-        self.entry.channels.lock().insert(n);
+    /// Lists channel `n`; the front-end counts its messages in the returned stats.
+    pub fn channel_opened(&self, n: u16) -> Arc<ChannelStats> {
+        let stats = Arc::new(ChannelStats::default());
+        let mut all = self.entry.channels.lock();
+        let at = all.partition_point(|c| c.number < n);
+        all.insert(
+            at,
+            ChannelRecord {
+                number: n,
+                settings: ChannelSettings::default(),
+                stats: stats.clone(),
+            },
+        );
+        stats
     }
 
     pub fn channel_closed(&self, n: u16) {
-        self.entry.channels.lock().remove(&n);
-        self.entry.channel_settings.lock().retain(|(c, _)| *c != n);
+        self.entry.channels.lock().retain(|c| c.number != n);
     }
 
     /// Records a change of channel `n`'s settings (basic.qos, confirm.select, tx.select).
     pub fn update_channel(&self, n: u16, change: impl FnOnce(&mut ChannelSettings)) {
-        let mut all = self.entry.channel_settings.lock();
-        match all.iter_mut().find(|(c, _)| *c == n) {
-            Some((_, s)) => change(s),
-            None => {
-                let mut s = ChannelSettings::default();
-                change(&mut s);
-                all.push((n, s));
-            }
+        if let Some(c) = self
+            .entry
+            .channels
+            .lock()
+            .iter_mut()
+            .find(|c| c.number == n)
+        {
+            change(&mut c.settings);
         }
     }
 

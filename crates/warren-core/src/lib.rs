@@ -33,8 +33,8 @@ pub use amq_protocol_types::{AMQPValue, FieldTable, LongString, ShortString};
 pub use auth::ConnectionAuth;
 pub use broker::{full_permission, Broker, BrokerConfig};
 pub use connections::{
-    client_properties, ChannelSettings, ConnectionEntry, ConnectionGuard, ConnectionInfo,
-    Connections, TlsDetails, Tuning,
+    client_properties, ChannelCounts, ChannelRecord, ChannelSettings, ChannelStat, ChannelStats,
+    ConnectionEntry, ConnectionGuard, ConnectionInfo, Connections, TlsDetails, Tuning,
 };
 pub use consumer::{
     return_undelivered, ConsumerSpec, Credit, Deliveries, Delivery, Outbox, OutboxEvent,

@@ -12,8 +12,8 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use warren_core::definitions::parse_tags;
 use warren_core::{
-    Access, Binding, ConnectionEntry, Exchange, ExchangeDecl, FieldTable, Message, MsgSeq, Queue,
-    QueueDecl, ResourceKind, ShortString, Target, UserRecord, VHost,
+    Access, Binding, ChannelStat, ConnectionEntry, Exchange, ExchangeDecl, FieldTable, Message,
+    MsgSeq, Queue, QueueDecl, ResourceKind, ShortString, Target, UserRecord, VHost,
 };
 
 use crate::auth::Caller;
@@ -450,6 +450,7 @@ fn connection_json(s: &AppState, e: &ConnectionEntry) -> Value {
     }
     // The name the client gave itself (`connection_name`), as RabbitMQ shows it.
     let user_provided_name = client.get("connection_name").cloned();
+    let octets = s.sampler.connection_rates(i.id.0);
     let mut out = json!({
         "name": e.name(),
         "node": s.cfg.node_name,
@@ -464,11 +465,13 @@ fn connection_json(s: &AppState, e: &ConnectionEntry) -> Value {
         "state": "running",
         "type": "network",
         "ssl": i.tls.is_some(),
-        "channels": e.channels().len(),
+        "channels": e.channel_count(),
         "connected_at": e.connected_at,
         "client_properties": client,
         "recv_oct": e.recv_oct.load(std::sync::atomic::Ordering::Relaxed),
+        "recv_oct_details": details(octets.recv),
         "send_oct": e.send_oct.load(std::sync::atomic::Ordering::Relaxed),
+        "send_oct_details": details(octets.send),
     });
     if let Some(n) = user_provided_name {
         out["user_provided_name"] = n;
@@ -538,16 +541,19 @@ fn connection_channels_json(
     e: &ConnectionEntry,
     consumers: &[(String, Arc<Queue>, warren_core::ConsumerInfo)],
 ) -> Vec<Value> {
-    e.channels()
+    e.channel_records()
         .into_iter()
-        .map(|n| {
+        .map(|rec| {
+            let n = rec.number;
             let mine = consumers
                 .iter()
                 .filter(|(_, _, c)| c.owner == e.info.id && c.channel == n as u64);
             let (count, unacked) =
                 mine.fold((0u32, 0u32), |(k, u), (_, _, c)| (k + 1, u + c.unacked));
-            let settings = e.channel_settings(n);
-            json!({
+            let settings = rec.settings;
+            let gauge =
+                |g: &std::sync::atomic::AtomicU64| g.load(std::sync::atomic::Ordering::Relaxed);
+            let mut ch = json!({
                 "name": channel_name(e, n),
                 "number": n,
                 "node": s.cfg.node_name,
@@ -560,14 +566,59 @@ fn connection_channels_json(
                 "global_prefetch_count": settings.global_prefetch_count,
                 "confirm": settings.confirm,
                 "transactional": settings.transactional,
+                "messages_unconfirmed": gauge(&rec.stats.unconfirmed),
+                "messages_uncommitted": gauge(&rec.stats.uncommitted),
+                "acks_uncommitted": gauge(&rec.stats.acks_uncommitted),
+                "user_who_performed_action": e.info.user,
                 "connection_details": {
                     "name": e.name(),
                     "peer_host": e.info.peer.ip().to_string(),
                     "peer_port": e.info.peer.port(),
                 },
-            })
+            });
+            let counts = rec.stats.counts();
+            let rates = s.sampler.channel_rates(e.info.id.0, n);
+            if let Some(stats) = channel_message_stats(&counts, &rates) {
+                ch["message_stats"] = stats;
+            }
+            ch
         })
         .collect()
+}
+
+/// A channel's `message_stats`: its publishing and its consuming counters, each group
+/// shown once one of its counters moved (as RabbitMQ keeps them in two tables), with
+/// `deliver_get` summed as RabbitMQ sums it; `None` for an idle channel.
+fn channel_message_stats(
+    counts: &warren_core::ChannelCounts,
+    rates: &[f64; ChannelStat::ALL.len()],
+) -> Option<Value> {
+    let mut out = serde_json::Map::new();
+    for publishing in [true, false] {
+        let group = ChannelStat::ALL
+            .iter()
+            .filter(|k| k.publishing() == publishing);
+        if group.clone().all(|&k| counts[k as usize] == 0) {
+            continue;
+        }
+        for &k in group {
+            out.insert(k.name().into(), json!(counts[k as usize]));
+            out.insert(format!("{}_details", k.name()), details(rates[k as usize]));
+        }
+        if !publishing {
+            let kinds = [
+                ChannelStat::Deliver,
+                ChannelStat::DeliverNoAck,
+                ChannelStat::Get,
+                ChannelStat::GetNoAck,
+            ];
+            let count: u64 = kinds.iter().map(|&k| counts[k as usize]).sum();
+            let rate: f64 = kinds.iter().map(|&k| rates[k as usize]).sum();
+            out.insert("deliver_get".into(), json!(count));
+            out.insert("deliver_get_details".into(), details(rate));
+        }
+    }
+    (!out.is_empty()).then_some(Value::Object(out))
 }
 
 fn consumer_json(s: &AppState, vhost: &str, q: &Queue, c: &warren_core::ConsumerInfo) -> Value {
@@ -620,7 +671,7 @@ async fn overview(State(s): St, caller: Caller) -> ApiResult<Json<Value>> {
         exchanges += vh.exchanges().len();
     }
     let conns = visible_connections(&s, &caller);
-    let channels: usize = conns.iter().map(|c| c.channels().len()).sum();
+    let channels: usize = conns.iter().map(|c| c.channel_count()).sum();
     let listeners: Vec<Value> = s
         .cfg
         .listeners

@@ -45,7 +45,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let mut o = Out(String::with_capacity(16 * 1024));
     let conns = b.connections().list();
     let (opened, closed) = b.connections().totals();
-    let channels: usize = conns.iter().map(|c| c.channels().len()).sum();
+    let channels: usize = conns.iter().map(|c| c.channel_count()).sum();
     let (totals, _) = s.sampler.global(b);
     let mut per_queue = Vec::new();
     let mut consumers = 0u64;

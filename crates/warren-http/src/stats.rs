@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::RwLock;
 
-use warren_core::{Broker, QueueCounts};
+use warren_core::{Broker, ChannelCounts, ChannelStat, QueueCounts};
 
 /// Per-second rates of one queue or of the whole broker.
 #[derive(Debug, Default, Clone, Copy)]
@@ -77,6 +77,21 @@ pub struct ExchangeSample {
     pub rates: (f64, f64),
 }
 
+/// A channel's counters and their rates at the last sample.
+#[derive(Clone, Copy)]
+struct ChannelSample {
+    counts: ChannelCounts,
+    rates: [f64; ChannelStat::ALL.len()],
+}
+
+/// Rates of a connection's received and sent bytes.
+#[derive(Clone, Copy, Default)]
+pub struct OctetRates {
+    counts: (u64, u64),
+    pub recv: f64,
+    pub send: f64,
+}
+
 #[derive(Default)]
 struct State {
     at: Option<Instant>,
@@ -88,6 +103,10 @@ struct State {
     vhosts: HashMap<Arc<str>, VhostSample>,
     global: Totals,
     global_rates: Rates,
+    /// By (connection id, channel number).
+    channels: HashMap<(u64, u16), ChannelSample>,
+    /// By connection id.
+    connections: HashMap<u64, OctetRates>,
 }
 
 /// The sampler; one per HTTP server.
@@ -138,6 +157,7 @@ impl Sampler {
                 fresh_exchanges.push((key, x.publish_counts()));
             }
         }
+        let conns = broker.connections().list();
         let Ok(mut st) = self.state.write() else {
             return;
         };
@@ -224,6 +244,38 @@ impl Sampler {
                 (key, ExchangeSample { counts, rates })
             })
             .collect();
+        let mut channels = HashMap::new();
+        let mut connections = HashMap::with_capacity(conns.len());
+        for e in &conns {
+            let id = e.info.id.0;
+            let octets = (
+                e.recv_oct.load(std::sync::atomic::Ordering::Relaxed),
+                e.send_oct.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            let (recv, send) = match st.connections.get(&id) {
+                Some(prev) => (
+                    rate(octets.0, prev.counts.0, secs),
+                    rate(octets.1, prev.counts.1, secs),
+                ),
+                None => (0.0, 0.0),
+            };
+            connections.insert(
+                id,
+                OctetRates {
+                    counts: octets,
+                    recv,
+                    send,
+                },
+            );
+            for c in e.channel_records() {
+                let counts = c.stats.counts();
+                let prev = st.channels.get(&(id, c.number));
+                let rates = std::array::from_fn(|i| {
+                    prev.map_or(0.0, |p| rate(counts[i], p.counts[i], secs))
+                });
+                channels.insert((id, c.number), ChannelSample { counts, rates });
+            }
+        }
         *st = State {
             at: Some(now),
             queues,
@@ -232,6 +284,8 @@ impl Sampler {
             vhosts,
             global,
             global_rates,
+            channels,
+            connections,
         };
     }
 
@@ -241,6 +295,25 @@ impl Sampler {
             .read()
             .ok()
             .and_then(|s| s.queues.get(&store_id).map(|x| x.rates))
+            .unwrap_or_default()
+    }
+
+    /// The rates of channel `number` of connection `conn` at the last sample (zero for
+    /// a new channel).
+    pub fn channel_rates(&self, conn: u64, number: u16) -> [f64; ChannelStat::ALL.len()] {
+        self.state
+            .read()
+            .ok()
+            .and_then(|s| s.channels.get(&(conn, number)).map(|c| c.rates))
+            .unwrap_or_default()
+    }
+
+    /// The byte rates of connection `conn` at the last sample.
+    pub fn connection_rates(&self, conn: u64) -> OctetRates {
+        self.state
+            .read()
+            .ok()
+            .and_then(|s| s.connections.get(&conn).copied())
             .unwrap_or_default()
     }
 
