@@ -77,6 +77,10 @@ def test_exchange_and_binding(api_url, name):
     r = requests.post(f"{x}/publish", auth=AUTH, json={"properties": {}, "routing_key": "a.b", "payload": "x", "payload_encoding": "string"})
     assert r.json() == {"routed": False}
     assert requests.delete(x, auth=AUTH).status_code == 204
+    # Publishing to a missing exchange: the channel's 404 inside a 400, as RabbitMQ.
+    r = requests.post(f"{x}/publish", auth=AUTH, json={"properties": {}, "routing_key": "a.b", "payload": "x", "payload_encoding": "string"})
+    assert r.status_code == 400
+    assert r.json()["reason"] == f"404 NOT_FOUND - no exchange '{name}-x' in vhost '/'"
     requests.delete(f"{api_url}/api/queues/%2F/{q(name)}", auth=AUTH)
 
 

@@ -38,6 +38,9 @@ def test_server_capabilities(conn):
     props = conn._impl.server_properties
     for key in ["product", "version", "platform", "copyright", "information"]:
         assert key in props, key
+    # RabbitMQ's product name: clients switch its extensions on by it.
+    assert props["product"] in (b"RabbitMQ", "RabbitMQ")
+    assert tuple(int(x) for x in (props["version"].decode() if isinstance(props["version"], bytes) else props["version"]).split(".")[:2]) >= (3, 10)
     caps = props["capabilities"]
     for cap in ["publisher_confirms", "exchange_exchange_bindings", "basic.nack", "consumer_cancel_notify",
                 "connection.blocked", "authentication_failure_close", "per_consumer_qos", "direct_reply_to",

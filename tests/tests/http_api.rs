@@ -626,6 +626,17 @@ async fn queues_exchanges_bindings_publish_get() {
         )
         .await;
     assert_eq!(r.json(), json!({"routed": false}));
+    let r = api
+        .post(
+            "/api/exchanges/%2F/nope/publish",
+            json!({"routing_key": "k", "payload": "", "payload_encoding": "string", "properties": {}}),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["reason"],
+        "404 NOT_FOUND - no exchange 'nope' in vhost '/'"
+    );
     // Two messages in, one routed to one queue: RabbitMQ's publish_in / publish_out.
     let stats = &api.get("/api/exchanges/%2F/shop").await.json()["message_stats"];
     assert_eq!(

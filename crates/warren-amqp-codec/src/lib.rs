@@ -60,8 +60,10 @@ pub enum Frame {
 /// Why the input cannot be framed; all are connection errors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
-    #[error("frame size {size} exceeds frame_max {max}")]
-    FrameTooLarge { size: u32, max: u32 },
+    /// RabbitMQ's text: the payload size and the payload limit (frame_max less the 8
+    /// bytes of frame header and end).
+    #[error("type {ty}, all octets = <<>>: {{frame_too_large,{size},{}}}", max.saturating_sub(8))]
+    FrameTooLarge { ty: u8, size: u32, max: u32 },
     #[error("bad frame end octet {0:#04x}")]
     BadFrameEnd(u8),
     #[error("unknown frame type {0}")]
@@ -93,7 +95,9 @@ impl FrameError {
 /// Decodes one frame from the front of `buf`. `Ok(None)` means more bytes are needed.
 ///
 /// `frame_max` is the negotiated limit for the whole frame (header, payload and end
-/// octet); 0 means "not negotiated", bounded by a hard cap.
+/// octet, §4.2.3), with RabbitMQ's allowance of 8 bytes over it: clients such as
+/// AMQPStorm fill body frames with frame_max bytes of payload, and RabbitMQ takes them
+/// (`?FRAME_SIZE_FUDGE`). 0 means "not negotiated", bounded by a hard cap.
 pub fn decode_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, FrameError> {
     if buf.len() < 7 {
         return Ok(None);
@@ -112,8 +116,8 @@ pub fn decode_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>,
     } else {
         frame_max
     };
-    if size.saturating_add(8) > max {
-        return Err(FrameError::FrameTooLarge { size, max });
+    if size > max {
+        return Err(FrameError::FrameTooLarge { ty, size, max });
     }
     let total = size as usize + 8;
     if buf.len() < total {

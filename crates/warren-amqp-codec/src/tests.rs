@@ -138,6 +138,24 @@ fn bad_frame_end_and_oversize_and_unknown_type() {
     let e = decode_frame(&mut BytesMut::from(&head[..]), 131_072).unwrap_err();
     assert_eq!(e.reply_code(), 501);
     assert!(matches!(e, FrameError::FrameTooLarge { .. }));
+    // RabbitMQ's 8-byte allowance: a payload of frame_max is taken, one more byte is not,
+    // with RabbitMQ's text.
+    let body = |n: u32| {
+        let mut f = vec![3u8, 0, 1];
+        f.extend_from_slice(&n.to_be_bytes());
+        f.resize(7 + n as usize, b'x');
+        f.push(0xCE);
+        BytesMut::from(&f[..])
+    };
+    assert!(matches!(
+        decode_frame(&mut body(4096), 4096),
+        Ok(Some(Frame::Body(1, b))) if b.len() == 4096
+    ));
+    let e = decode_frame(&mut body(4097), 4096).unwrap_err();
+    assert_eq!(
+        e.reply_text(),
+        "type 3, all octets = <<>>: {frame_too_large,4097,4088}"
+    );
     let e = decode_frame(
         &mut BytesMut::from(&b"\x09\x00\x00\x00\x00\x00\x00\xce"[..]),
         4096,

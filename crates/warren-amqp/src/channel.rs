@@ -343,6 +343,10 @@ impl Conn {
             .at(class_id, method_id));
         };
         if chan.closing {
+            // §4.2.3 and rabbit_reader: after our channel.close only close and close-ok
+            // count. A close that crossed ours gets its close-ok, and the channel waits
+            // for the close-ok of ours still (freeing it now made that close-ok a 504
+            // that killed the whole connection: amqp091-go's Issue43 test).
             match m {
                 // Boxed: closing is rare and its future large (see below).
                 AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
@@ -353,7 +357,6 @@ impl Conn {
                         ch,
                         AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
                     );
-                    Box::pin(self.drop_channel(ch)).await;
                 }
                 _ => {}
             }
@@ -414,17 +417,17 @@ impl Conn {
             }
             AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {}
             AMQPClass::Channel(channel::AMQPMethod::Flow(f)) => {
-                let credit = self.chan(ch).credit.clone();
-                credit.paused.store(!f.active, Ordering::Relaxed);
+                // RabbitMQ's answer, which RabbitMQ's clients test for (amqp091-go's
+                // TestIntegrationConsumeFlow): consumers use basic.qos instead.
+                if !f.active {
+                    return Err(connection_error(code::NOT_IMPLEMENTED, "active=false"));
+                }
                 self.write(
                     ch,
                     AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
-                        active: f.active,
+                        active: true,
                     })),
                 );
-                if f.active {
-                    self.kick_channel(ch).await;
-                }
             }
             AMQPClass::Channel(channel::AMQPMethod::FlowOk(_)) => {}
             AMQPClass::Access(access::AMQPMethod::Request(_)) => {

@@ -86,6 +86,10 @@ pub(crate) struct Conn {
     pub confirms_due: bool,
     phase: Phase,
     reason: CloseReason,
+    /// A framing error desynchronised the input: everything read after it is dropped.
+    input_broken: bool,
+    /// The client answered our connection.close: nothing more is read, no linger.
+    close_ok_received: bool,
     /// The broker's side of the socket (for the connection's name).
     local: SocketAddr,
     /// Client properties from connection.start-ok, shown by the management API.
@@ -157,6 +161,8 @@ pub(crate) async fn run<S: Stream>(
         synced,
         phase: Phase::AwaitStartOk,
         reason: CloseReason::SocketClosed,
+        input_broken: false,
+        close_ok_received: false,
     };
     tracing::debug!(conn = conn.id.0, %peer, "amqp connection accepted");
     let mut deliveries = deliveries;
@@ -379,13 +385,19 @@ impl Conn {
             }
             if self.phase == Phase::Done {
                 wr.flush().await?;
-                return Ok(Some(rd));
+                // The side that receives close-ok closes the socket (RabbitMQ does at
+                // once; amqp091-go waits for it before its Close returns).
+                return Ok((!self.close_ok_received).then_some(rd));
             }
         }
     }
 
     /// Decodes and handles every complete frame in `rbuf`.
     async fn process_input(&mut self, rbuf: &mut BytesMut) {
+        if self.input_broken {
+            rbuf.clear();
+            return;
+        }
         loop {
             if matches!(self.phase, Phase::Done) {
                 return;
@@ -394,8 +406,10 @@ impl Conn {
                 Ok(Some(f)) => f,
                 Ok(None) => return,
                 Err(e) => {
-                    // Nothing after a framing error can be trusted: drop the input.
+                    // Nothing after a framing error can be trusted: drop the input, now
+                    // and until the socket closes (no frame boundary can be found again).
                     rbuf.clear();
+                    self.input_broken = true;
                     self.reason = CloseReason::ProtocolError;
                     self.fail_connection(connection_error(e.reply_code(), e.reply_text()));
                     return;
@@ -436,10 +450,11 @@ impl Conn {
             method_id,
         } = e
         {
-            tracing::info!(conn = self.id.0, peer = %self.peer, code, %text, "amqp connection error");
             if matches!(self.phase, Phase::Closing | Phase::Done) {
+                tracing::debug!(conn = self.id.0, code, %text, "amqp error while closing");
                 return;
             }
+            tracing::info!(conn = self.id.0, peer = %self.peer, code, %text, "amqp connection error");
             self.send_connection_close(code, &text, class_id, method_id);
         } else {
             self.phase = Phase::Done;
@@ -475,7 +490,8 @@ impl Conn {
                 if let Frame::Method(0, m) = &frame {
                     match m.as_ref() {
                         AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) => {
-                            self.phase = Phase::Done
+                            self.phase = Phase::Done;
+                            self.close_ok_received = true;
                         }
                         AMQPClass::Connection(connection::AMQPMethod::Close(_)) => {
                             self.write_method(
@@ -542,14 +558,23 @@ impl Conn {
         let mut props = FieldTable::default();
         let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes()));
         props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
-        props.insert("product".into(), text("Warren"));
-        props.insert("version".into(), text(env!("CARGO_PKG_VERSION")));
+        // RabbitMQ's product and the version whose behaviour Warren follows (as the API's
+        // rabbitmq_version and STOMP's server header): clients and their suites switch
+        // RabbitMQ's extensions on by it (amqp091-go's RabbitMQ-only tests, which also
+        // leak their connection on any other product). Warren names itself beside it.
+        props.insert("product".into(), text("RabbitMQ"));
+        props.insert("version".into(), text(warren_core::RABBITMQ_COMPAT_VERSION));
+        props.insert("warren_version".into(), text(env!("CARGO_PKG_VERSION")));
         props.insert("platform".into(), text("Rust"));
         props.insert("cluster_name".into(), text("warren"));
         props.insert("copyright".into(), text("The Warren authors"));
         props.insert(
             "information".into(),
-            text("A multi-protocol message broker compatible with RabbitMQ"),
+            text(concat!(
+                "Warren ",
+                env!("CARGO_PKG_VERSION"),
+                ": a multi-protocol message broker compatible with RabbitMQ"
+            )),
         );
         self.write_method(
             0,
@@ -733,6 +758,10 @@ impl Conn {
     async fn handle_connection_method(&mut self, m: AMQPClass) -> Result<(), AmqpError> {
         match m {
             AMQPClass::Connection(connection::AMQPMethod::Close(_)) => {
+                // As RabbitMQ, close-ok only once the channels are gone: a client that
+                // reconnects on close-ok finds its exclusive consumers and queues released
+                // (amqp091-go's reconnect example consumes exclusively again at once).
+                Box::pin(self.cleanup()).await;
                 self.write_method(0, connection::AMQPMethod::CloseOk(connection::CloseOk {}));
                 self.phase = Phase::Done;
                 self.reason = CloseReason::ClientClosed;
@@ -740,6 +769,7 @@ impl Conn {
             }
             AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) => {
                 self.phase = Phase::Done;
+                self.close_ok_received = true;
                 Ok(())
             }
             AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(_)) => {
@@ -809,12 +839,14 @@ impl Conn {
 
     /// Releases everything the connection holds: consumers, unacked messages (requeued),
     /// exclusive queues.
+    /// Releases the channels and the connection's exclusive queues; once (the vhost is
+    /// taken), on connection.close or when the connection ends.
     async fn cleanup(&mut self) {
         let channels: Vec<u16> = self.channels.keys().copied().collect();
         for ch in channels {
             self.drop_channel(ch).await;
         }
-        if let Some(v) = &self.vhost {
+        if let Some(v) = self.vhost.take() {
             v.connection_closed(self.id).await;
         }
     }

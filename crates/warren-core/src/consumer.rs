@@ -20,15 +20,10 @@ pub struct Credit {
     /// 0 = unlimited.
     pub limit: AtomicU32,
     pub used: AtomicU32,
-    /// AMQP channel.flow(active=false): deliveries to this channel stop until resumed.
-    pub paused: std::sync::atomic::AtomicBool,
 }
 
 impl Credit {
     pub fn has_room(&self) -> bool {
-        if self.paused.load(Ordering::Relaxed) {
-            return false;
-        }
         let limit = self.limit.load(Ordering::Relaxed);
         limit == 0 || self.used.load(Ordering::Relaxed) < limit
     }

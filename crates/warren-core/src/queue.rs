@@ -455,11 +455,7 @@ impl ConsumerEntry {
             return false;
         }
         if self.spec.no_ack {
-            return !self
-                .spec
-                .channel_credit
-                .paused
-                .load(std::sync::atomic::Ordering::Relaxed);
+            return true;
         }
         (self.spec.prefetch == 0 || self.unacked < self.spec.prefetch)
             && self.spec.channel_credit.has_room()

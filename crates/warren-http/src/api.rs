@@ -1370,7 +1370,13 @@ async fn exchange_publish(
 ) -> ApiResult<Json<Value>> {
     let vh = caller.vhost(&s.broker, &v)?;
     let name = exchange_path_name(&name);
-    let x = vh.exchange(name).map_err(|_| ApiError::ObjectNotFound)?;
+    // RabbitMQ publishes through a channel, so a missing exchange is the channel's 404
+    // inside a 400.
+    let x = vh.exchange(name).map_err(|_| {
+        ApiError::BadRequest(format!(
+            "404 NOT_FOUND - no exchange '{name}' in vhost '{v}'"
+        ))
+    })?;
     caller.check(&s.broker, &v, Access::Write, ResourceKind::Exchange, name)?;
     if x.internal {
         return Err(ApiError::NotAuthorised(format!(
