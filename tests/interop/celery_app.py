@@ -15,6 +15,17 @@ app.conf.update(
     worker_hijack_root_logger=False,
     result_expires=300,
 )
+if os.environ.get("CELERY_DELAYED"):
+    # Celery's native delayed delivery (5.5+): quorum queues, and countdowns travel
+    # through 28 chained `celery_delayed_*` topic exchanges with TTL queues.
+    app.conf.update(
+        task_default_queue_type="quorum",
+        task_default_exchange_type="topic",
+        task_default_exchange=os.environ.get("CELERY_QUEUE", "celery"),
+        task_default_routing_key=os.environ.get("CELERY_QUEUE", "celery"),
+        worker_detect_quorum_queues=True,
+        broker_native_delayed_delivery_queue_type="quorum",
+    )
 
 
 @app.task

@@ -110,6 +110,46 @@ def test_exchange_to_exchange_chain_and_cycle(ch, name):
     assert drain(ch, name) == [b"one-copy"]
 
 
+def test_long_exchange_chain_has_no_hop_limit(ch, name):
+    """30 exchanges in a row, the last looping back to the first: one copy at the end.
+    Celery's native delayed delivery chains 28 topic exchanges (kombu 5.5)."""
+    xs = [f"{name}-{i}" for i in range(30)]
+    for x in xs:
+        ch.exchange_declare(x, "fanout")
+    for src, dst in zip(xs, xs[1:]):
+        ch.exchange_bind(dst, src)
+    ch.exchange_bind(xs[0], xs[-1])
+    ch.queue_declare(name)
+    ch.queue_bind(name, xs[-1])
+    ch.basic_publish(xs[0], "k", b"far")
+    wait_ready(ch, name, 1)
+    ch.connection.sleep(0.1)
+    assert drain(ch, name) == [b"far"]
+    for x in xs:
+        ch.exchange_delete(x)
+
+
+def test_alternate_exchange_only_when_the_exchange_itself_routes_nowhere(ch, name):
+    """RabbitMQ's process_alternate: an exchange that routes to another exchange does not
+    use its alternate exchange even if that one routes nowhere; the other's own AE does."""
+    ch.exchange_declare(name + "-ae", "fanout")
+    ch.queue_declare(name + "-alt")
+    ch.queue_bind(name + "-alt", name + "-ae")
+    ch.exchange_declare(name + "-src", "fanout", arguments={"alternate-exchange": name + "-ae"})
+    ch.exchange_declare(name + "-dead-end", "direct")
+    ch.exchange_bind(name + "-dead-end", name + "-src")
+    ch.basic_publish(name + "-src", "k", b"lost")
+    ch.exchange_declare(name + "-src2", "fanout")
+    ch.exchange_declare(name + "-end2", "direct", arguments={"alternate-exchange": name + "-ae"})
+    ch.exchange_bind(name + "-end2", name + "-src2")
+    ch.basic_publish(name + "-src2", "k", b"via-inner-ae")
+    wait_ready(ch, name + "-alt", 1)
+    ch.connection.sleep(0.2)
+    assert drain(ch, name + "-alt") == [b"via-inner-ae"]
+    for x in ("-ae", "-src", "-dead-end", "-src2", "-end2"):
+        ch.exchange_delete(name + x)
+
+
 def test_alternate_exchange_and_mandatory(conn, ch, name):
     returned = []
     ch.add_on_return_callback(lambda c, m, p, b: returned.append((m.reply_code, b)))

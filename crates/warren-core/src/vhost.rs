@@ -43,9 +43,6 @@ pub fn refuse_default_exchange(name: &str) -> CoreResult<()> {
     Ok(())
 }
 
-/// Bound on exchange-to-exchange hops, against binding cycles.
-const MAX_E2E_DEPTH: usize = 16;
-
 /// Parameters of exchange.declare.
 #[derive(Debug, Clone)]
 pub struct ExchangeDecl {
@@ -823,31 +820,46 @@ impl VHost {
     /// exchange-to-exchange bindings and alternate exchanges.
     pub fn route(&self, exchange: &Exchange, msg: &Message) -> Vec<Arc<Queue>> {
         let mut queues: Vec<Arc<Queue>> = Vec::new();
-        let mut visited: Vec<ShortString> = Vec::new();
-        self.route_into(exchange, msg, &mut queues, &mut visited, 0);
+        // As rabbit_exchange:route: a work list of exchanges, each visited once (which
+        // ends cycles), however long the chain; no hop limit (Celery's delayed delivery
+        // chains 28 exchanges). Nothing is allocated for it unless an exchange routes to
+        // another.
+        let mut work: Vec<ShortString> = Vec::new();
+        self.route_one(exchange, msg, &mut queues, &mut work);
+        if !work.is_empty() {
+            let mut seen: Vec<ShortString> = vec![exchange.name.clone()];
+            while let Some(name) = work.pop() {
+                if seen.contains(&name) {
+                    continue;
+                }
+                if let Ok(next) = self.exchange(name.as_str()) {
+                    self.route_one(&next, msg, &mut queues, &mut work);
+                }
+                seen.push(name);
+            }
+        }
         exchange.count_publish(queues.len());
         queues
     }
 
-    fn route_into(
+    /// Routes `msg` through `x` alone: its queues go to `queues`, the exchanges it
+    /// routes to (or, when it routes to nothing, its alternate exchange: RabbitMQ's
+    /// `process_alternate`) to `work`.
+    fn route_one(
         &self,
         x: &Exchange,
         msg: &Message,
         queues: &mut Vec<Arc<Queue>>,
-        visited: &mut Vec<ShortString>,
-        depth: usize,
+        work: &mut Vec<ShortString>,
     ) {
-        if depth > MAX_E2E_DEPTH || visited.contains(&x.name) {
-            return;
-        }
-        visited.push(x.name.clone());
-        let before = queues.len();
+        let mut routed = false;
         if x.name.as_str().is_empty() {
             let keys = std::iter::once(msg.routing_key.as_str().to_owned())
                 .chain(crate::deadletter::sender_selected_keys(msg));
             for key in keys {
                 if let Some(q) = self.queues.read().get(key.as_str()) {
                     push_unique(queues, q.clone());
+                    routed = true;
                 }
             }
         } else {
@@ -859,21 +871,18 @@ impl VHost {
             for key in crate::deadletter::sender_selected_keys(msg) {
                 x.route(&key, headers, &mut targets);
             }
+            routed = !targets.is_empty();
             for t in targets {
                 match t {
                     Target::Queue(q) => push_unique(queues, q),
-                    Target::Exchange(name) => {
-                        if let Ok(next) = self.exchange(name.as_str()) {
-                            self.route_into(&next, msg, queues, visited, depth + 1);
-                        }
-                    }
+                    Target::Exchange(name) => work.push(name),
                 }
             }
         }
-        if queues.len() == before {
+        if !routed {
             if let Some(ae) = x.alternate_exchange() {
-                if let Ok(alt) = self.exchange(&ae) {
-                    self.route_into(&alt, msg, queues, visited, depth + 1);
+                if let Ok(ae) = ShortString::try_new(ae) {
+                    work.push(ae);
                 }
             }
         }
