@@ -146,6 +146,17 @@ def test_exclusive_queue_is_never_durable(ch, name):
 
 # --- 406 PRECONDITION_FAILED -------------------------------------------------------------
 
+@pytest.mark.parametrize("expiration,why", [
+    ("abc", "no_integer"),
+    ("-1", "{value_negative,-1}"),
+    ("1.5", '{leftover_string,".5"}'),
+])
+def test_406_invalid_expiration(conn, name, expiration, why):
+    err = channel_error(conn, lambda ch: (
+        ch.basic_publish("", name, b"x", pika.BasicProperties(expiration=expiration)), sync(ch)))
+    check(err, 406, f"PRECONDITION_FAILED - invalid expiration '{expiration}': {why}")
+
+
 def test_406_inequivalent_queue_args(conn, ch, name):
     ch.queue_declare(name + "-ad")
     check(channel_error(conn, lambda c: c.queue_declare(name + "-ad", auto_delete=True)), 406,

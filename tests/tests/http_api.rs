@@ -942,6 +942,15 @@ async fn channel_message_stats() {
     assert_eq!(c[2]["messages_uncommitted"], 0);
     assert_eq!(c[2]["message_stats"]["publish"], 1);
     assert!(c[2]["message_stats"].get("deliver").is_none());
+    // Every body here is one byte: the queue's byte counts equal its message counts.
+    let q = api.get("/api/queues/%2F/stats.q").await.json();
+    assert!(q["messages_unacknowledged"].as_u64() > Some(0), "{q}");
+    assert_eq!(q["message_bytes"], q["messages"], "{q}");
+    assert_eq!(q["message_bytes_ready"], q["messages_ready"], "{q}");
+    assert_eq!(
+        q["message_bytes_unacknowledged"], q["messages_unacknowledged"],
+        "{q}"
+    );
     // Connections show their byte rates.
     let conns = api.get("/api/connections").await.json();
     assert!(

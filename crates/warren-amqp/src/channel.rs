@@ -1232,11 +1232,8 @@ impl Conn {
             }
         }
         if let Some(exp) = &properties.expiration {
-            if exp.as_str().parse::<u64>().is_err() {
-                return Err(err(
-                    code::PRECONDITION_FAILED,
-                    format!("invalid expiration '{}'", exp.as_str()),
-                ));
+            if let Err(text) = warren_core::message::parse_expiration(exp.as_str()) {
+                return Err(err(code::PRECONDITION_FAILED, text));
             }
         }
         if properties

@@ -41,6 +41,35 @@ pub struct Message {
     pub encoded_properties: OnceLock<Bytes>,
 }
 
+/// The largest per-message TTL RabbitMQ takes (`?MAX_EXPIRY_TIMER`, ms).
+const MAX_EXPIRATION_MS: u64 = 4_294_967_295;
+
+/// An `expiration` property as rabbit_basic:parse_expiration reads it (Erlang's
+/// `string:to_integer`: an optional sign and digits, nothing else), with RabbitMQ's
+/// reply text on refusal: `invalid expiration 'abc': no_integer`.
+pub fn parse_expiration(s: &str) -> Result<u64, String> {
+    let refuse = |why: String| Err(format!("invalid expiration '{s}': {why}"));
+    let digits_from = usize::from(s.starts_with(['+', '-']));
+    let digits = s[digits_from..]
+        .bytes()
+        .take_while(u8::is_ascii_digit)
+        .count();
+    if digits == 0 {
+        return refuse("no_integer".into());
+    }
+    let end = digits_from + digits;
+    if end < s.len() {
+        return refuse(format!("{{leftover_string,\"{}\"}}", &s[end..]));
+    }
+    if s.starts_with('-') && s[1..].bytes().any(|b| b != b'0') {
+        return refuse(format!("{{value_negative,{s}}}"));
+    }
+    match s[digits_from..].parse::<u64>() {
+        Ok(n) if n <= MAX_EXPIRATION_MS => Ok(n),
+        _ => refuse(format!("{{value_too_large,{}}}", s.trim_start_matches('+'))),
+    }
+}
+
 impl Message {
     pub fn new(
         exchange: ShortString,
@@ -90,9 +119,9 @@ impl Message {
     pub fn expiration_ms(&self) -> CoreResult<Option<u64>> {
         match &self.properties.expiration {
             None => Ok(None),
-            Some(s) => s.as_str().parse::<u64>().map(Some).map_err(|_| {
-                CoreError::precondition(format!("invalid expiration '{}'", s.as_str()))
-            }),
+            Some(s) => parse_expiration(s.as_str())
+                .map(Some)
+                .map_err(CoreError::precondition),
         }
     }
 
@@ -272,6 +301,32 @@ mod tests {
     use super::*;
     use amq_protocol_types::{AMQPValue, LongString};
     use proptest::prelude::*;
+
+    /// RabbitMQ 3.10's answers, read off it with pika.
+    #[test]
+    fn expiration_as_rabbitmq_parses_it() {
+        assert_eq!(parse_expiration("60000"), Ok(60000));
+        assert_eq!(parse_expiration("+5"), Ok(5));
+        assert_eq!(parse_expiration("0"), Ok(0));
+        for (input, why) in [
+            ("abc", "no_integer"),
+            ("", "no_integer"),
+            (" 5", "no_integer"),
+            ("-1", "{value_negative,-1}"),
+            ("1.5", "{leftover_string,\".5\"}"),
+            ("4294967296", "{value_too_large,4294967296}"),
+            (
+                "99999999999999999999",
+                "{value_too_large,99999999999999999999}",
+            ),
+        ] {
+            assert_eq!(
+                parse_expiration(input),
+                Err(format!("invalid expiration '{input}': {why}")),
+                "{input:?}"
+            );
+        }
+    }
 
     fn short() -> impl Strategy<Value = Option<ShortString>> {
         proptest::option::of("[a-z0-9./-]{0,40}".prop_map(ShortString::from))

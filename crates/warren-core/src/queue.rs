@@ -735,6 +735,17 @@ impl Queue {
         }
     }
 
+    /// Body bytes of the deliveries awaiting an ack (RabbitMQ's
+    /// `message_bytes_unacknowledged`): summed when the API asks, not kept per delivery.
+    /// A stream's unacked deliveries are still in its log (in `ready_bytes`): 0.
+    pub fn unacked_bytes(&self) -> u64 {
+        let s = self.state.lock();
+        if s.stream.is_some() {
+            return 0;
+        }
+        s.unacked.values().map(|u| u.entry.size()).sum()
+    }
+
     /// The consumers attached now, for the management API.
     pub fn consumers_info(&self) -> Vec<ConsumerInfo> {
         let s = self.state.lock();

@@ -233,6 +233,7 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
     let stream = q.is_stream();
     // A stream's unacked deliveries are still in the log (counted in `ready`).
     let messages = c.ready as u64 + if stream { 0 } else { c.unacked as u64 };
+    let unacked_bytes = q.unacked_bytes();
     let (policy, operator) = (q.policy(), q.operator_policy());
     let quorum = q.config().quorum;
     let kind = if stream {
@@ -263,10 +264,14 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
         "messages_ready_details": details(r.ready),
         "messages_unacknowledged": c.unacked,
         "messages_unacknowledged_details": details(r.unacked),
+        "message_bytes": c.ready_bytes + unacked_bytes,
         "message_bytes_ready": c.ready_bytes,
+        "message_bytes_unacknowledged": unacked_bytes,
         // A long backlog of a durable queue stays in the store (docs/storage.md, paging).
         "messages_paged_out": c.paged_out,
         "messages_ram": messages.saturating_sub(c.paged_out as u64),
+        "messages_ready_ram": c.ready.saturating_sub(c.paged_out),
+        "messages_unacknowledged_ram": if stream { 0 } else { c.unacked },
         "message_stats": {
             "publish": c.stats.published,
             "publish_details": details(r.publish),
