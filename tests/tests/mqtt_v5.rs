@@ -381,6 +381,20 @@ async fn receive_maximum_packet_size_and_message_expiry() {
     let m = next_publish(&mut sel).await;
     let left = m.properties.and_then(|p| p.message_expiry_interval);
     assert!(matches!(left, Some(1..=60)), "remaining expiry {left:?}");
+    // Ten years: longer than the core's longest TTL (RabbitMQ's ~49.7 days), delivered.
+    let props = PublishProperties {
+        message_expiry_interval: Some(10 * 365 * 86_400),
+        ..Default::default()
+    };
+    p.publish_with_properties("me/t", QoS::AtLeastOnce, false, "long", props)
+        .await
+        .unwrap();
+    let m = next_publish(&mut sel).await;
+    assert_eq!(&m.payload[..], b"long");
+    assert!(m
+        .properties
+        .and_then(|p| p.message_expiry_interval)
+        .is_some());
 }
 
 // ---- raw sockets: exact bytes -------------------------------------------------------

@@ -41,8 +41,8 @@ pub struct Message {
     pub encoded_properties: OnceLock<Bytes>,
 }
 
-/// The largest per-message TTL RabbitMQ takes (`?MAX_EXPIRY_TIMER`, ms).
-const MAX_EXPIRATION_MS: u64 = 4_294_967_295;
+/// The largest per-message TTL RabbitMQ takes (`?MAX_EXPIRY_TIMER`, ms, ~49.7 days).
+pub const MAX_EXPIRATION_MS: u64 = 4_294_967_295;
 
 /// An `expiration` property as rabbit_basic:parse_expiration reads it (Erlang's
 /// `string:to_integer`: an optional sign and digits, nothing else), with RabbitMQ's

@@ -2254,7 +2254,10 @@ fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
     use mqtt5_protocol::{PropertyId, PropertyValue};
     let expiry = p.get_message_expiry_interval();
     if let Some(secs) = expiry {
-        props.expiration = Some((secs as u64 * 1000).to_string().as_str().into());
+        // Capped at the longest TTL the core takes (~49.7 days, RabbitMQ's limit): a
+        // longer expiry would make the publish a 406 instead.
+        let ms = (secs as u64 * 1000).min(warren_core::message::MAX_EXPIRATION_MS);
+        props.expiration = Some(ms.to_string().as_str().into());
     }
     if let Some(PropertyValue::Utf8String(ct)) = p.get(PropertyId::ContentType) {
         if ct.len() <= MAX_TOPIC_BYTES {
