@@ -194,8 +194,10 @@ pub(crate) async fn run<S>(
         }
     };
     // STOMP 1.1 "Heart-beating": cx,cy from the client; we send every cy and expect a
-    // frame or EOL at least every cx (as RabbitMQ answers: heart-beat:cy,cx).
+    // frame or EOL at least every cx (as RabbitMQ answers: heart-beat:cy,cx), both in
+    // whole seconds as RabbitMQ's reader rounds them.
     let (cx, cy) = heart_beat(connect.get("heart-beat"));
+    let (cx, cy) = (whole_seconds(cx), whole_seconds(cy));
     let send_every = (cy > 0).then(|| Duration::from_millis(cy));
     let expect_every = (cx > 0).then(|| Duration::from_millis(cx));
     let mut connected = Frame::new("CONNECTED")
@@ -243,6 +245,17 @@ pub(crate) async fn run<S>(
     session.close().await;
     warren_core::return_undelivered(&mut deliveries).await;
     tracing::info!(conn = session.id.0, %peer, reason = ?end, "stomp connection closed");
+}
+
+/// rabbit_stomp_reader's rounding of a heart-beat interval: 0 stays off, anything under
+/// a second is one second, the rest whole seconds (down). Clients asking for 100 ms are
+/// not dropped after 200 ms of jitter, and get what RabbitMQ gives them.
+fn whole_seconds(ms: u64) -> u64 {
+    match ms {
+        0 => 0,
+        1..=999 => 1000,
+        _ => ms / 1000 * 1000,
+    }
 }
 
 /// `heart-beat: cx,cy` (absent or invalid = 0,0).
@@ -519,17 +532,19 @@ impl Session {
                         ));
                     }
                     if let Some(every) = expect_every {
-                        // Grace: twice the negotiated interval.
-                        if !paused && last_read.elapsed() > every * 2 {
+                        // Grace: three intervals, as RabbitMQ closes a silent client
+                        // (3 s for a 1 s heart-beat, measured).
+                        if !paused && last_read.elapsed() > every * 3 {
                             tracing::info!(conn = self.id.0, peer = %self.peer, "stomp heart-beat timeout");
                             return Ok(());
                         }
                     }
                     if let Some(every) = send_every {
-                        // Ticks come every half interval, a little late or early: half a
-                        // tick of slack keeps the gaps at the interval, never one tick
-                        // over it (1.5 s for a 1 s heart-beat).
-                        if last_write.elapsed() + period / 2 >= every {
+                        // Every half interval when idle, as RabbitMQ: a client that checks
+                        // strictly still sees a beat well within the interval. Ticks come
+                        // every half interval, a little late or early: half a tick of
+                        // slack keeps them from slipping a whole tick.
+                        if last_write.elapsed() + period / 2 >= every / 2 {
                             self.out.extend_from_slice(b"\n");
                         }
                     }
