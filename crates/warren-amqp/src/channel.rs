@@ -121,6 +121,18 @@ impl Channel {
         }
     }
 
+    /// Keeps an ack/nack/reject for the commit when a transaction is open (false: none
+    /// is, settle it now).
+    fn hold_in_tx(&mut self, settle: Settle) -> bool {
+        let Some(tx) = self.tx.as_mut() else {
+            return false;
+        };
+        tx.settles.push(settle);
+        self.stats
+            .set_uncommitted(tx.publishes.len(), tx.settles.len());
+        true
+    }
+
     pub(crate) fn waiting_for_sync(&self) -> bool {
         self.confirms.front().is_some_and(|c| c.ticket.is_some())
     }
@@ -764,56 +776,20 @@ impl Conn {
                 }
             }
             AMQPClass::Basic(basic::AMQPMethod::Ack(a)) => {
-                let chan = self.chan(ch);
-                if let Some(tx) = chan.tx.as_mut() {
-                    tx.settles.push(Settle::Ack {
-                        tag: a.delivery_tag,
-                        multiple: a.multiple,
-                    });
-                    chan.stats
-                        .set_uncommitted(tx.publishes.len(), tx.settles.len());
-                } else {
+                let held = Settle::Ack {
+                    tag: a.delivery_tag,
+                    multiple: a.multiple,
+                };
+                if !self.chan(ch).hold_in_tx(held) {
                     self.settle(ch, a.delivery_tag, a.multiple, SettleKind::Ack)
                         .await?;
                 }
             }
             AMQPClass::Basic(basic::AMQPMethod::Nack(n)) => {
-                let chan = self.chan(ch);
-                if let Some(tx) = chan.tx.as_mut() {
-                    tx.settles.push(Settle::Nack {
-                        tag: n.delivery_tag,
-                        multiple: n.multiple,
-                        requeue: n.requeue,
-                    });
-                    chan.stats
-                        .set_uncommitted(tx.publishes.len(), tx.settles.len());
-                } else {
-                    let kind = if n.requeue {
-                        SettleKind::Requeue
-                    } else {
-                        SettleKind::Reject
-                    };
-                    self.settle(ch, n.delivery_tag, n.multiple, kind).await?;
-                }
+                self.nack(ch, n.delivery_tag, n.multiple, n.requeue).await?
             }
             AMQPClass::Basic(basic::AMQPMethod::Reject(r)) => {
-                let chan = self.chan(ch);
-                if let Some(tx) = chan.tx.as_mut() {
-                    tx.settles.push(Settle::Nack {
-                        tag: r.delivery_tag,
-                        multiple: false,
-                        requeue: r.requeue,
-                    });
-                    chan.stats
-                        .set_uncommitted(tx.publishes.len(), tx.settles.len());
-                } else {
-                    let kind = if r.requeue {
-                        SettleKind::Requeue
-                    } else {
-                        SettleKind::Reject
-                    };
-                    self.settle(ch, r.delivery_tag, false, kind).await?;
-                }
+                self.nack(ch, r.delivery_tag, false, r.requeue).await?
             }
             AMQPClass::Basic(basic::AMQPMethod::Recover(r)) => {
                 if !r.requeue {
@@ -898,12 +874,8 @@ impl Conn {
                             multiple,
                             requeue,
                         } => {
-                            let kind = if requeue {
-                                SettleKind::Requeue
-                            } else {
-                                SettleKind::Reject
-                            };
-                            self.settle(ch, tag, multiple, kind).await?
+                            self.settle(ch, tag, multiple, SettleKind::nack(requeue))
+                                .await?
                         }
                     }
                 }
@@ -1075,6 +1047,26 @@ impl Conn {
         for q in queues {
             q.kick().await;
         }
+    }
+
+    /// basic.nack / basic.reject: held by an open transaction, else settled now.
+    async fn nack(
+        &mut self,
+        ch: u16,
+        tag: u64,
+        multiple: bool,
+        requeue: bool,
+    ) -> Result<(), AmqpError> {
+        let held = Settle::Nack {
+            tag,
+            multiple,
+            requeue,
+        };
+        if self.chan(ch).hold_in_tx(held) {
+            return Ok(());
+        }
+        self.settle(ch, tag, multiple, SettleKind::nack(requeue))
+            .await
     }
 
     async fn settle(
@@ -1631,6 +1623,16 @@ enum SettleKind {
     Ack,
     Requeue,
     Reject,
+}
+
+impl SettleKind {
+    fn nack(requeue: bool) -> Self {
+        if requeue {
+            SettleKind::Requeue
+        } else {
+            SettleKind::Reject
+        }
+    }
 }
 
 /// The counter of one delivery: a consumer's or a basic.get's, with or without an ack.

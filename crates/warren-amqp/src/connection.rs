@@ -838,9 +838,8 @@ impl Conn {
     }
 
     /// Releases everything the connection holds: consumers, unacked messages (requeued),
-    /// exclusive queues.
-    /// Releases the channels and the connection's exclusive queues; once (the vhost is
-    /// taken), on connection.close or when the connection ends.
+    /// exclusive queues. Once (the vhost is taken): on connection.close, before its
+    /// close-ok, or when the connection ends.
     async fn cleanup(&mut self) {
         let channels: Vec<u16> = self.channels.keys().copied().collect();
         for ch in channels {
