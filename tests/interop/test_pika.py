@@ -387,6 +387,77 @@ def test_direct_reply_to_rpc(broker, conn, ch, name):
     assert replies == [(b"pong", "42")]
 
 
+def test_direct_reply_to_consumer_again_after_cancel(broker, conn, ch, name):
+    """FastStream's request(): consume on amq.rabbitmq.reply-to, one RPC, cancel, again."""
+    ch.queue_declare(name)
+    server = pika.BlockingConnection(pika.URLParameters(broker.url))
+    sch = server.channel()
+    addresses = []
+    for i in range(3):
+        replies = []
+        tag = ch.basic_consume("amq.rabbitmq.reply-to", lambda c, m, p, b: replies.append(b), auto_ack=True)
+        ch.basic_publish("", name, b"ping", pika.BasicProperties(reply_to="amq.rabbitmq.reply-to"))
+        props = get(sch, name)[1]
+        addresses.append(props.reply_to)
+        sch.basic_publish("", props.reply_to, b"pong%d" % i)
+        pump(conn, lambda: replies)
+        assert replies == [b"pong%d" % i]
+        ch.basic_cancel(tag)
+    server.close()
+    assert len(set(addresses)) == 3, "each reply consumer gets a new address"
+    # No reply consumer now: publishing with the pseudo-queue as reply_to is refused.
+    with pytest.raises(ChannelClosedByBroker) as e:
+        ch.basic_publish("", name, b"ping", pika.BasicProperties(reply_to="amq.rabbitmq.reply-to"))
+        ch.queue_declare(name, passive=True)
+    assert (e.value.reply_code, e.value.reply_text) == (406, "PRECONDITION_FAILED - fast reply consumer does not exist")
+
+
+def test_empty_queue_name_is_the_last_declared_queue(conn, name):
+    """AMQP 0-9-1: an empty queue name means the channel's last declared queue."""
+    for method in ("consume", "get", "purge", "delete", "bind", "unbind"):
+        ch = conn.channel()
+        with pytest.raises(ChannelClosedByBroker) as e:
+            {
+                "consume": lambda: ch.basic_consume("", lambda *a: None),
+                "get": lambda: ch.basic_get(""),
+                "purge": lambda: ch.queue_purge(""),
+                "delete": lambda: ch.queue_delete(""),
+                "bind": lambda: ch.queue_bind("", "amq.direct", "k"),
+                "unbind": lambda: ch.queue_unbind("", "amq.direct", "k"),
+            }[method]()
+        assert (e.value.reply_code, e.value.reply_text) == (404, "NOT_FOUND - no previously declared queue"), method
+    ch = conn.channel()
+    q = ch.queue_declare("", exclusive=True).method.queue
+    # bind with an empty queue and routing key: the queue under its own name.
+    ch.queue_bind("", "amq.direct", "")
+    ch.basic_publish("amq.direct", q, b"a")
+    assert get(ch, "")[2] == b"a"
+    ch.basic_publish("", q, b"b")
+    wait_ready(ch, q, 1)
+    assert ch.queue_purge("").method.message_count == 1
+    got = []
+    ch.basic_consume("", lambda c, m, p, b: got.append(b), auto_ack=True)
+    ch.basic_publish("", q, b"c")
+    pump(conn, lambda: got)
+    assert got == [b"c"]
+    # A passive declare counts too; another channel has its own.
+    ch2 = conn.channel()
+    ch2.queue_declare(q, passive=True)
+    assert ch2.queue_purge("").method.message_count == 0
+    with pytest.raises(ChannelClosedByBroker) as e:
+        conn.channel().basic_get("")
+    assert e.value.reply_code == 404
+    ch3 = conn.channel()
+    ch3.queue_declare(name)
+    ch3.basic_publish("", name, b"e")
+    wait_ready(ch3, name, 1)
+    assert ch3.queue_delete("").method.message_count == 1
+    # The name stays after the queue is gone: 404 for that queue.
+    with pytest.raises(ChannelClosedByBroker) as e:
+        ch3.basic_get("")
+    assert (e.value.reply_code, e.value.reply_text) == (404, f"NOT_FOUND - no queue '{name}' in vhost '/'")
+
+
 def test_server_named_queue(ch):
     ok = ch.queue_declare("", exclusive=True).method
     assert ok.queue.startswith("amq.gen-") and len(ok.queue) > len("amq.gen-")

@@ -723,6 +723,21 @@ async fn cancel_notification_when_queue_deleted_and_recover() {
     assert_eq!(again.data, b"r");
 }
 
+/// A no-ack consumer on the direct reply-to pseudo-queue.
+async fn reply_consumer(ch: &lapin::Channel, tag: &str) -> lapin::Consumer {
+    ch.basic_consume(
+        "amq.rabbitmq.reply-to".into(),
+        tag.into(),
+        BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_reply_to_rpc() {
     let b = start().await;
@@ -741,18 +756,7 @@ async fn direct_reply_to_rpc() {
         )
         .await
         .unwrap();
-    let mut replies = client
-        .basic_consume(
-            "amq.rabbitmq.reply-to".into(),
-            "cli".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut replies = reply_consumer(&client, "cli").await;
     publish_with(
         &client,
         "",
@@ -780,6 +784,55 @@ async fn direct_reply_to_rpc() {
     .await;
     let rep = next(&mut replies).await;
     assert_eq!(rep.data, b"pong");
+    // After a cancel the reply consumer can come back (FastStream's request() does this
+    // for every call); it gets a new address.
+    client
+        .basic_cancel("cli".into(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    let mut replies = reply_consumer(&client, "cli2").await;
+    publish_with(
+        &client,
+        "",
+        "rpc",
+        b"ping2",
+        BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()),
+    )
+    .await;
+    let req = next(&mut requests).await;
+    let again = req.properties.reply_to().clone().expect("reply_to");
+    assert_ne!(again, reply_to);
+    publish(&server, "", again.as_str(), b"pong2").await;
+    assert_eq!(next(&mut replies).await.data, b"pong2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_queue_name_means_the_last_declared_queue() {
+    let b = start().await;
+    let (conn, ch) = b.channel().await;
+    let e = ch
+        .queue_purge("".into(), QueuePurgeOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(reply_code(&e), Some(404), "{e}");
+    let ch = conn.create_channel().await.unwrap();
+    declare(&ch, "last", FieldTable::default()).await;
+    for _ in 0..3 {
+        publish(&ch, "", "last", b"x").await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let got = ch
+        .basic_get("".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("a message from the last declared queue");
+    assert_eq!(got.delivery.data, b"x");
+    assert_eq!(
+        ch.queue_purge("".into(), QueuePurgeOptions::default())
+            .await
+            .unwrap(),
+        2
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

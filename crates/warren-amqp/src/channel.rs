@@ -98,6 +98,8 @@ pub(crate) struct Channel {
     confirms: VecDeque<PendingConfirm>,
     tx: Option<TxBuffer>,
     reply_queue: Option<Arc<Queue>>,
+    /// The queue an empty queue name stands for (see `expand_queue_shortcut`).
+    last_queue: Option<ShortString>,
     /// What the management API shows of this channel (`message_stats`).
     stats: Arc<ChannelStats>,
 }
@@ -117,6 +119,7 @@ impl Channel {
             confirms: VecDeque::new(),
             tx: None,
             reply_queue: None,
+            last_queue: None,
             stats,
         }
     }
@@ -412,8 +415,9 @@ impl Conn {
         Ok(())
     }
 
-    async fn dispatch(&mut self, ch: u16, m: AMQPClass) -> Result<(), AmqpError> {
+    async fn dispatch(&mut self, ch: u16, mut m: AMQPClass) -> Result<(), AmqpError> {
         let (class_id, method_id) = ids(&m);
+        self.expand_queue_shortcut(ch, &mut m)?;
         tracing::trace!(conn = self.id.0, ch, method = ?m, "amqp method");
         let core = |e: warren_core::CoreError| AmqpError::from_core(e, ch, class_id, method_id);
         let vh = self.vh()?;
@@ -554,6 +558,7 @@ impl Conn {
             AMQPClass::Queue(queue::AMQPMethod::Declare(d)) => {
                 let nowait = d.nowait;
                 if d.queue.as_str() == REPLY_TO && d.passive {
+                    self.chan(ch).last_queue = Some(d.queue.clone());
                     if !nowait {
                         self.write(
                             ch,
@@ -588,6 +593,7 @@ impl Conn {
                     )
                     .await
                     .map_err(core)?;
+                self.chan(ch).last_queue = Some(q.name.clone());
                 if !nowait {
                     let c = q.counts();
                     self.write(
@@ -718,6 +724,15 @@ impl Conn {
                 if let Some(info) = info {
                     self.consumers.remove(&info.id);
                     info.queue.remove_consumer(info.id).await;
+                    let chan = self.chan(ch);
+                    if chan
+                        .reply_queue
+                        .as_ref()
+                        .is_some_and(|r| Arc::ptr_eq(r, &info.queue))
+                    {
+                        let reply = chan.reply_queue.take();
+                        self.delete_reply_queue(reply).await;
+                    }
                 }
                 if !c.nowait {
                     self.write(
@@ -912,6 +927,41 @@ impl Conn {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// An empty queue name stands for the last queue declared on the channel, and
+    /// queue.bind's (or unbind's) empty routing key with it for that queue's name
+    /// (AMQP 0-9-1 §1.7.2.3.1, §1.8.3.7.1; RabbitMQ's `expand_queue_name_shortcut` and
+    /// `expand_routing_key_shortcut`). With none declared yet: 404, as RabbitMQ answers.
+    fn expand_queue_shortcut(&mut self, ch: u16, m: &mut AMQPClass) -> Result<(), AmqpError> {
+        let (queue, key) = match m {
+            AMQPClass::Queue(queue::AMQPMethod::Bind(b)) => {
+                (&mut b.queue, Some(&mut b.routing_key))
+            }
+            AMQPClass::Queue(queue::AMQPMethod::Unbind(b)) => {
+                (&mut b.queue, Some(&mut b.routing_key))
+            }
+            AMQPClass::Queue(queue::AMQPMethod::Purge(p)) => (&mut p.queue, None),
+            AMQPClass::Queue(queue::AMQPMethod::Delete(d)) => (&mut d.queue, None),
+            AMQPClass::Basic(basic::AMQPMethod::Consume(c)) => (&mut c.queue, None),
+            AMQPClass::Basic(basic::AMQPMethod::Get(g)) => (&mut g.queue, None),
+            _ => return Ok(()),
+        };
+        if !queue.as_str().is_empty() {
+            return Ok(());
+        }
+        let Some(last) = self.chan(ch).last_queue.clone() else {
+            return Err(channel_error(
+                ch,
+                code::NOT_FOUND,
+                "no previously declared queue",
+            ));
+        };
+        if let Some(key) = key.filter(|k| k.as_str().is_empty()) {
+            *key = last.clone();
+        }
+        *queue = last;
         Ok(())
     }
 
@@ -1612,7 +1662,14 @@ impl Conn {
         for (q, seqs) in groups {
             q.requeue(&seqs).await;
         }
-        if let (Some(q), Some(vh)) = (chan.reply_queue.take(), self.vhost.clone()) {
+        self.delete_reply_queue(chan.reply_queue.take()).await;
+    }
+
+    /// Deletes a channel's direct reply-to queue once its consumer is gone (cancelled or
+    /// the channel closed): replies to its address are dropped from then on, and a new
+    /// reply consumer gets a new address, as in RabbitMQ.
+    async fn delete_reply_queue(&self, reply: Option<Arc<Queue>>) {
+        if let (Some(q), Some(vh)) = (reply, self.vhost.as_ref()) {
             let _ = vh.delete_queue(q.name.as_str(), None, false, false).await;
         }
     }
