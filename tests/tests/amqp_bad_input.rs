@@ -257,13 +257,7 @@ async fn frames_after_connection_close_do_not_reset_the_socket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_publishes_is_confirmed_with_multiple_acks() {
     let b = common::start().await;
-    let mut s = open(b.addr).await;
-    open_channel(&mut s, 1).await;
-    s.write_all(&frame(1, 1, &method(85, 10, &[0])))
-        .await
-        .unwrap();
-    let ok = read_frame(&mut s).await;
-    assert_eq!(&ok[7..11], &[0, 85, 0, 11], "confirm.select-ok");
+    let mut s = confirm_channel(b.addr).await;
     // Unroutable and not mandatory: confirmed at once.
     let mut one = publish_start(1, "nowhere", 1);
     one.extend(frame(3, 1, b"x"));
@@ -284,6 +278,58 @@ async fn a_burst_of_publishes_is_confirmed_with_multiple_acks() {
         acks += 1;
     }
     assert!(multiple > 0 && acks < N, "{acks} acks, {multiple} multiple");
+}
+
+/// A message published under confirms to a queue this connection consumes from is
+/// delivered before it is confirmed, in RabbitMQ's order: aiormq's tests publish, await
+/// the confirm, then wait for the delivery, and hang when the connection dies in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_delivery_goes_out_before_the_confirm() {
+    let b = common::start().await;
+    let mut s = confirm_channel(b.addr).await;
+    declare_queue(&mut s, 1, "own", 4).await;
+    let mut consume = 0u16.to_be_bytes().to_vec();
+    consume.extend(shortstr("own"));
+    consume.extend(shortstr("c"));
+    consume.push(2); // no-ack
+    consume.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&frame(1, 1, &method(60, 20, &consume)))
+        .await
+        .unwrap();
+    assert_eq!(method_ids(&read_frame(&mut s).await), (60, 21));
+    let mut one = publish_start(1, "own", 1);
+    one.extend(frame(3, 1, b"x"));
+    for i in 0..50 {
+        s.write_all(&one).await.unwrap();
+        let mut delivered = false;
+        loop {
+            let f = read_frame(&mut s).await;
+            if f[0] != 1 {
+                continue;
+            }
+            match method_ids(&f) {
+                (60, 60) => delivered = true,
+                (60, 80) => break,
+                other => panic!("unexpected method {other:?}"),
+            }
+        }
+        assert!(delivered, "message {i} was confirmed before its delivery");
+    }
+}
+
+/// A connection with channel 1 open in confirm mode.
+async fn confirm_channel(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = open(addr).await;
+    open_channel(&mut s, 1).await;
+    s.write_all(&frame(1, 1, &method(85, 10, &[0])))
+        .await
+        .unwrap();
+    assert_eq!(
+        method_ids(&read_frame(&mut s).await),
+        (85, 11),
+        "confirm.select-ok"
+    );
+    s
 }
 
 /// basic.publish to the default exchange with `key` and a content header announcing

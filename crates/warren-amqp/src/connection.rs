@@ -291,18 +291,18 @@ impl Conn {
                     }
                     self.process_input(&mut rbuf).await;
                     if self.confirms_due {
+                        // Deliveries these publishes made to this connection's own
+                        // consumers go out before their confirms, in RabbitMQ's order
+                        // (aiormq's tests wait for the delivery once the confirm is in).
+                        if self.phase == Phase::Open {
+                            self.write_ready_deliveries(deliveries).await;
+                        }
                         self.flush_confirms();
                     }
                 }
                 Some(d) = deliveries.recv(), if self.phase == Phase::Open => {
                     self.write_delivery(d).await;
-                    // Batch whatever else is ready into the same write.
-                    while self.out.len() < 256 * 1024 {
-                        match deliveries.try_recv() {
-                            Ok(d) => self.write_delivery(d).await,
-                            Err(_) => break,
-                        }
-                    }
+                    self.write_ready_deliveries(deliveries).await;
                 }
                 _ = self.outbox.events_ready() => {
                     Box::pin(self.handle_events()).await;
@@ -388,6 +388,16 @@ impl Conn {
                 // The side that receives close-ok closes the socket (RabbitMQ does at
                 // once; amqp091-go waits for it before its Close returns).
                 return Ok((!self.close_ok_received).then_some(rd));
+            }
+        }
+    }
+
+    /// Writes the deliveries already waiting, up to 256 KB, so they share one socket write.
+    async fn write_ready_deliveries(&mut self, deliveries: &mut warren_core::Deliveries) {
+        while self.out.len() < 256 * 1024 {
+            match deliveries.try_recv() {
+                Ok(d) => self.write_delivery(d).await,
+                Err(_) => break,
             }
         }
     }
@@ -566,7 +576,7 @@ impl Conn {
         props.insert("version".into(), text(warren_core::RABBITMQ_COMPAT_VERSION));
         props.insert("warren_version".into(), text(env!("CARGO_PKG_VERSION")));
         props.insert("platform".into(), text("Rust"));
-        props.insert("cluster_name".into(), text("warren"));
+        props.insert("cluster_name".into(), text(&self.broker.cluster_name()));
         props.insert("copyright".into(), text("The Warren authors"));
         props.insert(
             "information".into(),
