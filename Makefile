@@ -56,7 +56,9 @@ node-deps:
 	done
 
 interop: $(VENV)/.installed node-deps
-	cargo build --release -p warren
+	# The same command as `build`: a `-p warren` build resolves features differently and
+	# would compile a second copy of the dependencies.
+	cargo build --release --workspace --bins --tests
 	cd tests/interop && WARREN_BIN=$(WARREN_BIN) .venv/bin/pytest -q
 
 ## lint: formatting and clippy, as CI runs them.
