@@ -463,3 +463,79 @@ def test_channel_message_stats(api_url, broker, name):
         assert "publish" not in cons
         assert "rate" in pub["publish_details"]
         assert chans[0]["messages_unconfirmed"] == 0
+
+
+def test_global_parameters_and_cluster_name(api_url, broker, name):
+    """rabbit-hole's global-parameter and cluster-name specs: RabbitMQ sets cluster_name
+    and internal_cluster_id itself; the cluster name is also in the AMQP server properties."""
+    base = f"{api_url}/api/global-parameters"
+    listed = {p["name"]: p["value"] for p in requests.get(base, auth=AUTH).json()}
+    assert {"cluster_name", "internal_cluster_id"} <= set(listed)
+    assert listed["internal_cluster_id"].startswith("rabbitmq-cluster-id-")
+    assert requests.put(f"{base}/{name}", json={"value": {"a": [1, 2]}}, auth=AUTH).status_code == 201
+    assert requests.put(f"{base}/{name}", json={"name": name, "value": "v2"}, auth=AUTH).status_code == 204
+    assert requests.get(f"{base}/{name}", auth=AUTH).json() == {"name": name, "value": "v2"}
+    r = requests.put(f"{base}/{name}-x", json={}, auth=AUTH)
+    assert (r.status_code, r.json()["reason"]) == (400, "[{key_missing,value}]")
+    exported = requests.get(f"{api_url}/api/definitions", auth=AUTH).json()["global_parameters"]
+    assert {"name": name, "value": "v2"} in exported
+    assert requests.delete(f"{base}/{name}", auth=AUTH).status_code == 204
+    assert requests.delete(f"{base}/{name}", auth=AUTH).status_code == 404
+    assert requests.get(f"{base}/{name}", auth=AUTH).status_code == 404
+
+    before = requests.get(f"{api_url}/api/cluster-name", auth=AUTH).json()["name"]
+    assert before == listed["cluster_name"]
+    try:
+        assert requests.put(f"{api_url}/api/cluster-name", json={"name": name}, auth=AUTH).status_code == 204
+        assert requests.get(f"{api_url}/api/cluster-name", auth=AUTH).json() == {"name": name}
+        assert requests.get(f"{api_url}/api/overview", auth=AUTH).json()["cluster_name"] == name
+        conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+        try:
+            assert conn._impl.server_properties["cluster_name"] == name
+        finally:
+            conn.close()
+        r = requests.put(f"{api_url}/api/cluster-name", json={}, auth=AUTH)
+        assert (r.status_code, r.json()["reason"]) == (400, "[{key_missing,name}]")
+    finally:
+        requests.put(f"{api_url}/api/cluster-name", json={"name": before}, auth=AUTH)
+
+
+def test_feature_flags_queue_actions_and_vhost_cluster_state(api_url, name):
+    flags = requests.get(f"{api_url}/api/feature-flags", auth=AUTH).json()
+    by_name = {f["name"]: f for f in flags}
+    for f in ("quorum_queue", "stream_queue", "user_limits", "virtual_host_metadata"):
+        assert by_name[f]["state"] == "enabled" and by_name[f]["stability"] == "stable"
+    assert requests.put(f"{api_url}/api/feature-flags/quorum_queue/enable", json={}, auth=AUTH).status_code == 204
+    r = requests.put(f"{api_url}/api/feature-flags/{name}/enable", json={}, auth=AUTH)
+    assert (r.status_code, r.json()["reason"]) == (400, "unsupported")
+
+    base = f"{api_url}/api/queues/%2F/{q(name)}"
+    assert requests.put(base, json={"durable": False}, auth=AUTH).status_code == 201
+    try:
+        for action in ("sync", "cancel_sync"):
+            assert requests.post(f"{base}/actions", json={"action": action}, auth=AUTH).status_code == 204
+        assert requests.post(f"{base}/actions", json={"action": "bogus"}, auth=AUTH).status_code == 400
+        r = requests.post(f"{base}/actions", json={}, auth=AUTH)
+        assert (r.status_code, r.json()["reason"]) == (400, "[{key_missing,action}]")
+    finally:
+        requests.delete(base, auth=AUTH)
+
+    node = requests.get(f"{api_url}/api/overview", auth=AUTH).json()["node"]
+    assert requests.get(f"{api_url}/api/vhosts/%2F", auth=AUTH).json()["cluster_state"] == {node: "running"}
+
+
+def test_user_password_hash_must_be_base64_and_one_topic_permission_goes(api_url, name):
+    r = requests.put(f"{api_url}/api/users/{name}", auth=AUTH,
+                     json={"password_hash": "s3krE7-s3t-v!a-4A$h", "hashing_algorithm": "rabbit_password_hashing_sha256",
+                           "tags": ""})
+    assert r.status_code == 400
+    assert requests.get(f"{api_url}/api/users/{name}", auth=AUTH).status_code == 404
+    assert requests.put(f"{api_url}/api/users/{name}", json={"password": "pw", "tags": ""}, auth=AUTH).status_code == 201
+    try:
+        base = f"{api_url}/api/topic-permissions/%2F/{name}"
+        for x in ("amq.topic", "amq.direct"):
+            assert requests.put(base, json={"exchange": x, "write": ".*", "read": ".*"}, auth=AUTH).status_code in (201, 204)
+        assert requests.delete(f"{base}/amq.direct", auth=AUTH).status_code == 204
+        assert [p["exchange"] for p in requests.get(base, auth=AUTH).json()] == ["amq.topic"]
+    finally:
+        requests.delete(f"{api_url}/api/users/{name}", auth=AUTH)

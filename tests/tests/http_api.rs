@@ -1985,6 +1985,70 @@ async fn operator_policies_cap_queues() {
 /// What rabbitmqadmin and admin libraries send, answered as RabbitMQ 3.10 does: numbers as
 /// strings, trailing slashes, `tags` required on user PUT, `reject_requeue_false`
 /// dead-letters, runtime-parameter lists, the cluster name, ties in sorts by name.
+/// Global parameters as RabbitMQ keeps them: `cluster_name` and `internal_cluster_id` from
+/// the first boot, others set and cleared by an operator, all durable; the cluster name
+/// is `cluster_name`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_parameters_and_the_cluster_name_survive_a_restart() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    let names = |v: Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let listed = api.get("/api/global-parameters").await.json();
+    assert_eq!(
+        names(listed.clone()),
+        ["cluster_name", "internal_cluster_id"]
+    );
+    let id = listed[1]["value"].clone();
+    assert_eq!(
+        api.put("/api/global-parameters/kept", json!({"value": {"a": 1}}))
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        api.put("/api/global-parameters/gone", json!({"value": 2}))
+            .await
+            .status,
+        201
+    );
+    assert_eq!(api.delete("/api/global-parameters/gone").await.status, 204);
+    assert_eq!(
+        api.put("/api/cluster-name", json!({"name": "blue"}))
+            .await
+            .status,
+        204
+    );
+    drop(api);
+    let b = b.restart().await;
+    let api = Api::new(&b);
+    let listed = api.get("/api/global-parameters").await.json();
+    assert_eq!(
+        names(listed),
+        ["cluster_name", "internal_cluster_id", "kept"]
+    );
+    assert_eq!(
+        api.get("/api/global-parameters/internal_cluster_id")
+            .await
+            .json()["value"],
+        id
+    );
+    assert_eq!(
+        api.get("/api/global-parameters/kept").await.json(),
+        json!({"name": "kept", "value": {"a": 1}})
+    );
+    assert_eq!(api.get("/api/cluster-name").await.json()["name"], "blue");
+    assert_eq!(
+        api.get("/api/overview").await.json()["cluster_name"],
+        "blue"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmqadmin_style_requests() {
     let b = common::start().await;
@@ -1999,11 +2063,7 @@ async fn rabbitmqadmin_style_requests() {
         api.get("/api/healthchecks/node").await.json()["status"],
         "ok"
     );
-    for path in [
-        "/api/parameters",
-        "/api/parameters/shovel/%2F",
-        "/api/global-parameters",
-    ] {
+    for path in ["/api/parameters", "/api/parameters/shovel/%2F"] {
         assert_eq!(api.get(path).await.json(), json!([]), "{path}");
     }
 

@@ -13,6 +13,7 @@ use crate::auth::{self, AuthError, User};
 use crate::connections::Connections;
 use crate::error::{CoreError, CoreResult};
 use crate::exchange::{Binding, Exchange, Target};
+use crate::global_parameters::{self, GlobalParameterMap};
 use crate::limits::{self, LimitMap, LimitOwner};
 use crate::message::Message;
 use crate::meta::{self, BindingRecord, ExchangeRecord, QueueRecord, UserRecord, VHostRecord};
@@ -30,6 +31,8 @@ pub struct BrokerConfig {
     pub default_pass: String,
     /// Users that may only log in from a loopback address.
     pub loopback_users: Vec<String>,
+    /// RabbitMQ-style node name, e.g. `warren@host`: the cluster name until one is set.
+    pub node_name: String,
 }
 
 impl Default for BrokerConfig {
@@ -38,8 +41,19 @@ impl Default for BrokerConfig {
             default_user: "guest".into(),
             default_pass: "guest".into(),
             loopback_users: vec!["guest".into()],
+            node_name: default_node_name(),
         }
     }
+}
+
+/// `warren@<hostname>`, like RabbitMQ's `rabbit@<hostname>`.
+pub fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("warren@{host}")
 }
 
 /// The whole broker state shared by every connection.
@@ -59,6 +73,7 @@ pub struct Broker {
     connections: Arc<Connections>,
     /// Vhost and user limits (crate::limits), by owner and name.
     limits: RwLock<HashMap<(LimitOwner, String), LimitMap>>,
+    pub(crate) global_parameters: RwLock<GlobalParameterMap>,
     /// Memory and disk alarms; set by the binary's resource monitor.
     pub alarms: crate::alarm::Alarms,
 }
@@ -76,6 +91,7 @@ impl Broker {
             permissions: RwLock::new(HashMap::new()),
             topic_permissions: RwLock::new(HashMap::new()),
             limits: RwLock::new(HashMap::new()),
+            global_parameters: RwLock::default(),
             permissions_generation: AtomicU64::new(0),
             connections: Arc::new(Connections::default()),
             alarms: crate::alarm::Alarms::default(),
@@ -112,6 +128,11 @@ impl Broker {
             let r: VHostRecord = decode(v)?;
             self.add_vhost_in_memory(&r.name).set_metadata(r.metadata);
         }
+        *self.global_parameters.write() = global_parameters::recover(
+            self.store.meta_scan(meta::GLOBAL_PARAMETER)?,
+            &self.config.node_name,
+            &mut first_boot_ops,
+        );
         for (k, v) in self.store.meta_scan(meta::LIMIT)? {
             let Some((owner, who)) = meta::limits_key_parts(&k) else {
                 continue;
@@ -548,7 +569,7 @@ impl Broker {
             .collect()
     }
 
-    async fn persist(&self, ops: Vec<Op>) -> CoreResult<()> {
+    pub(crate) async fn persist(&self, ops: Vec<Op>) -> CoreResult<()> {
         let t = self.store.submit(ops).await?;
         self.store.wait_synced(t).await?;
         Ok(())

@@ -180,7 +180,11 @@ pub fn export(b: &Broker, only: Option<&str>, rabbit_version: &str) -> Value {
             .iter()
             .map(topic_permission_json)
             .collect::<Vec<_>>());
-        out["global_parameters"] = json!([]);
+        out["global_parameters"] = json!(b
+            .global_parameters()
+            .into_iter()
+            .map(|(name, value)| json!({"name": name, "value": value}))
+            .collect::<Vec<_>>());
     }
     out
 }
@@ -383,8 +387,9 @@ pub async fn import(b: &Broker, defs: &Value, only: Option<&str>) -> Result<(), 
             ),
         }
     }
-    if !arr(defs, "global_parameters").is_empty() {
-        tracing::debug!("definitions: global parameters ignored (cluster name and id)");
+    for p in arr(defs, "global_parameters") {
+        let value = p.get("value").cloned().unwrap_or(Value::Null);
+        b.set_global_parameter(text(p, "name")?, value).await?;
     }
     for x in arr(defs, "exchanges") {
         let v = vhost_of(x)?;

@@ -13,6 +13,7 @@ pub mod deadletter;
 pub mod definitions;
 pub mod error;
 pub mod exchange;
+pub mod global_parameters;
 pub mod ids;
 pub mod json;
 pub mod limits;
@@ -31,7 +32,7 @@ pub mod vhost;
 pub use alarm::{AlarmState, Alarms};
 pub use amq_protocol_types::{AMQPValue, FieldTable, LongString, ShortString};
 pub use auth::ConnectionAuth;
-pub use broker::{full_permission, Broker, BrokerConfig};
+pub use broker::{default_node_name, full_permission, Broker, BrokerConfig};
 pub use connections::{
     client_properties, ChannelCounts, ChannelRecord, ChannelSettings, ChannelStat, ChannelStats,
     ConnectionEntry, ConnectionGuard, ConnectionInfo, Connections, TlsDetails, Tuning,

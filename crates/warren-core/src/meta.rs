@@ -31,6 +31,9 @@ pub(crate) const OPERATOR_POLICY: &[u8] = b"O\0";
 /// Limits: `l\0vhost\0<vhost>` or `l\0user\0<user>` → the
 /// [`LimitMap`](crate::limits::LimitMap) as JSON.
 pub(crate) const LIMIT: &[u8] = b"l\0";
+/// Global runtime parameters: `g\0<name>` → the value as JSON
+/// ([`global_parameters`](crate::global_parameters)).
+pub(crate) const GLOBAL_PARAMETER: &[u8] = b"g\0";
 /// MQTT session state (expiry, QoS 2 packet ids): `m\0<vhost>\0<client id>` → bytes the
 /// MQTT front-end encodes; the core only stores them.
 pub(crate) const MQTT_SESSION: &[u8] = b"m\0";
@@ -281,6 +284,22 @@ pub(crate) fn limits_put(
         };
     }
     put(key(LIMIT, &[owner.key(), who]), limits)
+}
+
+pub(crate) fn global_parameter_put(name: &str, value: &serde_json::Value) -> Op {
+    put(key(GLOBAL_PARAMETER, &[name]), value)
+}
+
+pub(crate) fn global_parameter_delete(name: &str) -> Op {
+    Op::DeleteMeta {
+        key: key(GLOBAL_PARAMETER, &[name]),
+    }
+}
+
+/// The parameter name of a global parameter key.
+pub(crate) fn global_parameter_name(k: &[u8]) -> Option<String> {
+    let rest = k.strip_prefix(GLOBAL_PARAMETER)?;
+    std::str::from_utf8(rest).ok().map(str::to_owned)
 }
 
 /// Splits a limits key into (owner, name).

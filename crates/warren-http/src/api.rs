@@ -69,6 +69,8 @@ pub fn routes() -> Router<AppState> {
         .merge(crate::topic_permissions::routes())
         .merge(crate::policies::routes())
         .merge(crate::limits::routes())
+        .merge(crate::global_parameters::routes())
+        .merge(crate::feature_flags::routes())
         .route("/api/connections", get(connections))
         .route(
             "/api/connections/{name}",
@@ -108,6 +110,7 @@ pub fn routes() -> Router<AppState> {
             axum::routing::delete(queue_purge),
         )
         .route("/api/queues/{vhost}/{name}/get", post(queue_get_messages))
+        .route("/api/queues/{vhost}/{name}/actions", post(queue_action))
         .route("/api/queues/{vhost}/{name}/bindings", get(queue_bindings))
         .route("/api/bindings", get(bindings))
         .route("/api/bindings/{vhost}", get(bindings_in))
@@ -144,13 +147,11 @@ pub fn routes() -> Router<AppState> {
         // Pre-3.8 health check, still used by liveness probes.
         .route("/api/healthchecks/node", get(health_ok))
         .route("/api/healthchecks/node/{node}", get(health_ok))
-        .route("/api/cluster-name", get(cluster_name))
         // Runtime parameters (shovel, federation): Warren has no such components, so
         // every list is empty, as on a RabbitMQ without those plugins.
         .route("/api/parameters", get(empty_list))
         .route("/api/parameters/{component}", get(empty_list))
         .route("/api/parameters/{component}/{vhost}", get(empty_list))
-        .route("/api/global-parameters", get(empty_list))
         .fallback(|| async { ApiError::ObjectNotFound })
 }
 
@@ -706,7 +707,7 @@ async fn overview(State(s): St, caller: Caller) -> ApiResult<Json<Value>> {
         "product_version": env!("CARGO_PKG_VERSION"),
         "erlang_version": "none (Rust)",
         "erlang_full_version": "none (Rust)",
-        "cluster_name": s.cfg.node_name,
+        "cluster_name": s.broker.cluster_name(),
         "node": s.cfg.node_name,
         "rates_mode": "basic",
         "disable_stats": false,
@@ -850,6 +851,7 @@ fn vhost_json(s: &AppState, vh: &VHost) -> Value {
         "tags": m.tags,
         "metadata": {"description": m.description, "tags": m.tags, "default_queue_type": queue_type},
         "default_queue_type": queue_type,
+        "cluster_state": {&s.cfg.node_name: "running"},
         // Firehose tracing is not implemented (README).
         "tracing": false,
         "messages": t.ready + t.unacked,
@@ -1035,6 +1037,11 @@ async fn user_put(
             tags,
         }
     } else if let Some(h) = str_field(&b, "password_hash") {
+        // RabbitMQ refuses a hash that is not base64 (its reason is `[not_base64, H]`).
+        use base64::Engine;
+        if base64::engine::general_purpose::STANDARD.decode(h).is_err() {
+            return Err(ApiError::BadRequest(format!("not_base64: {h}")));
+        }
         let algo =
             str_field(&b, "hashing_algorithm").unwrap_or(warren_core::auth::SHA256_ALGORITHM);
         if algo != warren_core::auth::SHA256_ALGORITHM {
@@ -1585,6 +1592,22 @@ async fn queue_purge(
 /// `POST /api/queues/{vhost}/{name}/get` with `count`, `ackmode`
 /// (`ack_requeue_true|ack_requeue_false|reject_requeue_true|reject_requeue_false`),
 /// `encoding` (`auto|base64`) and optional `truncate`.
+/// `{"action": "sync" | "cancel_sync"}`: mirror synchronisation. Queues have no mirrors
+/// on one node, so both succeed doing nothing, as RabbitMQ answers for an unmirrored queue.
+async fn queue_action(
+    State(s): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    find_queue(&s, &caller, &v, &name)?;
+    caller.require_admin()?;
+    match required_str(&body_json(&body)?, "action")?.as_str() {
+        "sync" | "cancel_sync" => Ok(no_content()),
+        other => Err(ApiError::BadRequest(format!("[unknown,{other}]"))),
+    }
+}
+
 async fn queue_get_messages(
     State(s): St,
     caller: Caller,
@@ -1856,11 +1879,6 @@ async fn health_alarms(State(s): St, caller: Caller) -> ApiResult<Response> {
 
 async fn empty_list(_: Caller) -> Json<Value> {
     Json(json!([]))
-}
-
-/// The cluster name is the node's name on one node (RabbitMQ's default).
-async fn cluster_name(State(s): St, _: Caller) -> Json<Value> {
-    Json(json!({"name": s.cfg.node_name}))
 }
 
 /// 200 when a listener is bound to `port`, else 503 naming the ports there are.

@@ -11,6 +11,8 @@ mod auth;
 mod convert;
 mod definitions;
 pub mod error;
+mod feature_flags;
+mod global_parameters;
 mod limits;
 mod listing;
 mod metrics;
@@ -78,15 +80,7 @@ impl Default for HttpConfig {
     }
 }
 
-/// `warren@<hostname>`, like RabbitMQ's `rabbit@<hostname>`.
-pub fn default_node_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into());
-    format!("warren@{host}")
-}
+pub use warren_core::default_node_name;
 
 /// Shared by every handler.
 #[derive(Clone)]

@@ -1,6 +1,7 @@
 //! `/api/topic-permissions` and the per-user and per-vhost lists, as RabbitMQ's management
 //! plugin has them: `GET` lists, `PUT {"exchange","write","read"}` sets the rule for one
-//! exchange, `DELETE` removes all of the user's rules in the vhost.
+//! exchange, `DELETE` removes all of the user's rules in the vhost, or with the exchange in
+//! the path that exchange's rule.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -24,6 +25,10 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/api/topic-permissions/{vhost}/{user}",
             get(of_user_in_vhost).put(put).delete(delete),
+        )
+        .route(
+            "/api/topic-permissions/{vhost}/{user}/{exchange}",
+            axum::routing::delete(delete_one),
         )
         .route("/api/users/{user}/topic-permissions", get(of_user))
         .route("/api/vhosts/{vhost}/topic-permissions", get(of_vhost))
@@ -88,6 +93,19 @@ async fn delete(
 ) -> ApiResult<Response> {
     caller.require_admin()?;
     if s.broker.clear_topic_permissions(&v, &u, None).await? {
+        Ok(no_content())
+    } else {
+        Err(ApiError::ObjectNotFound)
+    }
+}
+
+async fn delete_one(
+    State(s): St,
+    caller: Caller,
+    Path((v, u, x)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    if s.broker.clear_topic_permissions(&v, &u, Some(&x)).await? {
         Ok(no_content())
     } else {
         Err(ApiError::ObjectNotFound)

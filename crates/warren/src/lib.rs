@@ -185,6 +185,7 @@ impl Server {
                 default_user: config.auth.default_user.clone(),
                 default_pass: config.auth.default_pass.clone(),
                 loopback_users: config.auth.loopback_users.clone(),
+                ..BrokerConfig::default()
             },
         )?;
         load_definitions(&broker, &config.definitions.file).await?;
