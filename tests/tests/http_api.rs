@@ -9,7 +9,7 @@ use std::time::Duration;
 use base64::Engine;
 use futures_lite::StreamExt;
 use lapin::options::*;
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1066,6 +1066,75 @@ async fn connections_channels_consumers_and_close() {
     }
     assert_eq!(api.get("/api/connections").await.json(), json!([]));
     assert_eq!(api.get(&path).await.status, 404);
+}
+
+/// As RabbitMQ shows them: the queue's `single_active_consumer_tag` and
+/// `exclusive_consumer_tag`, and each consumer's `active` / `activity_status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_active_and_exclusive_consumers_are_shown() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    let (_conn, ch) = b.channel().await;
+    let mut sac = FieldTable::default();
+    sac.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    common::declare(&ch, "sac", sac).await;
+    common::declare(&ch, "solo", FieldTable::default()).await;
+    let consume = |queue: &'static str, tag: &'static str, exclusive: bool| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_consume(
+                queue.into(),
+                tag.into(),
+                BasicConsumeOptions {
+                    exclusive,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume")
+        }
+    };
+    let _first = consume("sac", "first", false).await;
+    let _second = consume("sac", "second", false).await;
+    let _only = consume("solo", "only", true).await;
+    let activity = |q: &Value| -> Vec<(String, bool, String)> {
+        q["consumer_details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                (
+                    c["consumer_tag"].as_str().unwrap_or_default().to_owned(),
+                    c["active"].as_bool().unwrap_or_default(),
+                    c["activity_status"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let q = api.get("/api/queues/%2F/sac").await.json();
+    assert_eq!(q["single_active_consumer_tag"], "first");
+    assert_eq!(q["exclusive_consumer_tag"], Value::Null);
+    assert_eq!(
+        activity(&q),
+        [
+            ("first".into(), true, "single_active".into()),
+            ("second".into(), false, "waiting".into())
+        ]
+    );
+    let q = api.get("/api/queues/%2F/solo").await.json();
+    assert_eq!(q["exclusive_consumer_tag"], "only");
+    assert_eq!(q["single_active_consumer_tag"], Value::Null);
+    assert_eq!(activity(&q), [("only".into(), true, "up".into())]);
+    ch.basic_cancel("first".into(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    let q = api.get("/api/queues/%2F/sac").await.json();
+    assert_eq!(q["single_active_consumer_tag"], "second");
+    assert_eq!(
+        activity(&q),
+        [("second".into(), true, "single_active".into())]
+    );
 }
 
 fn percent_encode(s: &str) -> String {

@@ -504,6 +504,29 @@ pub struct ConsumerInfo {
     pub prefetch: u32,
     pub priority: i32,
     pub unacked: u32,
+    /// With single-active-consumer, whether this is the one that receives.
+    pub activity: ConsumerActivity,
+}
+
+/// What the management API shows as a consumer's `activity_status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumerActivity {
+    /// Receives messages (any consumer of a queue without single-active-consumer).
+    Up,
+    /// The single active consumer.
+    SingleActive,
+    /// Waits to take over from the single active consumer.
+    Waiting,
+}
+
+impl ConsumerActivity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsumerActivity::Up => "up",
+            ConsumerActivity::SingleActive => "single_active",
+            ConsumerActivity::Waiting => "waiting",
+        }
+    }
 }
 
 /// A point-in-time view of a queue's counts.
@@ -746,12 +769,20 @@ impl Queue {
         s.unacked.values().map(|u| u.entry.size()).sum()
     }
 
-    /// The consumers attached now, for the management API.
+    /// The consumers attached now, for the management API; with single-active-consumer
+    /// the first is the active one (see `pick_consumer`).
     pub fn consumers_info(&self) -> Vec<ConsumerInfo> {
+        let single = self.config().single_active_consumer;
         let s = self.state.lock();
         s.consumers
             .iter()
-            .map(|c| ConsumerInfo {
+            .enumerate()
+            .map(|(i, c)| ConsumerInfo {
+                activity: match (single, i) {
+                    (false, _) => ConsumerActivity::Up,
+                    (true, 0) => ConsumerActivity::SingleActive,
+                    (true, _) => ConsumerActivity::Waiting,
+                },
                 tag: c.spec.tag.clone(),
                 owner: c.spec.owner,
                 channel: c.spec.token,

@@ -12,8 +12,9 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use warren_core::definitions::parse_tags;
 use warren_core::{
-    Access, Binding, ChannelStat, ConnectionEntry, Exchange, ExchangeDecl, FieldTable, Message,
-    MsgSeq, Queue, QueueDecl, ResourceKind, ShortString, Target, UserRecord, VHost,
+    Access, Binding, ChannelStat, ConnectionEntry, ConsumerActivity, Exchange, ExchangeDecl,
+    FieldTable, Message, MsgSeq, Queue, QueueDecl, ResourceKind, ShortString, Target, UserRecord,
+    VHost,
 };
 
 use crate::auth::Caller;
@@ -236,6 +237,12 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
     let messages = c.ready as u64 + if stream { 0 } else { c.unacked as u64 };
     let unacked_bytes = q.unacked_bytes();
     let (policy, operator) = (q.policy(), q.operator_policy());
+    let consumers = q.consumers_info();
+    let exclusive_tag = consumers.iter().find(|c| c.exclusive).map(|c| &*c.tag);
+    let single_active_tag = consumers
+        .iter()
+        .find(|c| c.activity == ConsumerActivity::SingleActive)
+        .map(|c| &*c.tag);
     let quorum = q.config().quorum;
     let kind = if stream {
         "stream"
@@ -257,7 +264,8 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
         "policy": policy.as_ref().map(|p| p.record.name.clone()),
         "operator_policy": operator.as_ref().map(|p| p.record.name.clone()),
         "effective_policy_definition": effective_definition(policy.as_deref(), operator.as_deref()),
-        "exclusive_consumer_tag": null,
+        "exclusive_consumer_tag": exclusive_tag,
+        "single_active_consumer_tag": single_active_tag,
         "consumers": c.consumers,
         "messages": messages,
         "messages_details": details(r.messages),
@@ -649,8 +657,8 @@ fn consumer_json(s: &AppState, vhost: &str, q: &Queue, c: &warren_core::Consumer
         "exclusive": c.exclusive,
         "prefetch_count": c.prefetch,
         "priority": c.priority,
-        "active": true,
-        "activity_status": "up",
+        "active": c.activity != ConsumerActivity::Waiting,
+        "activity_status": c.activity.as_str(),
         "arguments": {},
     })
 }
