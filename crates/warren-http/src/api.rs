@@ -1048,7 +1048,10 @@ async fn user_put(
         // RabbitMQ refuses a hash that is not base64 (its reason is `[not_base64, H]`).
         use base64::Engine;
         if base64::engine::general_purpose::STANDARD.decode(h).is_err() {
-            return Err(ApiError::BadRequest(format!("not_base64: {h}")));
+            return Err(ApiError::BadRequestTerm(vec![
+                "not_base64".into(),
+                h.into(),
+            ]));
         }
         let algo =
             str_field(&b, "hashing_algorithm").unwrap_or(warren_core::auth::SHA256_ALGORITHM);
@@ -1612,7 +1615,10 @@ async fn queue_action(
     caller.require_admin()?;
     match required_str(&body_json(&body)?, "action")?.as_str() {
         "sync" | "cancel_sync" => Ok(no_content()),
-        other => Err(ApiError::BadRequest(format!("[unknown,{other}]"))),
+        other => Err(ApiError::BadRequestTerm(vec![
+            "unknown".into(),
+            other.into(),
+        ])),
     }
 }
 

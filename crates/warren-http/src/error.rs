@@ -24,6 +24,10 @@ pub enum ApiError {
     /// 400 bad_request.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// 400 bad_request whose reason is an Erlang term RabbitMQ renders as a JSON list,
+    /// e.g. `["not_base64", "…"]`.
+    #[error("bad request: {0:?}")]
+    BadRequestTerm(Vec<String>),
     /// 404 not_found from an operation (e.g. binding to a missing queue).
     #[error("not found: {0}")]
     NotFound(String),
@@ -68,6 +72,10 @@ impl IntoResponse for ApiError {
                 (StatusCode::UNAUTHORIZED, "not_authorised".into(), r.clone())
             }
             ApiError::BadRequest(r) => (StatusCode::BAD_REQUEST, "bad_request".into(), r.clone()),
+            ApiError::BadRequestTerm(term) => {
+                let body = serde_json::json!({"error": "bad_request", "reason": term});
+                return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+            }
             ApiError::NotFound(r) => (StatusCode::NOT_FOUND, "not_found".into(), r.clone()),
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
