@@ -258,7 +258,7 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
         "auto_delete": q.auto_delete,
         "exclusive": q.exclusive_owner.is_some(),
         "arguments": table_to_json(&q.arguments),
-        "node": s.cfg.node_name,
+        "node": s.broker.config.node_name,
         "state": "running",
         "type": kind,
         "policy": policy.as_ref().map(|p| p.record.name.clone()),
@@ -294,8 +294,8 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
     });
     if quorum || stream {
         // One node: it leads and is the only member, as a single-node RabbitMQ shows.
-        let node = json!([s.cfg.node_name]);
-        v["leader"] = json!(s.cfg.node_name);
+        let node = json!([s.broker.config.node_name]);
+        v["leader"] = json!(s.broker.config.node_name);
         v["members"] = node.clone();
         v["online"] = node;
     }
@@ -467,7 +467,7 @@ fn connection_json(s: &AppState, e: &ConnectionEntry) -> Value {
     let octets = s.sampler.connection_rates(i.id.0);
     let mut out = json!({
         "name": e.name(),
-        "node": s.cfg.node_name,
+        "node": s.broker.config.node_name,
         "vhost": i.vhost,
         "user": i.user,
         "user_who_performed_action": i.user,
@@ -570,7 +570,7 @@ fn connection_channels_json(
             let mut ch = json!({
                 "name": channel_name(e, n),
                 "number": n,
-                "node": s.cfg.node_name,
+                "node": s.broker.config.node_name,
                 "vhost": e.info.vhost,
                 "user": e.info.user,
                 "state": "running",
@@ -645,7 +645,7 @@ fn consumer_json(s: &AppState, vhost: &str, q: &Queue, c: &warren_core::Consumer
             "peer_host": e.info.peer.ip().to_string(),
             "peer_port": e.info.peer.port(),
             "user": e.info.user,
-            "node": s.cfg.node_name,
+            "node": s.broker.config.node_name,
         }),
         None => json!({}),
     };
@@ -692,7 +692,7 @@ async fn overview(State(s): St, caller: Caller) -> ApiResult<Json<Value>> {
         .iter()
         .map(|l| {
             json!({
-                "node": s.cfg.node_name,
+                "node": s.broker.config.node_name,
                 "protocol": l.protocol,
                 "ip_address": l.addr.ip().to_string(),
                 "port": l.addr.port(),
@@ -716,7 +716,7 @@ async fn overview(State(s): St, caller: Caller) -> ApiResult<Json<Value>> {
         "erlang_version": "none (Rust)",
         "erlang_full_version": "none (Rust)",
         "cluster_name": s.broker.cluster_name(),
-        "node": s.cfg.node_name,
+        "node": s.broker.config.node_name,
         "rates_mode": "basic",
         "disable_stats": false,
         "enable_queue_totals": true,
@@ -741,7 +741,7 @@ async fn overview(State(s): St, caller: Caller) -> ApiResult<Json<Value>> {
         "churn_rates": {},
         "statistics_db_event_queue": 0,
         "listeners": listeners,
-        "contexts": [{"node": s.cfg.node_name, "description": "RabbitMQ Management", "path": "/", "port": http_port}],
+        "contexts": [{"node": s.broker.config.node_name, "description": "RabbitMQ Management", "path": "/", "port": http_port}],
     })))
 }
 
@@ -783,7 +783,7 @@ fn node_json(s: &AppState) -> Value {
     .collect();
     let connections = s.broker.connections().len();
     json!({
-        "name": s.cfg.node_name,
+        "name": s.broker.config.node_name,
         "type": "disc",
         "running": true,
         "being_drained": false,
@@ -827,7 +827,7 @@ async fn nodes(State(s): St, caller: Caller) -> ApiResult<Json<Value>> {
 
 async fn node(State(s): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<Value>> {
     caller.require_monitor()?;
-    if name != s.cfg.node_name {
+    if name != s.broker.config.node_name {
         return Err(ApiError::ObjectNotFound);
     }
     Ok(Json(node_json(&s)))
@@ -859,7 +859,7 @@ fn vhost_json(s: &AppState, vh: &VHost) -> Value {
         "tags": m.tags,
         "metadata": {"description": m.description, "tags": m.tags, "default_queue_type": queue_type},
         "default_queue_type": queue_type,
-        "cluster_state": {&s.cfg.node_name: "running"},
+        "cluster_state": {&s.broker.config.node_name: "running"},
         // Firehose tracing is not implemented (README).
         "tracing": false,
         "messages": t.ready + t.unacked,
@@ -1875,10 +1875,10 @@ async fn health_alarms(State(s): St, caller: Caller) -> ApiResult<Response> {
     }
     let mut alarms = Vec::new();
     if a.memory {
-        alarms.push(json!({"node": s.cfg.node_name, "resource": "memory"}));
+        alarms.push(json!({"node": s.broker.config.node_name, "resource": "memory"}));
     }
     if a.disk {
-        alarms.push(json!({"node": s.cfg.node_name, "resource": "disk"}));
+        alarms.push(json!({"node": s.broker.config.node_name, "resource": "disk"}));
     }
     Ok((
         StatusCode::SERVICE_UNAVAILABLE,

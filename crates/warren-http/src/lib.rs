@@ -61,8 +61,6 @@ pub type ResourceProbe = Arc<dyn Fn() -> NodeResources + Send + Sync>;
 /// Settings of the HTTP listener.
 #[derive(Clone)]
 pub struct HttpConfig {
-    /// RabbitMQ-style node name, e.g. `warren@host`.
-    pub node_name: String,
     pub listeners: Vec<ListenerInfo>,
     pub resources: Option<ResourceProbe>,
     /// How often message rates are sampled (RabbitMQ: 5 s).
@@ -72,15 +70,12 @@ pub struct HttpConfig {
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            node_name: default_node_name(),
             listeners: Vec::new(),
             resources: None,
             sample_period: Duration::from_secs(5),
         }
     }
 }
-
-pub use warren_core::default_node_name;
 
 /// Shared by every handler.
 #[derive(Clone)]

@@ -60,7 +60,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let _ = writeln!(
         o.0,
         "# TYPE rabbitmq_identity_info gauge\nrabbitmq_identity_info{{rabbitmq_node=\"{n}\",rabbitmq_cluster=\"{n}\"}} 1",
-        n = label(&s.cfg.node_name)
+        n = label(&s.broker.config.node_name)
     );
     o.one(
         "rabbitmq_connections",
