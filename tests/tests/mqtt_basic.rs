@@ -356,3 +356,66 @@ async fn shared_subscription_splits_messages_between_members() {
         "both members got work: {got_a:?} / {got_c:?}"
     );
 }
+
+/// MQTT topics are strings of up to 65,535 bytes (MQTT-1.5.3), as Mosquitto takes them, up
+/// to its 200-level limit (Mosquitto's test 02-subpub-qos0-long-topic). The core carries
+/// them whole, the store too (the retained copy across a restart); an AMQP 0-9-1 consumer
+/// gets the routing key cut to a short string.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_topics_route_whole_and_reach_amqp_cut() {
+    let b = start().await;
+    let topic = "abc/".repeat(199) + "d";
+    let (_c, ch) = b.channel().await;
+    declare(&ch, "everything", FieldTable::default()).await;
+    ch.queue_bind(
+        "everything".into(),
+        "amq.topic".into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let (s, mut sel) = connect(opts(&b, "long-sub")).await;
+    s.subscribe(topic.as_str(), QoS::AtLeastOnce).await.unwrap();
+    wait_suback(&mut sel).await;
+    let (p, mut pel) = connect(opts(&b, "long-pub")).await;
+    p.publish(topic.as_str(), QoS::AtLeastOnce, true, "deep")
+        .await
+        .unwrap();
+    wait_puback(&mut pel).await;
+    let got = next_publish(&mut sel).await;
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        (topic.as_str(), &b"deep"[..])
+    );
+    let amqp = ch
+        .basic_get("everything".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the long topic reached the AMQP queue");
+    let key = topic.replace('/', ".");
+    assert_eq!(amqp.delivery.routing_key.as_str(), &key[..255]);
+
+    // A filter deeper than 200 levels ends the connection (Mosquitto's answer).
+    let (d, mut del) = connect(opts(&b, "too-deep")).await;
+    d.subscribe("/".repeat(201), QoS::AtMostOnce).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if del.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "connection closed after a 201-level filter");
+
+    let b = b.restart().await;
+    let (s2, mut sel2) = connect(opts(&b, "long-late")).await;
+    s2.subscribe("abc/#", QoS::AtLeastOnce).await.unwrap();
+    let got = next_publish(&mut sel2).await;
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..], got.retain),
+        (topic.as_str(), &b"deep"[..], true)
+    );
+}

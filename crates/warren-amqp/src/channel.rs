@@ -514,7 +514,7 @@ impl Conn {
                 vh.bind(
                     b.source.as_str(),
                     Target::Exchange(b.destination),
-                    b.routing_key,
+                    b.routing_key.into(),
                     b.arguments,
                 )
                 .await
@@ -619,7 +619,7 @@ impl Conn {
                 vh.bind(
                     b.exchange.as_str(),
                     Target::Queue(q),
-                    b.routing_key,
+                    b.routing_key.into(),
                     b.arguments,
                 )
                 .await
@@ -782,7 +782,8 @@ impl Conn {
                                 delivery_tag: tag,
                                 redelivered: r.redelivered,
                                 exchange: r.message.exchange.clone(),
-                                routing_key: r.message.routing_key.clone(),
+                                routing_key: fastpath::fit_short(r.message.routing_key.as_str())
+                                    .into(),
                                 message_count: r.remaining,
                             })),
                         );
@@ -1295,7 +1296,7 @@ impl Conn {
         }
         let msg = Arc::new(Message::new(
             p.method.exchange.clone(),
-            p.method.routing_key.clone(),
+            (&p.method.routing_key).into(),
             properties,
             body,
         ));

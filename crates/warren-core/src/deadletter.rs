@@ -1,6 +1,7 @@
 //! Dead-lettering the RabbitMQ way: the message is republished to the queue's
 //! `x-dead-letter-exchange` with an `x-death` history in its headers.
 
+use crate::RoutingKey;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use amq_protocol_types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
@@ -162,7 +163,7 @@ pub fn dead_lettered(
     props.expiration = None;
     props.headers = Some(headers);
     let routing_key = dl_routing_key
-        .cloned()
+        .map(RoutingKey::from)
         .unwrap_or_else(|| msg.routing_key.clone());
     Message::new(msg.exchange.clone(), routing_key, props, msg.body.clone())
 }

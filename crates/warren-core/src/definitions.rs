@@ -443,7 +443,8 @@ pub async fn import(b: &Broker, defs: &Value, only: Option<&str>) -> Result<(), 
         vh.bind(
             text(bd, "source")?,
             target,
-            short(text(bd, "routing_key")?)?,
+            // A binding key may be a long MQTT filter (RoutingKey).
+            text(bd, "routing_key")?.into(),
             bd.get("arguments").map(json_to_table).unwrap_or_default(),
         )
         .await?;

@@ -1,5 +1,6 @@
 //! Exchanges and their bindings: direct, fanout, topic (trie) and headers.
 
+use crate::RoutingKey;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -109,14 +110,14 @@ impl Target {
 #[derive(Clone, Debug)]
 pub struct Binding {
     pub target: Target,
-    pub routing_key: ShortString,
+    pub routing_key: RoutingKey,
     pub arguments: FieldTable,
 }
 
 #[derive(Default)]
 struct Bindings {
     list: Vec<Binding>,
-    direct: HashMap<ShortString, Vec<Target>>,
+    direct: HashMap<RoutingKey, Vec<Target>>,
     topic: TopicTrie<Target>,
 }
 

@@ -42,7 +42,7 @@ pub use consumer::{
 };
 pub use error::{CoreError, CoreResult, ErrorKind};
 pub use exchange::{Binding, Exchange, ExchangeKind, Target};
-pub use ids::{ConnectionId, ConsumerId, MsgSeq};
+pub use ids::{ConnectionId, ConsumerId, MsgSeq, RoutingKey};
 pub use message::{Message, Properties};
 pub use meta::UserRecord;
 pub use permissions::{Access, PermissionRecord, ResourceKind};

@@ -1,6 +1,7 @@
 //! The protocol-neutral message: immutable, shared by `Arc` between every queue it was
 //! routed to, body as `Bytes` (never copied per queue).
 
+use crate::RoutingKey;
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
@@ -33,7 +34,7 @@ pub struct Properties {
 #[derive(Debug)]
 pub struct Message {
     pub exchange: ShortString,
-    pub routing_key: ShortString,
+    pub routing_key: RoutingKey,
     pub properties: Properties,
     pub body: Bytes,
     /// A front-end's encoding of the properties, made on first delivery and reused for
@@ -73,7 +74,7 @@ pub fn parse_expiration(s: &str) -> Result<u64, String> {
 impl Message {
     pub fn new(
         exchange: ShortString,
-        routing_key: ShortString,
+        routing_key: RoutingKey,
         properties: Properties,
         body: Bytes,
     ) -> Self {
@@ -126,12 +127,15 @@ impl Message {
     }
 
     /// Serialises the message for the store: `version, flags, properties, exchange,
-    /// routing key, body`. Strings are length-prefixed; headers use AMQP field-table
-    /// encoding.
+    /// routing key, body`. Strings are length-prefixed (a u8; the routing key's a u16 in
+    /// version 2, for MQTT topics past 255 bytes); headers use AMQP field-table encoding.
+    /// Version 1 is still written when the routing key fits, so older stores and newer
+    /// ones read each other's messages.
     pub fn encode(&self) -> Bytes {
         let p = &self.properties;
         let mut out = BytesMut::with_capacity(64 + self.body.len());
-        out.put_u8(FORMAT_V1);
+        let long_key = self.routing_key.as_str().len() > u8::MAX as usize;
+        out.put_u8(if long_key { FORMAT_V2 } else { FORMAT_V1 });
         let mut flags: u16 = 0;
         let strs = [
             &p.content_type,
@@ -181,7 +185,15 @@ impl Message {
             out.put_u64(t);
         }
         put_short(&mut out, self.exchange.as_str());
-        put_short(&mut out, self.routing_key.as_str());
+        let key = self.routing_key.as_str();
+        if long_key {
+            // MQTT topic names are at most 65,535 bytes (MQTT-1.5.3).
+            let n = key.len().min(u16::MAX as usize);
+            out.put_u16(n as u16);
+            out.put_slice(&key.as_bytes()[..n]);
+        } else {
+            put_short(&mut out, key);
+        }
         out.put_slice(&self.body);
         out.freeze()
     }
@@ -189,7 +201,11 @@ impl Message {
     /// Inverse of [`Message::encode`]; the body is a zero-copy slice of `data`.
     pub fn decode(mut data: Bytes) -> CoreResult<Message> {
         let bad = || CoreError::internal("corrupt stored message");
-        if data.remaining() < 3 || data.get_u8() != FORMAT_V1 {
+        if data.remaining() < 3 {
+            return Err(bad());
+        }
+        let version = data.get_u8();
+        if version != FORMAT_V1 && version != FORMAT_V2 {
             return Err(bad());
         }
         let flags = data.get_u16();
@@ -232,7 +248,12 @@ impl Message {
             None
         };
         let exchange = get_short(&mut data).ok_or_else(bad)?;
-        let routing_key = get_short(&mut data).ok_or_else(bad)?;
+        let routing_key = if version == FORMAT_V2 {
+            get_string(&mut data, |d| d.get_u16() as usize, 2).map(RoutingKey::from)
+        } else {
+            get_short(&mut data).map(RoutingKey::from)
+        }
+        .ok_or_else(bad)?;
         let [content_type, content_encoding, correlation_id, reply_to, expiration, message_id, kind, user_id, app_id, cluster_id] =
             strs;
         Ok(Message::new(
@@ -260,6 +281,8 @@ impl Message {
 }
 
 const FORMAT_V1: u8 = 1;
+/// Version 1 with the routing key's length as a u16.
+const FORMAT_V2: u8 = 2;
 
 fn put_short(out: &mut BytesMut, s: &str) {
     // Short strings are at most 255 bytes by construction (ShortString), but be safe.
@@ -269,15 +292,25 @@ fn put_short(out: &mut BytesMut, s: &str) {
 }
 
 fn get_short(data: &mut Bytes) -> Option<ShortString> {
-    if data.remaining() < 1 {
+    // At most 255 bytes: a u8 length.
+    get_string(data, |d| d.get_u8() as usize, 1).map(ShortString::from)
+}
+
+/// A UTF-8 string after a length of `width` bytes read by `len`.
+fn get_string(
+    data: &mut Bytes,
+    len: impl FnOnce(&mut Bytes) -> usize,
+    width: usize,
+) -> Option<String> {
+    if data.remaining() < width {
         return None;
     }
-    let n = data.get_u8() as usize;
+    let n = len(data);
     if data.remaining() < n {
         return None;
     }
     let s = data.split_to(n);
-    std::str::from_utf8(&s).ok().map(ShortString::from)
+    String::from_utf8(s.to_vec()).ok()
 }
 
 /// AMQP field-table bytes (with the 4-byte length prefix).
@@ -340,7 +373,7 @@ mod tests {
             dm in proptest::option::of(1u8..=2), pr in proptest::option::of(0u8..=9),
             ts in proptest::option::of(any::<u64>()),
             hk in proptest::option::of("[a-z]{1,8}"), hv in ".{0,20}",
-            ex in "[a-z.]{0,20}", rk in "[a-z.#*]{0,40}",
+            ex in "[a-z.]{0,20}", rk in "[a-z.#*é]{0,40}|[a-z/]{250,700}",
             body in proptest::collection::vec(any::<u8>(), 0..300),
         ) {
             let headers = hk.map(|k| {
@@ -365,5 +398,32 @@ mod tests {
         fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Message::decode(Bytes::from(data));
         }
+    }
+
+    /// A routing key that fits a short string keeps the version-1 layout byte for byte;
+    /// a longer one (an MQTT topic) is written as version 2 and read back whole.
+    #[test]
+    fn long_routing_keys_take_version_2() {
+        let short = Message::new(
+            "amq.topic".into(),
+            "a.b".into(),
+            Properties::default(),
+            Bytes::from_static(b"x"),
+        );
+        let bytes = short.encode();
+        assert_eq!(&bytes[..], b"\x01\x00\x00\x09amq.topic\x03a.bx");
+        let key = "abc.".repeat(199) + "d";
+        let long = Message::new(
+            "amq.topic".into(),
+            key.as_str().into(),
+            Properties::default(),
+            Bytes::from_static(b"x"),
+        );
+        let bytes = long.encode();
+        assert_eq!(bytes[0], FORMAT_V2);
+        assert_eq!(&bytes[bytes.len() - 1..], b"x");
+        let back = Message::decode(bytes).unwrap();
+        assert_eq!(back.routing_key.as_str(), key);
+        assert_eq!(back.body.as_ref(), b"x");
     }
 }

@@ -322,7 +322,7 @@ mod tests {
     fn entry(offset: u64, size: usize, ts: i64) -> StreamEntry {
         let msg = Message::new(
             ShortString::from(""),
-            ShortString::from("s"),
+            "s".into(),
             Default::default(),
             Bytes::from(vec![0u8; size]),
         );

@@ -1,5 +1,6 @@
 //! A virtual host: its exchanges, queues and bindings, routing, and their durable records.
 
+use crate::RoutingKey;
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
@@ -755,7 +756,7 @@ impl VHost {
         &self,
         source: &str,
         target: Target,
-        routing_key: ShortString,
+        routing_key: RoutingKey,
         arguments: FieldTable,
     ) -> CoreResult<()> {
         let x = self.exchange(source)?;

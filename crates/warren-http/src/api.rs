@@ -1419,7 +1419,7 @@ async fn exchange_publish(
     let props = json_to_properties(b.get("properties"))?;
     let rk = ShortString::try_new(rk)
         .map_err(|_| ApiError::BadRequest("routing key too long".into()))?;
-    let msg = Arc::new(Message::new(x.name.clone(), rk, props, body));
+    let msg = Arc::new(Message::new(x.name.clone(), rk.into(), props, body));
     let queues = vh.route(&x, &msg);
     let outcome = vh.deliver_to(queues, msg).await?;
     if let Some(t) = outcome.ticket {
@@ -1809,7 +1809,7 @@ async fn binding_create(
     let key = props_key(rk, &args);
     let rk = ShortString::try_new(rk)
         .map_err(|_| ApiError::BadRequest("routing key too long".into()))?;
-    vh.bind(x.name.as_str(), target, rk, args).await?;
+    vh.bind(x.name.as_str(), target, rk.into(), args).await?;
     // RabbitMQ answers with the new binding's URI (relative to the binding list).
     let location = format!(
         "{}/{}",

@@ -30,8 +30,8 @@ use tokio::sync::watch;
 use warren_core::permissions::{Access, ResourceKind};
 use warren_core::{
     AMQPValue, Broker, ConnectionId, ConsumerId, ConsumerSpec, Credit, Delivery, FieldTable,
-    Message, MsgSeq, Outbox, OutboxEvent, Properties, Queue, QueueDecl, ShortString, Target,
-    TopicPermissions, VHost,
+    Message, MsgSeq, Outbox, OutboxEvent, Properties, Queue, QueueDecl, Target, TopicPermissions,
+    VHost,
 };
 use warren_core::{ConnectionAuth, ConnectionGuard, ConnectionInfo};
 
@@ -998,23 +998,31 @@ fn queue_name(client_id: &str) -> String {
     format!("mqtt-subscription-{client_id}qos1")
 }
 
-/// AMQP routing keys are short strings (amq-protocol's `ShortString` refuses more, and the
-/// core routes on them): MQTT topics and filters longer than this are refused. Mosquitto
-/// and RabbitMQ's MQTT plugin take them (RabbitMQ then closes an AMQP 0-9-1 consumer's
-/// connection with 541 when one reaches it).
-const MAX_TOPIC_BYTES: usize = 255;
+/// Topic names and filters may have at most this many `/` (Mosquitto's hierarchy limit,
+/// with its answers: DISCONNECT 0x81 for such a filter, the connection closed in 3.1.1).
+/// It bounds the topic trie's work per message; the spec's limit is the 65,535-byte
+/// string (MQTT-1.5.3), which the core carries whole (version 2 of the store's message
+/// encoding; an AMQP 0-9-1 consumer sees the routing key cut to 255 bytes).
+const MAX_TOPIC_DEPTH: usize = 200;
 
-/// A message published over MQTT, as the core carries it; `None` for a topic too long to
-/// be a routing key.
+fn too_deep(topic: &str) -> bool {
+    topic.bytes().filter(|b| *b == b'/').count() > MAX_TOPIC_DEPTH
+}
+
+/// AMQP short strings (queue names, `content-type`, `reply-to`) hold at most this.
+const MAX_SHORT: usize = 255;
+
+/// A message published over MQTT, as the core carries it; `None` for a topic deeper than
+/// [`MAX_TOPIC_DEPTH`].
 fn mqtt_message(topic_name: &str, payload: Bytes, qos: u8) -> Option<Message> {
-    if topic_name.len() > MAX_TOPIC_BYTES {
+    if too_deep(topic_name) {
         return None;
     }
     let mut headers = FieldTable::default();
     headers.insert(QOS_HEADER.into(), AMQPValue::ShortShortUInt(qos));
     Some(Message::new(
         "amq.topic".into(),
-        ShortString::from(topic::to_amqp(topic_name)),
+        topic::to_amqp(topic_name).into(),
         Properties {
             headers: Some(headers),
             // QoS ≥ 1 messages are persistent, so durable sessions keep them.
@@ -1369,6 +1377,11 @@ impl Session {
                     self.protocol_error(rc::PROTOCOL_ERROR, "subscription identifier 0");
                     return Err(End::ProtocolError);
                 }
+                if s.filters.iter().any(|f| too_deep(&f.filter)) {
+                    let why = format!("topic filter with more than {MAX_TOPIC_DEPTH} levels");
+                    self.protocol_error(rc::MALFORMED, &why);
+                    return Err(End::ProtocolError);
+                }
                 let mut retained = Vec::new();
                 for f in &s.filters {
                     let code = self.subscribe(f, sub_id, &mut retained).await;
@@ -1484,7 +1497,7 @@ impl Session {
             SubAckReasonCode::UnspecifiedError
         };
         // MQTT-4.7.1: wildcards only as whole levels, `#` last.
-        if !mqtt5_protocol::is_valid_topic_filter(filter) || filter.len() > MAX_TOPIC_BYTES {
+        if !mqtt5_protocol::is_valid_topic_filter(filter) {
             return invalid;
         }
         let qos = (o.qos as u8).min(2);
@@ -1701,7 +1714,7 @@ impl Session {
             return Ok(());
         }
         let Some(mut msg) = mqtt_message(&topic_name, p.payload.clone(), qos) else {
-            let why = format!("topic name longer than {MAX_TOPIC_BYTES} bytes");
+            let why = format!("topic name with more than {MAX_TOPIC_DEPTH} levels");
             self.protocol_error(rc::TOPIC_NAME_INVALID, &why);
             return Err(End::ProtocolError);
         };
@@ -1775,7 +1788,7 @@ impl Session {
             q.remove_consumer(c).await;
         }
         let name = format!("mqtt-shared-{group}-{filter}");
-        if name.len() > MAX_TOPIC_BYTES {
+        if name.len() > MAX_SHORT {
             return invalid;
         }
         let declared = self
@@ -2260,12 +2273,12 @@ fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
         props.expiration = Some(ms.to_string().as_str().into());
     }
     if let Some(PropertyValue::Utf8String(ct)) = p.get(PropertyId::ContentType) {
-        if ct.len() <= MAX_TOPIC_BYTES {
+        if ct.len() <= MAX_SHORT {
             props.content_type = Some(ct.as_str().into());
         }
     }
     if let Some(PropertyValue::Utf8String(rt)) = p.get(PropertyId::ResponseTopic) {
-        if rt.len() <= MAX_TOPIC_BYTES {
+        if rt.len() <= MAX_SHORT {
             props.reply_to = Some(topic::to_amqp(rt).as_str().into());
         }
     }
@@ -2282,7 +2295,7 @@ fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
     }
     if let Some(PropertyValue::BinaryData(cd)) = p.get(PropertyId::CorrelationData) {
         match std::str::from_utf8(cd) {
-            Ok(s) if s.len() <= 255 => props.correlation_id = Some(s.into()),
+            Ok(s) if s.len() <= MAX_SHORT => props.correlation_id = Some(s.into()),
             _ => {
                 headers.insert(
                     "x-correlation-id".into(),
@@ -2298,7 +2311,7 @@ fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
     let mut in_table_order = true;
     for (id, v) in p.iter() {
         if let (PropertyId::UserProperty, PropertyValue::Utf8StringPair(k, v)) = (id, v) {
-            if k.len() <= 255 {
+            if k.len() <= MAX_SHORT {
                 headers.insert(
                     k.as_str().into(),
                     AMQPValue::LongString(v.as_bytes().into()),

@@ -810,7 +810,12 @@ impl Session {
         }
         self.allow_publish(&exchange)?;
         self.allow_topic(&exchange, Access::Write, &routing_key)?;
-        let msg = Message::new(short(&exchange)?, short(&routing_key)?, properties, f.body);
+        let msg = Message::new(
+            short(&exchange)?,
+            short(&routing_key)?.into(),
+            properties,
+            f.body,
+        );
         self.publisher = true;
         let out = self
             .vhost
@@ -994,7 +999,7 @@ impl Session {
             .bind(
                 exchange,
                 Target::Queue(q.clone()),
-                short(key)?,
+                short(key)?.into(),
                 FieldTable::default(),
             )
             .await
