@@ -193,10 +193,41 @@ def test_406_inequivalent_exchange_durable(conn, ch, name):
     ({"x-queue-version": 3}, "invalid arg 'x-queue-version' for queue '{q}' in vhost '/': \"unsupported queue version '3'\""),
     ({"x-delivery-limit": 5}, "invalid arg 'x-delivery-limit' for queue '{q}' in vhost '/' of queue type rabbit_classic_queue"),
     ({"x-queue-type": "quorum", "x-max-priority": 5}, "invalid arg 'x-max-priority' for queue '{q}' in vhost '/' of queue type rabbit_quorum_queue"),
+    ({"x-queue-type": "bogus"}, "invalid arg 'x-queue-type' for queue '{q}' in vhost '/': \"unsupported queue type 'bogus'\""),
 ])
 def test_406_invalid_queue_args(conn, name, args, detail):
     err = channel_error(conn, lambda c: c.queue_declare(name, durable=True, arguments=args))
     check(err, 406, "PRECONDITION_FAILED - " + detail.format(q=name))
+
+
+def test_406_inequivalent_alternate_exchange(conn, ch, name):
+    # The one exchange argument RabbitMQ compares on a re-declaration.
+    ch.exchange_declare(name, "direct", arguments={"alternate-exchange": "ae1"})
+    ch.exchange_declare(name, "direct", arguments={"alternate-exchange": "ae1", "x-other": 1})
+    pre = f"PRECONDITION_FAILED - inequivalent arg 'alternate-exchange' for exchange '{name}' in vhost '/': "
+    check(channel_error(conn, lambda c: c.exchange_declare(name, "direct", arguments={"alternate-exchange": "ae2"})),
+          406, pre + "received 'ae2' but current is 'ae1'")
+    check(channel_error(conn, lambda c: c.exchange_declare(name, "direct")),
+          406, pre + "received none but current is the value 'ae1' of type 'longstr'")
+
+
+def test_406_headers_binding_with_a_bad_x_match(conn, ch, name):
+    ch.exchange_declare(name, "headers")
+    ch.queue_declare(name)
+    ch.queue_bind(name, name, "", arguments={"x-match": "any-with-x", "a": 1})
+    check(channel_error(conn, lambda c: c.queue_bind(name, name, "", arguments={"x-match": "bogus", "a": 1})), 406,
+          'PRECONDITION_FAILED - Invalid x-match field value <<"bogus">>; expected all, any, all-with-x, or any-with-x')
+
+
+def test_406_consumer_priority_of_the_wrong_type(conn, ch, name):
+    ch.queue_declare(name)
+    check(channel_error(conn, lambda c: c.basic_consume(name, lambda *a: None, arguments={"x-priority": "high"})), 406,
+          f"PRECONDITION_FAILED - invalid arg 'x-priority' for queue '{name}' in vhost '/': \"expected integer, got longstr\"")
+
+
+def test_direct_reply_to_passive_declare(ch):
+    ok = ch.queue_declare("amq.rabbitmq.reply-to", passive=True).method
+    assert (ok.queue, ok.message_count, ok.consumer_count) == ("amq.rabbitmq.reply-to", 0, 1)
 
 
 def test_406_unknown_delivery_tag(conn, ch, name):
@@ -256,6 +287,11 @@ def test_503_unknown_exchange_type(broker, name):
     # tests declare type 'none').
     err = connection_error(broker.url, lambda c: c.exchange_declare(name, "none"))
     check(err, 503, "COMMAND_INVALID - invalid exchange type 'none'")
+
+
+def test_540_prefetch_size(broker):
+    err = connection_error(broker.url, lambda c: c.basic_qos(prefetch_size=4096, prefetch_count=1))
+    check(err, 540, "NOT_IMPLEMENTED - prefetch_size!=0 (4096)")
 
 
 def test_540_recover_without_requeue(broker):

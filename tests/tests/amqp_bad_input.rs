@@ -48,6 +48,13 @@ fn method(class: u16, m: u16, args: &[u8]) -> Vec<u8> {
 
 /// Drives the handshake up to connection.open-ok with PLAIN guest/guest.
 async fn open(addr: std::net::SocketAddr) -> TcpStream {
+    let (s, ok) = open_vhost(addr, "/").await;
+    assert_eq!(&ok[7..11], &[0, 10, 0, 41], "connection.open-ok");
+    s
+}
+
+/// The handshake with connection.open of `vhost`; returns the frame that answers it.
+async fn open_vhost(addr: std::net::SocketAddr, vhost: &str) -> (TcpStream, Vec<u8>) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(HEADER).await.unwrap();
     read_frame(&mut s).await; // start
@@ -68,15 +75,14 @@ async fn open(addr: std::net::SocketAddr) -> TcpStream {
     s.write_all(&frame(1, 0, &method(10, 31, &tune_ok)))
         .await
         .unwrap();
-    let mut open = shortstr("/");
+    let mut open = shortstr(vhost);
     open.extend(shortstr(""));
     open.push(0);
     s.write_all(&frame(1, 0, &method(10, 40, &open)))
         .await
         .unwrap();
-    let ok = read_frame(&mut s).await;
-    assert_eq!(&ok[7..11], &[0, 10, 0, 41], "connection.open-ok");
-    s
+    let answer = read_frame(&mut s).await;
+    (s, answer)
 }
 
 async fn read_frame(s: &mut TcpStream) -> Vec<u8> {
@@ -111,6 +117,18 @@ fn close_code(bytes: &[u8]) -> Option<u16> {
 async fn still_serves(b: &common::TestBroker) {
     let (_c, ch) = b.channel().await;
     common::declare(&ch, "alive", Default::default()).await;
+}
+
+/// connection.close 530 naming connection.open (10, 40), as RabbitMQ's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_vhost_is_530_naming_connection_open() {
+    let b = common::start().await;
+    let (_s, close) = open_vhost(b.addr, "no-such-vhost").await;
+    let text = b"NOT_ALLOWED - vhost no-such-vhost not found";
+    let mut want = vec![0, 10, 0, 50, 0x02, 0x12, text.len() as u8];
+    want.extend_from_slice(text);
+    want.extend_from_slice(&[0, 10, 0, 40]);
+    assert_eq!(&close[7..close.len() - 1], &want[..]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,6 +72,10 @@ pub enum FrameError {
     UnknownMethod { class: u16, method: u16 },
     #[error("malformed {0} frame")]
     Syntax(&'static str),
+    /// basic.qos with a prefetch_size (which amq-protocol's parser drops): RabbitMQ
+    /// does not implement it.
+    #[error("prefetch_size!=0 ({0})")]
+    PrefetchSize(u32),
 }
 
 impl FrameError {
@@ -81,8 +85,16 @@ impl FrameError {
             FrameError::FrameTooLarge { .. }
             | FrameError::BadFrameEnd(_)
             | FrameError::UnknownFrameType(_) => 501,
-            FrameError::UnknownMethod { .. } => 540,
+            FrameError::UnknownMethod { .. } | FrameError::PrefetchSize(_) => 540,
             FrameError::Syntax(_) => 502,
+        }
+    }
+
+    /// The class and method ids the connection.close names (0, 0 when none).
+    pub fn method(&self) -> (u16, u16) {
+        match self {
+            FrameError::PrefetchSize(_) => (60, 10),
+            _ => (0, 0),
         }
     }
 
@@ -135,6 +147,13 @@ pub fn decode_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>,
         FRAME_METHOD => {
             if frame.len() < 4 {
                 return Err(FrameError::Syntax("method"));
+            }
+            // basic.qos: `prefetch-size long` first (RabbitMQ's 540 NOT_IMPLEMENTED).
+            if frame[..4] == [0, 60, 0, 10] && frame.len() >= 8 {
+                let size = u32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+                if size != 0 {
+                    return Err(FrameError::PrefetchSize(size));
+                }
             }
             match parse_class(&frame[..]) {
                 Ok((&[], m)) => Ok(Some(Frame::Method(channel, Box::new(m)))),

@@ -182,6 +182,27 @@ fn unknown_method_is_540_and_bad_arguments_502() {
     assert_eq!(e.reply_code(), 502);
 }
 
+/// basic.qos (60, 10): prefetch-size long, prefetch-count short, global bit.
+#[test]
+fn qos_with_a_prefetch_size_is_540() {
+    let qos = |size: u32| {
+        let mut f = vec![1u8, 0, 1, 0, 0, 0, 11, 0, 60, 0, 10];
+        f.extend_from_slice(&size.to_be_bytes());
+        f.extend_from_slice(&[0, 5, 0, 0xCE]);
+        BytesMut::from(&f[..])
+    };
+    let e = decode_frame(&mut qos(4096), 4096).unwrap_err();
+    assert_eq!(e, FrameError::PrefetchSize(4096));
+    assert_eq!(
+        (e.reply_code(), e.reply_text(), e.method()),
+        (540, "prefetch_size!=0 (4096)".into(), (60, 10))
+    );
+    assert!(matches!(
+        decode_frame(&mut qos(0), 4096),
+        Ok(Some(Frame::Method(1, _)))
+    ));
+}
+
 #[test]
 fn truncated_frames_need_more_at_every_split() {
     let mut out = BytesMut::new();

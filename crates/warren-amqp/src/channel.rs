@@ -565,7 +565,8 @@ impl Conn {
                             AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
                                 queue: d.queue,
                                 message_count: 0,
-                                consumer_count: 0,
+                                // RabbitMQ answers with one consumer, whoever asks.
+                                consumer_count: 1,
                             })),
                         );
                     }
@@ -1039,12 +1040,24 @@ impl Conn {
         } else {
             None
         };
-        let priority = c
-            .arguments
-            .inner()
-            .get("x-priority")
-            .and_then(warren_core::queue::int_value)
-            .unwrap_or(0) as i32;
+        let priority = match c.arguments.inner().get("x-priority") {
+            None => 0,
+            Some(v) => match warren_core::queue::int_value(v) {
+                Some(p) => p as i32,
+                None => {
+                    return Err(channel_error(
+                        ch,
+                        code::PRECONDITION_FAILED,
+                        format!(
+                            "invalid arg 'x-priority' for queue '{}' in vhost '{}': \"expected integer, got {}\"",
+                            q.name.as_str(),
+                            vh.name,
+                            warren_core::vhost::rabbit_type(v)
+                        ),
+                    ))
+                }
+            },
+        };
         let id = ConsumerId::next();
         let (owner, outbox) = (self.id, self.outbox.clone());
         let chan = self.chan(ch);

@@ -421,7 +421,10 @@ impl Conn {
                     rbuf.clear();
                     self.input_broken = true;
                     self.reason = CloseReason::ProtocolError;
-                    self.fail_connection(connection_error(e.reply_code(), e.reply_text()));
+                    let (class, method) = e.method();
+                    self.fail_connection(
+                        connection_error(e.reply_code(), e.reply_text()).at(class, method),
+                    );
                     return;
                 }
             };
@@ -694,7 +697,8 @@ impl Conn {
                             "failed to negotiate connection parameters: frame_max={frame_max} > {} max",
                             self.cfg.frame_max
                         ),
-                    ));
+                    )
+                    .at(10, 31));
                 }
                 self.frame_max = frame_max;
                 self.channel_max = if t.channel_max == 0 {
@@ -712,11 +716,11 @@ impl Conn {
                     Some(v) => {
                         if let Err(e) = self.broker.check_vhost_access(&self.user, name) {
                             tracing::warn!(conn = self.id.0, peer = %self.peer, user = %self.user, vhost = name, "amqp vhost access refused");
-                            return Err(connection_error(code::NOT_ALLOWED, e.text));
+                            return Err(connection_error(code::NOT_ALLOWED, e.text).at(10, 40));
                         }
                         if let Err(e) = self.broker.check_connection_limits(&self.user, name) {
                             tracing::warn!(conn = self.id.0, peer = %self.peer, user = %self.user, vhost = name, "amqp connection limit reached");
-                            return Err(connection_error(code::NOT_ALLOWED, e.text));
+                            return Err(connection_error(code::NOT_ALLOWED, e.text).at(10, 40));
                         }
                         self.vhost = Some(v);
                         self.registration =
@@ -742,10 +746,12 @@ impl Conn {
                         tracing::info!(conn = self.id.0, peer = %self.peer, user = %self.user, vhost = name, "amqp connection opened");
                         Ok(())
                     }
+                    // RabbitMQ names the failing method: connection.open (10, 40).
                     None => Err(connection_error(
                         code::NOT_ALLOWED,
                         format!("vhost {name} not found"),
-                    )),
+                    )
+                    .at(10, 40)),
                 }
             }
             (_, AMQPClass::Connection(connection::AMQPMethod::Close(_))) => {

@@ -157,9 +157,8 @@ pub fn dead_lettered(
         headers.insert("x-first-death-queue".into(), text(queue));
         headers.insert("x-first-death-exchange".into(), text(msg.exchange.as_str()));
     }
-    headers.insert("x-last-death-reason".into(), text(reason.as_str()));
-    headers.insert("x-last-death-queue".into(), text(queue));
-    headers.insert("x-last-death-exchange".into(), text(msg.exchange.as_str()));
+    // RabbitMQ 3.10 (and 3.12, the version Warren reports) writes no x-last-death-*
+    // headers; 3.13 added them.
     props.expiration = None;
     props.headers = Some(headers);
     let routing_key = dl_routing_key

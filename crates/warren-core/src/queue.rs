@@ -172,7 +172,7 @@ impl QueueConfig {
                 other => {
                     return Err(bad(
                         "x-queue-type",
-                        format!("{{unsupported_queue_type,{other}}}"),
+                        format!("\"unsupported queue type '{other}'\""),
                     ))
                 }
             },

@@ -318,6 +318,15 @@ impl VHost {
                     x.internal.to_string(),
                 ));
             }
+            // The one exchange argument RabbitMQ compares on a re-declaration.
+            let ae = "alternate-exchange";
+            self.compare_arg(
+                "exchange",
+                name,
+                ae,
+                d.arguments.inner().get(ae),
+                x.arguments.inner().get(ae),
+            )?;
             return Ok(x);
         }
         if name.starts_with("amq.") {
@@ -602,6 +611,7 @@ impl VHost {
         // capabilities, the order RabbitMQ 3.10 compares in).
         let same = |key: &str| {
             self.compare_arg(
+                "queue",
                 name,
                 key,
                 d.arguments.inner().get(key),
@@ -617,7 +627,7 @@ impl VHost {
         let type_name =
             |v: Option<&AMQPValue>| v.and_then(text_of).unwrap_or_else(|| "classic".into());
         if type_name(got) != type_name(cur) {
-            self.compare_arg(name, "x-queue-type", got, cur)?;
+            self.compare_arg("queue", name, "x-queue-type", got, cur)?;
         }
         for key in kind.own_args() {
             if key != "x-queue-type" {
@@ -627,11 +637,12 @@ impl VHost {
         Ok(())
     }
 
-    /// One queue argument of a re-declaration (`got`) against the queue's (`cur`): equal
-    /// values (integers of any width, either string type) or both absent pass; otherwise
-    /// a 406 in RabbitMQ's wording.
+    /// One argument of a re-declaration (`got`) against the queue's or exchange's (`cur`;
+    /// `what` says which): equal values (integers of any width, either string type) or
+    /// both absent pass; otherwise a 406 in RabbitMQ's wording.
     fn compare_arg(
         &self,
+        what: &str,
         name: &str,
         key: &str,
         got: Option<&AMQPValue>,
@@ -669,7 +680,7 @@ impl VHost {
             (None, None) => String::new(),
         };
         Err(CoreError::precondition(format!(
-            "inequivalent arg '{key}' for queue '{name}' in vhost '{}': {text}",
+            "inequivalent arg '{key}' for {what} '{name}' in vhost '{}': {text}",
             self.name
         )))
     }
@@ -761,6 +772,9 @@ impl VHost {
     ) -> CoreResult<()> {
         let x = self.exchange(source)?;
         refuse_default_exchange(source)?;
+        if x.kind == ExchangeKind::Headers {
+            validate_x_match(&arguments)?;
+        }
         let durable_target = match &target {
             Target::Queue(q) => q.is_stored(),
             Target::Exchange(e) => self.exchange(e.as_str())?.durable,
@@ -1121,6 +1135,24 @@ fn text_of(v: &amq_protocol_types::AMQPValue) -> Option<String> {
     }
 }
 
+/// A headers binding's `x-match`, as RabbitMQ's headers exchange validates it (406).
+fn validate_x_match(arguments: &FieldTable) -> CoreResult<()> {
+    match arguments.inner().get("x-match") {
+        None => Ok(()),
+        Some(v) => match text_of(v) {
+            Some(m) if matches!(m.as_str(), "all" | "any" | "all-with-x" | "any-with-x") => Ok(()),
+            Some(m) => Err(CoreError::precondition(format!(
+                "Invalid x-match field value <<\"{m}\">>; expected all, any, all-with-x, or any-with-x"
+            ))),
+            None => Err(CoreError::precondition(format!(
+                "Invalid x-match field type {} (value {}); expected longstr",
+                rabbit_type(v),
+                rabbit_value(v)
+            ))),
+        },
+    }
+}
+
 /// A field value as RabbitMQ prints it in error texts.
 fn rabbit_value(v: &AMQPValue) -> String {
     if let Some(i) = crate::queue::int_value(v) {
@@ -1135,7 +1167,7 @@ fn rabbit_value(v: &AMQPValue) -> String {
 }
 
 /// RabbitMQ's name for a field type (rabbit_binary_parser).
-pub(crate) fn rabbit_type(v: &AMQPValue) -> &'static str {
+pub fn rabbit_type(v: &AMQPValue) -> &'static str {
     match v {
         AMQPValue::Boolean(_) => "bool",
         AMQPValue::ShortShortInt(_) => "byte",
