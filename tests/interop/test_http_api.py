@@ -540,3 +540,70 @@ def test_user_password_hash_must_be_base64_and_one_topic_permission_goes(api_url
         assert [p["exchange"] for p in requests.get(base, auth=AUTH).json()] == ["amq.topic"]
     finally:
         requests.delete(f"{api_url}/api/users/{name}", auth=AUTH)
+
+
+def test_what_rabbitmqadmin_reads(api_url, broker, name):
+    """Answers rabbitmqadmin prints as they come: reasons without the AMQP code name for
+    declarations, a channel's code and text for a publish, `[]` for no properties, consumer
+    arguments as given, the queue fields its `list queues` columns name."""
+    base = f"{api_url}/api/queues/%2F/{q(name)}"
+    assert requests.put(base, json={"durable": False}, auth=AUTH).status_code == 201
+    r = requests.put(base, json={"durable": True}, auth=AUTH)
+    assert (r.status_code, r.json()["reason"]) == (
+        400, f"inequivalent arg 'durable' for queue '{name}' in vhost '/': received 'true' but current is 'false'")
+    r = requests.put(f"{api_url}/api/exchanges/%2F/{q(name)}", json={"type": "bogus"}, auth=AUTH)
+    assert (r.status_code, r.json()["reason"]) == (400, "invalid exchange type 'bogus'")
+    for path in ("permissions", "topic-permissions"):
+        r = requests.put(f"{api_url}/api/{path}/%2F/{q(name)}-nobody", auth=AUTH,
+                         json={"configure": ".*", "write": ".*", "read": ".*", "exchange": "amq.topic"})
+        assert (r.status_code, r.json()["reason"]) == (400, "vhost_or_user_not_found")
+    publish = f"{api_url}/api/exchanges/%2F/amq.default/publish"
+    r = requests.post(publish, auth=AUTH, json={"properties": {"user_id": "other"}, "routing_key": name,
+                                                 "payload": "x", "payload_encoding": "string"})
+    assert (r.status_code, r.json()["reason"]) == (
+        400, "406 PRECONDITION_FAILED - user_id property set to 'other' but authenticated user was 'guest'")
+    r = requests.post(publish, auth=AUTH, json={"properties": {}, "routing_key": name, "payload": "p",
+                                                 "payload_encoding": "string"})
+    assert r.json() == {"routed": True}
+    got = requests.post(f"{base}/get", auth=AUTH, json={"count": 1, "ackmode": "ack_requeue_true", "encoding": "auto"})
+    assert got.json()[0]["properties"] == []
+    r = requests.post(f"{base}/get", auth=AUTH, json={"count": 1, "ackmode": "ack_requeue_true", "encoding": "x"})
+    assert r.json()["reason"] == "Unsupported encoding. Please use auto or base64."
+    conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+    try:
+        ch = conn.channel()
+        ch.basic_consume(name, lambda *a: None, consumer_tag="ct", arguments={"x-priority": 5})
+        import time
+        deadline = time.time() + 15
+        consumers = []
+        while not consumers and time.time() < deadline:  # RabbitMQ lists consumers after its stats interval
+            conn.process_data_events(0.5)
+            consumers = [c for c in requests.get(f"{api_url}/api/consumers/%2F", auth=AUTH).json()
+                         if c["queue"]["name"] == name]
+        assert consumers and consumers[0]["arguments"] == {"x-priority": 5}
+        assert "priority" not in consumers[0]
+        info = requests.get(base, auth=AUTH).json()
+        for k in ("memory", "messages_persistent", "message_bytes_persistent", "message_bytes_ram",
+                  "head_message_timestamp", "consumer_utilisation", "consumer_capacity"):
+            assert k in info, k
+    finally:
+        conn.close()
+    requests.delete(base, auth=AUTH)
+
+
+def test_definitions_export_non_durable_objects(api_url, name):
+    """RabbitMQ exports every queue but exclusive ones, durable or not, and every exchange;
+    a vhost's export has only `rabbit_version` besides the objects."""
+    vh = q(name)
+    requests.put(f"{api_url}/api/vhosts/{vh}", auth=AUTH)
+    try:
+        requests.put(f"{api_url}/api/queues/{vh}/transient-q", json={"durable": False}, auth=AUTH)
+        requests.put(f"{api_url}/api/exchanges/{vh}/transient-x", json={"type": "fanout", "durable": False}, auth=AUTH)
+        requests.post(f"{api_url}/api/bindings/{vh}/e/transient-x/q/transient-q", json={"routing_key": ""}, auth=AUTH)
+        d = requests.get(f"{api_url}/api/definitions/{vh}", auth=AUTH).json()
+        assert [(x["name"], x["durable"]) for x in d["queues"]] == [("transient-q", False)]
+        assert [(x["name"], x["durable"]) for x in d["exchanges"]] == [("transient-x", False)]
+        assert [(b["source"], b["destination"]) for b in d["bindings"]] == [("transient-x", "transient-q")]
+        assert sorted(d) == ["bindings", "exchanges", "parameters", "policies", "queues", "rabbit_version"]
+    finally:
+        requests.delete(f"{api_url}/api/vhosts/{vh}", auth=AUTH)

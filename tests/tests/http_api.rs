@@ -1577,17 +1577,17 @@ async fn topic_permissions_endpoints() {
         .put("/api/topic-permissions/%2F/tp", put("x", "("))
         .await;
     assert_eq!(r.status, 400, "{}", r.text());
-    assert_eq!(
-        api.put("/api/topic-permissions/%2F/ghost", put("x", ".*"))
-            .await
-            .status,
-        404
-    );
+    // RabbitMQ's 400 for a user (or vhost) that does not exist.
+    let r = api
+        .put("/api/topic-permissions/%2F/ghost", put("x", ".*"))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("vhost_or_user_not_found"), "{}", r.text());
     assert_eq!(
         api.put("/api/topic-permissions/nope/tp", put("x", ".*"))
             .await
             .status,
-        404
+        400
     );
     // Only administrators.
     assert_eq!(

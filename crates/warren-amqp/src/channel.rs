@@ -1073,6 +1073,7 @@ impl Conn {
             channel_credit: chan.credit.clone(),
             outbox,
             stream_start,
+            arguments: c.arguments.clone(),
         };
         chan.consumers.insert(
             tag.clone(),

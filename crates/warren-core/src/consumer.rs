@@ -64,6 +64,8 @@ pub struct ConsumerSpec {
     pub outbox: Arc<Outbox>,
     /// Stream queues: where to start reading (`x-stream-offset`; None = next).
     pub stream_start: Option<crate::stream::StreamStart>,
+    /// The consume arguments as given (AMQP basic.consume), for the management API.
+    pub arguments: amq_protocol_types::FieldTable,
 }
 
 /// A message handed to a consumer.

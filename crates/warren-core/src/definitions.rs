@@ -74,10 +74,11 @@ pub fn export(b: &Broker, only: Option<&str>, rabbit_version: &str) -> Value {
     for vh in &vhosts {
         let mut qs = vh.queues();
         qs.sort_by(|a, b| a.name.cmp(&b.name));
-        for q in qs.iter().filter(|q| q.is_stored()) {
+        // Every queue but exclusive ones, durable or not, as RabbitMQ 3.10 exports them.
+        for q in qs.iter().filter(|q| q.exclusive_owner.is_none()) {
             let mut e = json!({
                 "name": q.name.as_str(),
-                "durable": true,
+                "durable": q.durable,
                 "auto_delete": q.auto_delete,
                 "arguments": table_to_json(&q.arguments),
             });
@@ -88,13 +89,14 @@ pub fn export(b: &Broker, only: Option<&str>, rabbit_version: &str) -> Value {
         }
         let mut xs = vh.exchanges();
         xs.sort_by(|a, b| a.name.cmp(&b.name));
-        for x in xs.iter().filter(|x| {
-            x.durable && !x.name.as_str().is_empty() && !x.name.as_str().starts_with("amq.")
-        }) {
+        for x in xs
+            .iter()
+            .filter(|x| !x.name.as_str().is_empty() && !x.name.as_str().starts_with("amq."))
+        {
             let mut e = json!({
                 "name": x.name.as_str(),
                 "type": x.kind.as_str(),
-                "durable": true,
+                "durable": x.durable,
                 "auto_delete": x.auto_delete,
                 "internal": x.internal,
                 "arguments": table_to_json(&x.arguments),
@@ -128,9 +130,6 @@ pub fn export(b: &Broker, only: Option<&str>, rabbit_version: &str) -> Value {
     }
     let mut out = json!({
         "rabbit_version": rabbit_version,
-        "rabbitmq_version": rabbit_version,
-        "product_name": "Warren",
-        "product_version": env!("CARGO_PKG_VERSION"),
         "policies": vhosts
             .iter()
             .flat_map(|vh| {
@@ -146,6 +145,11 @@ pub fn export(b: &Broker, only: Option<&str>, rabbit_version: &str) -> Value {
         "bindings": bindings,
     });
     if only.is_none() {
+        // The whole broker's export names the product too; a vhost's has only
+        // rabbit_version (RabbitMQ 3.10).
+        out["rabbitmq_version"] = json!(rabbit_version);
+        out["product_name"] = json!("Warren");
+        out["product_version"] = json!(env!("CARGO_PKG_VERSION"));
         let user_limits = b.limits(LimitOwner::User);
         out["users"] = json!(b
             .users()

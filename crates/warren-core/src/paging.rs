@@ -34,6 +34,9 @@ pub(crate) struct Chunk {
     pub runs: Vec<(u64, u64)>,
     pub count: usize,
     pub bytes: u64,
+    /// Of those, persistent messages (RabbitMQ's `messages_persistent`).
+    pub persistent: usize,
+    pub persistent_bytes: u64,
     /// Highest store ticket among its writes (0: already on disk, e.g. recovered).
     pub ticket: u64,
     /// Writes submitted after the enqueue whose ticket is not known yet.
@@ -75,6 +78,8 @@ struct Tail {
     /// Messages and body bytes in all chunks (also counted in the queue's ready totals).
     count: usize,
     bytes: u64,
+    persistent: usize,
+    persistent_bytes: u64,
 }
 
 impl Paged {
@@ -92,11 +97,26 @@ impl Paged {
         self.tail.as_ref().map_or(0, |t| t.bytes)
     }
 
+    /// Persistent messages and their body bytes in all chunks.
+    pub fn persistent(&self) -> (usize, u64) {
+        self.tail
+            .as_ref()
+            .map_or((0, 0), |t| (t.persistent, t.persistent_bytes))
+    }
+
     /// Pages out message `seq`; `ticket` is `None` while its write is still to be submitted
     /// (see [`Paged::resolve`]). `gaps_free`: every stored key between the previous
     /// message and this one is this chunk's too (true at recovery, which scans the store in
-    /// order), so the run may skip over them. Returns the chunk's id.
-    pub fn push(&mut self, seq: u64, bytes: u64, ticket: Option<u64>, gaps_free: bool) -> u64 {
+    /// order), so the run may skip over them. `persistent`: a persistent message (counted
+    /// apart for the management API). Returns the chunk's id.
+    pub fn push(
+        &mut self,
+        seq: u64,
+        bytes: u64,
+        ticket: Option<u64>,
+        gaps_free: bool,
+        persistent: bool,
+    ) -> u64 {
         let t = self.tail.get_or_insert_with(Default::default);
         let fresh = t.chunks.back().is_none_or(|c| c.count >= CHUNK_MESSAGES);
         if fresh {
@@ -106,6 +126,8 @@ impl Paged {
                 runs: Vec::new(),
                 count: 0,
                 bytes: 0,
+                persistent: 0,
+                persistent_bytes: 0,
                 ticket: 0,
                 pending: 0,
             });
@@ -119,6 +141,12 @@ impl Paged {
         }
         c.count += 1;
         c.bytes += bytes;
+        if persistent {
+            c.persistent += 1;
+            c.persistent_bytes += bytes;
+            t.persistent += 1;
+            t.persistent_bytes += bytes;
+        }
         match ticket {
             Some(t) => c.ticket = c.ticket.max(t),
             None => c.pending += 1,
@@ -155,6 +183,8 @@ impl Paged {
         let c = t.chunks.pop_front()?;
         t.count -= c.count;
         t.bytes -= c.bytes;
+        t.persistent -= c.persistent;
+        t.persistent_bytes -= c.persistent_bytes;
         if t.chunks.is_empty() {
             self.tail = None;
         }
@@ -180,9 +210,9 @@ mod tests {
         let mut p = Paged::default();
         assert_eq!(p.readiness(0), Readiness::Empty);
         for seq in 1..=CHUNK_MESSAGES as u64 {
-            p.push(seq, 10, Some(seq), false);
+            p.push(seq, 10, Some(seq), false, true);
         }
-        let second = p.push(CHUNK_MESSAGES as u64 + 1, 10, None, false);
+        let second = p.push(CHUNK_MESSAGES as u64 + 1, 10, None, false, false);
         assert_eq!(p.count(), CHUNK_MESSAGES + 1);
         assert_eq!(p.bytes(), 10 * (CHUNK_MESSAGES as u64 + 1));
         assert_eq!(p.readiness(5), Readiness::WaitSync(CHUNK_MESSAGES as u64));
@@ -205,15 +235,15 @@ mod tests {
     fn runs_name_exactly_the_chunks_messages() {
         let mut p = Paged::default();
         for seq in [11, 12, 10, 13, 15, 16] {
-            p.push(seq, 1, Some(seq), false);
+            p.push(seq, 1, Some(seq), false, false);
         }
         let c = p.pop_front().expect("chunk");
         // 10 came late and 14 never came (rejected, or in memory): neither is read twice.
         assert_eq!(c.runs, vec![(11, 12), (10, 10), (13, 13), (15, 16)]);
         assert_eq!((c.count, c.ticket), (6, 16));
         // Recovery scans the store in order: gaps hold nothing else.
-        p.push(20, 1, Some(0), true);
-        p.push(25, 1, Some(0), true);
+        p.push(20, 1, Some(0), true, false);
+        p.push(25, 1, Some(0), true, false);
         assert_eq!(p.pop_front().expect("chunk").runs, vec![(20, 25)]);
     }
 }

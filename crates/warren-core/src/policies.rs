@@ -174,8 +174,9 @@ impl Policy {
             ),
         };
         if !apply_to_ok {
+            // RabbitMQ 3.10's text (which knows only these three).
             return Err(ValidationFailed(format!(
-                "\"{}\" is not a valid apply-to value",
+                "apply-to '{}' unrecognised; should be 'queues', 'exchanges' or 'all'",
                 record.apply_to
             )));
         }

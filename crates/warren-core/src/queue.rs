@@ -506,6 +506,7 @@ pub struct ConsumerInfo {
     pub unacked: u32,
     /// With single-active-consumer, whether this is the one that receives.
     pub activity: ConsumerActivity,
+    pub arguments: FieldTable,
 }
 
 /// What the management API shows as a consumer's `activity_status`.
@@ -539,6 +540,22 @@ pub struct QueueCounts {
     /// Ready messages kept only in the store (a long backlog), not in memory.
     pub paged_out: u32,
     pub stats: QueueStats,
+}
+
+/// A queue's persistence, memory and head, for the management API ([`Queue::footprint`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QueueFootprint {
+    /// Persistent messages (ready, paged out and unacknowledged) and their body bytes.
+    pub persistent: u64,
+    pub persistent_bytes: u64,
+    /// Body bytes kept only in the store.
+    pub paged_out_bytes: u64,
+    /// Messages held in memory (ready and unacknowledged).
+    pub ram_entries: usize,
+    /// The head message's `timestamp` property.
+    pub head_timestamp: Option<u64>,
+    /// Consumers that could take a message now (prefetch and channel credit allow it).
+    pub consumers_with_credit: usize,
 }
 
 /// Work decided under the queue lock and carried out after it is released.
@@ -758,6 +775,44 @@ impl Queue {
         }
     }
 
+    /// What the management API shows beyond the counts, taken under one lock: persistent
+    /// messages are counted over the in-memory ones (at most the paging threshold) and
+    /// the paged-out chunks' totals.
+    pub fn footprint(&self) -> QueueFootprint {
+        let s = self.state.lock();
+        if s.stream.is_some() {
+            return QueueFootprint::default();
+        }
+        let (mut persistent, mut persistent_bytes) = s.paged.persistent();
+        let mut ram_entries = 0;
+        let stored = s
+            .ready
+            .iter()
+            .flatten()
+            .chain(s.unacked.values().map(|u| &u.entry));
+        for e in stored {
+            ram_entries += 1;
+            if e.persisted {
+                persistent += 1;
+                persistent_bytes += e.size();
+            }
+        }
+        let head_timestamp = s
+            .ready
+            .iter()
+            .rev()
+            .find_map(|level| level.front())
+            .and_then(|e| e.msg.properties.timestamp);
+        QueueFootprint {
+            persistent: persistent as u64,
+            persistent_bytes,
+            paged_out_bytes: s.paged.bytes(),
+            ram_entries,
+            head_timestamp,
+            consumers_with_credit: s.consumers.iter().filter(|c| c.has_credit()).count(),
+        }
+    }
+
     /// Body bytes of the deliveries awaiting an ack (RabbitMQ's
     /// `message_bytes_unacknowledged`): summed when the API asks, not kept per delivery.
     /// A stream's unacked deliveries are still in its log (in `ready_bytes`): 0.
@@ -791,6 +846,7 @@ impl Queue {
                 prefetch: c.spec.prefetch,
                 priority: c.spec.priority,
                 unacked: c.unacked,
+                arguments: c.spec.arguments.clone(),
             })
             .collect()
     }
@@ -955,7 +1011,7 @@ impl Queue {
                         });
                         None
                     };
-                    let chunk = s.paged.push(seq, size, ticket, false);
+                    let chunk = s.paged.push(seq, size, ticket, false, persisted);
                     if ticket.is_none() {
                         fx.paged_out.push(chunk);
                     }
@@ -1070,7 +1126,7 @@ impl Queue {
             let size = msg.body.len() as u64;
             s.ready_count += 1;
             s.ready_bytes += size;
-            s.paged.push(seq, size, Some(0), true);
+            s.paged.push(seq, size, Some(0), true, msg.is_persistent());
             return;
         }
         let level = self.priority_level(&msg);

@@ -47,6 +47,7 @@ fn consumer(outbox: &Arc<Outbox>, prefetch: u32) -> ConsumerSpec {
         channel_credit: Arc::new(Credit::default()),
         outbox: outbox.clone(),
         stream_start: None,
+        arguments: Default::default(),
     }
 }
 

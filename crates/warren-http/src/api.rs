@@ -12,9 +12,9 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use warren_core::definitions::parse_tags;
 use warren_core::{
-    Access, Binding, ChannelStat, ConnectionEntry, ConsumerActivity, Exchange, ExchangeDecl,
-    FieldTable, Message, MsgSeq, Queue, QueueDecl, ResourceKind, ShortString, Target, UserRecord,
-    VHost,
+    Access, Binding, ChannelStat, ConnectionEntry, ConsumerActivity, CoreError, Exchange,
+    ExchangeDecl, FieldTable, Message, MsgSeq, Queue, QueueDecl, ResourceKind, ShortString, Target,
+    UserRecord, VHost,
 };
 
 use crate::auth::Caller;
@@ -243,6 +243,17 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
         .iter()
         .find(|c| c.activity == ConsumerActivity::SingleActive)
         .map(|c| &*c.tag);
+    let fp = q.footprint();
+    let idle_since = s.sampler.queue_idle_since(q.store_id.0);
+    let ram_bytes = c.ready_bytes - fp.paged_out_bytes + unacked_bytes;
+    // RabbitMQ's consumer_capacity is the share of time the queue could deliver at once;
+    // this is the same share taken now: 1 with nothing waiting, else the share of
+    // consumers with prefetch room.
+    let capacity = match (c.consumers, c.ready) {
+        (0, _) => 0.0,
+        (_, 0) => 1.0,
+        (n, _) => fp.consumers_with_credit as f64 / n as f64,
+    };
     let quorum = q.config().quorum;
     let kind = if stream {
         "stream"
@@ -281,6 +292,7 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
         "messages_ram": messages.saturating_sub(c.paged_out as u64),
         "messages_ready_ram": c.ready.saturating_sub(c.paged_out),
         "messages_unacknowledged_ram": if stream { 0 } else { c.unacked },
+
         "message_stats": {
             "publish": c.stats.published,
             "publish_details": details(r.publish),
@@ -292,6 +304,26 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
             "redeliver_details": details(r.redeliver),
         },
     });
+    // (Apart from the literal above: serde_json's macro has a recursion limit.)
+    let more = json!({
+        "messages_persistent": fp.persistent,
+        "message_bytes_persistent": fp.persistent_bytes,
+        "message_bytes_ram": ram_bytes,
+        "message_bytes_paged_out": fp.paged_out_bytes,
+        "head_message_timestamp": fp.head_timestamp,
+        "consumer_capacity": capacity,
+        "consumer_utilisation": capacity,
+        // An estimate: the queue's own record, each in-memory message's record and its
+        // body (bodies shared with other queues are counted in each).
+        "memory": QUEUE_BASE_BYTES + fp.ram_entries as u64 * MESSAGE_RECORD_BYTES + ram_bytes,
+        "recoverable_slaves": null,
+    });
+    if let (Value::Object(m), Value::Object(extra)) = (&mut v, more) {
+        m.extend(extra);
+    }
+    if let Some(t) = idle_since {
+        v["idle_since"] = json!(rabbit_time(t));
+    }
     if quorum || stream {
         // One node: it leads and is the only member, as a single-node RabbitMQ shows.
         let node = json!([s.broker.config.node_name]);
@@ -300,6 +332,26 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
         v["online"] = node;
     }
     v
+}
+
+/// What a queue and a message held in memory take besides bodies, for `memory`: the sizes
+/// of their records (a queue's lock, lists and config; an entry, a message and its Arc).
+const QUEUE_BASE_BYTES: u64 = 1024;
+const MESSAGE_RECORD_BYTES: u64 = 256;
+
+/// A time as RabbitMQ 3.10 shows one (`2026-12-03T17:16:51.833+00:00`).
+pub(crate) fn rabbit_time(t: std::time::SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}+00:00",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
 }
 
 /// The policy's definition with the operator policy's limits over it where they are
@@ -656,10 +708,9 @@ fn consumer_json(s: &AppState, vhost: &str, q: &Queue, c: &warren_core::Consumer
         "ack_required": !c.no_ack,
         "exclusive": c.exclusive,
         "prefetch_count": c.prefetch,
-        "priority": c.priority,
         "active": c.activity != ConsumerActivity::Waiting,
         "activity_status": c.activity.as_str(),
-        "arguments": {},
+        "arguments": table_to_json(&c.arguments),
     })
 }
 
@@ -1141,8 +1192,9 @@ async fn permission_put(
     body: Bytes,
 ) -> ApiResult<Response> {
     caller.require_admin()?;
+    // RabbitMQ's reason when either is missing (a 400, not a 404).
     if s.broker.vhost(&v).is_none() || s.broker.user(&u).is_none() {
-        return Err(ApiError::ObjectNotFound);
+        return Err(ApiError::BadRequest("vhost_or_user_not_found".into()));
     }
     let b = body_json(&body)?;
     let field = |k: &str| required_str(&b, k);
@@ -1351,6 +1403,12 @@ async fn exchange_put(
     let existed = vh.exchange(name).is_ok();
     let short = ShortString::try_new(name)
         .map_err(|_| ApiError::BadRequest("exchange name too long".into()))?;
+    // The plugin makes the type an atom before it asks, so any unknown one is "invalid".
+    if warren_core::ExchangeKind::parse(kind).is_err() {
+        return Err(ApiError::BadRequest(format!(
+            "invalid exchange type '{kind}'"
+        )));
+    }
     vh.declare_exchange(ExchangeDecl {
         name: short,
         kind: kind.to_owned(),
@@ -1417,11 +1475,23 @@ async fn exchange_publish(
     let encoding = str_field(&b, "payload_encoding").unwrap_or("string");
     let body = decode_payload(payload, encoding)?;
     let props = json_to_properties(b.get("properties"))?;
+    // The channel's checks of a publish (RabbitMQ publishes through one as the caller).
+    if let Some(u) = props.user_id.as_ref().filter(|u| u.as_str() != caller.name) {
+        return Err(ApiError::from_channel(CoreError::precondition(format!(
+            "user_id property set to '{}' but authenticated user was '{}'",
+            u.as_str(),
+            caller.name
+        ))));
+    }
     let rk = ShortString::try_new(rk)
         .map_err(|_| ApiError::BadRequest("routing key too long".into()))?;
     let msg = Arc::new(Message::new(x.name.clone(), rk.into(), props, body));
+    msg.expiration_ms().map_err(ApiError::from_channel)?;
     let queues = vh.route(&x, &msg);
-    let outcome = vh.deliver_to(queues, msg).await?;
+    let outcome = vh
+        .deliver_to(queues, msg)
+        .await
+        .map_err(ApiError::from_channel)?;
     if let Some(t) = outcome.ticket {
         // Persistent messages are on disk before the answer, as a confirm would be.
         s.broker
@@ -1657,9 +1727,9 @@ async fn queue_get_messages(
     };
     let encoding = str_field(&b, "encoding").unwrap_or("auto");
     if encoding != "auto" && encoding != "base64" {
-        return Err(ApiError::BadRequest(format!(
-            "Unsupported encoding {encoding}"
-        )));
+        return Err(ApiError::BadRequest(
+            "Unsupported encoding. Please use auto or base64.".into(),
+        ));
     }
     let truncate = number("truncate").map(|t| t as usize);
     let mut out = Vec::new();
@@ -1675,7 +1745,11 @@ async fn queue_get_messages(
             "exchange": r.message.exchange.as_str(),
             "routing_key": r.message.routing_key.as_str(),
             "message_count": r.remaining,
-            "properties": properties_to_json(&r.message.properties),
+            // Erlang's empty property list renders as [] (RabbitMQ's answer).
+            "properties": match properties_to_json(&r.message.properties) {
+                Value::Object(m) if m.is_empty() => json!([]),
+                p => p,
+            },
             "payload": payload,
             "payload_encoding": enc,
         }));

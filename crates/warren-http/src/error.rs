@@ -42,15 +42,32 @@ pub enum ApiError {
 pub type ApiResult<T> = Result<T, ApiError>;
 
 impl From<CoreError> for ApiError {
-    /// RabbitMQ's `with_channel`: 404 → not_found, 403 → not_authorised, other AMQP
-    /// errors → bad_request; store failures are 500s.
+    /// A declaration or deletion, which the management plugin makes without a channel
+    /// (`direct_request`): 404 → not_found, 403 → not_authorised, other AMQP errors →
+    /// bad_request with the bare explanation; store failures are 500s.
     fn from(e: CoreError) -> Self {
-        let text = e.to_string();
         match e.kind {
-            ErrorKind::NotFound => ApiError::NotFound(text),
-            ErrorKind::AccessRefused | ErrorKind::NotAllowed => ApiError::NotAuthorised(text),
-            ErrorKind::InternalError => ApiError::Internal(text),
-            _ => ApiError::BadRequest(text),
+            ErrorKind::NotFound => ApiError::NotFound(e.to_string()),
+            ErrorKind::AccessRefused | ErrorKind::NotAllowed => {
+                ApiError::NotAuthorised(e.to_string())
+            }
+            ErrorKind::InternalError => ApiError::Internal(e.to_string()),
+            _ => ApiError::BadRequest(e.text),
+        }
+    }
+}
+
+impl ApiError {
+    /// An operation the management plugin makes on a channel (publish, get): the
+    /// channel's close becomes a 400 with its code and reply text
+    /// (`406 PRECONDITION_FAILED - …`, rabbit_mgmt_util:bad_request_exception).
+    pub fn from_channel(e: CoreError) -> Self {
+        match e.kind {
+            ErrorKind::NotFound
+            | ErrorKind::AccessRefused
+            | ErrorKind::NotAllowed
+            | ErrorKind::InternalError => e.into(),
+            kind => ApiError::BadRequest(format!("{} {e}", kind.code())),
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use std::sync::RwLock;
 
@@ -26,7 +26,7 @@ pub struct Rates {
 }
 
 /// Counters summed over queues.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Totals {
     pub publish: u64,
     pub deliver_get: u64,
@@ -60,6 +60,8 @@ struct Sample {
     counts: QueueCounts,
     rates: Rates,
     vhost: Arc<str>,
+    /// The last sample at which the queue's counters had moved (RabbitMQ's idle_since).
+    active_at: SystemTime,
 }
 
 /// A vhost's totals at the last sample, the counters of its deleted queues, and its rates.
@@ -95,6 +97,8 @@ pub struct OctetRates {
 #[derive(Default)]
 struct State {
     at: Option<Instant>,
+    /// The latest sample's wall-clock time.
+    wall: Option<SystemTime>,
     queues: HashMap<u64, Sample>,
     /// By (vhost, exchange name).
     exchanges: HashMap<(String, String), ExchangeSample>,
@@ -145,6 +149,7 @@ impl Sampler {
     /// Takes one sample of every queue.
     pub fn sample(&self, broker: &Broker) {
         let now = Instant::now();
+        let wall = SystemTime::now();
         let mut fresh: HashMap<u64, (Arc<str>, QueueCounts)> = HashMap::new();
         let mut fresh_exchanges = Vec::new();
         for vh in broker.vhosts() {
@@ -173,13 +178,15 @@ impl Sampler {
             t.add(&counts);
             global.add(&counts);
             by_vhost.entry(vhost.clone()).or_default().add(&counts);
-            let rates = match st.queues.get(&id) {
+            let (rates, active_at) = match st.queues.get(&id) {
                 Some(prev) => {
                     let mut p = Totals::default();
                     p.add(&prev.counts);
-                    rates_between(&t, &p, secs)
+                    let moved = p != t;
+                    let active_at = if moved { wall } else { prev.active_at };
+                    (rates_between(&t, &p, secs), active_at)
                 }
-                None => Rates::default(),
+                None => (Rates::default(), wall),
             };
             queues.insert(
                 id,
@@ -187,6 +194,7 @@ impl Sampler {
                     counts,
                     rates,
                     vhost,
+                    active_at,
                 },
             );
         }
@@ -278,6 +286,7 @@ impl Sampler {
         }
         *st = State {
             at: Some(now),
+            wall: Some(wall),
             queues,
             exchanges,
             retired,
@@ -287,6 +296,15 @@ impl Sampler {
             channels,
             connections,
         };
+    }
+
+    /// Since when queue `store_id` has been idle (nothing published, delivered, acknowledged
+    /// or changed in length), to the sampling interval; `None` while it is busy (it moved
+    /// at the latest sample), as RabbitMQ shows `idle_since` only for an idle queue.
+    pub fn queue_idle_since(&self, store_id: u64) -> Option<SystemTime> {
+        let s = self.state.read().ok()?;
+        let q = s.queues.get(&store_id)?;
+        (Some(q.active_at) < s.wall).then_some(q.active_at)
     }
 
     /// The rates of queue `store_id` at the last sample (zero for a new queue).

@@ -69,8 +69,9 @@ async fn put(
     body: Bytes,
 ) -> ApiResult<Response> {
     caller.require_admin()?;
+    // RabbitMQ's reason when either is missing (a 400, not a 404).
     if s.broker.vhost(&v).is_none() || s.broker.user(&u).is_none() {
-        return Err(ApiError::ObjectNotFound);
+        return Err(ApiError::BadRequest("vhost_or_user_not_found".into()));
     }
     let b = body_json(&body)?;
     let field = |k: &str| required_str(&b, k);

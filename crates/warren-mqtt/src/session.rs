@@ -1626,6 +1626,7 @@ impl Session {
             channel_credit: self.credit.clone(),
             outbox: self.outbox.clone(),
             stream_start: None,
+            arguments: Default::default(),
         };
         (id, spec)
     }

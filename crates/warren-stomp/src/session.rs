@@ -1039,6 +1039,7 @@ impl Session {
             channel_credit: Arc::new(Credit::default()),
             outbox: self.outbox.clone(),
             stream_start,
+            arguments: Default::default(),
         };
         queue.add_consumer(spec).await.map_err(Stop::core)?;
         self.sub_tokens.insert(id.clone(), token);
