@@ -183,6 +183,11 @@ async fn properties_cross_stomp_and_amqp() {
         Some(&AMQPValue::LongString("acme".into()))
     );
     assert!(h.inner().get("destination").is_none());
+    // RabbitMQ's plugin keeps a SEND's receipt header in the message.
+    assert_eq!(
+        h.inner().get("receipt"),
+        Some(&AMQPValue::LongString("r1".into()))
+    );
 
     // AMQP → STOMP through /amq/queue.
     s.subscribe("a", "/amq/queue/props", "auto").await;

@@ -6,11 +6,11 @@ use warren_core::{AMQPValue, FieldTable, LongString, Properties, ShortString};
 use crate::codec::Frame;
 
 /// Headers of a SEND that are about the frame or a property, never copied into the
-/// message's header table.
+/// message's header table. `receipt` is not among them: RabbitMQ's plugin keeps it, so the
+/// MESSAGE frames of a SEND with a receipt carry it too.
 const RESERVED: &[&str] = &[
     "destination",
     "content-length",
-    "receipt",
     "transaction",
     "content-type",
     "content-encoding",
