@@ -607,3 +607,27 @@ def test_definitions_export_non_durable_objects(api_url, name):
         assert sorted(d) == ["bindings", "exchanges", "parameters", "policies", "queues", "rabbit_version"]
     finally:
         requests.delete(f"{api_url}/api/vhosts/{vh}", auth=AUTH)
+
+
+def test_policies_as_runtime_parameters(api_url, name):
+    """RabbitMQ keeps policies as runtime parameters (components `policy` and
+    `operator_policy`); the top-level list leaves `policy` out; an unknown component is a
+    400 on PUT."""
+    vh = q(name)
+    requests.put(f"{api_url}/api/vhosts/{vh}", auth=AUTH)
+    try:
+        requests.put(f"{api_url}/api/operator-policies/{vh}/op1", auth=AUTH,
+                     json={"pattern": "^q", "definition": {"max-length": 100}, "apply-to": "queues"})
+        requests.put(f"{api_url}/api/policies/{vh}/p1", auth=AUTH,
+                     json={"pattern": "^q", "definition": {"max-length": 5}, "apply-to": "queues"})
+        op1 = {"component": "operator_policy", "name": "op1", "vhost": name,
+               "value": {"pattern": "^q", "definition": {"max-length": 100}, "apply-to": "queues", "priority": 0}}
+        mine = lambda r: [p for p in r.json() if p["vhost"] == name]
+        assert mine(requests.get(f"{api_url}/api/parameters", auth=AUTH)) == [op1]
+        assert mine(requests.get(f"{api_url}/api/parameters/operator_policy", auth=AUTH)) == [op1]
+        assert requests.get(f"{api_url}/api/parameters/operator_policy/{vh}/op1", auth=AUTH).json() == op1
+        assert [p["name"] for p in requests.get(f"{api_url}/api/parameters/policy/{vh}", auth=AUTH).json()] == ["p1"]
+        r = requests.put(f"{api_url}/api/parameters/bogus-comp/{vh}/x", auth=AUTH, json={"value": {"a": 1}})
+        assert (r.status_code, r.json()["reason"]) == (400, "Validation failed\n\ncomponent bogus-comp not found\n")
+    finally:
+        requests.delete(f"{api_url}/api/vhosts/{vh}", auth=AUTH)

@@ -119,6 +119,32 @@ async fn still_serves(b: &common::TestBroker) {
     common::declare(&ch, "alive", Default::default()).await;
 }
 
+/// basic.qos with a prefetch_size: 540 naming basic.qos (60, 10); the client's close-ok is
+/// still read and the socket closed at once, as RabbitMQ does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_prefetch_size_is_540_and_close_ok_ends_it() {
+    let b = common::start().await;
+    let mut s = open(b.addr).await;
+    open_channel(&mut s, 1).await;
+    let mut qos = 4096u32.to_be_bytes().to_vec();
+    qos.extend_from_slice(&[0, 1, 0]);
+    s.write_all(&frame(1, 1, &method(60, 10, &qos)))
+        .await
+        .unwrap();
+    let close = read_frame(&mut s).await;
+    let text = b"NOT_IMPLEMENTED - prefetch_size!=0 (4096)";
+    let mut want = vec![0, 10, 0, 50, 0x02, 0x1C, text.len() as u8];
+    want.extend_from_slice(text);
+    want.extend_from_slice(&[0, 60, 0, 10]);
+    assert_eq!(&close[7..close.len() - 1], &want[..]);
+    s.write_all(&frame(1, 0, &method(10, 51, &[])))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "socket closed after close-ok");
+}
+
 /// connection.close 530 naming connection.open (10, 40), as RabbitMQ's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_vhost_is_530_naming_connection_open() {

@@ -2303,4 +2303,12 @@ async fn vhost_metadata_is_kept() {
         .unwrap_or_default();
     assert_eq!(v["metadata"]["tags"], json!(["prod", "eu"]), "{v}");
     assert_eq!(v["metadata"]["default_queue_type"], "quorum", "{v}");
+    // RabbitMQ 3.10's first-boot vhost, and Erlang's `undefined` for no default type.
+    let root = api.get("/api/vhosts/%2F").await.json();
+    assert_eq!(root["description"], "Default virtual host", "{root}");
+    assert_eq!(root["default_queue_type"], "undefined", "{root}");
+    assert!(
+        root["metadata"].get("default_queue_type").is_none(),
+        "{root}"
+    );
 }

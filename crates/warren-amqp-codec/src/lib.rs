@@ -90,6 +90,12 @@ impl FrameError {
         }
     }
 
+    /// The frame was read whole and only its method is refused: the input stays in step,
+    /// so the connection can read the client's close-ok afterwards.
+    pub fn frame_consumed(&self) -> bool {
+        matches!(self, FrameError::PrefetchSize(_))
+    }
+
     /// The class and method ids the connection.close names (0, 0 when none).
     pub fn method(&self) -> (u16, u16) {
         match self {

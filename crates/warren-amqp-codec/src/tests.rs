@@ -193,6 +193,7 @@ fn qos_with_a_prefetch_size_is_540() {
     };
     let e = decode_frame(&mut qos(4096), 4096).unwrap_err();
     assert_eq!(e, FrameError::PrefetchSize(4096));
+    assert!(e.frame_consumed(), "the rest of the input stays in step");
     assert_eq!(
         (e.reply_code(), e.reply_text(), e.method()),
         (540, "prefetch_size!=0 (4096)".into(), (60, 10))

@@ -415,6 +415,12 @@ impl Conn {
             let frame = match codec::decode_frame(rbuf, self.frame_max) {
                 Ok(Some(f)) => f,
                 Ok(None) => return,
+                Err(e) if e.frame_consumed() => {
+                    let (class, method) = e.method();
+                    let err = connection_error(e.reply_code(), e.reply_text()).at(class, method);
+                    Box::pin(self.handle_error(err)).await;
+                    continue;
+                }
                 Err(e) => {
                     // Nothing after a framing error can be trusted: drop the input, now
                     // and until the socket closes (no frame boundary can be found again).

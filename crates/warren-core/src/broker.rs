@@ -119,10 +119,15 @@ impl Broker {
                 hashing_algorithm: auth::SHA256_ALGORITHM.into(),
                 tags: vec!["administrator".into()],
             };
+            // RabbitMQ's description of the vhost it makes on first boot.
+            let metadata = VHostMetadata {
+                description: "Default virtual host".into(),
+                ..Default::default()
+            };
+            first_boot_ops.push(meta::vhost_put("/", &metadata));
             first_boot_ops.push(meta::user_put(&u));
-            first_boot_ops.push(meta::vhost_put("/", &Default::default()));
             self.users.write().insert(u.name.clone(), u);
-            self.add_vhost_in_memory("/");
+            self.add_vhost_in_memory("/").set_metadata(metadata);
         }
         for (_, v) in &vhosts {
             let r: VHostRecord = decode(v)?;

@@ -216,14 +216,27 @@ fn parameters_json(
     }
     for p in b.policies(PolicyKind::Operator) {
         if wanted(&p.vhost) {
-            let mut value = policy_json(&p, false);
-            if let Value::Object(m) = &mut value {
-                m.remove("name");
+            let mut e = policy_parameter_json(&p, "operator_policy");
+            if !with_vhost {
+                if let Value::Object(m) = &mut e {
+                    m.remove("vhost");
+                }
             }
-            add(&p.vhost, "operator_policy", &p.name, value);
+            out.push(e);
         }
     }
     out
+}
+
+/// A policy as the runtime parameter RabbitMQ keeps it as (component `policy` or
+/// `operator_policy`): `{component, name, value: {pattern, apply-to, definition,
+/// priority}, vhost}`.
+pub fn policy_parameter_json(p: &PolicyRecord, component: &str) -> Value {
+    let mut value = policy_json(p, false);
+    if let Value::Object(m) = &mut value {
+        m.remove("name");
+    }
+    json!({"component": component, "name": p.name, "value": value, "vhost": p.vhost})
 }
 
 /// An owner's limits as an object, or `none` (RabbitMQ writes `{}` for users and `[]` for

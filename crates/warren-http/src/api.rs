@@ -148,11 +148,7 @@ pub fn routes() -> Router<AppState> {
         // Pre-3.8 health check, still used by liveness probes.
         .route("/api/healthchecks/node", get(health_ok))
         .route("/api/healthchecks/node/{node}", get(health_ok))
-        // Runtime parameters (shovel, federation): Warren has no such components, so
-        // every list is empty, as on a RabbitMQ without those plugins.
-        .route("/api/parameters", get(empty_list))
-        .route("/api/parameters/{component}", get(empty_list))
-        .route("/api/parameters/{component}/{vhost}", get(empty_list))
+        .merge(crate::parameters::routes())
         .fallback(|| async { ApiError::ObjectNotFound })
 }
 
@@ -903,12 +899,18 @@ fn message_stats(t: &Totals, r: &Rates) -> Value {
 fn vhost_json(s: &AppState, vh: &VHost) -> Value {
     let (t, r) = s.sampler.vhost(vh);
     let m = vh.metadata();
-    let queue_type = m.default_queue_type.as_deref().unwrap_or("classic");
+    // RabbitMQ 3.10 shows Erlang's `undefined` for a vhost made without a default type,
+    // and leaves it out of the metadata.
+    let queue_type = m.default_queue_type.as_deref().unwrap_or("undefined");
+    let mut metadata = json!({"description": m.description, "tags": m.tags});
+    if let Some(t) = &m.default_queue_type {
+        metadata["default_queue_type"] = json!(t);
+    }
     json!({
         "name": vh.name,
         "description": m.description,
         "tags": m.tags,
-        "metadata": {"description": m.description, "tags": m.tags, "default_queue_type": queue_type},
+        "metadata": metadata,
         "default_queue_type": queue_type,
         "cluster_state": {&s.broker.config.node_name: "running"},
         // Firehose tracing is not implemented (README).
@@ -1963,10 +1965,6 @@ async fn health_alarms(State(s): St, caller: Caller) -> ApiResult<Response> {
         })),
     )
         .into_response())
-}
-
-async fn empty_list(_: Caller) -> Json<Value> {
-    Json(json!([]))
 }
 
 /// 200 when a listener is bound to `port`, else 503 naming the ports there are.

@@ -16,6 +16,7 @@ mod global_parameters;
 mod limits;
 mod listing;
 mod metrics;
+mod parameters;
 mod policies;
 mod stats;
 mod topic_permissions;
