@@ -1020,3 +1020,51 @@ async fn publishes_sent_before_a_takeover_are_routed() {
         );
     }
 }
+
+/// An acknowledgement of the wrong kind for an outbound PUBLISH (PUBREC for QoS 1, PUBACK
+/// or an early PUBCOMP for QoS 2) is a protocol error: the connection ends, as Mosquitto
+/// ends it (its 02-subpub-qos1-bad-pubrec and friends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_kind_of_ack_ends_the_connection() {
+    let b = start().await;
+    for (qos, wrong) in [(1u8, 0x50u8), (1, 0x70), (2, 0x40), (2, 0x70)] {
+        let mut sub = raw(&b).await;
+        sub.write_all(&connect_v4("bad-ack-sub", true))
+            .await
+            .unwrap();
+        assert_eq!(read_packet(&mut sub).await.unwrap().0, 0x20);
+        let topic = b"bad/ack";
+        let mut body = vec![0, 1, 0, topic.len() as u8];
+        body.extend_from_slice(topic);
+        body.push(qos);
+        let mut subscribe = vec![0x82, body.len() as u8];
+        subscribe.extend(body);
+        sub.write_all(&subscribe).await.unwrap();
+        assert_eq!(read_packet(&mut sub).await.unwrap().0, 0x90, "SUBACK");
+        let mut publisher = raw(&b).await;
+        publisher
+            .write_all(&connect_v4("bad-ack-pub", true))
+            .await
+            .unwrap();
+        assert_eq!(read_packet(&mut publisher).await.unwrap().0, 0x20);
+        let mut body = vec![0, topic.len() as u8];
+        body.extend_from_slice(topic);
+        body.extend_from_slice(&[0, 9]); // packet id
+        body.extend_from_slice(b"m");
+        publisher
+            .write_all(&[0x30 | (qos << 1), body.len() as u8])
+            .await
+            .unwrap();
+        publisher.write_all(&body).await.unwrap();
+        let (t, p) = read_packet(&mut sub).await.expect("the delivery");
+        assert_eq!(t & 0xF6, 0x30 | (qos << 1), "PUBLISH at QoS {qos}");
+        let id = [p[p.len() - 3], p[p.len() - 2]];
+        sub.write_all(&[wrong, 2, id[0], id[1]]).await.unwrap();
+        sub.write_all(&[0xC0, 0]).await.unwrap(); // PINGREQ
+        assert_eq!(
+            read_packet(&mut sub).await,
+            None,
+            "QoS {qos} answered with {wrong:#04x}: closed, no PINGRESP"
+        );
+    }
+}

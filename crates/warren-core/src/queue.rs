@@ -792,7 +792,8 @@ impl Queue {
             .chain(s.unacked.values().map(|u| &u.entry));
         for e in stored {
             ram_entries += 1;
-            if e.persisted {
+            // A transient message read back from the paged-out tail is in the store too.
+            if e.persisted && e.msg.is_persistent() {
                 persistent += 1;
                 persistent_bytes += e.size();
             }

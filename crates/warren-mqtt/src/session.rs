@@ -107,6 +107,8 @@ struct Inflight {
     credit: bool,
     /// PUBREC seen (QoS 2): PUBREL sent, waiting for PUBCOMP.
     released: bool,
+    /// The QoS it went out with: the acknowledgement must be that QoS's.
+    qos: u8,
 }
 
 /// A subscription's options (MQTT 5 §3.8.3.1). A persistent session's bindings carry them
@@ -342,6 +344,9 @@ where
         Box::pin(c.session.close(end)).await;
         Box::pin(warren_core::return_undelivered(&mut c.deliveries)).await;
         if refused {
+            // The client sees the end at once (FIN after any DISCONNECT), as Mosquitto
+            // closes at once; what it still sends is read and dropped (no reset).
+            let _ = c.wr.shutdown().await;
             // Boxed: only connections that end in error pay for this future.
             Box::pin(linger(&mut c.rd, &mut c.rbuf)).await;
         }
@@ -649,10 +654,11 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         out
     };
     // MQTT-3.1.3-7/8: an empty client id needs a clean session (3.1.1); 5.0 assigns one.
-    // The 3.1 limit of 23 characters is not enforced (as in RabbitMQ).
+    // MQTT 3.1 has no empty ids: identifier rejected, as Mosquitto answers. The 3.1 limit
+    // of 23 characters is not enforced (as in RabbitMQ).
     let mut assigned = None;
     let client_id = if c.client_id.is_empty() {
-        if version == 4 && !c.clean_start {
+        if (version == 4 && !c.clean_start) || level == 3 {
             let _ = socket
                 .write_all(&refuse(ReasonCode::ClientIdentifierNotValid))
                 .await;
@@ -970,6 +976,7 @@ async fn connect_session<W: AsyncWrite + Unpin>(
                     queue: None,
                     credit: false,
                     released: true,
+                    qos: 2,
                 },
             );
             codec::encode(&PubRelPacket::new(*pkid), &mut s.out);
@@ -999,7 +1006,8 @@ fn queue_name(client_id: &str) -> String {
 }
 
 /// Topic names and filters may have at most this many `/` (Mosquitto's hierarchy limit,
-/// with its answers: DISCONNECT 0x81 for such a filter, the connection closed in 3.1.1).
+/// with its answers: DISCONNECT 0x81 for such a filter and 0x82 for such a PUBLISH, the
+/// connection closed in 3.1.1).
 /// It bounds the topic trie's work per message; the spec's limit is the 65,535-byte
 /// string (MQTT-1.5.3), which the core carries whole (version 2 of the store's message
 /// encoding; an AMQP 0-9-1 consumer sees the routing key cut to 255 bytes).
@@ -1317,10 +1325,12 @@ impl Session {
         match p {
             Packet::Publish(p) => self.publish(p).await,
             Packet::PubAck(a) => {
+                self.check_ack(a.packet_id, "PUBACK", |i| i.qos == 1)?;
                 self.settle(a.packet_id).await;
                 Ok(())
             }
             Packet::PubRec(r) => {
+                self.check_ack(r.packet_id, "PUBREC", |i| i.qos == 2 && !i.released)?;
                 // MQTT-4.3.3-? (method A): the message is the client's now: settle it in the
                 // queue, remember the id (durably) until PUBCOMP, send PUBREL.
                 let mut settle = None;
@@ -1345,6 +1355,7 @@ impl Session {
                 Ok(())
             }
             Packet::PubComp(c) => {
+                self.check_ack(c.packet_id, "PUBCOMP", |i| i.qos == 2 && i.released)?;
                 let was_released = self.inflight.get(&c.packet_id).is_some_and(|i| i.released);
                 self.settle(c.packet_id).await;
                 if was_released {
@@ -1716,7 +1727,8 @@ impl Session {
         }
         let Some(mut msg) = mqtt_message(&topic_name, p.payload.clone(), qos) else {
             let why = format!("topic name with more than {MAX_TOPIC_DEPTH} levels");
-            self.protocol_error(rc::TOPIC_NAME_INVALID, &why);
+            // Mosquitto 2.0's answer (03-publish-long-topic).
+            self.protocol_error(rc::PROTOCOL_ERROR, &why);
             return Err(End::ProtocolError);
         };
         if self.version == 5 {
@@ -2016,10 +2028,27 @@ impl Session {
                     queue: o.track,
                     credit,
                     released: false,
+                    qos: o.qos,
                 },
             );
         }
         true
+    }
+
+    /// An acknowledgement of an outbound PUBLISH must be the one its QoS and state call
+    /// for (PUBACK for QoS 1; PUBREC, then PUBCOMP after our PUBREL, for QoS 2); another
+    /// is a protocol error that ends the connection, as Mosquitto ends it (MQTT-4.3). One
+    /// for an id not in flight is let pass (it may answer a delivery of an earlier
+    /// connection).
+    fn check_ack(&mut self, pkid: u16, kind: &str, fits: fn(&Inflight) -> bool) -> Result<(), End> {
+        match self.inflight.get(&pkid) {
+            Some(i) if !fits(i) => {
+                let why = format!("{kind} for packet {pkid} sent at QoS {}", i.qos);
+                self.protocol_error(rc::PROTOCOL_ERROR, &why);
+                Err(End::ProtocolError)
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn settle(&mut self, pkid: u16) {
