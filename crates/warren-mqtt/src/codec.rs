@@ -2,7 +2,7 @@
 //! bytes" answer, so the remaining-length varint is peeked here first (MQTT-2.2.3), then the
 //! whole packet is split off the buffer without copying.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use mqtt5_protocol::packet::MqttPacket;
 use mqtt5_protocol::{FixedHeader, Packet};
 
@@ -75,6 +75,13 @@ pub fn decode(buf: &mut BytesMut, version: u8, max: usize) -> Result<Option<Pack
         Packet::decode_from_body_with_version(fh.packet_type, &fh, &mut frame, version)
     }
     .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    // MQTT-3.1.4-1: a CONNECT must be exactly what its flags say; bytes after its payload
+    // (a user name without its flag, say) make it malformed, as Mosquitto closes it.
+    if matches!(packet, Packet::Connect(_)) && frame.has_remaining() {
+        return Err(CodecError::Malformed(
+            "bytes after the CONNECT payload".into(),
+        ));
+    }
     Ok(Some(match packet {
         Packet::Connect(mut c) if mqisdp => {
             c.protocol_version = 3;
@@ -178,6 +185,20 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Mosquitto's 01-connect-uname-no-flag: a user name without the user-name flag.
+    #[test]
+    fn connect_with_bytes_after_its_payload_is_malformed() {
+        let raw = [
+            0x10u8, 18, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a', 0, 3, b'u', b's',
+            b'r',
+        ];
+        let mut b = BytesMut::from(&raw[..]);
+        assert!(matches!(
+            decode(&mut b, 0, 1024),
+            Err(CodecError::Malformed(_))
+        ));
     }
 
     #[test]
