@@ -1068,3 +1068,21 @@ async fn a_wrong_kind_of_ack_ends_the_connection() {
         );
     }
 }
+
+/// A CONNACK over the client's Maximum Packet Size cannot be sent (MQTT-3.1.2-24): the
+/// connection closes without one, as Mosquitto's 12-prop-maximum-packet-size-connect
+/// expects; a limit that fits it gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connack_over_the_clients_maximum_is_not_sent() {
+    let b = start().await;
+    let mut s = raw(&b).await;
+    s.write_all(&connect_v5("tiny", &[0x27, 0, 0, 0, 2], None))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut s).await, None, "closed without a CONNACK");
+    let mut s = raw(&b).await;
+    s.write_all(&connect_v5("roomy", &[0x27, 0, 0, 1, 0], None))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut s).await.map(|p| p.0), Some(0x20));
+}

@@ -889,7 +889,9 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     }
     let mut out = BytesMut::new();
     codec::encode(&ack, &mut out);
-    if socket.write_all(&out).await.is_err() {
+    // MQTT-3.1.2-24: nothing larger than the client's Maximum Packet Size is sent; without
+    // its CONNACK the connection closes, as Mosquitto closes it.
+    if out.len() > client_max_packet || socket.write_all(&out).await.is_err() {
         let mut sessions = shared.sessions.lock();
         if sessions.get(&key).is_some_and(|i| *i == id) {
             sessions.remove(&key);
