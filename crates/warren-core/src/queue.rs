@@ -550,6 +550,10 @@ pub struct QueueFootprint {
     pub persistent_bytes: u64,
     /// Body bytes kept only in the store.
     pub paged_out_bytes: u64,
+    /// Body bytes of the deliveries awaiting an ack (RabbitMQ's
+    /// `message_bytes_unacknowledged`), summed when asked, not kept per delivery. A
+    /// stream's unacked deliveries are still in its log: 0.
+    pub unacked_bytes: u64,
     /// Messages held in memory (ready and unacknowledged).
     pub ram_entries: usize,
     /// The head message's `timestamp` property.
@@ -785,6 +789,7 @@ impl Queue {
         }
         let (mut persistent, mut persistent_bytes) = s.paged.persistent();
         let mut ram_entries = 0;
+        let unacked_bytes = s.unacked.values().map(|u| u.entry.size()).sum();
         let stored = s
             .ready
             .iter()
@@ -808,21 +813,11 @@ impl Queue {
             persistent: persistent as u64,
             persistent_bytes,
             paged_out_bytes: s.paged.bytes(),
+            unacked_bytes,
             ram_entries,
             head_timestamp,
             consumers_with_credit: s.consumers.iter().filter(|c| c.has_credit()).count(),
         }
-    }
-
-    /// Body bytes of the deliveries awaiting an ack (RabbitMQ's
-    /// `message_bytes_unacknowledged`): summed when the API asks, not kept per delivery.
-    /// A stream's unacked deliveries are still in its log (in `ready_bytes`): 0.
-    pub fn unacked_bytes(&self) -> u64 {
-        let s = self.state.lock();
-        if s.stream.is_some() {
-            return 0;
-        }
-        s.unacked.values().map(|u| u.entry.size()).sum()
     }
 
     /// The consumers attached now, for the management API; with single-active-consumer

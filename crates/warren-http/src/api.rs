@@ -231,7 +231,8 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
     let stream = q.is_stream();
     // A stream's unacked deliveries are still in the log (counted in `ready`).
     let messages = c.ready as u64 + if stream { 0 } else { c.unacked as u64 };
-    let unacked_bytes = q.unacked_bytes();
+    let fp = q.footprint();
+    let unacked_bytes = fp.unacked_bytes;
     let (policy, operator) = (q.policy(), q.operator_policy());
     let consumers = q.consumers_info();
     let exclusive_tag = consumers.iter().find(|c| c.exclusive).map(|c| &*c.tag);
@@ -239,7 +240,6 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
         .iter()
         .find(|c| c.activity == ConsumerActivity::SingleActive)
         .map(|c| &*c.tag);
-    let fp = q.footprint();
     let idle_since = s.sampler.queue_idle_since(q.store_id.0);
     let ram_bytes = c.ready_bytes - fp.paged_out_bytes + unacked_bytes;
     // RabbitMQ's consumer_capacity is the share of time the queue could deliver at once;
