@@ -24,7 +24,7 @@ use mqtt5_protocol::packet::pubrel::PubRelPacket;
 use mqtt5_protocol::packet::suback::{SubAckPacket, SubAckReasonCode};
 use mqtt5_protocol::packet::subscribe::TopicFilter;
 use mqtt5_protocol::packet::unsuback::{UnsubAckPacket, UnsubAckReasonCode};
-use mqtt5_protocol::{Packet, QoS, ReasonCode};
+use mqtt5_protocol::{Packet, PropertyId, PropertyValue, QoS, ReasonCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use warren_core::permissions::{Access, ResourceKind};
@@ -327,28 +327,31 @@ where
 {
     let connecting = Box::pin(connect(accepted));
     async move {
-        let Some(mut c) = connecting.await else {
+        let Some(Connected {
+            mut session,
+            mut deliveries,
+            mut rd,
+            mut wr,
+            mut rbuf,
+            mut shutdown,
+        }) = connecting.await
+        else {
             return;
         };
-        let end = c
-            .session
-            .serve(
-                &mut c.rd,
-                &mut c.wr,
-                &mut c.rbuf,
-                &mut c.deliveries,
-                &mut c.shutdown,
-            )
+        let end = session
+            .serve(&mut rd, &mut wr, &mut rbuf, &mut deliveries, &mut shutdown)
             .await;
         let refused = matches!(end, End::ProtocolError);
-        Box::pin(c.session.close(end)).await;
-        Box::pin(warren_core::return_undelivered(&mut c.deliveries)).await;
+        Box::pin(session.close(end)).await;
+        Box::pin(warren_core::return_undelivered(&mut deliveries)).await;
+        // Unregistered now: a takeover waiting for this connection to end goes on.
+        drop(session);
         if refused {
             // The client sees the end at once (FIN after any DISCONNECT), as Mosquitto
             // closes at once; what it still sends is read and dropped (no reset).
-            let _ = c.wr.shutdown().await;
+            let _ = wr.shutdown().await;
             // Boxed: only connections that end in error pay for this future.
-            Box::pin(linger(&mut c.rd, &mut c.rbuf)).await;
+            Box::pin(linger(&mut rd, &mut rbuf)).await;
         }
     }
 }
@@ -829,9 +832,11 @@ async fn connect_session<W: AsyncWrite + Unpin>(
                 TAKEN_OVER_RESUMED
             });
         }
-        // Give it a moment to end: to release its exclusive queue and hand over its
-        // session state (parked below, even when it had no queue: MQTT-3.2.2-2).
-        for _ in 0..100 {
+        // Wait for it to end (it may be closing already, for a DISCONNECT read before
+        // this CONNECT): to release or delete its queue and hand over its session state
+        // (parked below, even when it had no queue: MQTT-3.2.2-2). Bounded: a connection
+        // stuck writing to a dead peer does not hold its client id for long.
+        for _ in 0..200 {
             let released = vhost
                 .queue(&qname)
                 .map(|q| q.exclusive_owner != Some(old))
@@ -1089,18 +1094,32 @@ struct Outgoing<'a> {
 }
 
 impl Session {
-    /// Before a taken-over connection ends, the PUBLISHes its client already sent (read
-    /// or waiting in the socket) are routed: a client that publishes, closes and connects
-    /// again expects them handled in that order, as Mosquitto reads them. Nothing else is
-    /// acted on: the session now belongs to the newer connection.
-    async fn drain_publishes<R: AsyncRead + Unpin>(&mut self, rd: &mut R, rbuf: &mut BytesMut) {
+    /// Before a taken-over connection ends, the PUBLISHes and the DISCONNECT its client
+    /// already sent (read or waiting in the socket) are handled: a client that publishes,
+    /// disconnects and connects again expects them handled in that order, as Mosquitto
+    /// reads them. A DISCONNECT ends the connection as the client asked (its session
+    /// expiry included), not as a takeover. Nothing else is acted on: the session now
+    /// belongs to the newer connection.
+    async fn drain_before_takeover<R: AsyncRead + Unpin>(
+        &mut self,
+        rd: &mut R,
+        rbuf: &mut BytesMut,
+    ) -> Option<End> {
         // A zero timeout still polls the read once: only what is already there.
         let _ = tokio::time::timeout(Duration::ZERO, rd.read_buf(rbuf)).await;
         while let Ok(Some(p)) = codec::decode(rbuf, self.version, self.cfg.max_packet_size) {
-            if matches!(p, Packet::Publish(_)) && Box::pin(self.handle(p)).await.is_err() {
-                break;
+            let disconnect = matches!(p, Packet::Disconnect(_));
+            if disconnect || matches!(p, Packet::Publish(_)) {
+                let handled = Box::pin(self.handle(p)).await;
+                if disconnect {
+                    return handled.err();
+                }
+                if handled.is_err() {
+                    return None;
+                }
             }
         }
+        None
     }
 
     async fn serve<R, W>(
@@ -1191,7 +1210,9 @@ impl Session {
                 }
                 reason = self.registration.closed() => {
                     if reason == TAKEN_OVER_REASON || reason == TAKEN_OVER_RESUMED {
-                        self.drain_publishes(rd, rbuf).await;
+                        if let Some(end) = self.drain_before_takeover(rd, rbuf).await {
+                            return end;
+                        }
                         // MQTT-3.1.4-3: DISCONNECT 0x8E to the connection taken over.
                         self.disconnect(rc::TAKEN_OVER, TAKEN_OVER_REASON);
                         let _ = wr.write_all(&self.out).await;
@@ -2157,19 +2178,24 @@ impl Session {
             End::AdminClosed => "admin_closed",
             End::Shutdown => "server_closed",
         });
-        // Still the session's connection (not taken over)?
+        // Still the session's connection (not taken over)? The entry stays until the
+        // session is released below: a client connecting again meanwhile finds this
+        // connection there and waits for it to end (see `connect_session`), so it sees
+        // the session as this close leaves it.
         // `vhost \0 client id`: the key of [`Shared::sessions`] and [`Shared::parked`],
         // made when needed rather than kept by every idle connection.
         let key = format!("{}\0{}", self.vhost.name, self.client_id);
-        let owner = {
-            let mut sessions = self.shared.sessions.lock();
-            if sessions.get(&key).is_some_and(|id| *id == self.id) {
-                sessions.remove(&key);
-                true
-            } else {
-                false
-            }
-        };
+        let owner = self.shared.sessions.lock().get(&key) == Some(&self.id);
+        self.release_session(end, owner, &key).await;
+        let mut sessions = self.shared.sessions.lock();
+        if sessions.get(&key) == Some(&self.id) {
+            sessions.remove(&key);
+        }
+    }
+
+    /// What ends with the connection: consumers, unacknowledged deliveries (back to their
+    /// queues), the will, and the session itself (ended, or parked until it expires).
+    async fn release_session(&mut self, end: End, owner: bool, key: &str) {
         if let (Some(q), Some(c)) = (&self.queue, self.consumer) {
             q.remove_consumer(c).await;
         }
@@ -2199,7 +2225,9 @@ impl Session {
         for (q, seqs) in by_queue {
             q.requeue(&seqs).await;
         }
-        let ends = owner && self.session_expiry == 0;
+        // Session expiry 0: the session ends with this connection, taken over or not; a
+        // newer connection resuming it finds none (Session Present 0, as Mosquitto).
+        let ends = self.session_expiry == 0;
         // The will: on any end but DISCONNECT (MQTT-3.1.2-8), after the will delay or when
         // the session ends, whichever is first (MQTT-3.1.3-9); not if another connection
         // resumed the session within the delay.
@@ -2215,25 +2243,16 @@ impl Session {
                 }
             }
         }
-        if !owner {
-            // Taken over: a session that outlives its connection is handed to the new
-            // one (parked without timers; the new connection takes it at once).
-            if self.session_expiry != 0 {
-                let record = self.record(now_ms());
-                let generation = warren_core::ids::next_id();
-                self.shared
-                    .parked
-                    .lock()
-                    .insert(key, Parked { record, generation });
-            }
-            return;
-        }
         if ends {
-            // MQTT-3.1.2-? : session expiry 0, the session ends with the connection.
-            let _ = self
-                .vhost
-                .delete_queue(&queue_name(&self.client_id), None, false, false)
-                .await;
+            // MQTT-3.1.2-23 (5.0), MQTT-3.1.2-6 (3.1.1 clean session): the session ends
+            // with the connection. Taken over, the newer connection waited for this
+            // close before looking at the session queue.
+            if owner || self.queue.is_some() {
+                let _ = self
+                    .vhost
+                    .delete_queue(&queue_name(&self.client_id), None, false, false)
+                    .await;
+            }
             self.vhost.connection_closed(self.id).await;
             if self.connect_expiry != 0 {
                 let _ = self
@@ -2254,15 +2273,18 @@ impl Session {
             .await;
         let generation = warren_core::ids::next_id();
         {
+            // Lock order: sessions, parked. A newer connection (there since the takeover
+            // or since this close began) is waiting to take the parked session at once:
+            // no timers for it.
             let sessions = self.shared.sessions.lock();
-            // Parked only if nobody connected meanwhile (lock order: sessions, parked).
-            if sessions.contains_key(&key) {
-                return;
-            }
+            let ours = sessions.get(key) == Some(&self.id);
             self.shared
                 .parked
                 .lock()
-                .insert(key, Parked { record, generation });
+                .insert(key.to_owned(), Parked { record, generation });
+            if !ours {
+                return;
+            }
         }
         let expire_in = if self.session_expiry == NEVER {
             Duration::MAX
@@ -2296,7 +2318,6 @@ fn granted(qos: u8) -> SubAckReasonCode {
 /// message expiry (→ per-message TTL `expiration`, plus the deadline for the remaining
 /// interval at delivery), payload format indicator (→ a header for 5.0 subscribers).
 fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
-    use mqtt5_protocol::{PropertyId, PropertyValue};
     let expiry = p.get_message_expiry_interval();
     if let Some(secs) = expiry {
         // Capped at the longest TTL the core takes (~49.7 days, RabbitMQ's limit): a
@@ -2411,9 +2432,12 @@ fn v5_properties_of(m: &Message, p: &mut PublishPacket) {
             .set_correlation_data(Bytes::copy_from_slice(c.as_str().as_bytes()));
     }
     if let Some(h) = &props.headers {
-        if let Some(v) = h.inner().get(FORMAT_HEADER) {
-            p.properties
-                .set_payload_format_indicator(matches!(v, AMQPValue::ShortShortUInt(1)));
+        // MQTT-3.3.2-4: the byte as published, whatever its value (Mosquitto 2.0 forwards
+        // values other than 0 and 1 too).
+        if let Some(AMQPValue::ShortShortUInt(b)) = h.inner().get(FORMAT_HEADER) {
+            let _ = p
+                .properties
+                .add(PropertyId::PayloadFormatIndicator, PropertyValue::Byte(*b));
         }
         let listed = user_props_list(h);
         if let Some(list) = &listed {
