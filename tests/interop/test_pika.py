@@ -34,6 +34,19 @@ def test_publish_consume_ack(ch, name):
     assert ch.queue_declare(name, passive=True).method.message_count == 0
 
 
+def test_headers_keep_their_order_and_types(ch, name):
+    """RabbitMQ passes the content header through: a header table arrives in the order
+    the publisher wrote it (pika keeps dict order both ways), with its field types."""
+    ch.queue_declare(name)
+    headers = {"zeta": 1, "alpha": "two", "mid": {"y": 1, "b": 2}, "list": [3, "x"], "big": 2 ** 40}
+    ch.basic_publish("", name, b"x", pika.BasicProperties(headers=headers, app_id="a", priority=3))
+    method, props, body = get(ch, name)
+    assert list(props.headers) == ["zeta", "alpha", "mid", "list", "big"]
+    assert list(props.headers["mid"]) == ["y", "b"]
+    assert props.headers == headers
+    assert (props.app_id, props.priority) == ("a", 3)
+
+
 def test_server_capabilities(conn):
     props = conn._impl.server_properties
     for key in ["product", "version", "platform", "copyright", "information"]:

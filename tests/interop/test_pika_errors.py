@@ -243,6 +243,17 @@ def test_406_unknown_delivery_tag(conn, ch, name):
         sync(c)
     check(channel_error(conn, double_ack), 406, "PRECONDITION_FAILED - unknown delivery tag 1")
 
+    # multiple=true needs the tag itself outstanding: acking up to a tag past the last
+    # delivery is refused, and the earlier ones stay unacknowledged (Bunny's spec).
+    ch.basic_publish("", name, b"y")
+
+    def ack_past_the_end(c):
+        m, _, _ = get(c, name, auto_ack=False)
+        c.basic_ack(m.delivery_tag + 81, multiple=True)
+        sync(c)
+    check(channel_error(conn, ack_past_the_end), 406, "PRECONDITION_FAILED - unknown delivery tag 82")
+    assert ch.queue_declare(name, passive=True).method.message_count == 1
+
 
 def test_406_user_id_mismatch(conn, ch, name):
     ch.queue_declare(name)

@@ -34,10 +34,14 @@ pub enum HeaderCheck {
     Wrong,
 }
 
+/// The AMQP 0-9 header (`AMQP 1 1 0 9`) that older clients (Perl's Net::AMQP, used by
+/// AnyEvent::RabbitMQ) send: RabbitMQ speaks 0-9-1 to them, whose methods 0-9 shares.
+const PROTOCOL_HEADER_0_9: [u8; 8] = *b"AMQP\x01\x01\x00\x09";
+
 /// Checks the 8-byte protocol header; `None` until 8 bytes (or a mismatch) are buffered.
 pub fn decode_protocol_header(buf: &mut BytesMut) -> Option<HeaderCheck> {
     let n = buf.len().min(8);
-    if buf[..n] != PROTOCOL_HEADER[..n] {
+    if buf[..n] != PROTOCOL_HEADER[..n] && buf[..n] != PROTOCOL_HEADER_0_9[..n] {
         return Some(HeaderCheck::Wrong);
     }
     if buf.len() < 8 {
@@ -52,9 +56,27 @@ pub fn decode_protocol_header(buf: &mut BytesMut) -> Option<HeaderCheck> {
 pub enum Frame {
     /// Boxed: methods are large and rare next to bodies.
     Method(u16, Box<AMQPClass>),
-    Header(u16, Box<AMQPContentHeader>),
+    Header(u16, Box<ContentHeader>),
     Body(u16, Bytes),
     Heartbeat(u16),
+}
+
+/// A decoded content header with its property bytes as the client sent them: delivered
+/// unchanged when the broker does not change the properties, as RabbitMQ passes them
+/// through (header tables keep their order and field types byte for byte).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContentHeader {
+    pub header: AMQPContentHeader,
+    /// Property flags and list (the header frame's payload after class, weight and body
+    /// size), in the layout [`encode_properties`] writes.
+    pub raw_properties: Bytes,
+}
+
+impl std::ops::Deref for ContentHeader {
+    type Target = AMQPContentHeader;
+    fn deref(&self) -> &AMQPContentHeader {
+        &self.header
+    }
 }
 
 /// Why the input cannot be framed; all are connection errors.
@@ -176,7 +198,14 @@ pub fn decode_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>,
             }
         }
         FRAME_HEADER => match parse_content_header(&frame[..]) {
-            Ok((&[], h)) => Ok(Some(Frame::Header(channel, Box::new(h)))),
+            // The parse took class, weight and body size (12 bytes) before the properties.
+            Ok((&[], header)) if frame.len() >= 12 => Ok(Some(Frame::Header(
+                channel,
+                Box::new(ContentHeader {
+                    header,
+                    raw_properties: frame.slice(12..),
+                }),
+            ))),
             _ => Err(FrameError::Syntax("content header")),
         },
         FRAME_BODY => Ok(Some(Frame::Body(channel, frame))),

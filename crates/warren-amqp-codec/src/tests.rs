@@ -26,6 +26,15 @@ fn publish(exchange: &str, key: &str) -> AMQPClass {
 
 #[test]
 fn protocol_header() {
+    // AMQP 0-9's header is taken as 0-9-1, as RabbitMQ does.
+    let mut b = BytesMut::from(&b"AMQP\x01\x01\x00\x09"[..]);
+    assert_eq!(decode_protocol_header(&mut b), Some(HeaderCheck::Ok));
+    let mut b = BytesMut::from(&b"AMQP\x01\x01\x08\x00"[..]);
+    assert_eq!(
+        decode_protocol_header(&mut b),
+        Some(HeaderCheck::Wrong),
+        "0-8"
+    );
     let mut b = BytesMut::from(&b"AMQP\x00\x00\x09\x01rest"[..]);
     assert_eq!(decode_protocol_header(&mut b), Some(HeaderCheck::Ok));
     assert_eq!(&b[..], b"rest");
@@ -106,6 +115,7 @@ fn publish_header_body_and_bodies_split_by_frame_max() {
             assert_eq!(h.class_id, 60);
             assert_eq!(h.body_size, 10_000);
             assert_eq!(h.properties, props);
+            assert_eq!(h.raw_properties, encode_properties(&props));
         }
         other => panic!("{other:?}"),
     }
@@ -117,6 +127,42 @@ fn publish_header_body_and_bodies_split_by_frame_max() {
         })
         .collect();
     assert_eq!(joined, body);
+}
+
+/// A header table in the order a client wrote it (not the decoder's key order): the
+/// property bytes are kept as sent, so a delivery can pass them through as RabbitMQ does.
+#[test]
+fn content_header_keeps_the_property_bytes_as_sent() {
+    // Flags: content-type (bit 15) and headers (bit 13); "text/plain"; table {z: 1, a: 2}.
+    let mut props = vec![0xA0, 0x00, 10];
+    props.extend_from_slice(b"text/plain");
+    let table: &[u8] = &[1, b'z', b'b', 1, 1, b'a', b'b', 2];
+    props.extend_from_slice(&(table.len() as u32).to_be_bytes());
+    props.extend_from_slice(table);
+    let mut payload = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+    payload.extend_from_slice(&props);
+    let mut buf = BytesMut::new();
+    put_frame(&mut buf, FRAME_HEADER, 1, &payload);
+    let Some(Frame::Header(1, h)) = decode_frame(&mut buf, 0).unwrap() else {
+        panic!("a header frame");
+    };
+    assert_eq!(h.body_size, 5);
+    assert_eq!(&h.raw_properties[..], &props[..]);
+    let keys: Vec<String> = h
+        .properties
+        .headers()
+        .as_ref()
+        .unwrap()
+        .inner()
+        .keys()
+        .map(|k| k.to_string())
+        .collect();
+    assert_eq!(keys, ["a", "z"], "decoded in key order");
+    assert_ne!(
+        encode_properties(&h.properties),
+        h.raw_properties,
+        "re-encoding sorts"
+    );
 }
 
 #[test]

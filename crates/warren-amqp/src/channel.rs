@@ -5,10 +5,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use amq_protocol::frame::AMQPContentHeader;
 use amq_protocol::protocol::{access, basic, channel, confirm, exchange, queue, tx, AMQPClass};
 use bytes::{Bytes, BytesMut};
 use warren_amqp_codec as codec;
+use warren_amqp_codec::ContentHeader;
 use warren_core::vhost::refuse_default_exchange;
 use warren_core::{
     Access, ChannelStat, ChannelStats, ConsumerId, ConsumerSpec, Credit, Delivery, Exchange,
@@ -34,7 +34,8 @@ pub(crate) struct PublishLater {
 /// A message being assembled from publish + header + body frames.
 struct PendingPublish {
     method: basic::Publish,
-    header: Option<(u64, codec::BasicProperties)>,
+    /// Body size, the decoded properties and their bytes as sent.
+    header: Option<(u64, codec::BasicProperties, Bytes)>,
     body: BytesMut,
     /// The first body frame, kept zero-copy while it is the only one.
     first: Option<Bytes>,
@@ -150,10 +151,9 @@ impl Channel {
     ) -> Result<Vec<UnackedTag>, AmqpError> {
         if multiple {
             let upto = if tag == 0 { u64::MAX } else { tag };
-            if tag != 0
-                && !self.unacked.iter().any(|u| u.tag == tag)
-                && self.unacked.front().is_none_or(|u| u.tag > tag)
-            {
+            // RabbitMQ's collect_acks: all up to the tag, which must itself be
+            // outstanding (0 means every outstanding delivery).
+            if tag != 0 && self.unacked.binary_search_by_key(&tag, |u| u.tag).is_err() {
                 return Err(channel_error(
                     ch,
                     code::PRECONDITION_FAILED,
@@ -1175,7 +1175,7 @@ impl Conn {
     pub(crate) fn handle_content_header(
         &mut self,
         ch: u16,
-        h: AMQPContentHeader,
+        h: ContentHeader,
     ) -> Result<Option<PublishLater>, AmqpError> {
         let max = self.cfg.max_message_size;
         let Some(chan) = self.channels.get_mut(&ch) else {
@@ -1212,7 +1212,7 @@ impl Conn {
             .at(60, 40));
         }
         let size = h.body_size;
-        p.header = Some((size, h.properties));
+        p.header = Some((size, h.header.properties, h.raw_properties));
         if size == 0 {
             return self.complete_publish(ch);
         }
@@ -1271,7 +1271,7 @@ impl Conn {
             Some(b) => b,
             None => p.body.freeze(),
         };
-        let Some((_, amqp_props)) = p.header else {
+        let Some((_, amqp_props, raw_props)) = p.header else {
             return Ok(None);
         };
         let mut properties = props::from_amqp(&amqp_props);
@@ -1293,11 +1293,11 @@ impl Conn {
                 return Err(err(code::PRECONDITION_FAILED, text));
             }
         }
-        if properties
+        let direct_reply = properties
             .reply_to
             .as_ref()
-            .is_some_and(|r| r.as_str() == REPLY_TO)
-        {
+            .is_some_and(|r| r.as_str() == REPLY_TO);
+        if direct_reply {
             match &self.chan(ch).reply_queue {
                 Some(q) => properties.reply_to = Some(q.name.clone()),
                 None => {
@@ -1308,12 +1308,19 @@ impl Conn {
                 }
             }
         }
-        let msg = Arc::new(Message::new(
+        let msg = Message::new(
             p.method.exchange.clone(),
             (&p.method.routing_key).into(),
             properties,
             body,
-        ));
+        );
+        // Unchanged properties go out as they came in (RabbitMQ passes the content header
+        // through); a rewritten reply-to is encoded afresh, and so is every later change
+        // (`Message::with_headers` starts a new encoding).
+        if !direct_reply {
+            let _ = msg.encoded_properties.set(raw_props);
+        }
+        let msg = Arc::new(msg);
         if self.chan(ch).tx.is_some() {
             // Validate the exchange now, as RabbitMQ does, but route at commit.
             self.vh()?
