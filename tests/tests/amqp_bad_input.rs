@@ -169,6 +169,20 @@ async fn wrong_protocol_header_gets_ours_back() {
         s.write_all(bad).await.unwrap();
         assert_eq!(read_all(&mut s).await, HEADER);
     }
+    // AMQP 0-9's header (Perl's Net::AMQP sends it) gets connection.start, as RabbitMQ
+    // answers it with 0-9-1.
+    let mut s = TcpStream::connect(b.addr).await.unwrap();
+    s.write_all(b"AMQP\x01\x01\x00\x09").await.unwrap();
+    let mut start = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut start))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(
+        (start[0], &start[7..11]),
+        (1, &[0u8, 10, 0, 10][..]),
+        "connection.start"
+    );
     still_serves(&b).await;
 }
 
@@ -664,4 +678,59 @@ async fn refused_consume_has_no_consume_ok_and_unbinding_nothing_is_ok() {
     let close = read_frame(&mut s).await;
     assert_eq!(method_ids(&close), (20, 40));
     assert_eq!(u16::from_be_bytes([close[11], close[12]]), 403);
+}
+
+/// One HTTP/1.1 request to the management API as guest; the status code.
+async fn api_status(b: &common::TestBroker, method: &str, path: &str) -> u16 {
+    let mut s = TcpStream::connect(b.http_addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut resp))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&resp);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A close from the management API releases the connection's exclusive queue before its
+/// DELETE answers, also for a client that never answers with close-ok: RabbitMQ's reader
+/// ends the channels with the close it sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_close_releases_exclusive_queues_before_close_ok() {
+    let b = common::start().await;
+    let mut s = open(b.addr).await;
+    open_channel(&mut s, 1).await;
+    // queue.declare: ticket, "mine", bits (exclusive = 4), no arguments.
+    let mut args = 0u16.to_be_bytes().to_vec();
+    args.extend(shortstr("mine"));
+    args.push(4);
+    args.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&frame(1, 1, &method(50, 10, &args)))
+        .await
+        .unwrap();
+    assert_eq!(&read_frame(&mut s).await[7..11], &[0, 50, 0, 11]);
+    assert_eq!(api_status(&b, "GET", "/api/queues/%2F/mine").await, 200);
+    let name = format!("{} -> {}", s.local_addr().unwrap(), b.addr)
+        .replace(' ', "%20")
+        .replace('>', "%3E");
+    let started = std::time::Instant::now();
+    assert_eq!(
+        api_status(&b, "DELETE", &format!("/api/connections/{name}")).await,
+        204
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "no wait for close-ok"
+    );
+    assert_eq!(api_status(&b, "GET", "/api/queues/%2F/mine").await, 404);
+    // The client (which has not answered yet) gets connection.close 320.
+    assert_eq!(close_code(&read_frame(&mut s).await), Some(320));
+    still_serves(&b).await;
 }

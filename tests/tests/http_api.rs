@@ -1047,9 +1047,23 @@ async fn connections_channels_consumers_and_close() {
         json!({"name": "work", "consumers": 1, "arguments": {}})
     );
 
+    ch.queue_declare(
+        "mine".into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     let path = format!("/api/connections/{}", percent_encode(&name));
     assert_eq!(api.get(&path).await.json()["name"], name.as_str());
     assert_eq!(api.delete(&path).await.status, 204);
+    // As RabbitMQ: once DELETE answers, the connection's exclusive queue and consumers
+    // are gone (a client's recovery test lists them at once).
+    assert_eq!(api.get("/api/queues/%2F/mine").await.status, 404);
+    assert_eq!(api.get("/api/queues/%2F/work").await.json()["consumers"], 0);
     // The client sees connection.close 320 and the registry empties.
     for _ in 0..50 {
         if !conn.status().connected() {
@@ -2311,4 +2325,93 @@ async fn vhost_metadata_is_kept() {
         root["metadata"].get("default_queue_type").is_none(),
         "{root}"
     );
+}
+
+/// `lengths_age`/`lengths_incr` and `msg_rates_age`/`msg_rates_incr`: `samples` newest
+/// first (the newest is the present), `avg` and `avg_rate`, on queues, vhosts and the
+/// overview, as monitoring tools read them from RabbitMQ; a bad window is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_over_a_window() {
+    let b = common::start().await;
+    let api = Api::new(&b);
+    let r = api.put("/api/queues/%2F/hist.q", json!({})).await;
+    assert_eq!(r.status, 201);
+    for _ in 0..3 {
+        let r = api
+            .post(
+                "/api/exchanges/%2F/amq.default/publish",
+                json!({"properties": {}, "routing_key": "hist.q", "payload": "x", "payload_encoding": "string"}),
+            )
+            .await;
+        assert_eq!(r.json()["routed"], json!(true));
+    }
+    let samples = |d: &Value| -> Vec<(u64, u64)> {
+        d["samples"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no samples in {d}"))
+            .iter()
+            .map(|s| {
+                (
+                    s["sample"].as_u64().unwrap(),
+                    s["timestamp"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let q = api
+        .get("/api/queues/%2F/hist.q?lengths_age=60&lengths_incr=5&msg_rates_age=60&msg_rates_incr=30")
+        .await
+        .json();
+    let s = samples(&q["messages_details"]);
+    assert_eq!(s.len(), 13, "age / incr + 1");
+    assert!(s.iter().all(|(v, _)| *v == 3), "{s:?}");
+    assert!(
+        s.windows(2).all(|w| w[0].1 == w[1].1 + 5000),
+        "newest first: {s:?}"
+    );
+    assert_eq!(q["messages_details"]["avg"], json!(3.0));
+    assert_eq!(q["messages_details"]["avg_rate"], json!(0.0));
+    assert!(q["messages_details"]["rate"].is_number());
+    assert_eq!(samples(&q["messages_ready_details"])[0].0, 3);
+    assert_eq!(samples(&q["messages_unacknowledged_details"])[0].0, 0);
+    let p = samples(&q["message_stats"]["publish_details"]);
+    assert_eq!((p.len(), p[0].0), (3, 3));
+    // Listings too; without a window there are no samples.
+    let list = api
+        .get("/api/queues/%2F?lengths_age=10&lengths_incr=5")
+        .await
+        .json();
+    assert_eq!(samples(&list[0]["messages_details"]).len(), 3);
+    let plain = api.get("/api/queues/%2F/hist.q").await.json();
+    assert!(plain["messages_details"].get("samples").is_none());
+    // The overview: lengths under queue_totals, rates under message_stats.
+    let o = api
+        .get("/api/overview?lengths_age=60&lengths_incr=5&msg_rates_age=60&msg_rates_incr=5")
+        .await
+        .json();
+    assert_eq!(samples(&o["queue_totals"]["messages_details"])[0].0, 3);
+    assert_eq!(samples(&o["message_stats"]["publish_details"])[0].0, 3);
+    let v = api
+        .get("/api/vhosts/%2F?lengths_age=60&lengths_incr=5")
+        .await
+        .json();
+    assert_eq!(samples(&v["messages_ready_details"])[0].0, 3);
+    assert!(v["message_stats"]["publish_details"]
+        .get("samples")
+        .is_none());
+    // RabbitMQ's refusals: a zero or negative step, more than 500 steps.
+    for bad in [
+        "lengths_age=60&lengths_incr=0",
+        "msg_rates_age=501&msg_rates_incr=1",
+    ] {
+        let r = api.get(&format!("/api/queues/%2F/hist.q?{bad}")).await;
+        assert_eq!(r.status, 400, "{bad}");
+        assert!(
+            r.json()["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("Invalid range parameters: age "),
+            "{bad}"
+        );
+    }
 }

@@ -351,6 +351,12 @@ impl Conn {
                         0,
                         0,
                     );
+                    // Channels and exclusive queues go now, as RabbitMQ ends them with
+                    // the close it sends; the close-ok is still awaited.
+                    Box::pin(self.cleanup()).await;
+                    if let Some(g) = &self.registration {
+                        g.mark_released();
+                    }
                 }
                 r = shutdown.changed() => {
                     if r.is_err() || *shutdown.borrow() {

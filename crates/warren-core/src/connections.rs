@@ -33,7 +33,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -231,6 +231,9 @@ pub struct ConnectionEntry {
     /// ~350 bytes per connection, which idle MQTT devices pay for nothing.)
     close_reason: Mutex<Option<String>>,
     close_requested: Notify,
+    /// Set once a requested close has released what the connection held (channels,
+    /// exclusive queues), though it may still wait for the client's close-ok.
+    released: AtomicBool,
 }
 
 impl ConnectionEntry {
@@ -262,6 +265,13 @@ impl ConnectionEntry {
         // One waiter, the connection task; a permit is kept if it is not waiting yet.
         self.close_requested.notify_one();
     }
+
+    /// Whether a requested close has released the connection's resources (see
+    /// [`ConnectionGuard::mark_released`]); a connection that has left the registry
+    /// has too.
+    pub fn is_released(&self) -> bool {
+        self.released.load(Ordering::Acquire)
+    }
 }
 
 /// The registry; one per broker.
@@ -287,6 +297,7 @@ impl Connections {
             send_oct: AtomicU64::new(0),
             close_reason: Mutex::new(None),
             close_requested: Notify::new(),
+            released: AtomicBool::new(false),
             info,
         });
         self.entries.write().insert(entry.info.id, entry.clone());
@@ -382,6 +393,12 @@ impl ConnectionGuard {
 
     pub fn entry(&self) -> &Arc<ConnectionEntry> {
         &self.entry
+    }
+
+    /// A requested close has released the channels and exclusive queues: the management
+    /// API's DELETE answers then, as RabbitMQ's does, without waiting for a close-ok.
+    pub fn mark_released(&self) {
+        self.entry.released.store(true, Ordering::Release);
     }
 
     /// Resolves when the management API (or a vhost/user deletion) asks this connection to

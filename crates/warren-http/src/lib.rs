@@ -13,6 +13,7 @@ mod definitions;
 pub mod error;
 mod feature_flags;
 mod global_parameters;
+mod history;
 mod limits;
 mod listing;
 mod metrics;

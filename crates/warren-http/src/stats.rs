@@ -13,6 +13,14 @@ use std::sync::RwLock;
 
 use warren_core::{Broker, ChannelCounts, ChannelStat, QueueCounts};
 
+use crate::history::{History, MAX_WATCHED};
+
+/// How far back the broker's and each vhost's samples go (RabbitMQ's `global` and
+/// `basic` retention: an hour).
+const KEEP_GLOBAL: Duration = Duration::from_secs(3600);
+/// How far back a watched queue's samples go.
+const KEEP_QUEUE: Duration = Duration::from_secs(600);
+
 /// Per-second rates of one queue or of the whole broker.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Rates {
@@ -111,12 +119,27 @@ struct State {
     channels: HashMap<(u64, u16), ChannelSample>,
     /// By connection id.
     connections: HashMap<u64, OctetRates>,
+    /// Past samples (`*_details.samples`): the broker's, each vhost's, and those of the
+    /// queues asked for lately (by store id, with when they were last asked for).
+    history: Histories,
+}
+
+#[derive(Default)]
+struct Histories {
+    global: History,
+    vhosts: HashMap<Arc<str>, History>,
+    queues: HashMap<u64, (Instant, History)>,
 }
 
 /// The sampler; one per HTTP server.
 #[derive(Default)]
 pub struct Sampler {
     state: RwLock<State>,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn rate(now: u64, before: u64, secs: f64) -> f64 {
@@ -217,7 +240,7 @@ impl Sampler {
         }
         global.add_counters(&retired);
         // A vhost's counters with its deleted queues'; gone with the vhost itself.
-        let vhosts = by_vhost
+        let vhosts: HashMap<Arc<str>, VhostSample> = by_vhost
             .into_iter()
             .map(|(name, mut totals)| {
                 let retired = vhost_retired.get(&name).copied().unwrap_or_default();
@@ -284,7 +307,28 @@ impl Sampler {
                 channels.insert((id, c.number), ChannelSample { counts, rates });
             }
         }
+        let mut history = std::mem::take(&mut st.history);
+        let wall_ms = unix_ms(wall);
+        let keep_queue = KEEP_QUEUE.as_millis() as u64;
+        let keep_global = KEEP_GLOBAL.as_millis() as u64;
+        history.global.push(wall_ms, global, keep_global);
+        history.vhosts.retain(|name, _| vhosts.contains_key(name));
+        for (name, v) in &vhosts {
+            let h = history.vhosts.entry(name.clone()).or_default();
+            h.push(wall_ms, v.totals, keep_global);
+        }
+        // A queue's history lasts while it is asked for; deleted queues' goes at once.
+        history.queues.retain(|id, (asked, h)| {
+            let Some(q) = queues.get(id) else {
+                return false;
+            };
+            let mut t = Totals::default();
+            t.add(&q.counts);
+            h.push(wall_ms, t, keep_queue);
+            now.duration_since(*asked) < KEEP_QUEUE
+        });
         *st = State {
+            history,
             at: Some(now),
             wall: Some(wall),
             queues,
@@ -380,6 +424,44 @@ impl Sampler {
             .unwrap_or_default();
         t.add_counters(&retired);
         (t, rates)
+    }
+
+    /// The broker's past samples and its present counts, for `*_details.samples`.
+    pub fn global_history(&self, now: Totals) -> Vec<(u64, Totals)> {
+        let now_ms = unix_ms(SystemTime::now());
+        match self.state.read() {
+            Ok(s) => s.history.global.with_now(now_ms, now),
+            Err(_) => History::default().with_now(now_ms, now),
+        }
+    }
+
+    /// A vhost's past samples and its present counts.
+    pub fn vhost_history(&self, vhost: &str, now: Totals) -> Vec<(u64, Totals)> {
+        let now_ms = unix_ms(SystemTime::now());
+        let s = self.state.read().ok();
+        let h = s.as_ref().and_then(|s| s.history.vhosts.get(vhost));
+        h.cloned().unwrap_or_default().with_now(now_ms, now)
+    }
+
+    /// Queue `store_id`'s past samples and its present counts; from now on its history
+    /// is kept (for [`KEEP_QUEUE`] after the last time it is asked for, and for at most
+    /// [`MAX_WATCHED`] queues).
+    pub fn queue_history(&self, store_id: u64, now: &QueueCounts) -> Vec<(u64, Totals)> {
+        let now_ms = unix_ms(SystemTime::now());
+        let mut t = Totals::default();
+        t.add(now);
+        let Ok(mut s) = self.state.write() else {
+            return History::default().with_now(now_ms, t);
+        };
+        let queues = &mut s.history.queues;
+        if !queues.contains_key(&store_id) && queues.len() >= MAX_WATCHED {
+            return History::default().with_now(now_ms, t);
+        }
+        let (asked, h) = queues
+            .entry(store_id)
+            .or_insert_with(|| (Instant::now(), History::default()));
+        *asked = Instant::now();
+        h.with_now(now_ms, t)
     }
 
     /// Samples every `period` until `shutdown`.
