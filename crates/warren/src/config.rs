@@ -126,18 +126,18 @@ pub struct Listeners {
 impl Default for Listeners {
     fn default() -> Self {
         Self {
-            amqp: "0.0.0.0:5672".into(),
-            mqtt: "0.0.0.0:1883".into(),
-            stomp: "0.0.0.0:61613".into(),
-            http: "0.0.0.0:15672".into(),
-            web_stomp: "0.0.0.0:15674".into(),
-            web_mqtt: "0.0.0.0:15675".into(),
-            amqps: "0.0.0.0:5671".into(),
-            mqtts: "0.0.0.0:8883".into(),
-            stomps: "0.0.0.0:61614".into(),
-            https: "0.0.0.0:15671".into(),
-            web_stomp_tls: "0.0.0.0:15673".into(),
-            web_mqtt_tls: "0.0.0.0:15676".into(),
+            amqp: "[::]:5672".into(),
+            mqtt: "[::]:1883".into(),
+            stomp: "[::]:61613".into(),
+            http: "[::]:15672".into(),
+            web_stomp: "[::]:15674".into(),
+            web_mqtt: "[::]:15675".into(),
+            amqps: "[::]:5671".into(),
+            mqtts: "[::]:8883".into(),
+            stomps: "[::]:61614".into(),
+            https: "[::]:15671".into(),
+            web_stomp_tls: "[::]:15673".into(),
+            web_mqtt_tls: "[::]:15676".into(),
         }
     }
 }

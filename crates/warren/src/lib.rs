@@ -45,15 +45,46 @@ async fn listen(what: &'static str, addr: &str) -> Result<Option<TcpListener>, S
     if is_off(addr) {
         return Ok(None);
     }
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServerError::Listen {
-            what,
-            addr: addr.to_owned(),
-            source,
-        })?;
+    let listener = bind(addr).await.map_err(|source| ServerError::Listen {
+        what,
+        addr: addr.to_owned(),
+        source,
+    })?;
     tracing::info!(addr = ?listener.local_addr().ok(), "{what} listener started");
     Ok(Some(listener))
+}
+
+/// Binds `addr`. The unspecified IPv6 address (the defaults' `[::]`) takes IPv4 clients
+/// too, on one dual-stack socket whatever `net.ipv6.bindv6only` says, as RabbitMQ's
+/// listeners do (a client resolving `localhost` to `::1` finds the broker); on a host
+/// without IPv6 it falls back to `0.0.0.0`.
+async fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    match addr.parse::<SocketAddr>() {
+        Ok(SocketAddr::V6(a)) if a.ip().is_unspecified() => match dual_stack(a) {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+                ) =>
+            {
+                TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, a.port())).await
+            }
+            bound => bound,
+        },
+        _ => TcpListener::bind(addr).await,
+    }
+}
+
+fn dual_stack(a: std::net::SocketAddrV6) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_only_v6(false)?;
+    // As tokio's own bind: a restart does not wait for TIME_WAIT sockets.
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&SocketAddr::V6(a).into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
 }
 
 /// Binds a TLS listener unless TLS is not configured or its address is `off`.
@@ -475,5 +506,31 @@ impl Server {
         let broker = self.broker.clone();
         let _ = tokio::task::spawn_blocking(move || broker.flush()).await;
         tracing::info!("shutdown complete");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The default `[::]` takes IPv4 and (where the host has IPv6) IPv6 clients.
+    #[tokio::test]
+    async fn the_unspecified_ipv6_address_takes_both_families() {
+        let l = super::bind("[::]:0").await.expect("bound");
+        let addr = l.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            for _ in 0..2 {
+                if l.accept().await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::net::TcpStream::connect(("127.0.0.1", addr.port()))
+            .await
+            .expect("IPv4 client");
+        if addr.is_ipv6() {
+            tokio::net::TcpStream::connect(("::1", addr.port()))
+                .await
+                .expect("IPv6 client");
+        }
+        accept.abort();
     }
 }

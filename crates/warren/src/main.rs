@@ -18,44 +18,44 @@ struct Args {
     /// Directory of the RocksDB store [default: ./data].
     #[arg(long, env = "WARREN_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// AMQP 0-9-1 listen address [default: 0.0.0.0:5672], or `off`.
+    /// AMQP 0-9-1 listen address [default: [::]:5672], or `off`.
     #[arg(long, env = "WARREN_AMQP_LISTEN")]
     amqp_listen: Option<String>,
-    /// MQTT listen address [default: 0.0.0.0:1883], or `off`.
+    /// MQTT listen address [default: [::]:1883], or `off`.
     #[arg(long, env = "WARREN_MQTT_LISTEN")]
     mqtt_listen: Option<String>,
-    /// STOMP listen address [default: 0.0.0.0:61613], or `off`.
+    /// STOMP listen address [default: [::]:61613], or `off`.
     #[arg(long, env = "WARREN_STOMP_LISTEN")]
     stomp_listen: Option<String>,
-    /// Management HTTP API listen address [default: 0.0.0.0:15672], or `off`.
+    /// Management HTTP API listen address [default: [::]:15672], or `off`.
     #[arg(long, env = "WARREN_HTTP_LISTEN")]
     http_listen: Option<String>,
-    /// STOMP-over-WebSocket listen address (path /ws) [default: 0.0.0.0:15674], or `off`.
+    /// STOMP-over-WebSocket listen address (path /ws) [default: [::]:15674], or `off`.
     #[arg(long, env = "WARREN_WEB_STOMP_LISTEN")]
     web_stomp_listen: Option<String>,
-    /// MQTT-over-WebSocket listen address (path /ws) [default: 0.0.0.0:15675], or `off`.
+    /// MQTT-over-WebSocket listen address (path /ws) [default: [::]:15675], or `off`.
     #[arg(long, env = "WARREN_WEB_MQTT_LISTEN")]
     web_mqtt_listen: Option<String>,
-    /// AMQPS (TLS) listen address [default: 0.0.0.0:5671], or `off`; needs [tls] files.
+    /// AMQPS (TLS) listen address [default: [::]:5671], or `off`; needs [tls] files.
     #[arg(long, env = "WARREN_AMQPS_LISTEN")]
     amqps_listen: Option<String>,
-    /// MQTTS (TLS) listen address [default: 0.0.0.0:8883], or `off`; needs [tls] files.
+    /// MQTTS (TLS) listen address [default: [::]:8883], or `off`; needs [tls] files.
     #[arg(long, env = "WARREN_MQTTS_LISTEN")]
     mqtts_listen: Option<String>,
-    /// STOMP-over-TLS listen address [default: 0.0.0.0:61614], or `off`; needs [tls] files.
+    /// STOMP-over-TLS listen address [default: [::]:61614], or `off`; needs [tls] files.
     #[arg(long, env = "WARREN_STOMPS_LISTEN")]
     stomps_listen: Option<String>,
     /// Definitions file (RabbitMQ's JSON export) to import at start [config:
     /// `[definitions] file`].
     #[arg(long, env = "WARREN_DEFINITIONS")]
     definitions: Option<String>,
-    /// Management API over TLS [default: 0.0.0.0:15671], or `off`; needs [tls] files.
+    /// Management API over TLS [default: [::]:15671], or `off`; needs [tls] files.
     #[arg(long, env = "WARREN_HTTPS_LISTEN")]
     https_listen: Option<String>,
-    /// Web-STOMP over TLS (path /ws) [default: 0.0.0.0:15673], or `off`; needs [tls] files.
+    /// Web-STOMP over TLS (path /ws) [default: [::]:15673], or `off`; needs [tls] files.
     #[arg(long, env = "WARREN_WEB_STOMP_TLS_LISTEN")]
     web_stomp_tls_listen: Option<String>,
-    /// Web-MQTT over TLS (path /ws) [default: 0.0.0.0:15676], or `off`; needs [tls] files.
+    /// Web-MQTT over TLS (path /ws) [default: [::]:15676], or `off`; needs [tls] files.
     #[arg(long, env = "WARREN_WEB_MQTT_TLS_LISTEN")]
     web_mqtt_tls_listen: Option<String>,
     /// Log format: `human` or `json`.
