@@ -308,7 +308,9 @@ impl Conn {
                     Box::pin(self.handle_events()).await;
                 }
                 r = self.synced.changed(), if want_sync => {
-                    if r.is_ok() {
+                    // Nothing may follow a connection.close the broker sent (§4.2.3):
+                    // confirms still waiting for their sync then are never sent.
+                    if r.is_ok() && self.phase == Phase::Open {
                         self.flush_confirms();
                     }
                 }
