@@ -26,8 +26,12 @@ pub struct MqttConfig {
     pub max_packet_size: usize,
     /// Time allowed for CONNECT after the TCP accept.
     pub connect_timeout: Duration,
-    /// Deliveries in flight per session (MQTT 5 receive maximum).
+    /// Unreleased inbound QoS 2 publishes a 5.0 client may have (CONNACK Receive
+    /// Maximum): 20, Mosquitto's `max_inflight_messages`. Paho C's flow-control test
+    /// counts on a server value below its own 100-message buffer.
     pub receive_maximum: u16,
+    /// QoS ≥ 1 deliveries in flight per session (at most the client's Receive Maximum).
+    pub max_inflight: u16,
     /// Vhost when the username has no `vhost:` prefix.
     pub default_vhost: String,
     /// Credentials used for a CONNECT without username (RabbitMQ's mqtt.default_user).
@@ -45,7 +49,8 @@ impl Default for MqttConfig {
         Self {
             max_packet_size: 16 * 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
-            receive_maximum: 100,
+            receive_maximum: 20,
+            max_inflight: 100,
             default_vhost: "/".into(),
             default_user: "guest".into(),
             default_pass: "guest".into(),

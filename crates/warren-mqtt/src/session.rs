@@ -919,10 +919,10 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     });
     let credit = Arc::new(Credit::default());
     credit.limit.store(
-        u32::from(client_receive_max.min(cfg.receive_maximum).max(1)),
+        u32::from(client_receive_max.min(cfg.max_inflight).max(1)),
         std::sync::atomic::Ordering::Relaxed,
     );
-    let (outbox, deliveries) = Outbox::new(cfg.receive_maximum as usize * 2);
+    let (outbox, deliveries) = Outbox::new(cfg.max_inflight as usize * 2);
     let mut s = Session {
         user: user.clone(),
         registration,
@@ -1896,6 +1896,9 @@ impl Session {
                 sub_ids.extend(s.id);
                 rap |= s.retain_as_published;
             }
+            // In the order the client numbered its subscriptions, not the filters' order
+            // (Paho C's test10/test11 expect 1 then 2).
+            sub_ids.sort_unstable();
         }
         let expired = remaining_expiry(&d.message) == Some(0);
         let Some(granted_qos) = granted_qos.filter(|_| !expired) else {

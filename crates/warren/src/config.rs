@@ -84,9 +84,10 @@ pub struct Mqtt {
     pub vhost: String,
     /// Largest packet accepted, bytes (advertised as Maximum Packet Size in 5.0).
     pub max_packet_size: usize,
-    /// QoS ≥ 1 deliveries in flight per session and unreleased inbound QoS 2 publishes
-    /// (advertised as Receive Maximum in 5.0).
+    /// Unreleased inbound QoS 2 publishes per 5.0 session (advertised as Receive Maximum).
     pub receive_maximum: u16,
+    /// QoS ≥ 1 deliveries in flight per session (at most the client's Receive Maximum).
+    pub max_inflight: u16,
 }
 
 impl Default for Mqtt {
@@ -97,7 +98,8 @@ impl Default for Mqtt {
             default_pass: "guest".into(),
             vhost: "/".into(),
             max_packet_size: 16 * 1024 * 1024,
-            receive_maximum: 100,
+            receive_maximum: 20,
+            max_inflight: 100,
         }
     }
 }
@@ -295,6 +297,7 @@ mod tests {
         assert_eq!(c.limits.max_message_size, d.limits.max_message_size);
         assert_eq!(c.mqtt.allow_anonymous, d.mqtt.allow_anonymous);
         assert_eq!(c.mqtt.receive_maximum, d.mqtt.receive_maximum);
+        assert_eq!(c.mqtt.max_inflight, d.mqtt.max_inflight);
         assert_eq!(c.mqtt.max_packet_size, d.mqtt.max_packet_size);
     }
 

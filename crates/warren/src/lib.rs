@@ -263,6 +263,7 @@ impl Server {
             // Below 4 KiB a CONNECT with a will may not fit.
             max_packet_size: config.mqtt.max_packet_size.max(4096),
             receive_maximum: config.mqtt.receive_maximum.max(1),
+            max_inflight: config.mqtt.max_inflight.max(1),
             ..Default::default()
         };
         let mqtt = warren_mqtt::MqttFrontend::new(broker.clone(), mqtt_cfg);
