@@ -870,6 +870,14 @@ async fn mosquitto_suite_rules() {
     let ids = connack_property_ids(&body);
     assert!(!ids.contains(&0x24), "no Maximum QoS: {ids:x?}");
     assert!(ids.contains(&0x21), "Receive Maximum: {ids:x?}");
+    // Capabilities that are the defaults (available) are left out, as Mosquitto does.
+    for absent in [0x25, 0x28, 0x29, 0x2A] {
+        assert!(!ids.contains(&absent), "{absent:#x} left out: {ids:x?}");
+    }
+    assert!(
+        body.len() <= 14,
+        "a CONNACK that fits in 20 bytes: {body:x?}"
+    );
 
     // QoS 1 to a topic nobody subscribes: PUBACK 0x10, three bytes (no property length).
     let publish = |qos: u8, topic: &str, id: u16, props: &[u8], payload: &[u8]| {

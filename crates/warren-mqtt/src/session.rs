@@ -880,12 +880,12 @@ async fn connect_session<W: AsyncWrite + Unpin>(
             .with_receive_maximum(cfg.receive_maximum)
             .with_maximum_packet_size(cfg.max_packet_size.min(u32::MAX as usize) as u32)
             .with_topic_alias_maximum(cfg.topic_alias_maximum)
-            .with_retain_available(true)
-            .with_wildcard_subscription_available(true)
-            .with_subscription_identifier_available(true)
-            .with_shared_subscription_available(true)
-        // No Maximum QoS: absent means QoS 2 is supported, and 2 is not a value the
-        // property may take (MQTT 5 §3.2.2.3.4; clients treat it as a protocol error).
+        // Only what differs from the defaults, as Mosquitto: absent Retain, Wildcard,
+        // Subscription Identifier and Shared Subscription Available mean 1 (MQTT 5
+        // §3.2.2.3), and a CONNACK of 16 bytes fits a client's small Maximum Packet Size
+        // (Mosquitto's 12-prop-maximum-packet-size-publish sets 20). No Maximum QoS:
+        // absent means QoS 2 is supported, and 2 is not a value the property may take
+        // (§3.2.2.3.4; clients treat it as a protocol error).
     } else {
         ConnAckPacket::new_v311(session_present, ReasonCode::Success)
     };
