@@ -226,7 +226,8 @@ fn q_flag(params: &Q, k: &str) -> bool {
 
 // ---------------------------------------------------------------- rendering
 
-pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
+/// A queue as the API shows it, with the samples `windows` ask for.
+pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue, windows: &Windows) -> Value {
     let c = q.counts();
     let r: Rates = s.sampler.queue_rates(q.store_id.0);
     let stream = q.is_stream();
@@ -327,6 +328,9 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue) -> Value {
         v["leader"] = json!(s.broker.config.node_name);
         v["members"] = node.clone();
         v["online"] = node;
+    }
+    if windows.any() {
+        windows.apply(&mut v, &s.sampler.queue_history(q.store_id.0, &c));
     }
     v
 }
@@ -1613,17 +1617,8 @@ fn render_queues(s: &AppState, vhosts: Vec<Arc<VHost>>, params: &Q) -> ApiResult
             .upgrade()
             .map(|v| v.name.clone())
             .unwrap_or_default();
-        queue_json_sampled(s, &vhost, q, &windows)
+        queue_json(s, &vhost, q, &windows)
     })?))
-}
-
-/// [`queue_json`] with the samples a request's windows ask for.
-fn queue_json_sampled(s: &AppState, vhost: &str, q: &Queue, windows: &Windows) -> Value {
-    let mut v = queue_json(s, vhost, q);
-    if windows.any() {
-        windows.apply(&mut v, &s.sampler.queue_history(q.store_id.0, &q.counts()));
-    }
-    v
 }
 
 fn find_queue(
@@ -1645,7 +1640,7 @@ async fn queue_get(
 ) -> ApiResult<Json<Value>> {
     let windows = Windows::parse(&params.0)?;
     let (_, q) = find_queue(&s, &caller, &v, &name)?;
-    let mut json = queue_json_sampled(&s, &v, &q, &windows);
+    let mut json = queue_json(&s, &v, &q, &windows);
     // A single queue also lists its consumers, as RabbitMQ's queue page.
     let consumers: Vec<Value> = q
         .consumers_info()

@@ -836,12 +836,9 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         // this CONNECT): to release or delete its queue and hand over its session state
         // (parked below, even when it had no queue: MQTT-3.2.2-2). Bounded: a connection
         // stuck writing to a dead peer does not hold its client id for long.
+        // It leaves the registry only after its close has released the session.
         for _ in 0..200 {
-            let released = vhost
-                .queue(&qname)
-                .map(|q| q.exclusive_owner != Some(old))
-                .unwrap_or(true);
-            if released && shared.broker.connections().get(old).is_none() {
+            if shared.broker.connections().get(old).is_none() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
