@@ -357,6 +357,122 @@ async fn shared_subscription_splits_messages_between_members() {
     );
 }
 
+/// Whether a queue exists (a passive declare on a fresh channel).
+async fn queue_exists(b: &TestBroker, name: &str) -> bool {
+    let (_c, ch) = b.channel().await;
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .is_ok()
+}
+
+/// MQTT 5 §4.8.2: a shared subscription lives as long as a session is subscribed to it,
+/// connected or not. A persistent member gets, on resuming without subscribing again, what
+/// was published to the group while it was away, across a restart too (Mosquitto's
+/// 02-subpub-recover-subscriptions); its UNSUBSCRIBE ends the group and its queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_shared_subscription_outlives_its_connection_and_a_restart() {
+    let b = start().await;
+    let mut o = opts(&b, "shared-keeper");
+    o.set_clean_session(false);
+    let (c, mut el) = connect(o).await;
+    c.subscribe("$share/g/work/+", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    wait_suback(&mut el).await;
+    c.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(300), el.poll()).await;
+    drop(el);
+    let (p, mut pel) = connect(opts(&b, "shared-producer")).await;
+    p.publish("work/1", QoS::AtLeastOnce, false, "before the restart")
+        .await
+        .unwrap();
+    wait_puback(&mut pel).await;
+    drop(pel);
+    let b = b.restart().await;
+    assert!(queue_exists(&b, "mqtt-shared-g-work/+").await);
+    let (p, mut pel) = connect(opts(&b, "shared-producer")).await;
+    p.publish("work/2", QoS::AtLeastOnce, false, "after the restart")
+        .await
+        .unwrap();
+    wait_puback(&mut pel).await;
+    drive(pel);
+    let mut o = opts(&b, "shared-keeper");
+    o.set_clean_session(false);
+    let (c, mut el) = connect(o).await;
+    for want in ["before the restart", "after the restart"] {
+        let got = next_publish(&mut el).await;
+        assert_eq!(got.payload, Bytes::from(want));
+    }
+    c.unsubscribe("$share/g/work/+").await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), el.poll())
+            .await
+            .expect("unsuback in time")
+        {
+            Ok(Event::Incoming(Packet::UnsubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(!queue_exists(&b, "mqtt-shared-g-work/+").await);
+    // A clean session's membership ends with its connection.
+    let (t, mut tel) = connect(opts(&b, "shared-transient")).await;
+    t.subscribe("$share/h/tmp", QoS::AtMostOnce).await.unwrap();
+    wait_suback(&mut tel).await;
+    assert!(queue_exists(&b, "mqtt-shared-h-tmp").await);
+    t.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(300), tel.poll()).await;
+    drop(tel);
+    let gone = async {
+        while queue_exists(&b, "mqtt-shared-h-tmp").await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), gone)
+        .await
+        .expect("the group's queue goes with its last member");
+}
+
+/// MQTT allows client ids of 65,535 bytes and Mosquitto takes them: the session queue's
+/// name stays an AMQP short string and one per client id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_client_ids_keep_their_own_sessions() {
+    let b = start().await;
+    let long_a = format!("{}a", "d".repeat(400));
+    let long_b = format!("{}b", "d".repeat(400));
+    let mut oa = opts(&b, &long_a);
+    oa.set_clean_session(false);
+    let (a, mut ael) = connect(oa.clone()).await;
+    a.subscribe("long/a", QoS::AtLeastOnce).await.unwrap();
+    wait_suback(&mut ael).await;
+    let (bb, mut bel) = connect(opts(&b, &long_b)).await;
+    bb.subscribe("long/b", QoS::AtLeastOnce).await.unwrap();
+    wait_suback(&mut bel).await;
+    a.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(300), ael.poll()).await;
+    drop(ael);
+    bb.publish("long/a", QoS::AtLeastOnce, false, "for a")
+        .await
+        .unwrap();
+    bb.publish("long/b", QoS::AtLeastOnce, false, "for b")
+        .await
+        .unwrap();
+    assert_eq!(next_publish(&mut bel).await.payload, Bytes::from("for b"));
+    let (_a, mut ael) = connect(oa).await;
+    let got = next_publish(&mut ael).await;
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        ("long/a", &b"for a"[..])
+    );
+}
+
 /// MQTT topics are strings of up to 65,535 bytes (MQTT-1.5.3), as Mosquitto takes them, up
 /// to its 200-level limit (Mosquitto's test 02-subpub-qos0-long-topic). The core carries
 /// them whole, the store too (the retained copy across a restart); an AMQP 0-9-1 consumer

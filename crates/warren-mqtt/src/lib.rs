@@ -4,6 +4,7 @@
 
 pub mod codec;
 mod session;
+mod shared_sub;
 mod state;
 pub mod topic;
 
@@ -74,6 +75,8 @@ pub(crate) struct Shared {
     pub parked: Mutex<HashMap<String, session::Parked>>,
     /// Retained messages by `vhost \0 topic`: the in-memory copy of what the store holds.
     retained: Mutex<HashMap<String, (String, Arc<Message>)>>,
+    /// Shared-subscription groups and their member sessions.
+    groups: shared_sub::Groups,
 }
 
 impl Shared {
@@ -150,6 +153,7 @@ impl MqttFrontend {
             sessions: Mutex::new(HashMap::new()),
             parked: Mutex::new(HashMap::new()),
             retained: Mutex::new(retained),
+            groups: shared_sub::Groups::default(),
         });
         session::recover_sessions(&shared);
         Arc::new(Self {

@@ -25,6 +25,7 @@ use mqtt5_protocol::packet::suback::{SubAckPacket, SubAckReasonCode};
 use mqtt5_protocol::packet::subscribe::TopicFilter;
 use mqtt5_protocol::packet::unsuback::{UnsubAckPacket, UnsubAckReasonCode};
 use mqtt5_protocol::{Packet, PropertyId, PropertyValue, QoS, ReasonCode};
+use sha2::Digest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use warren_core::permissions::{Access, ResourceKind};
@@ -36,7 +37,8 @@ use warren_core::{
 use warren_core::{ConnectionAuth, ConnectionGuard, ConnectionInfo};
 
 use crate::codec::{self, CodecError};
-use crate::state::{now_ms, SessionRecord, StoredWill, NEVER};
+use crate::shared_sub;
+use crate::state::{now_ms, SessionRecord, StoredShared, StoredWill, NEVER};
 use crate::topic;
 use crate::{MqttConfig, Shared};
 
@@ -279,12 +281,21 @@ struct Session {
     client_alias_max: u16,
 }
 
+/// A shared subscription `$share/<group>/<filter>` of a session (see [`shared_sub`]).
+struct SharedSub {
+    /// The group's queue and this session's consumer on it.
+    queue: Arc<Queue>,
+    consumer: ConsumerId,
+    /// The granted QoS and the subscription identifier.
+    qos: u8,
+    id: Option<u32>,
+}
+
 /// The parts of a session that most sessions never use (see [`Session::rare`]).
 #[derive(Default)]
 struct Rare {
-    /// Shared subscriptions `$share/<group>/<filter>`: the group's queue, this session's
-    /// consumer on it, the granted QoS and subscription identifier.
-    shared_subs: BTreeMap<String, (Arc<Queue>, ConsumerId, u8, Option<u32>)>,
+    /// Shared subscriptions by their full filter.
+    shared_subs: BTreeMap<String, SharedSub>,
     /// Packet ids of PUBLISHes a previous connection of this session sent and never saw
     /// acknowledged, by session-queue seq: their redelivery reuses the id (MQTT-4.4.0-1).
     /// Cleared once the queue delivers a message that is not a redelivery.
@@ -478,6 +489,9 @@ pub(crate) fn recover_sessions(shared: &Arc<Shared>) {
             record.disconnected_at = now;
         }
         let key = format!("{vhost}\0{client_id}");
+        for sub in &record.shared_subs {
+            shared.groups.recovered(&vhost, &client_id, &sub.filter);
+        }
         let expiry = record.expiry;
         let left = record.disconnected_at;
         // A delayed will still pending at the stop goes when it is due (or now, if late).
@@ -503,6 +517,21 @@ pub(crate) fn recover_sessions(shared: &Arc<Shared>) {
             spawn_park_timer(shared.clone(), vhost, client_id, generation, will, wait);
         }
     }
+    // Group queues whose members all ended in a crash go; missing ones come back.
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        let shared = shared.clone();
+        rt.spawn(async move { shared.groups.reconcile(&shared.broker).await });
+    }
+}
+
+/// Ends an ended or discarded session's shared subscriptions (from its record).
+async fn leave_groups(shared: &Shared, vhost: &VHost, client_id: &str, record: &SessionRecord) {
+    let filters: Vec<&str> = record
+        .shared_subs
+        .iter()
+        .map(|s| s.filter.as_str())
+        .collect();
+    shared.groups.leave(vhost, client_id, &filters).await;
 }
 
 /// After `expire_in`, deletes the parked session (queue, bindings, record) unless a
@@ -563,18 +592,21 @@ fn spawn_park_timer(
         }
         tokio::time::sleep_until(start + expire_in).await;
         let Some(shared) = weak.upgrade() else { return };
-        {
+        let ended = {
             let mut parked = shared.parked.lock();
             if parked.get(&key).is_none_or(|p| p.generation != generation) {
                 return;
             }
-            parked.remove(&key);
-        }
+            parked.remove(&key)
+        };
         tracing::info!(%vhost, %client_id, "mqtt session expired");
         if let Some(vh) = shared.broker.vhost(&vhost) {
             let _ = vh
                 .delete_queue(&queue_name(&client_id), None, false, false)
                 .await;
+            if let Some(p) = ended {
+                leave_groups(&shared, &vh, &client_id, &p.record).await;
+            }
         }
         let _ = shared
             .broker
@@ -670,8 +702,8 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         let id = warren_core::vhost::generated_name("warren-");
         assigned = Some(id.clone());
         id
-    } else if c.client_id.len() > 200 || c.client_id.contains('\0') {
-        // Its queue name must stay a short string; NUL separates the parts of store keys.
+    } else if c.client_id.contains('\0') {
+        // NUL separates the parts of store keys.
         let _ = socket
             .write_all(&refuse(ReasonCode::ClientIdentifierNotValid))
             .await;
@@ -864,6 +896,7 @@ async fn connect_session<W: AsyncWrite + Unpin>(
             publish_will(&shared, &vhost, w.msg, w.retain).await;
         }
         let _ = vhost.delete_queue(&qname, None, false, false).await;
+        leave_groups(&shared, &vhost, &client_id, &p.record).await;
         let _ = shared
             .broker
             .store_mqtt_session(&vhost_name, &client_id, None)
@@ -875,6 +908,7 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     let mut record = parked.map(|p| p.record).unwrap_or_default();
     if c.clean_start {
         let _ = vhost.delete_queue(&qname, None, false, false).await;
+        leave_groups(&shared, &vhost, &client_id, &record).await;
         if had_session {
             let _ = shared
                 .broker
@@ -990,6 +1024,12 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         }
     }
     if existed {
+        // Shared subscriptions are the group's bindings: the record names them.
+        for sub in &record.shared_subs {
+            if !s.join_shared(&sub.filter, sub.qos, sub.id).await {
+                tracing::warn!(client_id = %s.client_id, filter = %sub.filter, "mqtt shared subscription not restored");
+            }
+        }
         // MQTT-4.4.0-1: unacknowledged PUBLISHes go again with their original ids.
         if !record.outgoing_unacked.is_empty() {
             Rare::get(&mut s.rare).reserved_ids = record.outgoing_unacked.iter().copied().collect();
@@ -1028,8 +1068,22 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     Some((s, deliveries))
 }
 
+/// The session queue: RabbitMQ's name, `mqtt-subscription-<client id>qos1`, while it fits
+/// an AMQP short string. A longer client id (MQTT allows 65,535 bytes, and Mosquitto takes
+/// them) keeps its first 180 bytes and adds a digest of the whole id, so the name stays
+/// one per client id and readable in the management API.
 fn queue_name(client_id: &str) -> String {
-    format!("mqtt-subscription-{client_id}qos1")
+    let name = format!("mqtt-subscription-{client_id}qos1");
+    if name.len() <= MAX_SHORT {
+        return name;
+    }
+    let mut cut = 180;
+    while !client_id.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let digest = sha2::Sha256::digest(client_id.as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("mqtt-subscription-{}~{hex}qos1", &client_id[..cut])
 }
 
 /// Topic names and filters may have at most this many `/` (Mosquitto's hierarchy limit,
@@ -1354,6 +1408,15 @@ impl Session {
             outgoing_pubrel,
             outgoing_unacked,
             will: None,
+            shared_subs: Rare::of(&self.rare)
+                .shared_subs
+                .iter()
+                .map(|(filter, s)| StoredShared {
+                    filter: filter.clone(),
+                    qos: s.qos,
+                    id: s.id,
+                })
+                .collect(),
         }
     }
 
@@ -1464,11 +1527,15 @@ impl Session {
                 } else {
                     UnsubAckPacket::new_v311(u.packet_id)
                 };
+                let mut shared_left = false;
                 for f in u.filters {
-                    if let Some((q, c, _, _)) =
-                        self.rare.as_mut().and_then(|r| r.shared_subs.remove(&f))
-                    {
-                        q.remove_consumer(c).await;
+                    if let Some(s) = self.rare.as_mut().and_then(|r| r.shared_subs.remove(&f)) {
+                        s.queue.remove_consumer(s.consumer).await;
+                        self.shared
+                            .groups
+                            .leave(&self.vhost, &self.client_id, &[f.as_str()])
+                            .await;
+                        shared_left = true;
                         if self.version == 5 {
                             ack.reason_codes.push(UnsubAckReasonCode::Success);
                         }
@@ -1493,6 +1560,11 @@ impl Session {
                             UnsubAckReasonCode::NoSubscriptionExisted
                         });
                     }
+                }
+                if shared_left {
+                    // The record lists shared subscriptions: UNSUBACK once it is stored.
+                    let t = self.persist().await;
+                    self.wait(t).await;
                 }
                 codec::encode(&ack, &mut self.out);
                 Ok(())
@@ -1568,13 +1640,13 @@ impl Session {
                 SubAckReasonCode::UnspecifiedError
             };
         }
-        if let Some(rest) = filter.strip_prefix("$share/") {
+        if filter.starts_with("$share/") {
             // MQTT-3.8.3-4: no-local on a shared subscription is a protocol error; refuse
             // the filter rather than the connection.
             if o.no_local {
                 return invalid;
             }
-            return self.subscribe_shared(filter, rest, qos, sub_id).await;
+            return self.subscribe_shared(filter, qos, sub_id).await;
         }
         let Some(q) = self.ensure_queue().await else {
             return SubAckReasonCode::UnspecifiedError;
@@ -1819,73 +1891,62 @@ impl Session {
     }
 
     /// `$share/<group>/<filter>`: competing consumers on one queue per group and filter
-    /// (MQTT 5 §4.8.2), bound on `amq.topic` like any subscription; the queue goes with
-    /// its last member. No retained messages are sent for it (MQTT 5 §4.8.2).
+    /// (MQTT 5 §4.8.2, see [`shared_sub`]). No retained messages are sent for it (MQTT 5
+    /// §4.8.2). A persistent session's record lists it, stored before the SUBACK.
     async fn subscribe_shared(
         &mut self,
         full: &str,
-        rest: &str,
         qos: u8,
         sub_id: Option<u32>,
     ) -> SubAckReasonCode {
-        let invalid = if self.version == 5 {
-            SubAckReasonCode::TopicFilterInvalid
-        } else {
-            SubAckReasonCode::UnspecifiedError
-        };
         // MQTT-4.8.2-1/2: a non-empty group name without wildcards, then a filter.
-        let Some((group, filter)) = rest.split_once('/') else {
-            return invalid;
-        };
-        if group.is_empty() || group.contains(['+', '#']) || filter.is_empty() {
-            return invalid;
-        }
-        if let Some((q, c, _, _)) = self.rare.as_mut().and_then(|r| r.shared_subs.remove(full)) {
-            q.remove_consumer(c).await;
-        }
-        let name = format!("mqtt-shared-{group}-{filter}");
-        if name.len() > MAX_SHORT {
-            return invalid;
-        }
-        let declared = self
-            .vhost
-            .declare_queue(
-                QueueDecl {
-                    name: name.as_str().into(),
-                    passive: false,
-                    durable: false,
-                    exclusive: false,
-                    auto_delete: true,
-                    arguments: FieldTable::default(),
-                },
-                self.id,
-            )
-            .await;
-        let Ok((q, _)) = declared else {
-            return SubAckReasonCode::UnspecifiedError;
-        };
-        let key = topic::to_amqp(filter);
-        if self
-            .vhost
-            .bind(
-                "amq.topic",
-                Target::Queue(q.clone()),
-                key.as_str().into(),
-                FieldTable::default(),
-            )
-            .await
-            .is_err()
+        let parts = shared_sub::split(full);
+        if parts
+            .and_then(|(g, f)| shared_sub::queue_name(g, f))
+            .is_none()
         {
+            return if self.version == 5 {
+                SubAckReasonCode::TopicFilterInvalid
+            } else {
+                SubAckReasonCode::UnspecifiedError
+            };
+        }
+        if !self.join_shared(full, qos, sub_id).await {
             return SubAckReasonCode::UnspecifiedError;
         }
-        let (consumer, spec) = self.consumer_spec("mqtt-shared");
-        if q.add_consumer(spec).await.is_err() {
-            return SubAckReasonCode::UnspecifiedError;
-        }
-        Rare::get(&mut self.rare)
-            .shared_subs
-            .insert(full.to_owned(), (q, consumer, qos, sub_id));
+        let t = self.persist().await;
+        self.wait(t).await;
         granted(qos)
+    }
+
+    /// Joins the group of `full` and consumes from its queue: a new subscription, one
+    /// that replaces it (MQTT-3.8.4-3), or one restored with its session.
+    async fn join_shared(&mut self, full: &str, qos: u8, id: Option<u32>) -> bool {
+        if let Some(old) = self.rare.as_mut().and_then(|r| r.shared_subs.remove(full)) {
+            old.queue.remove_consumer(old.consumer).await;
+        }
+        let groups = &self.shared.groups;
+        let persistent = self.session_expiry > 0;
+        let joined = groups
+            .join(&self.vhost, self.id, &self.client_id, full, persistent)
+            .await;
+        if let Some(queue) = joined {
+            let (consumer, spec) = self.consumer_spec("mqtt-shared");
+            if queue.add_consumer(spec).await.is_ok() {
+                Rare::get(&mut self.rare).shared_subs.insert(
+                    full.to_owned(),
+                    SharedSub {
+                        queue,
+                        consumer,
+                        qos,
+                        id,
+                    },
+                );
+                return true;
+            }
+        }
+        groups.leave(&self.vhost, &self.client_id, &[full]).await;
+        false
     }
 
     /// Writes a delivery from the session queue (or a shared-subscription queue) as PUBLISH:
@@ -1896,13 +1957,13 @@ impl Session {
         let mut granted_qos = None;
         let mut sub_ids = Vec::new();
         let mut rap = false;
-        if let Some((_, _, qos, id)) = Rare::of(&self.rare)
+        if let Some(s) = Rare::of(&self.rare)
             .shared_subs
             .values()
-            .find(|(q, c, _, _)| *c == d.consumer && Arc::ptr_eq(q, &d.queue))
+            .find(|s| s.consumer == d.consumer && Arc::ptr_eq(&s.queue, &d.queue))
         {
-            granted_qos = Some(*qos);
-            sub_ids.extend(id);
+            granted_qos = Some(s.qos);
+            sub_ids.extend(s.id);
         } else {
             let from_self = matches!(header(&d.message, ORIGIN_HEADER),
                 Some(AMQPValue::LongString(o)) if o.as_bytes() == self.client_id.as_bytes());
@@ -1999,7 +2060,7 @@ impl Session {
             let shared: Vec<Arc<Queue>> = Rare::of(&self.rare)
                 .shared_subs
                 .values()
-                .map(|(q, ..)| q.clone())
+                .map(|s| s.queue.clone())
                 .collect();
             for q in shared {
                 q.kick().await;
@@ -2222,12 +2283,10 @@ impl Session {
         if let (Some(q), Some(c)) = (&self.queue, self.consumer) {
             q.remove_consumer(c).await;
         }
-        let shared = self
-            .rare
-            .as_mut()
-            .map(|r| std::mem::take(&mut r.shared_subs));
-        for (_, (q, c, _, _)) in shared.unwrap_or_default() {
-            q.remove_consumer(c).await;
+        // Shared subscriptions stay in the session (its record lists them) while it is
+        // parked; their messages go to the group's other members meanwhile.
+        for s in Rare::of(&self.rare).shared_subs.values() {
+            s.queue.remove_consumer(s.consumer).await;
         }
         // Unacknowledged deliveries go back to their queues, redelivered with DUP and, from
         // the session queue, their packet ids (MQTT-4.4.0-1); released QoS 2 ids stay in
@@ -2276,6 +2335,15 @@ impl Session {
                     .delete_queue(&queue_name(&self.client_id), None, false, false)
                     .await;
             }
+            let shared_subs: Vec<&str> = Rare::of(&self.rare)
+                .shared_subs
+                .keys()
+                .map(String::as_str)
+                .collect();
+            self.shared
+                .groups
+                .leave(&self.vhost, &self.client_id, &shared_subs)
+                .await;
             self.vhost.connection_closed(self.id).await;
             if self.connect_expiry != 0 {
                 let _ = self

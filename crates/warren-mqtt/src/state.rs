@@ -8,6 +8,9 @@
 //! `k u16 ‖ k × (queue seq u64 ‖ packet id u16)` (unacknowledged outbound PUBLISHes) and
 //! `w u8` (0 = no will; 1 = `due u64 (unix ms) ‖ retain u8 ‖ len u32 ‖ len bytes`, a
 //! delayed will and its message in the store's encoding).
+//! Version 3 (written now) is version 2 with `3` first, followed by
+//! `s u16 ‖ s × (len u16 ‖ len bytes of `$share/<group>/<filter>` ‖ qos u8 ‖ has id u8 ‖
+//! [id u32])`: the shared subscriptions, whose bindings are the group's, not the session's.
 //!
 //! # Invariants
 //! * Written (and synced) before the PUBREC / PUBCOMP / PUBREL that depends on it, so a
@@ -36,6 +39,17 @@ pub struct SessionRecord {
     pub outgoing_unacked: Vec<(u64, u16)>,
     /// A will waiting for its delay, so it is sent even across a restart.
     pub will: Option<StoredWill>,
+    /// Shared subscriptions, restored when the session resumes.
+    pub shared_subs: Vec<StoredShared>,
+}
+
+/// A shared subscription as the record keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredShared {
+    /// `$share/<group>/<filter>`, as subscribed.
+    pub filter: String,
+    pub qos: u8,
+    pub id: Option<u32>,
 }
 
 /// A delayed will (MQTT 5 will delay interval) as the record keeps it.
@@ -56,7 +70,7 @@ impl SessionRecord {
                 + 10 * self.outgoing_unacked.len()
                 + will_len,
         );
-        v.push(2);
+        v.push(3);
         v.extend_from_slice(&self.expiry.to_be_bytes());
         v.extend_from_slice(&self.disconnected_at.to_be_bytes());
         for ids in [&self.incoming_qos2, &self.outgoing_pubrel] {
@@ -82,14 +96,34 @@ impl SessionRecord {
                 v.extend_from_slice(&w.message);
             }
         }
+        // Filters are at most a packet's size; a record never holds more than u16::MAX.
+        let shared: Vec<&StoredShared> = self
+            .shared_subs
+            .iter()
+            .filter(|s| s.filter.len() <= u16::MAX as usize)
+            .take(u16::MAX as usize)
+            .collect();
+        v.extend_from_slice(&(shared.len() as u16).to_be_bytes());
+        for s in shared {
+            v.extend_from_slice(&(s.filter.len() as u16).to_be_bytes());
+            v.extend_from_slice(s.filter.as_bytes());
+            v.push(s.qos);
+            match s.id {
+                None => v.push(0),
+                Some(id) => {
+                    v.push(1);
+                    v.extend_from_slice(&id.to_be_bytes());
+                }
+            }
+        }
         v
     }
 
-    /// `None` for bytes that are not a version 1 or 2 record.
+    /// `None` for bytes that are not a version 1, 2 or 3 record.
     pub fn decode(b: &[u8]) -> Option<SessionRecord> {
         let mut r = Reader(b);
         let version = r.u8()?;
-        if version != 1 && version != 2 {
+        if !(1..=3).contains(&version) {
             return None;
         }
         let mut rec = SessionRecord {
@@ -120,6 +154,19 @@ impl SessionRecord {
                 retain,
                 message,
             });
+        }
+        if version == 3 {
+            let n = r.u16()?;
+            for _ in 0..n {
+                let len = r.u16()? as usize;
+                let filter = std::str::from_utf8(r.take(len)?).ok()?.to_owned();
+                let qos = r.u8()?;
+                let id = match r.u8()? {
+                    0 => None,
+                    _ => Some(r.u32()?),
+                };
+                rec.shared_subs.push(StoredShared { filter, qos, id });
+            }
         }
         r.0.is_empty().then_some(rec)
     }
@@ -179,6 +226,18 @@ mod tests {
                 retain: true,
                 message: b"encoded will".to_vec(),
             }),
+            shared_subs: vec![
+                StoredShared {
+                    filter: "$share/g/a/+".into(),
+                    qos: 1,
+                    id: Some(7),
+                },
+                StoredShared {
+                    filter: "$share/h/#".into(),
+                    qos: 2,
+                    id: None,
+                },
+            ],
         }
     }
 
@@ -210,6 +269,17 @@ mod tests {
         assert_eq!(r.will, None);
     }
 
+    #[test]
+    fn version_2_records_still_load() {
+        // A version 2 record is a version 3 one without the shared-subscription list.
+        let mut r = sample();
+        r.shared_subs.clear();
+        let mut v2 = r.encode();
+        v2[0] = 2;
+        v2.truncate(v2.len() - 2);
+        assert_eq!(SessionRecord::decode(&v2), Some(r));
+    }
+
     proptest::proptest! {
         #[test]
         fn decode_never_panics(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
@@ -222,6 +292,7 @@ mod tests {
             inc in proptest::collection::vec(proptest::prelude::any::<u16>(), 0..8),
             unacked in proptest::collection::vec(proptest::prelude::any::<(u64, u16)>(), 0..8),
             will in proptest::option::of((proptest::prelude::any::<u64>(), proptest::prelude::any::<bool>(), proptest::collection::vec(proptest::prelude::any::<u8>(), 0..32))),
+            shared in proptest::collection::vec(("\\PC{0,12}", 0u8..3, proptest::option::of(proptest::prelude::any::<u32>())), 0..4),
         ) {
             let r = SessionRecord {
                 expiry,
@@ -230,6 +301,7 @@ mod tests {
                 outgoing_pubrel: inc,
                 outgoing_unacked: unacked,
                 will: will.map(|(due, retain, message)| StoredWill { due, retain, message }),
+                shared_subs: shared.into_iter().map(|(filter, qos, id)| StoredShared { filter, qos, id }).collect(),
             };
             proptest::prop_assert_eq!(SessionRecord::decode(&r.encode()), Some(r));
         }
