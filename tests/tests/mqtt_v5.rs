@@ -1093,6 +1093,68 @@ async fn a_wrong_kind_of_ack_ends_the_connection() {
     }
 }
 
+/// MQTT 5 §4.13.1 leaves the DISCONNECT before closing on a protocol error to the server.
+/// As Mosquitto 2.0 (its 01-connect-duplicate, 01-connect-connack-2163 and bad-ack tests):
+/// a second CONNECT, a server-to-client packet or a wrong-kind acknowledgement just close
+/// the connection; a malformed SUBSCRIBE gets DISCONNECT 0x81 first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn which_v5_protocol_errors_get_a_disconnect() {
+    let b = start().await;
+    let connect = connect_v5("errors-v5", &[], None);
+    let quiet: [&[u8]; 3] = [&connect, &[0x29, 0x02, 0x00, 0x01], &[0x40, 2, 0, 7]];
+    for (i, bad) in quiet.into_iter().enumerate() {
+        let mut s = raw(&b).await;
+        s.write_all(&connect).await.unwrap();
+        assert_eq!(read_packet(&mut s).await.unwrap().0, 0x20);
+        if i == 2 {
+            // A PUBACK is only wrong for a QoS 2 delivery: make one.
+            let mut sub = subscribe_qos1("errors/t");
+            sub.insert(4, 0); // no properties
+            sub[1] += 1;
+            *sub.last_mut().unwrap() = 2;
+            s.write_all(&sub).await.unwrap();
+            assert_eq!(read_packet(&mut s).await.unwrap().0, 0x90);
+            // PUBLISH QoS 2 to itself, packet id 9, no properties.
+            let topic = b"errors/t";
+            let mut body = vec![0, topic.len() as u8];
+            body.extend_from_slice(topic);
+            body.extend_from_slice(&[0, 9, 0, b'm']);
+            let mut publish = vec![0x34, body.len() as u8];
+            publish.extend(body);
+            s.write_all(&publish).await.unwrap();
+            let mut delivery_id = None;
+            while delivery_id.is_none() {
+                let (t, p) = read_packet(&mut s).await.expect("PUBREC and the delivery");
+                if t & 0xF0 == 0x30 {
+                    let at = 2 + topic.len();
+                    delivery_id = Some([p[at], p[at + 1]]);
+                }
+            }
+            let id = delivery_id.unwrap();
+            s.write_all(&[0x40, 2, id[0], id[1]]).await.unwrap();
+        } else {
+            s.write_all(bad).await.unwrap();
+        }
+        s.write_all(&[0xC0, 0]).await.unwrap(); // PINGREQ
+        loop {
+            match read_packet(&mut s).await {
+                None => break,
+                // The QoS 2 exchange of case 2 may still be finishing.
+                Some((t, _)) if i == 2 && (t == 0x50 || t == 0x70) => continue,
+                Some((t, p)) => panic!("case {i}: got {t:#04x} {p:?}, not a plain close"),
+            }
+        }
+    }
+    let mut s = raw(&b).await;
+    s.write_all(&connect).await.unwrap();
+    assert_eq!(read_packet(&mut s).await.unwrap().0, 0x20);
+    // SUBSCRIBE with reserved flags 0 instead of 2 (MQTT-3.8.1-1): malformed.
+    s.write_all(&[0x80, 9, 0, 1, 0, 0, 4, b'a', b'/', b'b', 0])
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut s).await, Some((0xE0, vec![0x81])));
+}
+
 /// A CONNACK over the client's Maximum Packet Size cannot be sent (MQTT-3.1.2-24): the
 /// connection closes without one, as Mosquitto's 12-prop-maximum-packet-size-connect
 /// expects; a limit that fits it gets it.

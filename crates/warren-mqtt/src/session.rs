@@ -1219,6 +1219,7 @@ impl Session {
         loop {
             // Packets that arrived with CONNECT.
             loop {
+                let packet_type = rbuf.first().map_or(0, |b| b >> 4);
                 match codec::decode(rbuf, self.version, self.cfg.max_packet_size) {
                     Ok(Some(p)) => {
                         if let Err(end) = Box::pin(self.handle(p)).await {
@@ -1228,13 +1229,21 @@ impl Session {
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        let code = match e {
-                            // MQTT-3.2.2-? / §4.13: a packet over our Maximum Packet Size.
-                            CodecError::TooLarge { .. } => rc::PACKET_TOO_LARGE,
-                            // MQTT-1.5.5-1, MQTT-3.3.1-4: malformed.
-                            _ => rc::MALFORMED,
-                        };
-                        self.protocol_error(code, &e.to_string());
+                        // As Mosquitto answers (see `protocol_error_quiet`): DISCONNECT
+                        // for a packet over our Maximum Packet Size (MQTT 5 §4.13), a
+                        // malformed PUBLISH / SUBSCRIBE / UNSUBSCRIBE / DISCONNECT
+                        // (MQTT-1.5.5-1, MQTT-3.3.1-4) or a reserved packet type; other
+                        // malformed packets and a bad remaining length just close.
+                        let why = e.to_string();
+                        match (e, packet_type) {
+                            (CodecError::TooLarge { .. }, _) => {
+                                self.protocol_error(rc::PACKET_TOO_LARGE, &why)
+                            }
+                            (CodecError::BadLength, _) => self.protocol_error_quiet(&why),
+                            (_, 0) => self.protocol_error(rc::PROTOCOL_ERROR, &why),
+                            (_, 3 | 8 | 10 | 14) => self.protocol_error(rc::MALFORMED, &why),
+                            _ => self.protocol_error_quiet(&why),
+                        }
                         let _ = wr.write_all(&self.out).await;
                         return End::ProtocolError;
                     }
@@ -1345,6 +1354,15 @@ impl Session {
     fn protocol_error(&mut self, code: u8, why: &str) {
         tracing::info!(peer = %self.peer, client_id = %self.client_id, error = why, "mqtt protocol error");
         self.disconnect(code, why);
+    }
+
+    /// A protocol error in a packet after which the connection just closes, without a
+    /// DISCONNECT (MQTT 5 §4.13.1 leaves it to the server): Mosquitto 2.0 sends one only
+    /// for errors in PUBLISH, SUBSCRIBE, UNSUBSCRIBE, DISCONNECT and unknown packet types
+    /// (`read_handle.c`), and its clients' tests expect the socket to close at once after
+    /// a second CONNECT, a wrong-kind acknowledgement or a server-to-client packet.
+    fn protocol_error_quiet(&mut self, why: &str) {
+        tracing::info!(peer = %self.peer, client_id = %self.client_id, error = why, "mqtt protocol error");
     }
 
     fn next_pkid(&mut self) -> u16 {
@@ -1596,14 +1614,14 @@ impl Session {
             }
             // MQTT-3.1.0-2: a second CONNECT is a protocol error.
             Packet::Connect(_) => {
-                self.protocol_error(rc::PROTOCOL_ERROR, "second CONNECT");
+                self.protocol_error_quiet("second CONNECT");
                 Err(End::ProtocolError)
             }
             other => {
                 // Server-to-client packets (CONNACK, SUBACK, …) from a client; AUTH is not
                 // supported (no authentication method was agreed).
                 let why = format!("unexpected {}", other.packet_type_name());
-                self.protocol_error(rc::PROTOCOL_ERROR, &why);
+                self.protocol_error_quiet(&why);
                 Err(End::ProtocolError)
             }
         }
@@ -2151,7 +2169,7 @@ impl Session {
         match self.inflight.get(&pkid) {
             Some(i) if !fits(i) => {
                 let why = format!("{kind} for packet {pkid} sent at QoS {}", i.qos);
-                self.protocol_error(rc::PROTOCOL_ERROR, &why);
+                self.protocol_error_quiet(&why);
                 Err(End::ProtocolError)
             }
             _ => Ok(()),
