@@ -110,18 +110,7 @@ fn check_connect_header(body: &[u8]) -> Result<Option<Bytes>, CodecError> {
             let len = 7 + rest.len();
             let mut out = BytesMut::with_capacity(len + 5);
             out.extend_from_slice(&[0x10]);
-            let mut x = len;
-            loop {
-                let mut b = (x & 0x7f) as u8;
-                x >>= 7;
-                if x > 0 {
-                    b |= 0x80;
-                }
-                out.extend_from_slice(&[b]);
-                if x == 0 {
-                    break;
-                }
-            }
+            put_varint(&mut out, len);
             out.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4]);
             out.extend_from_slice(rest);
             Ok(Some(out.freeze()))
@@ -137,6 +126,65 @@ pub fn encode<P: MqttPacket>(packet: &P, out: &mut BytesMut) {
     if let Err(e) = packet.encode(out) {
         tracing::warn!(error = %e, "mqtt packet could not be encoded");
     }
+}
+
+/// Appends a Variable Byte Integer (MQTT-1.5.5).
+fn put_varint(out: &mut BytesMut, mut x: usize) {
+    loop {
+        let mut b = (x & 0x7f) as u8;
+        x >>= 7;
+        if x > 0 {
+            b |= 0x80;
+        }
+        out.extend_from_slice(&[b]);
+        if x == 0 {
+            break;
+        }
+    }
+}
+
+/// What a successful MQTT 5 CONNACK says besides the protocol's defaults.
+pub struct ConnAckV5<'a> {
+    pub session_present: bool,
+    /// 0 = none (the default), so left out.
+    pub topic_alias_maximum: u16,
+    pub assigned_client_id: Option<&'a str>,
+    /// 65,535 = the default, so left out.
+    pub receive_maximum: u16,
+    pub maximum_packet_size: u32,
+}
+
+/// A successful MQTT 5 CONNACK with its properties in Mosquitto's order (Topic Alias
+/// Maximum, Assigned Client Identifier, Receive Maximum; then Maximum Packet Size, which
+/// Mosquitto leaves out unless configured). mqtt5-protocol writes properties in hash-map
+/// order, different from one packet to the next, and clients' tests compare a CONNACK's
+/// bytes (Mosquitto's 12-prop-assigned-client-identifier compares the first 12).
+pub fn encode_connack_v5(c: &ConnAckV5<'_>, out: &mut BytesMut) {
+    let mut props = BytesMut::with_capacity(64);
+    if c.topic_alias_maximum > 0 {
+        props.extend_from_slice(&[0x22]);
+        props.extend_from_slice(&c.topic_alias_maximum.to_be_bytes());
+    }
+    if let Some(id) = c.assigned_client_id {
+        // A client id is at most a 65,535-byte UTF-8 string (MQTT-1.5.4).
+        let id = &id.as_bytes()[..id.len().min(u16::MAX as usize)];
+        props.extend_from_slice(&[0x12]);
+        props.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        props.extend_from_slice(id);
+    }
+    if c.receive_maximum != u16::MAX {
+        props.extend_from_slice(&[0x21]);
+        props.extend_from_slice(&c.receive_maximum.to_be_bytes());
+    }
+    props.extend_from_slice(&[0x27]);
+    props.extend_from_slice(&c.maximum_packet_size.to_be_bytes());
+    let mut head = BytesMut::with_capacity(8);
+    head.extend_from_slice(&[u8::from(c.session_present), 0x00]);
+    put_varint(&mut head, props.len());
+    out.extend_from_slice(&[0x20]);
+    put_varint(out, head.len() + props.len());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&props);
 }
 
 /// PINGRESP (MQTT-3.13): `D0 00`.
@@ -279,6 +327,38 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn connack_v5_in_mosquittos_order() {
+        let mut out = BytesMut::new();
+        encode_connack_v5(
+            &ConnAckV5 {
+                session_present: false,
+                topic_alias_maximum: 10,
+                assigned_client_id: Some("auto-6D67543A-9806-9C5D-4764-53C5BE74DD3F"),
+                receive_maximum: 20,
+                maximum_packet_size: 0x0100_0000,
+            },
+            &mut out,
+        );
+        // Mosquitto 2.0's CONNACK for an empty client id, then our Maximum Packet Size.
+        let mut want = vec![0x20, 0x3A, 0, 0, 0x37, 0x22, 0, 10, 0x12, 0, 41];
+        want.extend_from_slice(b"auto-6D67543A-9806-9C5D-4764-53C5BE74DD3F");
+        want.extend_from_slice(&[0x21, 0, 20, 0x27, 1, 0, 0, 0]);
+        assert_eq!(&out[..], &want[..]);
+        let mut out = BytesMut::new();
+        encode_connack_v5(
+            &ConnAckV5 {
+                session_present: true,
+                topic_alias_maximum: 0,
+                assigned_client_id: None,
+                receive_maximum: u16::MAX,
+                maximum_packet_size: 300,
+            },
+            &mut out,
+        );
+        assert_eq!(&out[..], &[0x20, 8, 1, 0, 5, 0x27, 0, 0, 1, 44]);
     }
 
     proptest::proptest! {

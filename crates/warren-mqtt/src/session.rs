@@ -699,7 +699,7 @@ async fn connect_session<W: AsyncWrite + Unpin>(
                 .await;
             return None;
         }
-        let id = warren_core::vhost::generated_name("warren-");
+        let id = assigned_client_id();
         assigned = Some(id.clone());
         id
     } else if c.client_id.contains('\0') {
@@ -929,25 +929,28 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     // MQTT-3.2.2-2/3: Session Present only when an existing session is resumed. MQTT 3.1
     // has no such flag: the byte is reserved, 0.
     let session_present = !c.clean_start && existed && level != 3;
-    let mut ack = if version == 5 {
-        ConnAckPacket::new(session_present, ReasonCode::Success)
-            .with_receive_maximum(cfg.receive_maximum)
-            .with_maximum_packet_size(cfg.max_packet_size.min(u32::MAX as usize) as u32)
-            .with_topic_alias_maximum(cfg.topic_alias_maximum)
+    let mut out = BytesMut::new();
+    if version == 5 {
         // Only what differs from the defaults, as Mosquitto: absent Retain, Wildcard,
         // Subscription Identifier and Shared Subscription Available mean 1 (MQTT 5
         // §3.2.2.3), and a CONNACK of 16 bytes fits a client's small Maximum Packet Size
         // (Mosquitto's 12-prop-maximum-packet-size-publish sets 20). No Maximum QoS:
         // absent means QoS 2 is supported, and 2 is not a value the property may take
         // (§3.2.2.3.4; clients treat it as a protocol error).
+        codec::encode_connack_v5(
+            &codec::ConnAckV5 {
+                session_present,
+                topic_alias_maximum: cfg.topic_alias_maximum,
+                assigned_client_id: assigned.as_deref(),
+                receive_maximum: cfg.receive_maximum,
+                maximum_packet_size: cfg.max_packet_size.min(u32::MAX as usize) as u32,
+            },
+            &mut out,
+        );
     } else {
-        ConnAckPacket::new_v311(session_present, ReasonCode::Success)
-    };
-    if let (Some(a), 5) = (assigned, version) {
-        ack = ack.with_assigned_client_id(a);
+        let ack = ConnAckPacket::new_v311(session_present, ReasonCode::Success);
+        codec::encode(&ack, &mut out);
     }
-    let mut out = BytesMut::new();
-    codec::encode(&ack, &mut out);
     // MQTT-3.1.2-24: nothing larger than the client's Maximum Packet Size is sent; without
     // its CONNACK the connection closes, as Mosquitto closes it.
     if out.len() > client_max_packet || socket.write_all(&out).await.is_err() {
@@ -1066,6 +1069,21 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     }
     tracing::info!(%peer, client_id = %s.client_id, level, session_expiry, session_present, "mqtt connection opened");
     Some((s, deliveries))
+}
+
+/// A client id for a 5.0 client that sent none (MQTT-3.1.3-6): `auto-` and a random UUID,
+/// as Mosquitto assigns them.
+fn assigned_client_id() -> String {
+    let r: [u8; 16] = rand::random();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02X}")).collect::<String>();
+    format!(
+        "auto-{}-{}-{}-{}-{}",
+        hex(&r[..4]),
+        hex(&r[4..6]),
+        hex(&r[6..8]),
+        hex(&r[8..10]),
+        hex(&r[10..])
+    )
 }
 
 /// The session queue: RabbitMQ's name, `mqtt-subscription-<client id>qos1`, while it fits
