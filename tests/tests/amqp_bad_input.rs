@@ -338,6 +338,44 @@ async fn a_burst_of_publishes_is_confirmed_with_multiple_acks() {
     assert!(multiple > 0 && acks < N, "{acks} acks, {multiple} multiple");
 }
 
+/// Under confirms, an unroutable mandatory publish's basic.return comes after the acks of
+/// the publishes before it and just before its own ack, as RabbitMQ orders them
+/// (php-amqp's `amqpexchange_publish_confirms` waits for ack 1, return 2, ack 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_return_under_confirms_follows_the_earlier_acks() {
+    let b = common::start().await;
+    let mut s = confirm_channel(b.addr).await;
+    let mut two = publish_start(1, "nowhere", 1);
+    two.extend(frame(3, 1, b"x"));
+    two.extend(publish_start_with(1, "nowhere", 1, 1));
+    two.extend(frame(3, 1, b"y"));
+    s.write_all(&two).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let f = read_frame(&mut s).await;
+        seen.push(match f[0] {
+            1 if method_ids(&f) == (60, 80) => {
+                let tag = u64::from_be_bytes(f[11..19].try_into().unwrap());
+                format!("ack {tag} multiple={}", f[19] & 1)
+            }
+            1 => format!("method {:?}", method_ids(&f)),
+            2 => "header".to_owned(),
+            3 => format!("body {}", String::from_utf8_lossy(&f[7..f.len() - 1])),
+            t => format!("frame type {t}"),
+        });
+    }
+    assert_eq!(
+        seen,
+        [
+            "ack 1 multiple=0",
+            "method (60, 50)",
+            "header",
+            "body y",
+            "ack 2 multiple=0"
+        ]
+    );
+}
+
 /// A message published under confirms to a queue this connection consumes from is
 /// delivered before it is confirmed, in RabbitMQ's order: aiormq's tests publish, await
 /// the confirm, then wait for the delivery, and hang when the connection dies in between.
@@ -393,10 +431,15 @@ async fn confirm_channel(addr: std::net::SocketAddr) -> TcpStream {
 /// basic.publish to the default exchange with `key` and a content header announcing
 /// `size` body bytes, on channel `ch`: the body frames follow.
 fn publish_start(ch: u16, key: &str, size: u64) -> Vec<u8> {
+    publish_start_with(ch, key, size, 0)
+}
+
+/// [`publish_start`] with basic.publish's `bits` (1 = mandatory).
+fn publish_start_with(ch: u16, key: &str, size: u64, bits: u8) -> Vec<u8> {
     let mut publish = 0u16.to_be_bytes().to_vec();
     publish.extend(shortstr(""));
     publish.extend(shortstr(key));
-    publish.push(0);
+    publish.push(bits);
     let mut header = 60u16.to_be_bytes().to_vec();
     header.extend_from_slice(&0u16.to_be_bytes());
     header.extend_from_slice(&size.to_be_bytes());

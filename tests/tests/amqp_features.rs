@@ -769,8 +769,16 @@ async fn direct_reply_to_rpc() {
     .await;
     let req = next(&mut requests).await;
     let reply_to = req.properties.reply_to().clone().expect("reply_to");
+    // RabbitMQ's shape: two padded base64 parts (php-amqp's tests match
+    // `amq.rabbitmq.reply-to.%s.%s==`).
+    let parts: Vec<&str> = reply_to
+        .as_str()
+        .strip_prefix("amq.rabbitmq.reply-to.")
+        .expect("the reply-to prefix")
+        .split('.')
+        .collect();
     assert!(
-        reply_to.as_str().starts_with("amq.rabbitmq.reply-to."),
+        parts.len() == 2 && parts[1].len() == 24 && parts[1].ends_with("=="),
         "{}",
         reply_to.as_str()
     );

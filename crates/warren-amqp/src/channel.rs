@@ -63,6 +63,10 @@ struct PendingConfirm {
     tag: u64,
     ticket: Option<u64>,
     nack: bool,
+    /// The basic.return of an unroutable mandatory publish, written just before its ack:
+    /// so after the acks of earlier publishes, in RabbitMQ's order (php-amqp's
+    /// `amqpexchange_publish_confirms` expects ack 3, return 4, ack 4).
+    returned: Option<Box<(basic::Return, Arc<Message>)>>,
 }
 
 /// A settle buffered by a transaction.
@@ -97,6 +101,8 @@ pub(crate) struct Channel {
     confirm: bool,
     next_publish_tag: u64,
     confirms: VecDeque<PendingConfirm>,
+    /// A basic.return waiting for its publish's confirm (see [`PendingConfirm::returned`]).
+    unsent_return: Option<Box<(basic::Return, Arc<Message>)>>,
     tx: Option<TxBuffer>,
     reply_queue: Option<Arc<Queue>>,
     /// The queue an empty queue name stands for (see `expand_queue_shortcut`).
@@ -118,6 +124,7 @@ impl Channel {
             confirm: false,
             next_publish_tag: 1,
             confirms: VecDeque::new(),
+            unsent_return: None,
             tx: None,
             reply_queue: None,
             last_queue: None,
@@ -1377,10 +1384,12 @@ impl Conn {
     fn confirm_publish(&mut self, ch: u16, confirm_tag: Option<u64>, outcome: PublishOutcome) {
         if let Some(tag) = confirm_tag {
             let chan = self.chan(ch);
+            let returned = chan.unsent_return.take();
             chan.confirms.push_back(PendingConfirm {
                 tag,
                 ticket: outcome.ticket.map(|t| t.0),
                 nack: outcome.rejected,
+                returned,
             });
             chan.stats.set_unconfirmed(chan.confirms.len());
             self.confirms_due = true;
@@ -1457,16 +1466,19 @@ impl Conn {
             );
         }
         if unroutable && p.mandatory {
-            self.write(
-                ch,
-                AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
-                    reply_code: code::NO_ROUTE,
-                    reply_text: "NO_ROUTE".into(),
-                    exchange: p.exchange.clone(),
-                    routing_key: p.routing_key.clone(),
-                })),
-            );
-            self.write_content(ch, &msg);
+            let returned = basic::Return {
+                reply_code: code::NO_ROUTE,
+                reply_text: "NO_ROUTE".into(),
+                exchange: p.exchange.clone(),
+                routing_key: p.routing_key.clone(),
+            };
+            let chan = self.chan(ch);
+            if chan.confirm {
+                chan.unsent_return = Some(Box::new((returned, msg)));
+            } else {
+                self.write(ch, AMQPClass::Basic(basic::AMQPMethod::Return(returned)));
+                self.write_content(ch, &msg);
+            }
         }
         Ok(outcome)
     }
@@ -1477,6 +1489,7 @@ impl Conn {
         self.confirms_due = false;
         let synced = *self.synced.borrow_and_update();
         let mut out = std::mem::take(&mut self.out);
+        let frame_max = self.frame_max;
         for (&ch, chan) in self.channels.iter_mut() {
             if chan.confirms.is_empty() {
                 continue;
@@ -1491,6 +1504,18 @@ impl Conn {
                 let Some(c) = chan.confirms.pop_front() else {
                     break;
                 };
+                if let Some(r) = c.returned {
+                    if let Some((tag, n)) = run.take() {
+                        write_ack(&mut out, ch, tag, n > 1);
+                    }
+                    let (method, msg) = *r;
+                    codec::encode_method(
+                        &mut out,
+                        ch,
+                        &AMQPClass::Basic(basic::AMQPMethod::Return(method)),
+                    );
+                    encode_content(&mut out, ch, &msg, frame_max);
+                }
                 if c.nack {
                     if let Some((tag, n)) = run.take() {
                         write_ack(&mut out, ch, tag, n > 1);
@@ -1523,10 +1548,7 @@ impl Conn {
 
     /// Writes a content header and body frames for `msg`, reusing its encoded properties.
     fn write_content(&mut self, ch: u16, msg: &Message) {
-        let encoded = msg
-            .encoded_properties
-            .get_or_init(|| codec::encode_properties(&props::to_amqp(&msg.properties)));
-        codec::encode_content_preencoded(&mut self.out, ch, encoded, &msg.body, self.frame_max);
+        encode_content(&mut self.out, ch, msg, self.frame_max);
     }
 
     /// Writes one delivery from the outbox. A delivery made before its consumer was
@@ -1722,6 +1744,14 @@ fn delivery_stat(no_ack: bool, get: bool) -> ChannelStat {
         (true, false) => ChannelStat::Get,
         (true, true) => ChannelStat::GetNoAck,
     }
+}
+
+/// A content header and body frames for `msg`, reusing its encoded properties.
+fn encode_content(out: &mut BytesMut, ch: u16, msg: &Message, frame_max: u32) {
+    let encoded = msg
+        .encoded_properties
+        .get_or_init(|| codec::encode_properties(&props::to_amqp(&msg.properties)));
+    codec::encode_content_preencoded(out, ch, encoded, &msg.body, frame_max);
 }
 
 fn write_ack(out: &mut BytesMut, ch: u16, tag: u64, multiple: bool) {

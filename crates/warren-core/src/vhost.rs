@@ -472,7 +472,7 @@ impl VHost {
     /// default exchange with that name as routing key reaches it.
     pub fn declare_reply_queue(&self, conn: ConnectionId) -> Arc<Queue> {
         let d = QueueDecl {
-            name: generated_name("amq.rabbitmq.reply-to.").as_str().into(),
+            name: reply_queue_name(conn).as_str().into(),
             passive: false,
             durable: false,
             exclusive: true,
@@ -1116,6 +1116,23 @@ pub fn generated_name(prefix: &str) -> String {
     format!(
         "{prefix}{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    )
+}
+
+/// A direct reply-to name as RabbitMQ 3.x forms it: `amq.rabbitmq.reply-to.`, padded
+/// base64 of the channel's owner (its Erlang pid there, the connection id here), `.`,
+/// padded base64 of a 16-byte random key. Clients' tests match that shape (php-amqp's
+/// `amq.rabbitmq.reply-to.%s.%s==`).
+fn reply_queue_name(conn: ConnectionId) -> String {
+    use base64::Engine;
+    use rand::RngCore;
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    let mut key = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut key);
+    format!(
+        "amq.rabbitmq.reply-to.{}.{}",
+        b64.encode(conn.0.to_be_bytes()),
+        b64.encode(key)
     )
 }
 
