@@ -257,10 +257,12 @@ pub fn encode_heartbeat(out: &mut BytesMut) {
 /// The property flags and list of a content header, encoded once per message and reused
 /// for every delivery.
 pub fn encode_properties(props: &BasicProperties) -> Bytes {
-    Bytes::from(
-        cookie_factory::gen_simple(gen_properties(props), Vec::with_capacity(32))
-            .unwrap_or_else(|_| vec![0, 0]),
-    )
+    let encoded = cookie_factory::gen_simple(gen_properties(props), Vec::with_capacity(32))
+        .unwrap_or_else(|_| vec![0, 0]);
+    match x_death::reorder(props, &encoded) {
+        Some(reordered) => Bytes::from(reordered),
+        None => Bytes::from(encoded),
+    }
 }
 
 /// Appends a content header and the body split into frames of at most `frame_max`.
@@ -304,3 +306,4 @@ pub fn encode_content_preencoded(
 
 #[cfg(test)]
 mod tests;
+mod x_death;

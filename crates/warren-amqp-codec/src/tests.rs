@@ -340,3 +340,62 @@ proptest! {
         }
     }
 }
+
+/// RabbitMQ writes an `x-death` entry's fields in its own order (count, reason, queue,
+/// time, exchange, routing-keys, original-expiration), not sorted: php-amqp prints them.
+#[test]
+fn x_death_entries_keep_rabbitmqs_field_order() {
+    let mut death = FieldTable::default();
+    death.insert("count".into(), AMQPValue::LongLongInt(1));
+    death.insert("exchange".into(), AMQPValue::LongString("ex".into()));
+    death.insert(
+        "original-expiration".into(),
+        AMQPValue::LongString("100".into()),
+    );
+    death.insert("queue".into(), AMQPValue::LongString("q".into()));
+    death.insert("reason".into(), AMQPValue::LongString("expired".into()));
+    death.insert(
+        "routing-keys".into(),
+        AMQPValue::FieldArray(vec![AMQPValue::LongString("k".into())].into()),
+    );
+    death.insert("time".into(), AMQPValue::Timestamp(1_700_000_000));
+    let mut headers = FieldTable::default();
+    headers.insert("a".into(), AMQPValue::LongInt(7));
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
+    );
+    headers.insert("z".into(), AMQPValue::Boolean(true));
+    let props = BasicProperties::default()
+        .with_content_type("text/plain".into())
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    let encoded = encode_properties(&props);
+    let at = |name: &str| {
+        encoded
+            .windows(name.len())
+            .position(|w| w == name.as_bytes())
+            .unwrap_or_else(|| panic!("{name} encoded"))
+    };
+    let order = [
+        "count",
+        "reason",
+        "queue",
+        "time",
+        "exchange",
+        "routing-keys",
+        "original-expiration",
+    ];
+    for pair in order.windows(2) {
+        assert!(at(pair[0]) < at(pair[1]), "{} before {}", pair[0], pair[1]);
+    }
+    assert!(at("a") < at("x-death") && at("x-death") < at("\u{1}z"));
+    // The same properties decode back.
+    let mut buf = BytesMut::new();
+    encode_content(&mut buf, 1, &props, b"", 4096);
+    let frames = decode_all(buf, 4096).unwrap();
+    let Frame::Header(1, h) = &frames[0] else {
+        panic!("a header frame");
+    };
+    assert_eq!(h.properties, props);
+}
