@@ -221,6 +221,20 @@ async fn auth_overview_whoami_nodes() {
     assert!(n["fd_used"].as_u64().is_some_and(|f| f > 0), "{n}");
     assert!(n["fd_total"].as_u64() >= n["fd_used"].as_u64(), "{n}");
     assert!(n["proc_used"].as_u64().is_some_and(|t| t > 0), "{n}");
+    // check_rabbitmq_server divides proc_used by proc_total, and asks for the node as
+    // RabbitMQ names it by default.
+    assert!(n["proc_total"].as_u64() > n["proc_used"].as_u64(), "{n}");
+    assert!(n["run_queue"].is_u64(), "{n}");
+    assert!(n["name"].as_str().is_some_and(|s| s.starts_with("rabbit@")));
+    for k in [
+        "mem_used",
+        "fd_used",
+        "sockets_used",
+        "proc_used",
+        "disk_free",
+    ] {
+        assert!(n[format!("{k}_details")]["rate"].is_number(), "{k}: {n}");
+    }
     let plugins = n["enabled_plugins"].as_array().expect("enabled_plugins");
     for p in ["rabbitmq_management", "rabbitmq_mqtt", "rabbitmq_stomp"] {
         assert!(plugins.contains(&json!(p)), "{p} in {plugins:?}");
@@ -918,6 +932,54 @@ async fn channel_message_stats() {
     }
     assert!(s2.get("publish").is_none(), "{s2}");
     assert_eq!(chans[0]["messages_unconfirmed"], 0);
+    // The queues count the same deliveries by kind (rabbitmqadmin's `deliver` and `get`
+    // columns), and the vhost and overview add the channels' confirms and unroutables.
+    let q = api.get("/api/queues/%2F/stats.q").await.json();
+    let qs = &q["message_stats"];
+    for (k, v) in [
+        ("deliver_get", 7),
+        ("deliver", 4),
+        ("deliver_no_ack", 0),
+        ("get", 2),
+        ("get_no_ack", 1),
+        ("get_empty", 0),
+        ("redeliver", 2),
+    ] {
+        assert_eq!(qs[k], v, "stats.q {k}: {qs}");
+        assert!(qs[format!("{k}_details")]["rate"].is_number(), "{qs}");
+    }
+    assert!(qs.get("confirm").is_none(), "{qs}");
+    let e = api.get("/api/queues/%2F/stats.empty").await.json();
+    assert_eq!(e["message_stats"]["get_empty"], 1, "{e}");
+    for path in ["/api/overview", "/api/vhosts/%2F"] {
+        let o = api.get(path).await.json();
+        let m = &o["message_stats"];
+        for (k, v) in [
+            ("confirm", 7),
+            ("return_unroutable", 1),
+            ("drop_unroutable", 1),
+            ("get", 2),
+            ("get_no_ack", 1),
+            ("get_empty", 1),
+            ("deliver", 4),
+        ] {
+            assert_eq!(m[k], v, "{path} {k}: {m}");
+        }
+    }
+    let churn = &api.get("/api/overview").await.json()["churn_rates"];
+    for (k, at_least) in [
+        ("connection_created", 1),
+        ("channel_created", 2),
+        ("queue_declared", 2),
+        ("queue_created", 2),
+        ("queue_deleted", 0),
+    ] {
+        assert!(churn[k].as_u64() >= Some(at_least), "{k}: {churn}");
+        assert!(churn[format!("{k}_details")]["rate"].is_number(), "{churn}");
+    }
+    let v = api.get("/api/vhosts/%2F").await.json();
+    assert!(v["recv_oct"].as_u64().unwrap_or(0) > 0, "{v}");
+    assert!(v["send_oct_details"]["rate"].is_number(), "{v}");
 
     // A transaction's held publishes and acks; an idle channel has no message_stats.
     let tx = conn.create_channel().await.unwrap();

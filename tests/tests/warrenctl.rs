@@ -169,7 +169,7 @@ async fn declare_list_purge_delete() {
     assert!(bad.stderr.contains("401"), "{}", bad.stderr);
 
     let status = ok(&b, &["status"]).await.stdout;
-    assert!(status.contains("warren@"), "{status}");
+    assert!(status.contains("rabbit@"), "{status}");
     assert!(
         status.contains("alarms") && status.contains("ok"),
         "{status}"

@@ -31,7 +31,7 @@ pub struct BrokerConfig {
     pub default_pass: String,
     /// Users that may only log in from a loopback address.
     pub loopback_users: Vec<String>,
-    /// RabbitMQ-style node name, e.g. `warren@host`: the cluster name until one is set.
+    /// RabbitMQ-style node name, e.g. `rabbit@host`: the cluster name until one is set.
     pub node_name: String,
 }
 
@@ -46,14 +46,16 @@ impl Default for BrokerConfig {
     }
 }
 
-/// `warren@<hostname>`, like RabbitMQ's `rabbit@<hostname>`.
+/// `rabbit@<hostname>`, RabbitMQ's default node name.
 pub fn default_node_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".into());
-    format!("warren@{host}")
+    // RabbitMQ's default node name: monitoring tools (nagios-plugins-rabbitmq's
+    // check_rabbitmq_server and friends) ask for `/api/nodes/rabbit@<host>`.
+    format!("rabbit@{host}")
 }
 
 /// The whole broker state shared by every connection.

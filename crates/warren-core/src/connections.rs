@@ -280,6 +280,9 @@ pub struct Connections {
     entries: RwLock<HashMap<ConnectionId, Arc<ConnectionEntry>>>,
     opened_total: AtomicU64,
     closed_total: AtomicU64,
+    /// Channels opened and closed since start (the API's `churn_rates`).
+    channels_opened: AtomicU64,
+    channels_closed: AtomicU64,
     /// Closed connections by (protocol, reason), for `/metrics`.
     closed_by_reason: Mutex<HashMap<(&'static str, &'static str), u64>>,
 }
@@ -372,6 +375,14 @@ impl Connections {
             self.closed_total.load(Ordering::Relaxed),
         )
     }
+
+    /// Channels opened and closed since start.
+    pub fn channel_totals(&self) -> (u64, u64) {
+        (
+            self.channels_opened.load(Ordering::Relaxed),
+            self.channels_closed.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// Keeps a connection registered; unregisters it on drop.
@@ -414,6 +425,9 @@ impl ConnectionGuard {
 
     /// Lists channel `n`; the front-end counts its messages in the returned stats.
     pub fn channel_opened(&self, n: u16) -> Arc<ChannelStats> {
+        self.registry
+            .channels_opened
+            .fetch_add(1, Ordering::Relaxed);
         let stats = Arc::new(ChannelStats::default());
         let mut all = self.entry.channels.lock();
         let at = all.partition_point(|c| c.number < n);
@@ -429,7 +443,13 @@ impl ConnectionGuard {
     }
 
     pub fn channel_closed(&self, n: u16) {
-        self.entry.channels.lock().retain(|c| c.number != n);
+        let mut all = self.entry.channels.lock();
+        let before = all.len();
+        all.retain(|c| c.number != n);
+        let closed = (before - all.len()) as u64;
+        self.registry
+            .channels_closed
+            .fetch_add(closed, Ordering::Relaxed);
     }
 
     /// Records a change of channel `n`'s settings (basic.qos, confirm.select, tx.select).
@@ -456,6 +476,11 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.registry.entries.write().remove(&self.entry.info.id);
         self.registry.closed_total.fetch_add(1, Ordering::Relaxed);
+        // Channels still listed close with their connection.
+        let open = self.entry.channels.lock().len() as u64;
+        self.registry
+            .channels_closed
+            .fetch_add(open, Ordering::Relaxed);
         let p = self.entry.info.protocol.as_ref();
         let family = if p.starts_with("AMQP") {
             "amqp"

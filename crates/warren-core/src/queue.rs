@@ -487,7 +487,16 @@ struct QueueState {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct QueueStats {
     pub published: u64,
+    /// Every delivery and basic.get-ok (RabbitMQ's `deliver_get`); the next three count
+    /// the kinds other than deliveries to consumers that ack.
     pub delivered: u64,
+    /// Deliveries to consumers with no_ack.
+    pub delivered_no_ack: u64,
+    /// basic.get-ok without and with no_ack.
+    pub got: u64,
+    pub got_no_ack: u64,
+    /// basic.get finding the queue empty.
+    pub get_empty: u64,
     pub acked: u64,
     pub redelivered: u64,
 }
@@ -1369,6 +1378,7 @@ impl Queue {
                 s.stats.redelivered += 1;
             }
             if c.spec.no_ack {
+                s.stats.delivered_no_ack += 1;
                 if entry.persisted {
                     fx.ops.push(self.delete_op(entry.seq));
                 }
@@ -1467,7 +1477,9 @@ impl Queue {
                 }
                 c.cursor = offset + 1;
                 stats.delivered += 1;
-                if !c.spec.no_ack {
+                if c.spec.no_ack {
+                    stats.delivered_no_ack += 1;
+                } else {
                     c.unacked += 1;
                     c.spec.channel_credit.take();
                     log.unacked.insert(id, c.spec.id);
@@ -1721,10 +1733,14 @@ impl Queue {
                 !s.deleted && s.paged.count() > 0 && s.ready_count == s.paged.count()
             };
             if found.is_some() || !paged {
+                if found.is_none() {
+                    self.state.lock().stats.get_empty += 1;
+                }
                 return found;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        self.state.lock().stats.get_empty += 1;
         None
     }
 
@@ -1745,6 +1761,11 @@ impl Queue {
                     continue;
                 }
                 s.stats.delivered += 1;
+                if no_ack {
+                    s.stats.got_no_ack += 1;
+                } else {
+                    s.stats.got += 1;
+                }
                 let result = GetResult {
                     seq: MsgSeq(entry.seq),
                     message: self.outgoing(&entry, true),

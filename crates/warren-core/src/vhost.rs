@@ -111,6 +111,8 @@ pub struct VHost {
     pub(crate) store: Store,
     exchanges: RwLock<HashMap<ShortString, Arc<Exchange>>>,
     queues: RwLock<HashMap<ShortString, Arc<Queue>>>,
+    /// queue.declare calls, queues created and deleted (the API's `churn_rates`).
+    pub churn: QueueChurn,
     self_ref: Weak<VHost>,
     next_store_id: Arc<std::sync::atomic::AtomicU64>,
     /// Replaced as a whole when a policy changes (rare); read on every declare.
@@ -119,6 +121,14 @@ pub struct VHost {
     /// The `max-queues` limit (crate::limits); `u64::MAX` when there is none.
     max_queues: std::sync::atomic::AtomicU64,
     metadata: RwLock<VHostMetadata>,
+}
+
+/// Queue churn counters of a vhost since start.
+#[derive(Debug, Default)]
+pub struct QueueChurn {
+    pub declared: std::sync::atomic::AtomicU64,
+    pub created: std::sync::atomic::AtomicU64,
+    pub deleted: std::sync::atomic::AtomicU64,
 }
 
 /// What an operator says about a vhost (RabbitMQ's `description`, `tags` and
@@ -172,6 +182,7 @@ impl VHost {
                 store,
                 exchanges: RwLock::new(exchanges),
                 queues: RwLock::new(HashMap::new()),
+                churn: QueueChurn::default(),
                 self_ref: weak.clone(),
                 next_store_id,
                 policies: RwLock::new(Arc::new(Policies::default())),
@@ -418,6 +429,9 @@ impl VHost {
             q.touch();
             return Ok((q, false));
         }
+        self.churn
+            .declared
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(q) = self.queue(name) {
             q.check_access(conn, &self.name)?;
             self.check_equivalent(&q, &d)?;
@@ -464,6 +478,9 @@ impl VHost {
                 return Err(e);
             }
         }
+        self.churn
+            .created
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok((q, true))
     }
 
@@ -714,6 +731,9 @@ impl VHost {
             match g.get(name) {
                 Some(cur) if Arc::ptr_eq(cur, &q) => {
                     g.remove(name);
+                    self.churn
+                        .deleted
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 _ => return Ok(0),
             }

@@ -25,7 +25,10 @@ use crate::convert::{
 use crate::error::{ApiError, ApiResult};
 use crate::history::Windows;
 use crate::listing::ListParams;
-use crate::stats::{Rates, Totals};
+use crate::stats::{Rates, Totals, CHURN, COUNTERS, MESSAGE_COUNTERS, QUEUE_COUNTERS};
+
+/// Where `recv_oct` is in [`COUNTERS`] (`send_oct` follows).
+const RECV_OCT: usize = MESSAGE_COUNTERS;
 use crate::{definitions, AppState, RABBITMQ_COMPAT_VERSION};
 
 pub(crate) type Q = Query<HashMap<String, String>>;
@@ -230,6 +233,8 @@ fn q_flag(params: &Q, k: &str) -> bool {
 pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue, windows: &Windows) -> Value {
     let c = q.counts();
     let r: Rates = s.sampler.queue_rates(q.store_id.0);
+    let mut queue_totals = Totals::default();
+    queue_totals.add(&c);
     let stream = q.is_stream();
     // A stream's unacked deliveries are still in the log (counted in `ready`).
     let messages = c.ready as u64 + if stream { 0 } else { c.unacked as u64 };
@@ -291,16 +296,7 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue, windows: &Windows
         "messages_ready_ram": c.ready.saturating_sub(c.paged_out),
         "messages_unacknowledged_ram": if stream { 0 } else { c.unacked },
 
-        "message_stats": {
-            "publish": c.stats.published,
-            "publish_details": details(r.publish),
-            "deliver_get": c.stats.delivered,
-            "deliver_get_details": details(r.deliver_get),
-            "ack": c.stats.acked,
-            "ack_details": details(r.ack),
-            "redeliver": c.stats.redelivered,
-            "redeliver_details": details(r.redeliver),
-        },
+        "message_stats": counters_json(&queue_totals, &r, 0..QUEUE_COUNTERS),
     });
     // (Apart from the literal above: serde_json's macro has a recursion limit.)
     let more = json!({
@@ -775,7 +771,7 @@ async fn overview(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Val
         "enable_queue_totals": true,
         "is_op_policy_updating_enabled": false,
         "exchange_types": exchange_types,
-        "message_stats": message_stats(&totals, &rates),
+        "message_stats": counters_json(&totals, &rates, 0..MESSAGE_COUNTERS),
         "queue_totals": {
             "messages": totals.ready + totals.unacked,
             "messages_details": details(rates.messages),
@@ -791,7 +787,7 @@ async fn overview(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Val
             "exchanges": exchanges,
             "queues": queues,
         },
-        "churn_rates": {},
+        "churn_rates": counters_json(&totals, &rates, CHURN..COUNTERS.len()),
         "statistics_db_event_queue": 0,
         "listeners": listeners,
         "contexts": [{"node": s.broker.config.node_name, "description": "RabbitMQ Management", "path": "/", "port": http_port}],
@@ -839,7 +835,15 @@ fn node_json(s: &AppState) -> Value {
     .map(|(n, d)| json!({"name": n, "description": d, "enabled": true}))
     .collect();
     let connections = s.broker.connections().len();
-    json!({
+    let figures = [
+        r.mem_used,
+        r.fd_used,
+        connections as u64,
+        r.threads,
+        r.disk_free,
+    ];
+    let rates = s.sampler.node_rates(figures);
+    let mut v = json!({
         "name": s.broker.config.node_name,
         "type": "disc",
         "running": true,
@@ -862,12 +866,30 @@ fn node_json(s: &AppState) -> Value {
         // RabbitMQ reserves part of the descriptors for files; Warren has no such split.
         "sockets_total": r.fd_total,
         "proc_used": r.threads,
+        // Threads against the system's limit (RabbitMQ: Erlang processes against its
+        // process limit); check_rabbitmq_server divides by it.
+        "proc_total": r.threads_max,
+        // Runnable tasks on the machine now (/proc/loadavg), RabbitMQ's scheduler run queue.
+        "run_queue": r.run_queue,
         "enabled_plugins": plugins,
         "auth_mechanisms": mechanisms,
         "exchange_types": exchange_types_json(),
         "net_ticktime": 60,
         "cluster_links": [],
-    })
+    });
+    for (name, rate) in [
+        "mem_used_details",
+        "fd_used_details",
+        "sockets_used_details",
+        "proc_used_details",
+        "disk_free_details",
+    ]
+    .into_iter()
+    .zip(rates)
+    {
+        v[name] = details(rate);
+    }
+    v
 }
 
 fn exchange_types_json() -> Vec<Value> {
@@ -892,22 +914,22 @@ async fn node(State(s): St, caller: Caller, Path(name): Path<String>) -> ApiResu
 
 // ---------------------------------------------------------------- vhosts
 
-/// `message_stats` of the overview and of a vhost: counters summed over queues.
-fn message_stats(t: &Totals, r: &Rates) -> Value {
-    json!({
-        "publish": t.publish,
-        "publish_details": details(r.publish),
-        "deliver_get": t.deliver_get,
-        "deliver_get_details": details(r.deliver_get),
-        "ack": t.ack,
-        "ack_details": details(r.ack),
-        "redeliver": t.redeliver,
-        "redeliver_details": details(r.redeliver),
-    })
+/// The counters of [`COUNTERS`] in `range` with their rates: a `message_stats` (the
+/// first [`QUEUE_COUNTERS`] for a queue, [`MESSAGE_COUNTERS`] for the overview and a
+/// vhost), or the overview's `churn_rates` (from [`CHURN`]).
+fn counters_json(t: &Totals, r: &Rates, range: std::ops::Range<usize>) -> Value {
+    let counts = t.counters();
+    let mut m = serde_json::Map::new();
+    for i in range {
+        let name = COUNTERS[i];
+        m.insert(name.into(), json!(counts[i]));
+        m.insert(format!("{name}_details"), details(r.counters[i]));
+    }
+    Value::Object(m)
 }
 
 fn vhost_json(s: &AppState, vh: &VHost, windows: &Windows) -> Value {
-    let (t, r) = s.sampler.vhost(vh);
+    let (t, r) = s.sampler.vhost(&s.broker, vh);
     let m = vh.metadata();
     // RabbitMQ 3.10 shows Erlang's `undefined` for a vhost made without a default type,
     // and leaves it out of the metadata.
@@ -931,8 +953,13 @@ fn vhost_json(s: &AppState, vh: &VHost, windows: &Windows) -> Value {
         "messages_ready_details": details(r.ready),
         "messages_unacknowledged": t.unacked,
         "messages_unacknowledged_details": details(r.unacked),
-        // Summed over the vhost's queues (deleted ones included), as the overview's.
-        "message_stats": message_stats(&t, &r),
+        // Summed over the vhost's queues and channels (closed ones included), as the
+        // overview's.
+        "message_stats": counters_json(&t, &r, 0..MESSAGE_COUNTERS),
+        "recv_oct": t.recv_oct,
+        "recv_oct_details": details(r.counters[RECV_OCT]),
+        "send_oct": t.send_oct,
+        "send_oct_details": details(r.counters[RECV_OCT + 1]),
     });
     if windows.any() {
         windows.apply(&mut v, &s.sampler.vhost_history(&vh.name, t));

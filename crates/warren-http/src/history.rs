@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
-use crate::stats::Totals;
+use crate::stats::{Totals, COUNTERS};
 
 /// RabbitMQ refuses a window of more than 500 steps (`Invalid range parameters`).
 const MAX_STEPS: u64 = 500;
@@ -62,9 +62,9 @@ impl Windows {
         }
         if let Some(w) = self.msg_rates {
             if let Some(stats) = obj.get_mut("message_stats") {
-                for (key, of) in COUNTERS {
-                    if let Some(d) = stats.get_mut(key) {
-                        w.fill(d, points, now_ms, of);
+                for (i, name) in COUNTERS.iter().enumerate() {
+                    if let Some(d) = stats.get_mut(format!("{name}_details")) {
+                        w.fill(d, points, now_ms, |t| t.counters()[i]);
                     }
                 }
             }
@@ -94,13 +94,6 @@ const LENGTHS: [(&str, Of); 3] = [
     ("messages_details", |t| t.ready + t.unacked),
     ("messages_ready_details", |t| t.ready),
     ("messages_unacknowledged_details", |t| t.unacked),
-];
-
-const COUNTERS: [(&str, Of); 4] = [
-    ("publish_details", |t| t.publish),
-    ("deliver_get_details", |t| t.deliver_get),
-    ("ack_details", |t| t.ack),
-    ("redeliver_details", |t| t.redeliver),
 ];
 
 fn window(params: &HashMap<String, String>, prefix: &str) -> ApiResult<Option<Window>> {
@@ -136,10 +129,16 @@ impl Window {
     /// Adds `samples`, `avg` and `avg_rate` to a `{"rate": r}` object, as RabbitMQ does:
     /// each sample is the value at that time, `avg` their mean, `avg_rate` the change
     /// from the oldest to the newest per second.
-    fn fill(&self, details: &mut Value, points: &[(u64, Totals)], now_ms: u64, of: Of) {
+    fn fill(
+        &self,
+        details: &mut Value,
+        points: &[(u64, Totals)],
+        now_ms: u64,
+        of: impl Fn(&Totals) -> u64,
+    ) {
         let samples: Vec<(u64, u64)> = self
             .times(now_ms)
-            .map(|t| (value_at(points, t, of), t))
+            .map(|t| (value_at(points, t, &of), t))
             .collect();
         let n = samples.len() as f64;
         let avg = samples.iter().map(|(v, _)| *v as f64).sum::<f64>() / n;
@@ -160,7 +159,7 @@ impl Window {
 
 /// The value at time `t`: the latest point at or before it, else the oldest (history
 /// does not go back that far).
-fn value_at(points: &[(u64, Totals)], t: u64, of: Of) -> u64 {
+fn value_at(points: &[(u64, Totals)], t: u64, of: &impl Fn(&Totals) -> u64) -> u64 {
     let i = points.partition_point(|(at, _)| *at <= t);
     let p = if i == 0 {
         points.first()

@@ -53,8 +53,11 @@ pub struct NodeResources {
     /// Open file descriptors and their limit.
     pub fd_used: u64,
     pub fd_total: u64,
-    /// OS threads (shown as RabbitMQ's `proc_used`).
+    /// OS threads (shown as RabbitMQ's `proc_used`) and the system's limit on them.
     pub threads: u64,
+    pub threads_max: u64,
+    /// Runnable tasks on the machine (RabbitMQ's `run_queue`).
+    pub run_queue: u64,
 }
 
 /// Reads the node's resources on demand.

@@ -21,45 +21,160 @@ const KEEP_GLOBAL: Duration = Duration::from_secs(3600);
 /// How far back a watched queue's samples go.
 const KEEP_QUEUE: Duration = Duration::from_secs(600);
 
+/// The counters of [`Totals`] by their API names, in [`Totals::counters`] order: first
+/// those a queue counts ([`QUEUE_COUNTERS`]), then those of channels (per vhost and
+/// broker), the connections' bytes (a vhost's `recv_oct`/`send_oct`), and the broker's
+/// churn (the overview's `churn_rates`, from [`CHURN`] on).
+pub const COUNTERS: [&str; 21] = [
+    "publish",
+    "deliver_get",
+    "deliver",
+    "deliver_no_ack",
+    "get",
+    "get_no_ack",
+    "get_empty",
+    "ack",
+    "redeliver",
+    "confirm",
+    "return_unroutable",
+    "drop_unroutable",
+    "recv_oct",
+    "send_oct",
+    "connection_created",
+    "connection_closed",
+    "channel_created",
+    "channel_closed",
+    "queue_declared",
+    "queue_created",
+    "queue_deleted",
+];
+/// Where the churn counters start in [`COUNTERS`].
+pub const CHURN: usize = 14;
+/// How many of [`COUNTERS`] a queue's `message_stats` has.
+pub const QUEUE_COUNTERS: usize = 9;
+/// How many of [`COUNTERS`] the overview's and a vhost's `message_stats` have.
+pub const MESSAGE_COUNTERS: usize = 12;
+
 /// Per-second rates of one queue or of the whole broker.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Rates {
-    pub publish: f64,
-    pub deliver_get: f64,
-    pub ack: f64,
-    pub redeliver: f64,
+    /// In [`COUNTERS`] order.
+    pub counters: [f64; COUNTERS.len()],
     pub messages: f64,
     pub ready: f64,
     pub unacked: f64,
 }
 
-/// Counters summed over queues.
+/// Counters summed over queues (and, for a vhost or the broker, channels and
+/// connections), and queue depths.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Totals {
     pub publish: u64,
     pub deliver_get: u64,
+    /// Deliveries to consumers that ack (RabbitMQ's `deliver`).
+    pub deliver: u64,
+    pub deliver_no_ack: u64,
+    pub get: u64,
+    pub get_no_ack: u64,
+    pub get_empty: u64,
     pub ack: u64,
     pub redeliver: u64,
+    pub confirm: u64,
+    pub return_unroutable: u64,
+    pub drop_unroutable: u64,
+    pub recv_oct: u64,
+    pub send_oct: u64,
+    /// Broker-wide since start (the global totals only).
+    pub churn: [u64; COUNTERS.len() - CHURN],
     pub ready: u64,
     pub unacked: u64,
 }
 
 impl Totals {
-    /// Adds the message counters (not the depths) of `other`.
-    fn add_counters(&mut self, other: &Totals) {
-        self.publish += other.publish;
-        self.deliver_get += other.deliver_get;
-        self.ack += other.ack;
-        self.redeliver += other.redeliver;
+    /// The counters in [`COUNTERS`] order.
+    pub fn counters(&self) -> [u64; COUNTERS.len()] {
+        let c = &self.churn;
+        [
+            self.publish,
+            self.deliver_get,
+            self.deliver,
+            self.deliver_no_ack,
+            self.get,
+            self.get_no_ack,
+            self.get_empty,
+            self.ack,
+            self.redeliver,
+            self.confirm,
+            self.return_unroutable,
+            self.drop_unroutable,
+            self.recv_oct,
+            self.send_oct,
+            c[0],
+            c[1],
+            c[2],
+            c[3],
+            c[4],
+            c[5],
+            c[6],
+        ]
     }
 
-    fn add(&mut self, c: &QueueCounts) {
-        self.publish += c.stats.published;
-        self.deliver_get += c.stats.delivered;
-        self.ack += c.stats.acked;
-        self.redeliver += c.stats.redelivered;
+    fn counters_mut(&mut self) -> [&mut u64; COUNTERS.len()] {
+        let [c0, c1, c2, c3, c4, c5, c6] = &mut self.churn;
+        [
+            &mut self.publish,
+            &mut self.deliver_get,
+            &mut self.deliver,
+            &mut self.deliver_no_ack,
+            &mut self.get,
+            &mut self.get_no_ack,
+            &mut self.get_empty,
+            &mut self.ack,
+            &mut self.redeliver,
+            &mut self.confirm,
+            &mut self.return_unroutable,
+            &mut self.drop_unroutable,
+            &mut self.recv_oct,
+            &mut self.send_oct,
+            c0,
+            c1,
+            c2,
+            c3,
+            c4,
+            c5,
+            c6,
+        ]
+    }
+
+    /// Adds the message counters (not the depths) of `other`.
+    fn add_counters(&mut self, other: &Totals) {
+        for (a, b) in self.counters_mut().into_iter().zip(other.counters()) {
+            *a += b;
+        }
+    }
+
+    pub(crate) fn add(&mut self, c: &QueueCounts) {
+        let s = &c.stats;
+        self.publish += s.published;
+        self.deliver_get += s.delivered;
+        self.deliver += s
+            .delivered
+            .saturating_sub(s.delivered_no_ack + s.got + s.got_no_ack);
+        self.deliver_no_ack += s.delivered_no_ack;
+        self.get += s.got;
+        self.get_no_ack += s.got_no_ack;
+        self.get_empty += s.get_empty;
+        self.ack += s.acked;
+        self.redeliver += s.redelivered;
         self.ready += c.ready as u64;
         self.unacked += c.unacked as u64;
+    }
+
+    /// Adds a channel's confirms and unroutable publishes.
+    fn add_channel(&mut self, c: &ChannelCounts) {
+        self.confirm += c[ChannelStat::Confirm as usize];
+        self.return_unroutable += c[ChannelStat::ReturnUnroutable as usize];
+        self.drop_unroutable += c[ChannelStat::DropUnroutable as usize];
     }
 }
 
@@ -88,18 +203,20 @@ pub struct ExchangeSample {
 }
 
 /// A channel's counters and their rates at the last sample.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct ChannelSample {
     counts: ChannelCounts,
     rates: [f64; ChannelStat::ALL.len()],
+    vhost: Arc<str>,
 }
 
 /// Rates of a connection's received and sent bytes.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub struct OctetRates {
     counts: (u64, u64),
     pub recv: f64,
     pub send: f64,
+    vhost: Arc<str>,
 }
 
 #[derive(Default)]
@@ -135,6 +252,18 @@ struct Histories {
 #[derive(Default)]
 pub struct Sampler {
     state: RwLock<State>,
+    /// The node's figures when last asked for (at most once per [`NODE_INTERVAL`]) and
+    /// their rates since the time before.
+    node: std::sync::Mutex<Option<NodeSample>>,
+}
+
+/// Node figures are sampled when asked for, at most this often (RabbitMQ's 5 s).
+const NODE_INTERVAL: Duration = Duration::from_secs(5);
+
+struct NodeSample {
+    at: Instant,
+    figures: [u64; 5],
+    rates: [f64; 5],
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -157,14 +286,49 @@ fn signed_rate(now: u64, before: u64, secs: f64) -> f64 {
 }
 
 fn rates_between(now: &Totals, before: &Totals, secs: f64) -> Rates {
+    let (n, b) = (now.counters(), before.counters());
     Rates {
-        publish: rate(now.publish, before.publish, secs),
-        deliver_get: rate(now.deliver_get, before.deliver_get, secs),
-        ack: rate(now.ack, before.ack, secs),
-        redeliver: rate(now.redeliver, before.redeliver, secs),
+        counters: std::array::from_fn(|i| rate(n[i], b[i], secs)),
         messages: signed_rate(now.ready + now.unacked, before.ready + before.unacked, secs),
         ready: signed_rate(now.ready, before.ready, secs),
         unacked: signed_rate(now.unacked, before.unacked, secs),
+    }
+}
+
+/// The broker's connection, channel and queue churn since start.
+fn churn(broker: &Broker) -> [u64; COUNTERS.len() - CHURN] {
+    let (conn_opened, conn_closed) = broker.connections().totals();
+    let (chan_opened, chan_closed) = broker.connections().channel_totals();
+    let mut queues = [0u64; 3];
+    for vh in broker.vhosts() {
+        let c = &vh.churn;
+        for (sum, n) in queues.iter_mut().zip([&c.declared, &c.created, &c.deleted]) {
+            *sum += n.load(std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    [
+        conn_opened,
+        conn_closed,
+        chan_opened,
+        chan_closed,
+        queues[0],
+        queues[1],
+        queues[2],
+    ]
+}
+
+/// Adds the live connections' bytes and their channels' confirms and unroutable
+/// publishes (of one vhost, or all).
+fn add_connections(t: &mut Totals, broker: &Broker, vhost: Option<&str>) {
+    for e in broker.connections().list() {
+        if vhost.is_some_and(|v| v != e.info.vhost) {
+            continue;
+        }
+        t.recv_oct += e.recv_oct.load(std::sync::atomic::Ordering::Relaxed);
+        t.send_oct += e.send_oct.load(std::sync::atomic::Ordering::Relaxed);
+        for c in e.channel_records() {
+            t.add_channel(&c.stats.counts());
+        }
     }
 }
 
@@ -221,24 +385,100 @@ impl Sampler {
                 },
             );
         }
+        // Channels' confirms and unroutable publishes and connections' bytes count for
+        // their vhost; those of closed ones are kept at their last sample, as the
+        // counters of deleted queues are.
+        let mut channels = HashMap::new();
+        let mut connections = HashMap::with_capacity(conns.len());
+        for e in &conns {
+            let id = e.info.id.0;
+            let vhost: Arc<str> = Arc::from(e.info.vhost.as_str());
+            let octets = (
+                e.recv_oct.load(std::sync::atomic::Ordering::Relaxed),
+                e.send_oct.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            let (recv, send) = match st.connections.get(&id) {
+                Some(prev) => (
+                    rate(octets.0, prev.counts.0, secs),
+                    rate(octets.1, prev.counts.1, secs),
+                ),
+                None => (0.0, 0.0),
+            };
+            let t = by_vhost.entry(vhost.clone()).or_default();
+            t.recv_oct += octets.0;
+            t.send_oct += octets.1;
+            global.recv_oct += octets.0;
+            global.send_oct += octets.1;
+            for c in e.channel_records() {
+                let counts = c.stats.counts();
+                let prev = st.channels.get(&(id, c.number));
+                let rates = std::array::from_fn(|i| {
+                    prev.map_or(0.0, |p| rate(counts[i], p.counts[i], secs))
+                });
+                by_vhost
+                    .entry(vhost.clone())
+                    .or_default()
+                    .add_channel(&counts);
+                global.add_channel(&counts);
+                let vhost = vhost.clone();
+                channels.insert(
+                    (id, c.number),
+                    ChannelSample {
+                        counts,
+                        rates,
+                        vhost,
+                    },
+                );
+            }
+            connections.insert(
+                id,
+                OctetRates {
+                    counts: octets,
+                    recv,
+                    send,
+                    vhost,
+                },
+            );
+        }
         let mut retired = st.retired;
         let mut vhost_retired: HashMap<Arc<str>, Totals> = st
             .vhosts
             .iter()
             .map(|(k, v)| (k.clone(), v.retired))
             .collect();
+        let mut retire = |vhost: &Arc<str>, t: &Totals| {
+            retired.add_counters(t);
+            vhost_retired
+                .entry(vhost.clone())
+                .or_default()
+                .add_counters(t);
+        };
         for (id, old) in st.queues.iter() {
             if !queues.contains_key(id) {
                 let mut t = Totals::default();
                 t.add(&old.counts);
-                retired.add_counters(&t);
-                vhost_retired
-                    .entry(old.vhost.clone())
-                    .or_default()
-                    .add_counters(&t);
+                retire(&old.vhost, &t);
+            }
+        }
+        for (key, old) in st.channels.iter() {
+            if !channels.contains_key(key) {
+                let mut t = Totals::default();
+                t.add_channel(&old.counts);
+                retire(&old.vhost, &t);
+            }
+        }
+        for (id, old) in st.connections.iter() {
+            if !connections.contains_key(id) {
+                let t = Totals {
+                    recv_oct: old.counts.0,
+                    send_oct: old.counts.1,
+                    ..Totals::default()
+                };
+                retire(&old.vhost, &t);
             }
         }
         global.add_counters(&retired);
+        global.churn = churn(broker);
         // A vhost's counters with its deleted queues'; gone with the vhost itself.
         let vhosts: HashMap<Arc<str>, VhostSample> = by_vhost
             .into_iter()
@@ -275,38 +515,6 @@ impl Sampler {
                 (key, ExchangeSample { counts, rates })
             })
             .collect();
-        let mut channels = HashMap::new();
-        let mut connections = HashMap::with_capacity(conns.len());
-        for e in &conns {
-            let id = e.info.id.0;
-            let octets = (
-                e.recv_oct.load(std::sync::atomic::Ordering::Relaxed),
-                e.send_oct.load(std::sync::atomic::Ordering::Relaxed),
-            );
-            let (recv, send) = match st.connections.get(&id) {
-                Some(prev) => (
-                    rate(octets.0, prev.counts.0, secs),
-                    rate(octets.1, prev.counts.1, secs),
-                ),
-                None => (0.0, 0.0),
-            };
-            connections.insert(
-                id,
-                OctetRates {
-                    counts: octets,
-                    recv,
-                    send,
-                },
-            );
-            for c in e.channel_records() {
-                let counts = c.stats.counts();
-                let prev = st.channels.get(&(id, c.number));
-                let rates = std::array::from_fn(|i| {
-                    prev.map_or(0.0, |p| rate(counts[i], p.counts[i], secs))
-                });
-                channels.insert((id, c.number), ChannelSample { counts, rates });
-            }
-        }
         let mut history = std::mem::take(&mut st.history);
         let wall_ms = unix_ms(wall);
         let keep_queue = KEEP_QUEUE.as_millis() as u64;
@@ -375,7 +583,7 @@ impl Sampler {
         self.state
             .read()
             .ok()
-            .and_then(|s| s.connections.get(&conn).copied())
+            .and_then(|s| s.connections.get(&conn).cloned())
             .unwrap_or_default()
     }
 
@@ -394,11 +602,12 @@ impl Sampler {
 
     /// A vhost's counters (its live queues now plus its deleted queues' last counts) and
     /// its rates at the last sample.
-    pub fn vhost(&self, vh: &warren_core::VHost) -> (Totals, Rates) {
+    pub fn vhost(&self, broker: &Broker, vh: &warren_core::VHost) -> (Totals, Rates) {
         let mut t = Totals::default();
         for q in vh.queues() {
             t.add(&q.counts());
         }
+        add_connections(&mut t, broker, Some(&vh.name));
         let (retired, rates) = self
             .state
             .read()
@@ -417,6 +626,8 @@ impl Sampler {
                 t.add(&q.counts());
             }
         }
+        add_connections(&mut t, broker, None);
+        t.churn = churn(broker);
         let (retired, rates) = self
             .state
             .read()
@@ -462,6 +673,34 @@ impl Sampler {
             .or_insert_with(|| (Instant::now(), History::default()));
         *asked = Instant::now();
         h.with_now(now_ms, t)
+    }
+
+    /// Per-second rates of the node's `figures` (memory, descriptors, sockets, threads,
+    /// free disk: RabbitMQ's `*_details` of a node) over the last interval of at least
+    /// [`NODE_INTERVAL`]; zero until there are two samples.
+    pub fn node_rates(&self, figures: [u64; 5]) -> [f64; 5] {
+        let now = Instant::now();
+        let Ok(mut node) = self.node.lock() else {
+            return [0.0; 5];
+        };
+        match node.as_mut() {
+            Some(n) if now.duration_since(n.at) < NODE_INTERVAL => n.rates,
+            Some(n) => {
+                let secs = now.duration_since(n.at).as_secs_f64();
+                n.rates = std::array::from_fn(|i| signed_rate(figures[i], n.figures[i], secs));
+                n.at = now;
+                n.figures = figures;
+                n.rates
+            }
+            None => {
+                *node = Some(NodeSample {
+                    at: now,
+                    figures,
+                    rates: [0.0; 5],
+                });
+                [0.0; 5]
+            }
+        }
     }
 
     /// Samples every `period` until `shutdown`.

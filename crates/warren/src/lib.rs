@@ -466,6 +466,8 @@ impl Server {
                     fd_used: resources::fd_used().unwrap_or(0),
                     fd_total: resources::fd_total().unwrap_or(0),
                     threads: resources::threads().unwrap_or(0),
+                    threads_max: resources::threads_max().unwrap_or(0),
+                    run_queue: resources::run_queue().unwrap_or(0),
                 })),
                 ..Default::default()
             };

@@ -102,6 +102,22 @@ pub fn threads() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The system's limit on threads (/proc/sys/kernel/threads-max).
+pub fn threads_max() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/kernel/threads-max")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Runnable tasks on the machine: the `running` of /proc/loadavg's `running/total`.
+pub fn run_queue() -> Option<u64> {
+    let loadavg = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let (running, _) = loadavg.split_whitespace().nth(3)?.split_once('/')?;
+    running.parse().ok()
+}
+
 /// Resident set size of this process, from /proc/self/statm.
 pub fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -168,5 +184,8 @@ mod tests {
         );
         assert_eq!(parse_cgroup_limit(""), None);
         assert!(disk_free(std::path::Path::new("/")).unwrap() > 0);
+        // This test's own thread is running.
+        assert!(run_queue().unwrap() >= 1);
+        assert!(threads_max().unwrap() > threads().unwrap());
     }
 }
