@@ -951,6 +951,10 @@ async fn channel_message_stats() {
     assert!(qs.get("confirm").is_none(), "{qs}");
     let e = api.get("/api/queues/%2F/stats.empty").await.json();
     assert_eq!(e["message_stats"]["get_empty"], 1, "{e}");
+    // Nothing has gone through a new queue: no message_stats, as in RabbitMQ.
+    common::declare(&ch2, "stats.fresh", FieldTable::default()).await;
+    let f = api.get("/api/queues/%2F/stats.fresh").await.json();
+    assert!(f.get("message_stats").is_none(), "{f}");
     for path in ["/api/overview", "/api/vhosts/%2F"] {
         let o = api.get(path).await.json();
         let m = &o["message_stats"];

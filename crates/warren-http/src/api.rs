@@ -325,6 +325,12 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue, windows: &Windows
         v["members"] = node.clone();
         v["online"] = node;
     }
+    // A queue nothing has gone through yet has no message_stats in RabbitMQ.
+    if queue_totals.counters().iter().all(|&n| n == 0) {
+        if let Value::Object(m) = &mut v {
+            m.remove("message_stats");
+        }
+    }
     if windows.any() {
         windows.apply(&mut v, &s.sampler.queue_history(q.store_id.0, &c));
     }
