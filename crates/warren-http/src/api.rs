@@ -296,7 +296,6 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue, windows: &Windows
         "messages_ready_ram": c.ready.saturating_sub(c.paged_out),
         "messages_unacknowledged_ram": if stream { 0 } else { c.unacked },
 
-        "message_stats": counters_json(&queue_totals, &r, 0..QUEUE_COUNTERS),
     });
     // (Apart from the literal above: serde_json's macro has a recursion limit.)
     let more = json!({
@@ -325,11 +324,11 @@ pub(crate) fn queue_json(s: &AppState, vhost: &str, q: &Queue, windows: &Windows
         v["members"] = node.clone();
         v["online"] = node;
     }
-    // A queue nothing has gone through yet has no message_stats in RabbitMQ.
-    if queue_totals.counters().iter().all(|&n| n == 0) {
-        if let Value::Object(m) = &mut v {
-            m.remove("message_stats");
-        }
+    // RabbitMQ lists a queue's counters once they have moved, and no message_stats at
+    // all for a queue nothing has gone through yet.
+    let stats = counters_map(&queue_totals, &r, 0..QUEUE_COUNTERS, true);
+    if !stats.is_empty() {
+        v["message_stats"] = Value::Object(stats);
     }
     if windows.any() {
         windows.apply(&mut v, &s.sampler.queue_history(q.store_id.0, &c));
@@ -924,14 +923,24 @@ async fn node(State(s): St, caller: Caller, Path(name): Path<String>) -> ApiResu
 /// first [`QUEUE_COUNTERS`] for a queue, [`MESSAGE_COUNTERS`] for the overview and a
 /// vhost), or the overview's `churn_rates` (from [`CHURN`]).
 fn counters_json(t: &Totals, r: &Rates, range: std::ops::Range<usize>) -> Value {
+    Value::Object(counters_map(t, r, range, false))
+}
+
+/// The counters of [`COUNTERS`] in `range`, those still 0 left out with `moved_only`.
+fn counters_map(
+    t: &Totals,
+    r: &Rates,
+    range: std::ops::Range<usize>,
+    moved_only: bool,
+) -> serde_json::Map<String, Value> {
     let counts = t.counters();
     let mut m = serde_json::Map::new();
-    for i in range {
+    for i in range.filter(|&i| !moved_only || counts[i] > 0) {
         let name = COUNTERS[i];
         m.insert(name.into(), json!(counts[i]));
         m.insert(format!("{name}_details"), details(r.counters[i]));
     }
-    Value::Object(m)
+    m
 }
 
 fn vhost_json(s: &AppState, vh: &VHost, windows: &Windows) -> Value {
