@@ -235,6 +235,8 @@ async fn auth_overview_whoami_nodes() {
     ] {
         assert!(n[format!("{k}_details")]["rate"].is_number(), "{k}: {n}");
     }
+    assert!(n["connection_created"].is_u64(), "{n}");
+    assert!(n["queue_deleted_details"]["rate"].is_number(), "{n}");
     let plugins = n["enabled_plugins"].as_array().expect("enabled_plugins");
     for p in ["rabbitmq_management", "rabbitmq_mqtt", "rabbitmq_stomp"] {
         assert!(plugins.contains(&json!(p)), "{p} in {plugins:?}");

@@ -894,6 +894,14 @@ fn node_json(s: &AppState) -> Value {
     {
         v[name] = details(rate);
     }
+    // The node's churn counters, as the overview's `churn_rates` (one node).
+    let (totals, rates) = s.sampler.global(&s.broker);
+    if let (Value::Object(m), Value::Object(churn)) = (
+        &mut v,
+        counters_json(&totals, &rates, CHURN..COUNTERS.len()),
+    ) {
+        m.extend(churn);
+    }
     v
 }
 

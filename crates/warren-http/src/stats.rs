@@ -339,8 +339,10 @@ impl Sampler {
         let wall = SystemTime::now();
         let mut fresh: HashMap<u64, (Arc<str>, QueueCounts)> = HashMap::new();
         let mut fresh_exchanges = Vec::new();
+        let mut vhost_names = Vec::new();
         for vh in broker.vhosts() {
             let name: Arc<str> = Arc::from(vh.name.as_str());
+            vhost_names.push(name.clone());
             for q in vh.queues() {
                 fresh.insert(q.store_id.0, (name.clone(), q.counts()));
             }
@@ -359,7 +361,12 @@ impl Sampler {
             .unwrap_or(0.0);
         let mut queues = HashMap::with_capacity(fresh.len());
         let mut global = Totals::default();
-        let mut by_vhost: HashMap<Arc<str>, Totals> = HashMap::new();
+        // Every vhost, so that one without queues or connections keeps the counters of
+        // those it had.
+        let mut by_vhost: HashMap<Arc<str>, Totals> = vhost_names
+            .into_iter()
+            .map(|n| (n, Totals::default()))
+            .collect();
         for (id, (vhost, counts)) in fresh {
             let mut t = Totals::default();
             t.add(&counts);

@@ -1249,9 +1249,9 @@ impl Session {
                     Err(e) => {
                         // As Mosquitto answers (see `protocol_error_quiet`): DISCONNECT
                         // for a packet over our Maximum Packet Size (MQTT 5 §4.13), a
-                        // malformed PUBLISH / SUBSCRIBE / UNSUBSCRIBE / DISCONNECT
-                        // (MQTT-1.5.5-1, MQTT-3.3.1-4) or a reserved packet type; other
-                        // malformed packets and a bad remaining length just close.
+                        // malformed PUBLISH / SUBSCRIBE / UNSUBSCRIBE (MQTT-1.5.5-1,
+                        // MQTT-3.3.1-4) or a reserved packet type; other malformed
+                        // packets and a bad remaining length just close.
                         let why = e.to_string();
                         match (e, packet_type) {
                             (CodecError::TooLarge { .. }, _) => {
@@ -1259,7 +1259,7 @@ impl Session {
                             }
                             (CodecError::BadLength, _) => self.protocol_error_quiet(&why),
                             (_, 0) => self.protocol_error(rc::PROTOCOL_ERROR, &why),
-                            (_, 3 | 8 | 10 | 14) => self.protocol_error(rc::MALFORMED, &why),
+                            (_, 3 | 8 | 10) => self.protocol_error(rc::MALFORMED, &why),
                             _ => self.protocol_error_quiet(&why),
                         }
                         let _ = wr.write_all(&self.out).await;
@@ -1376,9 +1376,10 @@ impl Session {
 
     /// A protocol error in a packet after which the connection just closes, without a
     /// DISCONNECT (MQTT 5 §4.13.1 leaves it to the server): Mosquitto 2.0 sends one only
-    /// for errors in PUBLISH, SUBSCRIBE, UNSUBSCRIBE, DISCONNECT and unknown packet types
-    /// (`read_handle.c`), and its clients' tests expect the socket to close at once after
-    /// a second CONNECT, a wrong-kind acknowledgement or a server-to-client packet.
+    /// for errors in PUBLISH, SUBSCRIBE, UNSUBSCRIBE and unknown packet types
+    /// (`read_handle.c`) and for a DISCONNECT raising the session expiry from 0, and its
+    /// tests expect the socket to close at once after a second CONNECT, a wrong-kind
+    /// acknowledgement or a server-to-client packet.
     fn protocol_error_quiet(&mut self, why: &str) {
         tracing::info!(peer = %self.peer, client_id = %self.client_id, error = why, "mqtt protocol error");
     }
