@@ -208,6 +208,12 @@ async fn auth_overview_whoami_nodes() {
     assert!(listeners
         .iter()
         .any(|l| l["protocol"] == "amqp" && l["port"] == b.addr.port()));
+    let amqp = listeners.iter().find(|l| l["protocol"] == "amqp").unwrap();
+    assert_eq!(
+        amqp["socket_opts"],
+        json!({"backlog": 1024, "nodelay": true})
+    );
+    assert_eq!(o["sample_retention_policies"]["global"], json!([3600]));
 
     assert_eq!(
         api.get("/api/whoami").await.json(),

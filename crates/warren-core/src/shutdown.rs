@@ -8,6 +8,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+/// The listen backlog of every listener (tokio's default, and the binary's dual-stack
+/// `bind`), shown by the management API's `socket_opts`.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
 /// A source of accepted connections: a TCP listener, or a TLS listener that yields
 /// finished handshakes.
 pub trait Incoming: Send {

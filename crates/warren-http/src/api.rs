@@ -25,7 +25,9 @@ use crate::convert::{
 use crate::error::{ApiError, ApiResult};
 use crate::history::Windows;
 use crate::listing::ListParams;
-use crate::stats::{Rates, Totals, CHURN, COUNTERS, MESSAGE_COUNTERS, QUEUE_COUNTERS};
+use crate::stats::{
+    Rates, Totals, CHURN, COUNTERS, KEEP_GLOBAL, KEEP_QUEUE, MESSAGE_COUNTERS, QUEUE_COUNTERS,
+};
 
 /// Where `recv_oct` is in [`COUNTERS`] (`send_oct` follows).
 const RECV_OCT: usize = MESSAGE_COUNTERS;
@@ -750,7 +752,12 @@ async fn overview(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Val
                 "protocol": l.protocol,
                 "ip_address": l.addr.ip().to_string(),
                 "port": l.addr.port(),
-                "socket_opts": {},
+                // What Warren sets: the listen backlog, and TCP_NODELAY on the sockets
+                // its protocol front-ends accept (the HTTP server leaves it off).
+                "socket_opts": {
+                    "backlog": warren_core::shutdown::LISTEN_BACKLOG,
+                    "nodelay": !l.protocol.starts_with("http"),
+                },
             })
         })
         .collect();
@@ -793,6 +800,13 @@ async fn overview(State(s): St, caller: Caller, params: Q) -> ApiResult<Json<Val
             "queues": queues,
         },
         "churn_rates": counters_json(&totals, &rates, CHURN..COUNTERS.len()),
+        // Seconds of samples kept (stats.rs): the broker and vhosts an hour, queues ten
+        // minutes once asked for, channels and connections none.
+        "sample_retention_policies": {
+            "global": [KEEP_GLOBAL.as_secs()],
+            "basic": [KEEP_QUEUE.as_secs()],
+            "detailed": [],
+        },
         "statistics_db_event_queue": 0,
         "listeners": listeners,
         "contexts": [{"node": s.broker.config.node_name, "description": "RabbitMQ Management", "path": "/", "port": http_port}],

@@ -17,9 +17,9 @@ use crate::history::{History, MAX_WATCHED};
 
 /// How far back the broker's and each vhost's samples go (RabbitMQ's `global` and
 /// `basic` retention: an hour).
-const KEEP_GLOBAL: Duration = Duration::from_secs(3600);
+pub(crate) const KEEP_GLOBAL: Duration = Duration::from_secs(3600);
 /// How far back a watched queue's samples go.
-const KEEP_QUEUE: Duration = Duration::from_secs(600);
+pub(crate) const KEEP_QUEUE: Duration = Duration::from_secs(600);
 
 /// The counters of [`Totals`] by their API names, in [`Totals::counters`] order: first
 /// those a queue counts ([`QUEUE_COUNTERS`]), then those of channels (per vhost and

@@ -83,7 +83,7 @@ fn dual_stack(a: std::net::SocketAddrV6) -> std::io::Result<TcpListener> {
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
     s.bind(&SocketAddr::V6(a).into())?;
-    s.listen(1024)?;
+    s.listen(warren_core::shutdown::LISTEN_BACKLOG as i32)?;
     TcpListener::from_std(s.into())
 }
 
