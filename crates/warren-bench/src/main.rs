@@ -16,6 +16,7 @@
 mod amqp;
 mod amqp_raw;
 mod mqtt;
+mod mqtt_raw;
 mod relay;
 mod report;
 mod stomp;
@@ -81,8 +82,9 @@ pub struct Args {
     /// Seconds of publishing in mqtt-fanin.
     #[arg(long, default_value_t = 10)]
     duration: u64,
-    /// AMQP client of the publishing and consuming path: `lapin`, or `raw` (a minimal
-    /// client on Warren's codec that batches writes; see amqp_raw.rs). Setup uses lapin.
+    /// Client of the publishing and consuming path: `lapin` / rumqttc, or `raw` (AMQP: a
+    /// minimal client on Warren's codec that batches writes, amqp_raw.rs, setup with lapin;
+    /// MQTT QoS 0/1: a minimal 3.1.1 client, mqtt_raw.rs).
     #[arg(long, default_value = "lapin")]
     client: String,
     /// Consumer prefetch (AMQP).
@@ -176,6 +178,9 @@ async fn main() -> anyhow::Result<()> {
     let rss_before = args.broker_pid.and_then(rss_kib);
     let run = match args.scenario.as_str() {
         "transient" | "confirms" | "fanout" | "topic" | "fill" => amqp::run(&args).await?,
+        "mqtt-qos0" | "mqtt-qos1" | "mqtt-qos2" if args.client == "raw" => {
+            mqtt_raw::one_to_one(&args).await?
+        }
         "mqtt-qos0" | "mqtt-qos1" | "mqtt-qos2" => mqtt::one_to_one(&args).await?,
         "mqtt-fanin" => mqtt::fan_in(&args).await?,
         "stomp-queue" | "stomp-topic" => stomp::run(&args).await?,
