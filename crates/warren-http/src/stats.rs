@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use std::sync::RwLock;
 
-use warren_core::{Broker, ChannelCounts, ChannelStat, QueueCounts};
+use warren_core::{Broker, ChannelCounts, ChannelStat, ConnectionEntry, QueueCounts};
 
 use crate::history::{History, MAX_WATCHED};
 
@@ -324,11 +324,19 @@ fn add_connections(t: &mut Totals, broker: &Broker, vhost: Option<&str>) {
         if vhost.is_some_and(|v| v != e.info.vhost) {
             continue;
         }
-        t.recv_oct += e.recv_oct.load(std::sync::atomic::Ordering::Relaxed);
-        t.send_oct += e.send_oct.load(std::sync::atomic::Ordering::Relaxed);
+        t.add_counters(&octets(&e));
         for c in e.channel_records() {
             t.add_channel(&c.stats.counts());
         }
+    }
+}
+
+/// A connection's bytes received and sent, as counters.
+fn octets(e: &ConnectionEntry) -> Totals {
+    Totals {
+        recv_oct: e.recv_oct.load(std::sync::atomic::Ordering::Relaxed),
+        send_oct: e.send_oct.load(std::sync::atomic::Ordering::Relaxed),
+        ..Totals::default()
     }
 }
 
@@ -400,10 +408,9 @@ impl Sampler {
         for e in &conns {
             let id = e.info.id.0;
             let vhost: Arc<str> = Arc::from(e.info.vhost.as_str());
-            let octets = (
-                e.recv_oct.load(std::sync::atomic::Ordering::Relaxed),
-                e.send_oct.load(std::sync::atomic::Ordering::Relaxed),
-            );
+            // The connection's counters: its bytes, then its channels'.
+            let mut live = octets(e);
+            let octets = (live.recv_oct, live.send_oct);
             let (recv, send) = match st.connections.get(&id) {
                 Some(prev) => (
                     rate(octets.0, prev.counts.0, secs),
@@ -411,22 +418,13 @@ impl Sampler {
                 ),
                 None => (0.0, 0.0),
             };
-            let t = by_vhost.entry(vhost.clone()).or_default();
-            t.recv_oct += octets.0;
-            t.send_oct += octets.1;
-            global.recv_oct += octets.0;
-            global.send_oct += octets.1;
             for c in e.channel_records() {
                 let counts = c.stats.counts();
                 let prev = st.channels.get(&(id, c.number));
                 let rates = std::array::from_fn(|i| {
                     prev.map_or(0.0, |p| rate(counts[i], p.counts[i], secs))
                 });
-                by_vhost
-                    .entry(vhost.clone())
-                    .or_default()
-                    .add_channel(&counts);
-                global.add_channel(&counts);
+                live.add_channel(&counts);
                 let vhost = vhost.clone();
                 channels.insert(
                     (id, c.number),
@@ -437,6 +435,11 @@ impl Sampler {
                     },
                 );
             }
+            by_vhost
+                .entry(vhost.clone())
+                .or_default()
+                .add_counters(&live);
+            global.add_counters(&live);
             connections.insert(
                 id,
                 OctetRates {

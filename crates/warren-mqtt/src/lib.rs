@@ -20,6 +20,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use warren_core::{Broker, ConnectionAuth, ConnectionId, Message};
 
+/// AMQP short strings (queue names, `content-type`, `reply-to`) hold at most this.
+const MAX_SHORT: usize = 255;
+
 /// Settings of the MQTT listener.
 #[derive(Debug, Clone)]
 pub struct MqttConfig {

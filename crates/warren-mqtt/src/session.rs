@@ -40,7 +40,7 @@ use crate::codec::{self, CodecError};
 use crate::shared_sub;
 use crate::state::{now_ms, SessionRecord, StoredShared, StoredWill, NEVER};
 use crate::topic;
-use crate::{MqttConfig, Shared};
+use crate::{MqttConfig, Shared, MAX_SHORT};
 
 /// The header carrying an MQTT publish's QoS through AMQP (RabbitMQ's name).
 /// The exchange MQTT topics map onto (RabbitMQ's default `mqtt.exchange`).
@@ -1115,9 +1115,6 @@ const MAX_TOPIC_DEPTH: usize = 200;
 fn too_deep(topic: &str) -> bool {
     topic.bytes().filter(|b| *b == b'/').count() > MAX_TOPIC_DEPTH
 }
-
-/// AMQP short strings (queue names, `content-type`, `reply-to`) hold at most this.
-const MAX_SHORT: usize = 255;
 
 /// A message published over MQTT, as the core carries it; `None` for a topic deeper than
 /// [`MAX_TOPIC_DEPTH`].

@@ -21,13 +21,11 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use warren_core::{Broker, ConnectionId, FieldTable, Queue, QueueDecl, Target, VHost};
 
-use crate::topic;
+use crate::{topic, MAX_SHORT};
 
 /// The prefix of shared-subscription queue names (Warren's own, beside RabbitMQ's
 /// `mqtt-subscription-` of session queues).
 const PREFIX: &str = "mqtt-shared-";
-/// An AMQP short string's limit: queue names are short strings.
-const MAX_NAME: usize = 255;
 
 /// `$share/<group>/<filter>` split into group and filter (MQTT-4.8.2-1/2: a non-empty
 /// group without wildcards, then a non-empty filter); `None` if it is not one.
@@ -42,7 +40,7 @@ pub(crate) fn split(full: &str) -> Option<(&str, &str)> {
 /// The group queue's name; `None` if it would not fit a short string.
 pub(crate) fn queue_name(group: &str, filter: &str) -> Option<String> {
     let name = format!("{PREFIX}{group}-{filter}");
-    (name.len() <= MAX_NAME).then_some(name)
+    (name.len() <= MAX_SHORT).then_some(name)
 }
 
 /// One group queue's members.
@@ -129,7 +127,9 @@ impl Groups {
                         }
                         emptied
                     }
-                    None => true,
+                    // Not a member (a join that failed): a queue of that name is not
+                    // this group's to delete (start-up removes orphaned ones).
+                    None => false,
                 }
             };
             if emptied {
