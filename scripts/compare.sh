@@ -22,7 +22,7 @@ bash ../shared/reference-brokers.sh start >/dev/null
 BENCH=$CARGO_TARGET_DIR/release/warren-bench
 DATA=$(mktemp -d)
 "$CARGO_TARGET_DIR/release/warren" --data-dir "$DATA" --amqp-listen 127.0.0.1:5699 --mqtt-listen 127.0.0.1:1899 \
-  --stomp-listen 127.0.0.1:61699 --http-listen off --web-stomp-listen off --web-mqtt-listen off >/dev/null 2>&1 &
+  --stomp-listen 127.0.0.1:61699 --http-listen off --prometheus-listen off --web-stomp-listen off --web-mqtt-listen off >/dev/null 2>&1 &
 WARREN_PID=$!
 # The machine's ceiling: a plain TCP relay in the broker's place, measured with the same tool.
 "$BENCH" --relay 127.0.0.1:5700 &

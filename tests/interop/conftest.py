@@ -74,6 +74,7 @@ class Warren:
              "--amqp-listen", f"127.0.0.1:{self.port}",
              "--mqtt-listen", f"127.0.0.1:{self.mqtt_port}",
              "--stomp-listen", f"127.0.0.1:{self.stomp_port}", "--http-listen", f"127.0.0.1:{self.http_port}",
+             "--prometheus-listen", "off",
              "--web-stomp-listen", f"127.0.0.1:{self.web_stomp_port}",
              "--web-mqtt-listen", f"127.0.0.1:{self.web_mqtt_port}"],
             stdout=log, stderr=log, env={**os.environ, "WARREN_LOG": os.environ.get("WARREN_LOG", "info")})

@@ -50,7 +50,7 @@ class TlsWarren(Warren):
                                                "web_mqtt_tls")}
         with open(os.path.join(d, "warren.toml"), "w") as f:
             f.write("[listeners]\n")
-            for k in ("amqp", "mqtt", "stomp", "http", "web_stomp", "web_mqtt"):
+            for k in ("amqp", "mqtt", "stomp", "http", "prometheus", "web_stomp", "web_mqtt"):
                 f.write(f'{k} = "off"\n')
             for k, p in self.ports.items():
                 f.write(f'{k} = "127.0.0.1:{p}"\n')

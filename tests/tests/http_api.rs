@@ -1411,6 +1411,25 @@ async fn metrics_text() {
     let page = anon.get("/").await;
     assert_eq!(page.status, 200);
     assert!(page.text().contains("/api/overview"));
+    // rabbitmq_prometheus's own port serves the metrics and nothing else.
+    let prom = Api {
+        addr: b.prometheus_addr,
+        auth: None,
+    };
+    let p = prom.get("/metrics/per-object").await;
+    assert_eq!(p.status, 200);
+    assert!(p.text().contains("rabbitmq_queues 1"), "{}", p.text());
+    assert_eq!(prom.get("/metrics").await.status, 200);
+    assert_eq!(prom.get("/api/overview").await.status, 404);
+    assert_eq!(prom.get("/").await.status, 404);
+    let listeners = api.get("/api/overview").await.json()["listeners"].clone();
+    let port = b.prometheus_addr.port();
+    assert!(
+        listeners.as_array().is_some_and(|l| l
+            .iter()
+            .any(|x| x["protocol"] == "http/prometheus" && x["port"] == port)),
+        "{listeners}"
+    );
 
     // Closes are counted by protocol and typed reason.
     let c = b.connect().await;
@@ -2490,4 +2509,18 @@ async fn samples_over_a_window() {
             "{bad}"
         );
     }
+}
+
+/// A taken metrics port is logged, not fatal: messaging does not depend on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_prometheus_port_does_not_stop_the_broker() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = common::config(dir.path());
+    c.listeners.prometheus = addr;
+    let server = warren::Server::start(&c).await.expect("the broker starts");
+    assert!(server.prometheus_addr.is_none());
+    assert!(server.amqp_addr.is_some());
+    server.shutdown().await;
 }

@@ -13,6 +13,7 @@ async fn bench_scenarios_complete_without_loss() {
     c.listeners.stomp = "127.0.0.1:0".into();
     for l in [
         &mut c.listeners.http,
+        &mut c.listeners.prometheus,
         &mut c.listeners.web_stomp,
         &mut c.listeners.web_mqtt,
     ] {

@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use warren_core::Broker;
 
@@ -140,37 +139,26 @@ async fn dashboard() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("dashboard.html"))
 }
 
-/// Serves the API on `listener` until `shutdown` becomes true.
-pub async fn serve(
-    listener: TcpListener,
-    broker: Arc<Broker>,
-    cfg: HttpConfig,
-    shutdown: watch::Receiver<bool>,
-) {
-    let (app, sampler) = start(broker, cfg, shutdown.clone());
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
-    let mut stop = shutdown.clone();
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "http listener failed");
-    }
-    let _ = sampler.await;
+/// What [`start`] gives: the applications and the stats sampler that feeds both.
+pub struct Started {
+    /// The management API, metrics and dashboard (ports 15672 / 15671).
+    pub app: Router,
+    /// Metrics alone, as rabbitmq_prometheus serves them on its own port (15692).
+    pub prometheus: Router,
+    /// Ends at `shutdown`.
+    pub sampler: tokio::task::JoinHandle<()>,
 }
 
-/// The application and its running stats sampler (which ends at `shutdown`), for callers
-/// that serve it on listeners of their own (HTTP and HTTPS share one state). Handlers
+/// The applications and their running stats sampler, for callers that serve them on
+/// listeners of their own (HTTP, HTTPS and the metrics port share one state). Handlers
 /// need `ConnectInfo<SocketAddr>` (loopback-only users).
-pub fn start(
-    broker: Arc<Broker>,
-    cfg: HttpConfig,
-    shutdown: watch::Receiver<bool>,
-) -> (Router, tokio::task::JoinHandle<()>) {
+pub fn start(broker: Arc<Broker>, cfg: HttpConfig, shutdown: watch::Receiver<bool>) -> Started {
     let period = cfg.sample_period;
     let state = AppState::new(broker.clone(), cfg);
     let sampler = tokio::spawn(state.sampler.clone().run(broker, period, shutdown));
-    (router(state), sampler)
+    Started {
+        prometheus: metrics::routes().with_state(state.clone()),
+        app: router(state),
+        sampler,
+    }
 }

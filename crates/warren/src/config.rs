@@ -112,6 +112,9 @@ pub struct Listeners {
     pub mqtt: String,
     pub stomp: String,
     pub http: String,
+    /// Prometheus metrics alone (RabbitMQ's rabbitmq_prometheus port). A failure to bind
+    /// it is logged, not fatal: messaging does not depend on a metrics port.
+    pub prometheus: String,
     pub web_stomp: String,
     pub web_mqtt: String,
     /// TLS listeners (only with `[tls]` certificates).
@@ -132,6 +135,7 @@ impl Default for Listeners {
             mqtt: "[::]:1883".into(),
             stomp: "[::]:61613".into(),
             http: "[::]:15672".into(),
+            prometheus: "[::]:15692".into(),
             web_stomp: "[::]:15674".into(),
             web_mqtt: "[::]:15675".into(),
             amqps: "[::]:5671".into(),
@@ -287,6 +291,7 @@ mod tests {
         let d = Config::default();
         assert_eq!(c.listeners.amqp, d.listeners.amqp);
         assert_eq!(c.listeners.web_mqtt, d.listeners.web_mqtt);
+        assert_eq!(c.listeners.prometheus, d.listeners.prometheus);
         assert_eq!(c.listeners.https, d.listeners.https);
         assert_eq!(c.listeners.web_stomp_tls, d.listeners.web_stomp_tls);
         assert_eq!(c.listeners.web_mqtt_tls, d.listeners.web_mqtt_tls);

@@ -139,6 +139,8 @@ pub struct Server {
     pub tls_addrs: TlsAddrs,
     /// The bound management HTTP address, if the listener is on.
     pub http_addr: Option<SocketAddr>,
+    /// The bound Prometheus metrics address, if the listener is on.
+    pub prometheus_addr: Option<SocketAddr>,
     pub broker: Arc<Broker>,
     /// Alarm thresholds, adjustable while running.
     pub limits: Arc<resources::ResourceLimits>,
@@ -424,9 +426,17 @@ impl Server {
         let https = listen_tls("management HTTPS", &l.https, acceptor)
             .await?
             .map(web::WebListener::Tls);
+        let prometheus = match listen("Prometheus metrics", &l.prometheus).await {
+            Ok(p) => p.map(web::WebListener::Plain),
+            Err(e) => {
+                tracing::error!(error = %e, "running without the Prometheus metrics port");
+                None
+            }
+        };
         let http_addr = http.as_ref().and_then(|l| l.local_addr());
+        let prometheus_addr = prometheus.as_ref().and_then(|l| l.local_addr());
         tls_addrs.https = https.as_ref().and_then(|l| l.local_addr());
-        if http.is_some() || https.is_some() {
+        if http.is_some() || https.is_some() || prometheus.is_some() {
             let mut listeners = Vec::new();
             // RabbitMQ's protocol names in /api/overview's listeners.
             for (protocol, addr) in [
@@ -434,6 +444,7 @@ impl Server {
                 ("mqtt", mqtt_addr),
                 ("stomp", stomp_addr),
                 ("http", http_addr),
+                ("http/prometheus", prometheus_addr),
                 ("http/web-stomp", web_stomp_addr),
                 ("http/web-mqtt", web_mqtt_addr),
                 ("amqp/ssl", tls_addrs.amqps),
@@ -471,9 +482,13 @@ impl Server {
                 })),
                 ..Default::default()
             };
-            let (app, sampler) = warren_http::start(broker.clone(), http_cfg, shutdown_rx.clone());
-            tasks.push(sampler);
-            for (what, listener) in [("management HTTP", http), ("management HTTPS", https)] {
+            let apps = warren_http::start(broker.clone(), http_cfg, shutdown_rx.clone());
+            tasks.push(apps.sampler);
+            for (what, listener, app) in [
+                ("management HTTP", http, &apps.app),
+                ("management HTTPS", https, &apps.app),
+                ("Prometheus metrics", prometheus, &apps.prometheus),
+            ] {
                 if let Some(listener) = listener {
                     tasks.push(tokio::spawn(web::serve(
                         what,
@@ -491,6 +506,7 @@ impl Server {
             web_stomp_addr,
             web_mqtt_addr,
             http_addr,
+            prometheus_addr,
             tls_addrs,
             broker,
             limits,

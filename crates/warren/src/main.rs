@@ -30,6 +30,9 @@ struct Args {
     /// Management HTTP API listen address [default: [::]:15672], or `off`.
     #[arg(long, env = "WARREN_HTTP_LISTEN")]
     http_listen: Option<String>,
+    /// Prometheus metrics listen address [default: [::]:15692], or `off`.
+    #[arg(long, env = "WARREN_PROMETHEUS_LISTEN")]
+    prometheus_listen: Option<String>,
     /// STOMP-over-WebSocket listen address (path /ws) [default: [::]:15674], or `off`.
     #[arg(long, env = "WARREN_WEB_STOMP_LISTEN")]
     web_stomp_listen: Option<String>,
@@ -78,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         (&mut l.mqtt, &args.mqtt_listen),
         (&mut l.stomp, &args.stomp_listen),
         (&mut l.http, &args.http_listen),
+        (&mut l.prometheus, &args.prometheus_listen),
         (&mut l.web_stomp, &args.web_stomp_listen),
         (&mut l.web_mqtt, &args.web_mqtt_listen),
         (&mut l.amqps, &args.amqps_listen),

@@ -30,6 +30,8 @@ fn spawn(data: &std::path::Path, port: u16) -> Child {
             "off",
             "--http-listen",
             "off",
+            "--prometheus-listen",
+            "off",
         ])
         .args(["--web-stomp-listen", "off", "--web-mqtt-listen", "off"])
         .env("WARREN_LOG", "warn")
@@ -167,6 +169,7 @@ async fn sigterm_shuts_down_gracefully_and_help_lists_every_flag() {
         "--mqtt-listen",
         "--stomp-listen",
         "--http-listen",
+        "--prometheus-listen",
         "--web-stomp-listen",
         "--web-mqtt-listen",
         "--log-format",

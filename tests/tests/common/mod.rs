@@ -23,6 +23,8 @@ pub struct TestBroker {
     pub web_mqtt_addr: std::net::SocketAddr,
     /// The management HTTP API.
     pub http_addr: std::net::SocketAddr,
+    /// Prometheus metrics alone.
+    pub prometheus_addr: std::net::SocketAddr,
 }
 
 pub fn config(dir: &std::path::Path) -> warren::Config {
@@ -35,6 +37,7 @@ pub fn config(dir: &std::path::Path) -> warren::Config {
     c.listeners.web_mqtt = "127.0.0.1:0".into();
     c.stomp.incomplete_frame_timeout_ms = 1000;
     c.listeners.http = "127.0.0.1:0".into();
+    c.listeners.prometheus = "127.0.0.1:0".into();
     c
 }
 
@@ -66,8 +69,10 @@ async fn start_configured(
     let web_stomp_addr = server.web_stomp_addr.expect("web-stomp listener");
     let web_mqtt_addr = server.web_mqtt_addr.expect("web-mqtt listener");
     let http_addr = server.http_addr.expect("http listener");
+    let prometheus_addr = server.prometheus_addr.expect("prometheus listener");
     TestBroker {
         http_addr,
+        prometheus_addr,
         web_mqtt_addr,
         web_stomp_addr,
         mqtt_addr,
