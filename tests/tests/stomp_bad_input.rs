@@ -1,5 +1,5 @@
-//! Bad STOMP input is answered with an ERROR frame and a close, and never disturbs other
-//! connections; and STOMP traffic crosses to MQTT and back through amq.topic.
+//! Bad STOMP input is answered with an ERROR frame (and a close, but for a client's mistake
+//! in a frame, as RabbitMQ) and never disturbs other connections; and STOMP traffic crosses to MQTT and back through amq.topic.
 
 mod common;
 
@@ -16,6 +16,17 @@ async fn expect_error(c: &mut StompClient, message: &str) {
     assert_eq!(f.get("message"), Some(message), "{f:?}");
     assert!(!f.body.is_empty());
     assert!(c.closed().await, "closed after ERROR");
+}
+
+/// A client's mistake in a frame: ERROR, and the connection goes on (RabbitMQ's
+/// `error/3`), so a following SEND still gets its RECEIPT.
+async fn expect_refused(c: &mut StompClient, message: &str) {
+    let f = c.recv().await.expect("an ERROR frame");
+    assert_eq!(f.command, "ERROR", "{f:?}");
+    assert_eq!(f.get("message"), Some(message), "{f:?}");
+    assert!(!f.body.is_empty());
+    c.send_receipted(send_frame("/queue/after", b"x"), "after")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,21 +74,33 @@ async fn bad_input_gets_error_then_close() {
 
     let mut c = StompClient::connect(b.stomp_addr).await;
     c.send(Frame::new("FOO")).await;
-    expect_error(&mut c, "Bad command").await;
-
-    let mut c = StompClient::connect(b.stomp_addr).await;
+    expect_refused(&mut c, "Bad command").await;
     c.send(send_frame("/nowhere/x", b"")).await;
-    expect_error(&mut c, "Unknown destination").await;
-
-    let mut c = StompClient::connect(b.stomp_addr).await;
+    expect_refused(&mut c, "Unknown destination").await;
     c.send(send_frame("/queue/x", b"").with("message-id", "mine"))
         .await;
-    expect_error(&mut c, "Invalid header").await;
+    expect_refused(&mut c, "Invalid header").await;
+    c.send(Frame::new("ACK").with("id", "garbage")).await;
+    expect_refused(&mut c, "Invalid header").await;
+    c.send(
+        Frame::new("SEND")
+            .with("transaction", "nope")
+            .with("destination", "/queue/x"),
+    )
+    .await;
+    expect_refused(&mut c, "Bad transaction").await;
+    c.send(Frame::new("COMMIT")).await;
+    expect_refused(&mut c, "Missing transaction").await;
+    c.send(Frame::new("UNSUBSCRIBE").with("id", "nope")).await;
+    expect_refused(&mut c, "No subscription found").await;
+    c.send(Frame::new("SEND")).await;
+    expect_refused(&mut c, "Missing destination").await;
 
+    // A well-formed id of no unsettled message is RabbitMQ's channel error: it closes.
     let mut c = StompClient::connect(b.stomp_addr).await;
     c.send(Frame::new("ACK").with("id", "T_s@@session-x@@99"))
         .await;
-    expect_error(&mut c, "Invalid header").await;
+    expect_error(&mut c, "precondition_failed").await;
 
     let mut c = StompClient::connect(b.stomp_addr).await;
     c.send(Frame::new("CONNECT")).await;

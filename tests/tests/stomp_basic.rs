@@ -483,6 +483,8 @@ async fn receipts_and_disconnect() {
     let r = c.recv().await.unwrap();
     assert_eq!(r.get("receipt-id"), Some("bye"));
     assert!(c.closed().await);
+    // Each frame ended `\0\n`, as RabbitMQ's (clients such as php-stomp rely on it).
+    assert!(c.all_frames_had_lf);
     // And it is there after a restart.
     let b = b.restart().await;
     let mut c = StompClient::connect(b.stomp_addr).await;

@@ -367,7 +367,10 @@ pub fn encode(frame: &Frame, version: Version, out: &mut BytesMut) {
     }
     out.put_u8(b'\n');
     out.put_slice(&frame.body);
-    out.put_u8(0);
+    // `NULL *(EOL)`: RabbitMQ ends every frame with `\0\n` (its `trailing_lf`, on by
+    // default), and clients rely on it: php-stomp drops the byte after a NUL, stomper's
+    // StompBuffer only completes a frame at `\0\n`.
+    out.put_slice(b"\0\n");
 }
 
 #[cfg(test)]

@@ -202,14 +202,15 @@ fn encode_escapes_per_version() {
     let f = Frame::new("MESSAGE").with("k:1", "a\nb\r\\");
     let mut out = BytesMut::new();
     encode(&f, Version::V1_2, &mut out);
-    assert_eq!(&out[..], b"MESSAGE\nk\\c1:a\\nb\\r\\\\\n\n\0");
+    assert_eq!(&out[..], b"MESSAGE\nk\\c1:a\\nb\\r\\\\\n\n\0\n");
     out.clear();
     encode(&f, Version::V1_1, &mut out);
-    assert_eq!(&out[..], b"MESSAGE\nk\\c1:a\\nb\r\\\\\n\n\0");
+    assert_eq!(&out[..], b"MESSAGE\nk\\c1:a\\nb\r\\\\\n\n\0\n");
     out.clear();
     let c = Frame::new("CONNECTED").with("version", "1.2");
     encode(&c, Version::V1_2, &mut out);
-    assert_eq!(&out[..], b"CONNECTED\nversion:1.2\n\n\0");
+    // Every frame ends `\0\n`, as RabbitMQ's (`trailing_lf`).
+    assert_eq!(&out[..], b"CONNECTED\nversion:1.2\n\n\0\n");
 }
 
 fn arb_frame() -> impl Strategy<Value = Frame> {

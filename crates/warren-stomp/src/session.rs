@@ -61,27 +61,37 @@ struct Pending {
     seq: MsgSeq,
 }
 
-/// Why the frame loop stopped.
+/// Why a frame failed, or the frame loop stopped.
 #[derive(Debug)]
 enum Stop {
-    /// ERROR frame: `message` header and a body, then close (STOMP 1.2 "ERROR").
+    /// ERROR frame: `message` header and a body (STOMP 1.2 "ERROR").
     Error {
         message: String,
         detail: String,
         receipt: Option<String>,
         /// The body ends with a newline, as most of RabbitMQ's do (a few have none).
         newline: bool,
+        /// Whether the connection closes after it. STOMP 1.2 says a server closes after
+        /// an ERROR, but RabbitMQ keeps the connection after a client's mistake in a
+        /// frame (a missing header, an unknown transaction, destination or subscription:
+        /// its `error/3`), and clients rely on that (php-stomp's commit test). It closes
+        /// for what fails in the AMQP layer (403, 404, 406: its `amqp_death`), a second
+        /// CONNECT, and everything outside a frame's handling (bad bytes, timeouts,
+        /// shutdown), which always ends the connection whatever this says.
+        closes: bool,
     },
     Disconnect,
 }
 
 impl Stop {
+    /// A client's mistake in a frame: ERROR, and the connection stays.
     fn error(message: impl Into<String>, detail: impl Into<String>) -> Stop {
         Stop::Error {
             message: message.into(),
             detail: detail.into(),
             receipt: None,
             newline: true,
+            closes: false,
         }
     }
 
@@ -92,10 +102,33 @@ impl Stop {
             detail: detail.into(),
             receipt: None,
             newline: false,
+            closes: false,
         }
     }
+
+    /// The same ERROR, closing the connection.
+    fn closing(self) -> Stop {
+        match self {
+            Stop::Error {
+                message,
+                detail,
+                receipt,
+                newline,
+                ..
+            } => Stop::Error {
+                message,
+                detail,
+                receipt,
+                newline,
+                closes: true,
+            },
+            other => other,
+        }
+    }
+
+    /// An AMQP-layer refusal (RabbitMQ's `amqp_death`): closes.
     fn core(e: CoreError) -> Stop {
-        Stop::error(e.kind.name().to_ascii_lowercase(), e.to_string())
+        Stop::error(e.kind.name().to_ascii_lowercase(), e.to_string()).closing()
     }
 }
 
@@ -274,7 +307,7 @@ fn codec_stop(e: &CodecError) -> Stop {
         CodecError::BadContentLength => "Invalid content-length",
         _ => "Malformed frame",
     };
-    Stop::error(message, e.to_string())
+    Stop::error(message, e.to_string()).closing()
 }
 
 fn error_frame(out: &mut BytesMut, version: Version, stop: &Stop) {
@@ -283,6 +316,7 @@ fn error_frame(out: &mut BytesMut, version: Version, stop: &Stop) {
         detail,
         receipt,
         newline,
+        ..
     } = stop
     else {
         return;
@@ -453,14 +487,21 @@ impl Session {
                                     message,
                                     detail,
                                     newline,
+                                    closes,
                                     ..
                                 }) => {
-                                    return Err(Stop::Error {
+                                    let stop = Stop::Error {
                                         message,
                                         detail,
                                         receipt,
                                         newline,
-                                    })
+                                        closes,
+                                    };
+                                    if closes {
+                                        return Err(stop);
+                                    }
+                                    tracing::debug!(conn = self.id.0, error = ?stop, "stomp frame refused");
+                                    error_frame(&mut self.out, self.version, &stop);
                                 }
                                 Err(Stop::Disconnect) => {
                                     self.flush_receipts(&store);
@@ -709,10 +750,9 @@ impl Session {
                 return Err(Stop::Disconnect);
             }
             "CONNECT" | "STOMP" => {
-                return Err(Stop::error(
-                    "Already connected",
-                    "A second CONNECT is not allowed",
-                ))
+                return Err(
+                    Stop::error("Already connected", "A second CONNECT is not allowed").closing(),
+                )
             }
             other => {
                 return Err(Stop::error(
@@ -1134,8 +1174,14 @@ impl Session {
             .rsplit_once("@@")
             .and_then(|(_, n)| n.parse().ok())
             .ok_or_else(invalid)?;
+        // A well-formed id naming no unsettled message: RabbitMQ's channel error, which
+        // closes.
         let Some(p) = self.pending.get(&n) else {
-            return Err(invalid());
+            return Err(Stop::bare(
+                "precondition_failed",
+                format!("PRECONDITION_FAILED - unknown delivery tag {n}"),
+            )
+            .closing());
         };
         let token = p.token;
         let mode = self.subs.get(&token).map(|s| s.ack);

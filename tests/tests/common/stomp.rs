@@ -17,6 +17,10 @@ pub struct StompClient {
     pub version: Version,
     /// Heart-beat EOLs received so far.
     pub heart_beats: usize,
+    /// Every frame ends `\0\n` (as RabbitMQ's): that EOL is no heart-beat.
+    trailing_lf: bool,
+    /// Whether every frame so far came with its trailing EOL.
+    pub all_frames_had_lf: bool,
 }
 
 impl StompClient {
@@ -27,6 +31,8 @@ impl StompClient {
             buf: BytesMut::new(),
             version: Version::V1_2,
             heart_beats: 0,
+            trailing_lf: false,
+            all_frames_had_lf: true,
         }
     }
 
@@ -82,7 +88,16 @@ impl StompClient {
         tokio::time::timeout(d, async {
             loop {
                 match codec::decode(&mut self.buf, self.version, &Limits::default()) {
-                    Ok(Some(Decoded::Frame(f))) => return Some(f),
+                    Ok(Some(Decoded::Frame(f))) => {
+                        // The EOL after the previous frame never came.
+                        self.all_frames_had_lf &= !self.trailing_lf;
+                        self.trailing_lf = true;
+                        return Some(f);
+                    }
+                    Ok(Some(Decoded::HeartBeat)) if self.trailing_lf => {
+                        self.trailing_lf = false;
+                        continue;
+                    }
                     Ok(Some(Decoded::HeartBeat)) => {
                         self.heart_beats += 1;
                         continue;
