@@ -324,6 +324,37 @@ impl Rare {
     }
 }
 
+/// Spare room for reads, adapted to the connection's traffic. An idle connection keeps the
+/// 128-byte buffer it connected with (no room asked). Once a packet straddles two reads
+/// (a PUBLISH landing in the few bytes left at the end of the buffer, a second syscall)
+/// reads get at least `MIN`, and each read that fills all the room it had doubles it up
+/// to `MAX`: a busy publisher's packets then come in 16 KB reads, not 128-byte ones.
+#[derive(Default)]
+struct ReadRoom(usize);
+
+impl ReadRoom {
+    const MIN: usize = 256;
+    const MAX: usize = 16 * 1024;
+
+    fn straddled(&mut self) {
+        self.0 = self.0.max(Self::MIN);
+    }
+
+    /// After a read of `n` bytes into `spare` bytes of room.
+    fn read(&mut self, n: usize, spare: usize) {
+        if n == spare && self.0 != 0 {
+            self.0 = (self.0 * 2).min(Self::MAX);
+        }
+    }
+
+    /// Grows `buf` before a read when it has less than half the room wanted.
+    fn make(&self, buf: &mut BytesMut) {
+        if self.0 != 0 && buf.capacity() - buf.len() < self.0 / 2 {
+            buf.reserve(self.0);
+        }
+    }
+}
+
 /// Serves one MQTT connection over any byte stream (TCP, or a WebSocket's binary frames).
 ///
 /// Connecting runs once, in its own boxed future (freed when CONNECT is answered); the
@@ -1231,6 +1262,7 @@ impl Session {
         let keep_alive_timer = tokio::time::sleep(keep_alive);
         tokio::pin!(keep_alive_timer);
         let mut backlog = false;
+        let mut room = ReadRoom::default();
         loop {
             // Packets that arrived with CONNECT.
             loop {
@@ -1242,7 +1274,12 @@ impl Session {
                             return end;
                         }
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        if !rbuf.is_empty() {
+                            room.straddled();
+                        }
+                        break;
+                    }
                     Err(e) => {
                         // As Mosquitto answers (see `protocol_error_quiet`): DISCONNECT
                         // for a packet over our Maximum Packet Size (MQTT 5 §4.13), a
@@ -1276,11 +1313,17 @@ impl Session {
             }
             if rbuf.is_empty() && rbuf.capacity() > 64 * 1024 {
                 *rbuf = BytesMut::with_capacity(128);
+            } else {
+                room.make(rbuf);
             }
+            let spare = rbuf.capacity() - rbuf.len();
             tokio::select! {
                 r = rd.read_buf(rbuf) => match r {
                     Ok(0) | Err(_) => return End::SocketClosed,
-                    Ok(_) => last_read = tokio::time::Instant::now(),
+                    Ok(n) => {
+                        room.read(n, spare);
+                        last_read = tokio::time::Instant::now();
+                    }
                 },
                 _ = deliveries.ready(), if !backlog => backlog = self.drain(deliveries).await,
                 // The last drain stopped at a full write buffer: the rest wakes no one.
