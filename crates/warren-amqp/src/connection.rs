@@ -17,8 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use warren_amqp_codec::{self as codec, Frame, HeaderCheck};
 use warren_core::{
-    AMQPValue, AlarmState, Broker, ConnectionAuth, ConnectionGuard, ConnectionId, ConnectionInfo,
-    ConsumerId, Exchange, FieldTable, LongString, Outbox, OutboxEvent, ShortString,
+    AMQPValue, AlarmState, Broker, ClientProperties, ConnectionAuth, ConnectionGuard, ConnectionId,
+    ConnectionInfo, ConsumerId, Exchange, FieldTable, LongString, Outbox, OutboxEvent, ShortString,
     TopicPermissions, Tuning, VHost,
 };
 
@@ -745,7 +745,9 @@ impl Conn {
                                 vhost: name.to_owned(),
                                 peer: self.peer,
                                 local: self.local,
-                                client_properties: std::mem::take(&mut self.client_properties),
+                                client_properties: ClientProperties::Amqp(std::mem::take(
+                                    &mut self.client_properties,
+                                )),
                                 auth_mechanism: Some(self.mechanism),
                                 tuning: Some(Tuning {
                                     channel_max: self.channel_max,

@@ -34,7 +34,7 @@ pub use amq_protocol_types::{AMQPValue, FieldTable, LongString, ShortString};
 pub use auth::ConnectionAuth;
 pub use broker::{default_node_name, full_permission, Broker, BrokerConfig};
 pub use connections::{
-    client_properties, ChannelCounts, ChannelRecord, ChannelSettings, ChannelStat, ChannelStats,
+    ChannelCounts, ChannelRecord, ChannelSettings, ChannelStat, ChannelStats, ClientProperties,
     ConnectionEntry, ConnectionGuard, ConnectionInfo, Connections, TlsDetails, Tuning,
 };
 pub use consumer::{

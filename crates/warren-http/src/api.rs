@@ -514,7 +514,7 @@ fn permission_json(p: &warren_core::PermissionRecord) -> Value {
 
 fn connection_json(s: &AppState, e: &ConnectionEntry) -> Value {
     let i = &e.info;
-    let mut client = table_to_json(&i.client_properties);
+    let mut client = table_to_json(&i.client_properties.table());
     if client.as_object().is_some_and(|m| m.is_empty()) {
         client = json!({});
     }

@@ -876,7 +876,10 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         vhost: vhost_name.clone(),
         peer,
         local,
-        client_properties: warren_core::client_properties("MQTT client", Some(client_id.as_str())),
+        client_properties: warren_core::ClientProperties::plugin(
+            "MQTT client",
+            Some(client_id.as_str()),
+        ),
         auth_mechanism: None,
         tuning: None,
         tls: auth.tls.clone(),

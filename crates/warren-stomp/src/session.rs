@@ -408,7 +408,7 @@ fn connect_session(
         vhost: vhost_name.to_owned(),
         peer,
         local,
-        client_properties: warren_core::client_properties("STOMP client", None),
+        client_properties: warren_core::ClientProperties::plugin("STOMP client", None),
         auth_mechanism: None,
         tuning: None,
         tls: auth.tls.clone(),
