@@ -96,6 +96,22 @@ async fn bad_input_gets_error_then_close() {
     c.send(Frame::new("SEND")).await;
     expect_refused(&mut c, "Missing destination").await;
 
+    // A BEGIN of an open transaction starts it afresh, without an ERROR (RabbitMQ).
+    c.send(Frame::new("BEGIN").with("transaction", "t")).await;
+    c.send_receipted(Frame::new("BEGIN").with("transaction", "t"), "again")
+        .await;
+
+    // A second subscription with the same id: ERROR, then RabbitMQ closes.
+    let mut c = StompClient::connect(b.stomp_addr).await;
+    c.subscribe("dup", "/queue/d1", "auto").await;
+    c.send(
+        Frame::new("SUBSCRIBE")
+            .with("id", "dup")
+            .with("destination", "/queue/d2"),
+    )
+    .await;
+    expect_error(&mut c, "Duplicated subscription identifier").await;
+
     // A well-formed id of no unsettled message is RabbitMQ's channel error: it closes.
     let mut c = StompClient::connect(b.stomp_addr).await;
     c.send(Frame::new("ACK").with("id", "T_s@@session-x@@99"))

@@ -456,14 +456,14 @@ async fn heart_beats_both_ways() {
     assert!(c.heart_beats >= 2, "{} heart-beats", c.heart_beats);
     let (_c, f) = StompClient::connect_with(b.stomp_addr, &[("heart-beat", "1500,2500")]).await;
     assert_eq!(f.get("heart-beat"), Some("2000,1000"));
-    // We promise a beat every 100 ms (1 s) and go silent: dropped after three intervals,
-    // as RabbitMQ.
+    // We promise a beat every 100 ms (1 s) and go silent: dropped after 2.9 intervals,
+    // as RabbitMQ (2.90 s measured; stompest's test wants under 3 s).
     let (mut c, _) = StompClient::connect_with(b.stomp_addr, &[("heart-beat", "100,0")]).await;
     let t = std::time::Instant::now();
     assert!(c.closed().await);
     let after = t.elapsed();
     assert!(
-        after > Duration::from_millis(2500) && after < Duration::from_millis(4500),
+        after > Duration::from_millis(2700) && after < Duration::from_millis(3400),
         "{after:?}"
     );
 }

@@ -34,9 +34,11 @@ async fn open(addr: std::net::SocketAddr, protocol: &str) -> (Ws, Option<String>
 async fn next_frame(ws: &mut Ws, buf: &mut BytesMut) -> Frame {
     tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            if let Some(Decoded::Frame(f)) = decode(buf, Version::V1_2, &Limits::default()).unwrap()
-            {
-                return f;
+            // Frames end `\0\n`: the EOL decodes as a heart-beat before the next frame.
+            while let Some(d) = decode(buf, Version::V1_2, &Limits::default()).unwrap() {
+                if let Decoded::Frame(f) = d {
+                    return f;
+                }
             }
             match ws.next().await.expect("open").expect("message") {
                 Message::Text(t) => buf.extend_from_slice(t.as_bytes()),
