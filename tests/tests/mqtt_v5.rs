@@ -397,6 +397,75 @@ async fn receive_maximum_packet_size_and_message_expiry() {
         .is_some());
 }
 
+/// MQTT-3.3.2-15, -16, -17, -20: response topic, correlation data, user properties and
+/// content type reach a 5.0 subscriber unaltered, including what no AMQP property holds
+/// (binary correlation data, strings over 255 bytes), as Mosquitto forwards them
+/// (mqtt.js's request/response echoes binary correlation data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_response_properties_pass_unaltered() {
+    let b = start().await;
+    let p = publisher(&b, "rr-pub").await;
+    let (s, mut sel, _) = connect(opts(&b, "rr-sub")).await;
+    s.subscribe("rr/#", QoS::AtLeastOnce).await.unwrap();
+    suback(&mut sel).await;
+    let long = "l".repeat(300);
+    for props in [
+        PublishProperties {
+            correlation_data: Some(Bytes::from_static(&[0, 1, 2, 0xff])),
+            response_topic: Some("rr/reply".into()),
+            content_type: Some("application/octet-stream".into()),
+            user_properties: vec![("k".into(), "v".into())],
+            ..Default::default()
+        },
+        PublishProperties {
+            correlation_data: Some(Bytes::from(long.clone())),
+            response_topic: Some(format!("rr/{long}")),
+            content_type: Some(long.clone()),
+            user_properties: vec![(long.clone(), "v".into()), ("a".into(), "b".into())],
+            ..Default::default()
+        },
+    ] {
+        p.publish_with_properties("rr/req", QoS::AtLeastOnce, false, "q", props.clone())
+            .await
+            .unwrap();
+        let got = next_publish(&mut sel).await.properties.expect("properties");
+        assert_eq!(got.correlation_data, props.correlation_data);
+        assert_eq!(got.response_topic, props.response_topic);
+        assert_eq!(got.content_type, props.content_type);
+        assert_eq!(got.user_properties, props.user_properties);
+    }
+}
+
+/// Topic aliases towards a client that allows them only when configured: Mosquitto never
+/// sends them, and mqtt.js 4.3 advertises a maximum it cannot read aliases for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_aliases_to_clients_only_when_configured() {
+    for on in [false, true] {
+        let b = common::start_with(|c| c.mqtt.outbound_topic_aliases = on).await;
+        let p = publisher(&b, "alias-pub").await;
+        let mut o = opts(&b, "alias-sub");
+        o.set_topic_alias_max(Some(5));
+        let (s, mut sel, _) = connect(o).await;
+        s.subscribe("al/t", QoS::AtLeastOnce).await.unwrap();
+        suback(&mut sel).await;
+        let mut aliases = Vec::new();
+        for body in ["one", "two"] {
+            p.publish("al/t", QoS::AtLeastOnce, false, body)
+                .await
+                .unwrap();
+            let m = next_publish(&mut sel).await;
+            assert_eq!(&m.payload[..], body.as_bytes());
+            aliases.push(m.properties.and_then(|p| p.topic_alias));
+        }
+        let want = if on {
+            vec![Some(1), Some(1)]
+        } else {
+            vec![None, None]
+        };
+        assert_eq!(aliases, want, "outbound_topic_aliases = {on}");
+    }
+}
+
 // ---- raw sockets: exact bytes -------------------------------------------------------
 
 async fn raw(b: &TestBroker) -> TcpStream {

@@ -47,6 +47,10 @@ pub struct MqttConfig {
     /// Maximum); each costs one stored topic per connection. 10, Mosquitto's
     /// `max_topic_alias`: its tests count an alias of 11 as invalid.
     pub topic_alias_maximum: u16,
+    /// Whether deliveries to a 5.0 client that allows topic aliases use them (MQTT 5
+    /// §3.3.2.3.4 lets the server choose). Off by default, as Mosquitto never sends
+    /// them: mqtt.js 4.3 advertises a Topic Alias Maximum it cannot read aliases for.
+    pub outbound_topic_aliases: bool,
 }
 
 impl Default for MqttConfig {
@@ -61,6 +65,7 @@ impl Default for MqttConfig {
             default_pass: "guest".into(),
             allow_anonymous: true,
             topic_alias_maximum: 10,
+            outbound_topic_aliases: false,
         }
     }
 }

@@ -58,6 +58,13 @@ const EXPIRY_HEADER: &str = "x-mqtt-expiry-at";
 const USER_PROPS_HEADER: &str = "x-mqtt-user-properties";
 /// MQTT 5 payload format indicator (1 = UTF-8), passed on to 5.0 subscribers.
 const FORMAT_HEADER: &str = "x-mqtt-payload-format";
+/// Correlation data that is no AMQP `correlation_id` (not UTF-8, or over 255 bytes), as
+/// RabbitMQ's MQTT plugin keeps it.
+const CORRELATION_HEADER: &str = "x-correlation-id";
+/// A content type or response topic too long for the AMQP property (a short string):
+/// kept whole for MQTT 5 subscribers (MQTT-3.3.2-15, -16, -20: forwarded unaltered).
+const CONTENT_TYPE_HEADER: &str = "x-mqtt-content-type";
+const RESPONSE_TOPIC_HEADER: &str = "x-mqtt-response-topic";
 /// Binding arguments holding a subscription's options (survive restarts with the binding).
 const SUB_OPTS_ARG: &str = "x-mqtt-sub-opts";
 const SUB_ID_ARG: &str = "x-mqtt-sub-id";
@@ -1043,7 +1050,7 @@ async fn connect_session<W: AsyncWrite + Unpin>(
         connect_expiry: session_expiry,
         keep_alive: c.keep_alive,
         client_max_packet,
-        client_alias_max: if version == 5 {
+        client_alias_max: if version == 5 && cfg.outbound_topic_aliases {
             c.properties.get_topic_alias_maximum().unwrap_or(0)
         } else {
             0
@@ -2496,17 +2503,28 @@ fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
         let ms = (secs as u64 * 1000).min(warren_core::message::MAX_EXPIRATION_MS);
         props.expiration = Some(ms.to_string().as_str().into());
     }
+    let headers = props.headers.get_or_insert_with(FieldTable::default);
     if let Some(PropertyValue::Utf8String(ct)) = p.get(PropertyId::ContentType) {
         if ct.len() <= MAX_SHORT {
             props.content_type = Some(ct.as_str().into());
+        } else {
+            headers.insert(
+                CONTENT_TYPE_HEADER.into(),
+                AMQPValue::LongString(ct.as_bytes().into()),
+            );
         }
     }
     if let Some(PropertyValue::Utf8String(rt)) = p.get(PropertyId::ResponseTopic) {
-        if rt.len() <= MAX_SHORT {
-            props.reply_to = Some(topic::to_amqp(rt).as_str().into());
+        let amqp = topic::to_amqp(rt);
+        if amqp.len() <= MAX_SHORT {
+            props.reply_to = Some(amqp.as_str().into());
+        } else {
+            headers.insert(
+                RESPONSE_TOPIC_HEADER.into(),
+                AMQPValue::LongString(rt.as_bytes().into()),
+            );
         }
     }
-    let headers = props.headers.get_or_insert_with(FieldTable::default);
     if let Some(secs) = expiry {
         headers.insert(
             EXPIRY_HEADER.into(),
@@ -2522,7 +2540,7 @@ fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
             Ok(s) if s.len() <= MAX_SHORT => props.correlation_id = Some(s.into()),
             _ => {
                 headers.insert(
-                    "x-correlation-id".into(),
+                    CORRELATION_HEADER.into(),
                     AMQPValue::LongString(cd.to_vec().into()),
                 );
             }
@@ -2535,11 +2553,14 @@ fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
     let mut in_table_order = true;
     for (id, v) in p.iter() {
         if let (PropertyId::UserProperty, PropertyValue::Utf8StringPair(k, v)) = (id, v) {
+            // A name too long for a header key travels in the list only.
             if k.len() <= MAX_SHORT {
                 headers.insert(
                     k.as_str().into(),
                     AMQPValue::LongString(v.as_bytes().into()),
                 );
+            } else {
+                in_table_order = false;
             }
             in_table_order &= last.is_none_or(|l| l < k.as_str());
             last = Some(k.as_str());
@@ -2592,15 +2613,27 @@ fn user_props_list(h: &FieldTable) -> Option<Vec<(String, String)>> {
 /// The reverse of [`map_v5_properties`] for a delivery to an MQTT 5 client.
 fn v5_properties_of(m: &Message, p: &mut PublishPacket) {
     let props = &m.properties;
+    let long = |name: &str| match props.headers.as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.as_bytes()),
+        _ => None,
+    };
     if let Some(ct) = &props.content_type {
         p.properties.set_content_type(ct.as_str().to_owned());
+    } else if let Some(ct) = long(CONTENT_TYPE_HEADER) {
+        p.properties
+            .set_content_type(String::from_utf8_lossy(ct).into_owned());
     }
     if let Some(rt) = &props.reply_to {
         p.properties.set_response_topic(topic::to_mqtt(rt.as_str()));
+    } else if let Some(rt) = long(RESPONSE_TOPIC_HEADER) {
+        p.properties
+            .set_response_topic(String::from_utf8_lossy(rt).into_owned());
     }
     if let Some(c) = &props.correlation_id {
         p.properties
             .set_correlation_data(Bytes::copy_from_slice(c.as_str().as_bytes()));
+    } else if let Some(c) = long(CORRELATION_HEADER) {
+        p.properties.set_correlation_data(Bytes::copy_from_slice(c));
     }
     if let Some(h) = &props.headers {
         // MQTT-3.3.2-4: the byte as published, whatever its value (Mosquitto 2.0 forwards

@@ -88,6 +88,8 @@ pub struct Mqtt {
     pub receive_maximum: u16,
     /// QoS ≥ 1 deliveries in flight per session (at most the client's Receive Maximum).
     pub max_inflight: u16,
+    /// Send topic aliases to 5.0 clients that allow them (see `MqttConfig`).
+    pub outbound_topic_aliases: bool,
 }
 
 impl Default for Mqtt {
@@ -100,6 +102,7 @@ impl Default for Mqtt {
             max_packet_size: 16 * 1024 * 1024,
             receive_maximum: 20,
             max_inflight: 100,
+            outbound_topic_aliases: false,
         }
     }
 }
@@ -303,6 +306,7 @@ mod tests {
         assert_eq!(c.mqtt.allow_anonymous, d.mqtt.allow_anonymous);
         assert_eq!(c.mqtt.receive_maximum, d.mqtt.receive_maximum);
         assert_eq!(c.mqtt.max_inflight, d.mqtt.max_inflight);
+        assert_eq!(c.mqtt.outbound_topic_aliases, d.mqtt.outbound_topic_aliases);
         assert_eq!(c.mqtt.max_packet_size, d.mqtt.max_packet_size);
     }
 

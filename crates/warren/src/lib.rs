@@ -266,6 +266,7 @@ impl Server {
             max_packet_size: config.mqtt.max_packet_size.max(4096),
             receive_maximum: config.mqtt.receive_maximum.max(1),
             max_inflight: config.mqtt.max_inflight.max(1),
+            outbound_topic_aliases: config.mqtt.outbound_topic_aliases,
             ..Default::default()
         };
         let mqtt = warren_mqtt::MqttFrontend::new(broker.clone(), mqtt_cfg);
