@@ -1222,6 +1222,24 @@ async fn which_v5_protocol_errors_get_a_disconnect() {
         .await
         .unwrap();
     assert_eq!(read_packet(&mut s).await, Some((0xE0, vec![0x81])));
+    // A filter with `#` not last (MQTT-4.7.1-2), in SUBSCRIBE or UNSUBSCRIBE: malformed,
+    // DISCONNECT 0x81 as Mosquitto, not a SUBACK failure code.
+    let filter = b"a/#/b";
+    for first in [0x82u8, 0xA2] {
+        let mut s = raw(&b).await;
+        s.write_all(&connect).await.unwrap();
+        assert_eq!(read_packet(&mut s).await.unwrap().0, 0x20);
+        let mut body = vec![0, 1, 0, 0, filter.len() as u8];
+        body.extend_from_slice(filter);
+        if first == 0x82 {
+            body.push(1);
+        }
+        let mut packet = vec![first, body.len() as u8];
+        packet.extend(body);
+        s.write_all(&packet).await.unwrap();
+        assert_eq!(read_packet(&mut s).await, Some((0xE0, vec![0x81])));
+        assert_eq!(read_packet(&mut s).await, None);
+    }
 }
 
 /// A CONNACK over the client's Maximum Packet Size cannot be sent (MQTT-3.1.2-24): the

@@ -1153,6 +1153,13 @@ fn queue_name(client_id: &str) -> String {
 /// encoding; an AMQP 0-9-1 consumer sees the routing key cut to 255 bytes).
 const MAX_TOPIC_DEPTH: usize = 200;
 
+/// MQTT-4.7.1-2, -4.7.1-3, MQTT-4.7.3-1: wildcards only as whole levels, `#` last, not
+/// empty. Anything else is a malformed SUBSCRIBE / UNSUBSCRIBE: DISCONNECT 0x81 (5.0) and
+/// close, as Mosquitto (`handle_subscribe.c`), not a failure code in the SUBACK.
+fn valid_filter(filter: &str) -> bool {
+    mqtt5_protocol::is_valid_topic_filter(filter)
+}
+
 fn too_deep(topic: &str) -> bool {
     topic.bytes().filter(|b| *b == b'/').count() > MAX_TOPIC_DEPTH
 }
@@ -1586,6 +1593,10 @@ impl Session {
                     self.protocol_error(rc::MALFORMED, &why);
                     return Err(End::ProtocolError);
                 }
+                if !s.filters.iter().all(|f| valid_filter(&f.filter)) {
+                    self.protocol_error(rc::MALFORMED, "invalid subscription string");
+                    return Err(End::ProtocolError);
+                }
                 let mut retained = Vec::new();
                 for f in &s.filters {
                     let code = self.subscribe(f, sub_id, &mut retained).await;
@@ -1614,6 +1625,10 @@ impl Session {
                 } else {
                     UnsubAckPacket::new_v311(u.packet_id)
                 };
+                if !u.filters.iter().all(|f| valid_filter(f)) {
+                    self.protocol_error(rc::MALFORMED, "invalid unsubscription string");
+                    return Err(End::ProtocolError);
+                }
                 let mut shared_left = false;
                 for f in u.filters {
                     if let Some(s) = self.rare.as_mut().and_then(|r| r.shared_subs.remove(&f)) {
@@ -1709,10 +1724,6 @@ impl Session {
         } else {
             SubAckReasonCode::UnspecifiedError
         };
-        // MQTT-4.7.1: wildcards only as whole levels, `#` last.
-        if !mqtt5_protocol::is_valid_topic_filter(filter) {
-            return invalid;
-        }
         let qos = (o.qos as u8).min(2);
         // Subscribing binds to amq.topic: read on the exchange (RabbitMQ's check).
         // And RabbitMQ's topic authorisation on the filter (without `$share/<group>/`).
