@@ -107,23 +107,19 @@ impl Stop {
     }
 
     /// The same ERROR, closing the connection.
-    fn closing(self) -> Stop {
-        match self {
-            Stop::Error {
-                message,
-                detail,
-                receipt,
-                newline,
-                ..
-            } => Stop::Error {
-                message,
-                detail,
-                receipt,
-                newline,
-                closes: true,
-            },
-            other => other,
+    fn closing(mut self) -> Stop {
+        if let Stop::Error { closes, .. } = &mut self {
+            *closes = true;
         }
+        self
+    }
+
+    /// The ERROR answering a frame that asked for `receipt`.
+    fn for_receipt(mut self, r: Option<String>) -> Stop {
+        if let Stop::Error { receipt, .. } = &mut self {
+            *receipt = r;
+        }
+        self
     }
 
     /// An AMQP-layer refusal (RabbitMQ's `amqp_death`): closes.
@@ -490,23 +486,11 @@ impl Session {
                             let receipt = f.get("receipt").map(str::to_owned);
                             match self.handle(f).await {
                                 Ok(()) => {}
-                                Err(Stop::Error {
-                                    message,
-                                    detail,
-                                    newline,
-                                    closes,
-                                    ..
-                                }) => {
-                                    let stop = Stop::Error {
-                                        message,
-                                        detail,
-                                        receipt,
-                                        newline,
-                                        closes,
-                                    };
-                                    if closes {
-                                        return Err(stop);
-                                    }
+                                Err(stop @ Stop::Error { closes: true, .. }) => {
+                                    return Err(stop.for_receipt(receipt))
+                                }
+                                Err(stop @ Stop::Error { .. }) => {
+                                    let stop = stop.for_receipt(receipt);
                                     tracing::debug!(conn = self.id.0, error = ?stop, "stomp frame refused");
                                     error_frame(&mut self.out, self.version, &stop);
                                 }
