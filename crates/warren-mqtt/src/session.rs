@@ -2712,7 +2712,32 @@ fn reserved_topic(topic: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::reserved_topic;
+    use super::{reserved_topic, ReadRoom};
+    use bytes::BytesMut;
+
+    #[test]
+    fn read_room_grows_only_for_traffic_that_straddles_reads() {
+        let mut room = ReadRoom::default();
+        let mut buf = BytesMut::with_capacity(128);
+        buf.extend_from_slice(&[0; 100]);
+        let _ = buf.split_to(100);
+        // Idle: the small buffer stays as it is.
+        room.read(28, 28);
+        room.make(&mut buf);
+        assert_eq!(buf.capacity(), 28);
+        // A packet straddled two reads: at least MIN from now on.
+        room.straddled();
+        room.make(&mut buf);
+        assert!(buf.capacity() >= ReadRoom::MIN);
+        // Reads that fill the room double it, up to MAX.
+        for _ in 0..12 {
+            room.read(room.0, room.0);
+        }
+        assert_eq!(room.0, ReadRoom::MAX);
+        // A read that leaves room to spare keeps it.
+        room.read(10, 100);
+        assert_eq!(room.0, ReadRoom::MAX);
+    }
 
     #[test]
     fn reserved_topics_as_mosquitto_refuses_them() {
