@@ -34,12 +34,14 @@ MOSQ_PID=$(pgrep -x mosquitto | head -1)
 OUT=${OUT:-$(mktemp)}
 N=1; [ "$QUICK" = 1 ] && N=4   # --quick divides message counts by 4
 
-# AMQP's data path uses the bench's raw client for every broker (lapin was the bottleneck).
+# Every broker of a scenario gets the same client: the bench's raw clients for AMQP (lapin
+# was the bottleneck) and for MQTT QoS 0/1 (rumqttc's queueing hid the brokers' latency);
+# rumqttc for QoS 2 and fan-in, which the raw MQTT client does not run.
 # Every run is bounded: the bench gives up after 10 s without progress and reports what was
 # not delivered as lost (Mosquitto at QoS 2 under load stops answering); `timeout` is the
 # last resort. A run with losses has no throughput figure ("–") and its count shows.
-warren()   { timeout 180 $BENCH --client raw --label warren   --broker-pid $WARREN_PID --url amqp://guest:guest@127.0.0.1:5699/%2f --mqtt-port 1899 --stomp-port 61699 "$@" | tee -a "$OUT" || true; }
-rabbitmq() { timeout 180 $BENCH --client raw --label rabbitmq --broker-pid "$RABBIT_PID" --url amqp://guest:guest@127.0.0.1:5680/%2f --mqtt-port 1890 --stomp-port 61620 "$@" | tee -a "$OUT" || true; }
+warren()   { timeout 180 $BENCH --label warren   --broker-pid $WARREN_PID --url amqp://guest:guest@127.0.0.1:5699/%2f --mqtt-port 1899 --stomp-port 61699 "$@" | tee -a "$OUT" || true; }
+rabbitmq() { timeout 180 $BENCH --label rabbitmq --broker-pid "$RABBIT_PID" --url amqp://guest:guest@127.0.0.1:5680/%2f --mqtt-port 1890 --stomp-port 61620 "$@" | tee -a "$OUT" || true; }
 relay()    { timeout 180 $BENCH --label relay --broker-pid "$RELAY_PID" --relay-port 5700 --scenario tcp "$@" | tee -a "$OUT" || true; }
 mosquitto() { timeout 180 $BENCH --label mosquitto --broker-pid "$MOSQ_PID" --mqtt-port 1891 "$@" | tee -a "$OUT" || true; }
 
@@ -52,11 +54,11 @@ for round in $(seq "$ROUNDS"); do
            "topic --messages $((100000/N)) --bindings 20000 --inflight 500" \
            "stomp-queue --messages $((200000/N)) --inflight 500" "stomp-topic --messages $((200000/N)) --inflight 500" \
            "transient --messages $((50000/N)) --rate 10000" "stomp-queue --messages $((50000/N)) --rate 10000"; do
-    warren --scenario $s; rabbitmq --scenario $s
+    warren --client raw --scenario $s; rabbitmq --client raw --scenario $s
   done
   for s in "mqtt-qos0 --messages $((200000/N)) --inflight 500" "mqtt-qos1 --messages $((100000/N)) --inflight 500" \
            "mqtt-qos1 --messages $((50000/N)) --rate 10000"; do
-    warren --scenario $s; mosquitto --scenario $s; rabbitmq --scenario $s
+    warren --client raw --scenario $s; mosquitto --client raw --scenario $s; rabbitmq --client raw --scenario $s
   done
   # QoS 2 with 20 in flight: Mosquitto's default max_inflight_messages. With 500 it drops
   # what exceeds its limits and stops answering the publisher (every round of 2026-12-02).
