@@ -2515,14 +2515,15 @@ fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
         props.expiration = Some(ms.to_string().as_str().into());
     }
     let headers = props.headers.get_or_insert_with(FieldTable::default);
+    // What no AMQP property can hold travels whole in a header (see v5_properties_of).
+    let mut keep = |name: &str, bytes: &[u8]| {
+        headers.insert(name.into(), AMQPValue::LongString(bytes.into()));
+    };
     if let Some(PropertyValue::Utf8String(ct)) = p.get(PropertyId::ContentType) {
         if ct.len() <= MAX_SHORT {
             props.content_type = Some(ct.as_str().into());
         } else {
-            headers.insert(
-                CONTENT_TYPE_HEADER.into(),
-                AMQPValue::LongString(ct.as_bytes().into()),
-            );
+            keep(CONTENT_TYPE_HEADER, ct.as_bytes());
         }
     }
     if let Some(PropertyValue::Utf8String(rt)) = p.get(PropertyId::ResponseTopic) {
@@ -2530,10 +2531,13 @@ fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
         if amqp.len() <= MAX_SHORT {
             props.reply_to = Some(amqp.as_str().into());
         } else {
-            headers.insert(
-                RESPONSE_TOPIC_HEADER.into(),
-                AMQPValue::LongString(rt.as_bytes().into()),
-            );
+            keep(RESPONSE_TOPIC_HEADER, rt.as_bytes());
+        }
+    }
+    if let Some(PropertyValue::BinaryData(cd)) = p.get(PropertyId::CorrelationData) {
+        match std::str::from_utf8(cd) {
+            Ok(s) if s.len() <= MAX_SHORT => props.correlation_id = Some(s.into()),
+            _ => keep(CORRELATION_HEADER, cd),
         }
     }
     if let Some(secs) = expiry {
@@ -2545,17 +2549,6 @@ fn map_v5_properties(p: &mqtt5_protocol::Properties, props: &mut Properties) {
     // MQTT-3.3.2-4: forwarded unaltered, 0 (unspecified bytes) as well as 1 (UTF-8).
     if let Some(PropertyValue::Byte(b)) = p.get(PropertyId::PayloadFormatIndicator) {
         headers.insert(FORMAT_HEADER.into(), AMQPValue::ShortShortUInt(*b));
-    }
-    if let Some(PropertyValue::BinaryData(cd)) = p.get(PropertyId::CorrelationData) {
-        match std::str::from_utf8(cd) {
-            Ok(s) if s.len() <= MAX_SHORT => props.correlation_id = Some(s.into()),
-            _ => {
-                headers.insert(
-                    CORRELATION_HEADER.into(),
-                    AMQPValue::LongString(cd.to_vec().into()),
-                );
-            }
-        }
     }
     // User properties become headers; a table keeps one value per name in name order, so
     // when the list has repeated names or another order the list itself travels too
@@ -2624,27 +2617,15 @@ fn user_props_list(h: &FieldTable) -> Option<Vec<(String, String)>> {
 /// The reverse of [`map_v5_properties`] for a delivery to an MQTT 5 client.
 fn v5_properties_of(m: &Message, p: &mut PublishPacket) {
     let props = &m.properties;
-    let long = |name: &str| match props.headers.as_ref()?.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(s.as_bytes()),
-        _ => None,
-    };
     if let Some(ct) = &props.content_type {
         p.properties.set_content_type(ct.as_str().to_owned());
-    } else if let Some(ct) = long(CONTENT_TYPE_HEADER) {
-        p.properties
-            .set_content_type(String::from_utf8_lossy(ct).into_owned());
     }
     if let Some(rt) = &props.reply_to {
         p.properties.set_response_topic(topic::to_mqtt(rt.as_str()));
-    } else if let Some(rt) = long(RESPONSE_TOPIC_HEADER) {
-        p.properties
-            .set_response_topic(String::from_utf8_lossy(rt).into_owned());
     }
     if let Some(c) = &props.correlation_id {
         p.properties
             .set_correlation_data(Bytes::copy_from_slice(c.as_str().as_bytes()));
-    } else if let Some(c) = long(CORRELATION_HEADER) {
-        p.properties.set_correlation_data(Bytes::copy_from_slice(c));
     }
     if let Some(h) = &props.headers {
         // MQTT-3.3.2-4: the byte as published, whatever its value (Mosquitto 2.0 forwards
@@ -2661,6 +2642,22 @@ fn v5_properties_of(m: &Message, p: &mut PublishPacket) {
             }
         }
         for (k, v) in h.inner() {
+            // The properties `map_v5_properties` kept in headers, read in this one pass.
+            if let AMQPValue::LongString(s) = v {
+                let text = || String::from_utf8_lossy(s.as_bytes()).into_owned();
+                match k.as_str() {
+                    CONTENT_TYPE_HEADER if props.content_type.is_none() => {
+                        p.properties.set_content_type(text())
+                    }
+                    RESPONSE_TOPIC_HEADER if props.reply_to.is_none() => {
+                        p.properties.set_response_topic(text())
+                    }
+                    CORRELATION_HEADER if props.correlation_id.is_none() => p
+                        .properties
+                        .set_correlation_data(Bytes::copy_from_slice(s.as_bytes())),
+                    _ => {}
+                }
+            }
             if k.as_str().starts_with("x-")
                 || listed
                     .as_ref()
