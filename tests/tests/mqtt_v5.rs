@@ -1320,3 +1320,36 @@ async fn a_session_ended_by_disconnect_is_not_resumed_by_a_quick_reconnect() {
         tokio::time::timeout(Duration::from_millis(500), read_packet(&mut persistent)).await;
     assert!(quiet.is_err(), "no inherited subscription: {quiet:?}");
 }
+
+/// A server shutdown ends each MQTT 5 connection with DISCONNECT 0x8B (Server shutting
+/// down) and closes 3.1.1 ones, at once rather than after the listeners' grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_disconnects_with_0x8b() {
+    let mut b = start().await;
+    let mut v5 = raw(&b).await;
+    v5.write_all(&connect_v5("shut-v5", &[], None))
+        .await
+        .expect("connect");
+    assert_eq!(read_packet(&mut v5).await.map(|p| p.0), Some(0x20));
+    let mut v4 = raw(&b).await;
+    v4.write_all(&connect_v4("shut-v4", true))
+        .await
+        .expect("connect");
+    assert_eq!(read_packet(&mut v4).await.map(|p| p.0), Some(0x20));
+    let server = b.server.take().expect("server");
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(server.shutdown());
+    let (first, body) = read_packet(&mut v5)
+        .await
+        .expect("DISCONNECT before the close");
+    assert_eq!((first, body.first().copied()), (0xE0, Some(0x8B)));
+    let mut rest = Vec::new();
+    let eof = tokio::time::timeout(Duration::from_secs(3), v4.read_to_end(&mut rest)).await;
+    assert!(matches!(eof, Ok(Ok(0))), "3.1.1 connection closed: {eof:?}");
+    stopping.await.expect("shutdown");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "connections closed at once, not aborted after the grace period: {:?}",
+        started.elapsed()
+    );
+}

@@ -61,7 +61,7 @@ pub struct ConnectionAuth {
     /// rabbitmq_auth_mechanism_ssl and the plugins' `ssl_cert_login`).
     pub cert_user: Option<String>,
     /// The TLS session, when the connection came through a TLS listener.
-    pub tls: Option<crate::connections::TlsDetails>,
+    pub tls: Option<Box<crate::connections::TlsDetails>>,
 }
 
 /// An authenticated user.

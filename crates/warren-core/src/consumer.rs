@@ -170,6 +170,9 @@ impl Outbox {
     pub(crate) fn push_event(&self, e: OutboxEvent) {
         self.events.lock().push(e);
         self.notify.notify_one();
+        // Also through `ready`, so a connection may wait on that one signal for both
+        // (see [`Deliveries::ready`]); `recv` treats it as a spurious wake-up.
+        self.ready.notify_one();
     }
 
     /// Takes the pending events.
@@ -205,9 +208,11 @@ impl Deliveries {
         }
     }
 
-    /// Resolves when a delivery may be waiting: take them with [`Deliveries::try_recv`].
-    /// Smaller than [`Deliveries::recv`]'s future (no loop state), for connections that
-    /// wait in one `select!` for their whole idle life.
+    /// Resolves when a delivery or an event may be waiting: take them with
+    /// [`Deliveries::try_recv`] and [`Outbox::take_events`]. Smaller than
+    /// [`Deliveries::recv`]'s future (no loop state), and one wait instead of two with
+    /// [`Outbox::events_ready`], for connections that wait in one `select!` for their whole
+    /// idle life (each pending `Notified` is 64 bytes of every idle MQTT connection).
     pub fn ready(&self) -> tokio::sync::futures::Notified<'_> {
         self.outbox.ready.notified()
     }

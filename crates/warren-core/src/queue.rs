@@ -14,7 +14,7 @@
 //! message stays at the head; the connection resumes the queue once it has drained. A slow
 //! consumer therefore never blocks a publisher.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use amq_protocol_types::{AMQPValue, FieldTable, ShortString};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 use tokio::sync::Notify;
 use warren_store::{Op, StoreQueueId, Ticket};
@@ -469,7 +470,10 @@ struct QueueState {
     ready: SmallVec<[VecDeque<Entry>; 1]>,
     ready_count: usize,
     ready_bytes: u64,
-    unacked: HashMap<u64, Unacked>,
+    /// Keyed by the queue's own sequence numbers, which no peer chooses: Fx hashing is
+    /// safe, faster than SipHash on the ack path, and its builder takes no room in every
+    /// queue (32 bytes instead of 48).
+    unacked: FxHashMap<u64, Unacked>,
     consumers: Vec<ConsumerEntry>,
     rr: usize,
     deleted: bool,

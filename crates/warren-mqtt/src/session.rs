@@ -89,6 +89,8 @@ enum End {
 
 /// The close reason a session takeover gives the older connection (MQTT-3.1.4-3).
 const TAKEN_OVER_REASON: &str = "session taken over";
+/// The registry's close reason for a server shutdown (see `Shared::watch_shutdown`).
+pub(crate) const SHUTDOWN_REASON: &str = "server shutting down";
 /// The same, by a connection that resumes the session (no clean start): a persistent
 /// session goes on, so its will is not sent (as Mosquitto).
 const TAKEN_OVER_RESUMED: &str = "session taken over and resumed";
@@ -242,8 +244,6 @@ impl PendingWill {
 /// Its maps are `BTreeMap`s: 24 bytes and no allocation while empty (a `HashMap` is 48),
 /// and they stay small; an idle connection keeps this struct for its whole life.
 struct Session {
-    /// The authenticated user, for permission checks.
-    user: String,
     /// Listed in the management API while it lives; its `closed()` is the API's close.
     registration: ConnectionGuard,
     /// The write check on `amq.topic` and the permission generation it was made at.
@@ -382,13 +382,12 @@ where
             mut rd,
             mut wr,
             mut rbuf,
-            mut shutdown,
         }) = connecting.await
         else {
             return;
         };
         let end = session
-            .serve(&mut rd, &mut wr, &mut rbuf, &mut deliveries, &mut shutdown)
+            .serve(&mut rd, &mut wr, &mut rbuf, &mut deliveries)
             .await;
         let refused = matches!(end, End::ProtocolError);
         Box::pin(session.close(end)).await;
@@ -432,7 +431,6 @@ struct Connected<S> {
     rd: tokio::io::ReadHalf<S>,
     wr: tokio::io::WriteHalf<S>,
     rbuf: BytesMut,
-    shutdown: watch::Receiver<bool>,
 }
 
 /// A connection before CONNECT: what [`run`] starts from.
@@ -496,14 +494,23 @@ where
     };
     let (session, deliveries) =
         connect_session(&mut wr, peer, local, &auth, shared, cfg, connect).await?;
+    close_if_shutting_down(&session, &shutdown);
     Some(Connected {
         session,
         deliveries,
         rd,
         wr,
         rbuf,
-        shutdown,
     })
+}
+
+/// A connection registered after the shutdown sweep of `Shared::watch_shutdown` closes
+/// itself: it registered before checking, and the sweep runs after the flag is set, so
+/// one of the two sees the other.
+fn close_if_shutting_down(session: &Session, shutdown: &watch::Receiver<bool>) {
+    if *shutdown.borrow() {
+        session.registration.entry().request_close(SHUTDOWN_REASON);
+    }
 }
 
 /// Loads the persistent session records at start-up and restarts their expiry clocks; a
@@ -1022,7 +1029,6 @@ async fn connect_session<W: AsyncWrite + Unpin>(
     );
     let (outbox, deliveries) = Outbox::new(cfg.max_inflight as usize * 2);
     let mut s = Session {
-        user: user.clone(),
         registration,
         publish_allowed: None,
         topic_perms: None,
@@ -1265,7 +1271,6 @@ impl Session {
         wr: &mut W,
         rbuf: &mut BytesMut,
         deliveries: &mut warren_core::Deliveries,
-        shutdown: &mut watch::Receiver<bool>,
     ) -> End
     where
         R: AsyncRead + Unpin,
@@ -1342,17 +1347,10 @@ impl Session {
                         last_read = tokio::time::Instant::now();
                     }
                 },
+                // Deliveries and outbox events wake this one branch.
                 _ = deliveries.ready(), if !backlog => backlog = self.drain(deliveries).await,
                 // The last drain stopped at a full write buffer: the rest wakes no one.
                 _ = std::future::ready(()), if backlog => backlog = self.drain(deliveries).await,
-                _ = self.outbox.events_ready() => {
-                    for ev in self.outbox.take_events() {
-                        match ev {
-                            OutboxEvent::Stalled(q) => if let Some(q) = q.upgrade() { Box::pin(q.resume(&self.outbox)).await },
-                            OutboxEvent::Cancelled(_) => { self.consumer = None; self.queue = None; }
-                        }
-                    }
-                }
                 _ = &mut keep_alive_timer, if !keep_alive.is_zero() => {
                     if last_read.elapsed() >= keep_alive {
                         self.disconnect(rc::KEEP_ALIVE_TIMEOUT, "keep alive timeout");
@@ -1361,12 +1359,13 @@ impl Session {
                     }
                     keep_alive_timer.as_mut().reset(last_read + keep_alive);
                 }
-                _ = shutdown.changed() => {
-                    self.disconnect(rc::SHUTTING_DOWN, "server shutting down");
-                    let _ = wr.write_all(&self.out).await;
-                    return End::Shutdown;
-                }
+                // The management API's close, a takeover, or the server's shutdown.
                 reason = self.registration.closed() => {
+                    if reason == SHUTDOWN_REASON {
+                        self.disconnect(rc::SHUTTING_DOWN, SHUTDOWN_REASON);
+                        let _ = wr.write_all(&self.out).await;
+                        return End::Shutdown;
+                    }
                     if reason == TAKEN_OVER_REASON || reason == TAKEN_OVER_RESUMED {
                         if let Some(end) = self.drain_before_takeover(rd, rbuf).await {
                             return end;
@@ -1388,21 +1387,35 @@ impl Session {
         }
     }
 
-    /// Writes waiting deliveries into the write buffer until it holds 64 KB; true when it
-    /// stopped there (more may be waiting).
+    /// Writes waiting deliveries into the write buffer until it holds 64 KB, then handles
+    /// the outbox's events (a queue stalled on the full outbox resumes once it drained);
+    /// true when it stopped at 64 KB (more may be waiting).
     async fn drain(&mut self, deliveries: &mut warren_core::Deliveries) -> bool {
-        while self.out.len() < 64 * 1024 {
+        let more = loop {
+            if self.out.len() >= 64 * 1024 {
+                break true;
+            }
             match deliveries.try_recv() {
                 Ok(d) => Box::pin(self.deliver(d)).await,
-                Err(_) => return false,
+                Err(_) => break false,
+            }
+        };
+        for ev in self.outbox.take_events() {
+            match ev {
+                OutboxEvent::Stalled(q) => {
+                    if let Some(q) = q.upgrade() {
+                        Box::pin(q.resume(&self.outbox)).await
+                    }
+                }
+                OutboxEvent::Cancelled(_) => {
+                    self.consumer = None;
+                    self.queue = None;
+                }
             }
         }
-        true
+        more
     }
 
-    /// Queues a 5.0 DISCONNECT with `code`; nothing for 3.1.1, which has no server
-    /// DISCONNECT. The reason goes to the log, not on the wire: Mosquitto sends the bare
-    /// reason code (`e0 01 82`), and clients and test suites compare those bytes.
     fn disconnect(&mut self, code: u8, reason: &str) {
         if self.version != 5 {
             return;
@@ -1919,7 +1932,7 @@ impl Session {
         // connection closes, as in RabbitMQ.
         // Topic permissions on the routing key answer the same way (RabbitMQ's MQTT plugin).
         if !self.may_publish() || !self.topic_allowed(Access::Write, &topic_name) {
-            tracing::info!(client_id = %self.client_id, user = %self.user, topic = %topic_name, "mqtt publish refused: no write permission");
+            tracing::info!(client_id = %self.client_id, user = %self.user(), topic = %topic_name, "mqtt publish refused: no write permission");
             if self.version != 5 {
                 return Err(End::ProtocolError);
             }
@@ -2144,6 +2157,11 @@ impl Session {
             .and_then(|r| r.reserved_ids.remove(&d.seq.0))
     }
 
+    /// The authenticated user, for permission checks (kept once, in the registry entry).
+    fn user(&self) -> &str {
+        &self.registration.entry().info.user
+    }
+
     fn is_own_queue(&self, q: &Arc<Queue>) -> bool {
         self.queue.as_ref().is_some_and(|own| Arc::ptr_eq(own, q))
     }
@@ -2304,7 +2322,7 @@ impl Session {
             let tp = self
                 .shared
                 .broker
-                .topic_permissions_of(&self.vhost.name, &self.user)
+                .topic_permissions_of(&self.vhost.name, self.user())
                 .map(|tp| {
                     if tp.per_client() {
                         Arc::new(tp.for_client(&self.client_id))
@@ -2328,7 +2346,7 @@ impl Session {
                 &key,
                 TOPIC_EXCHANGE,
                 &self.vhost.name,
-                &self.user,
+                self.user(),
             );
             tracing::warn!(client_id = %self.client_id, "MQTT topic access refused: {e}");
         }
@@ -2340,7 +2358,7 @@ impl Session {
         self.shared
             .broker
             .check_permission(
-                &self.user,
+                self.user(),
                 &self.vhost.name,
                 access,
                 ResourceKind::Exchange,

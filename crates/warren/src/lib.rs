@@ -354,7 +354,7 @@ impl Server {
         let auth = move |s: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
             warren_core::ConnectionAuth {
                 cert_user: cert_login.then(|| cert::peer_common_name(s)).flatten(),
-                tls: Some(tls::details(s)),
+                tls: Some(Box::new(tls::details(s))),
             }
         };
         let (a, m, st) = (amqp.clone(), mqtt.clone(), stomp.clone());
