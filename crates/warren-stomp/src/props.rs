@@ -101,11 +101,13 @@ pub fn from_send(f: &Frame) -> Result<Properties, HeaderError> {
     p.kind = opt("type")?;
     p.user_id = opt("user-id")?;
     p.app_id = opt("app-id")?;
-    p.delivery_mode = Some(if flag(f, "persistent") == Some(true) {
-        2
-    } else {
-        1
-    });
+    // RabbitMQ refuses a `persistent` header that is not a boolean (an ERROR, the frame
+    // dropped), rather than sending the message transient.
+    let persistent = match f.get("persistent") {
+        Some(v) => parse_bool(v).ok_or(HeaderError::Invalid("persistent"))?,
+        None => false,
+    };
+    p.delivery_mode = Some(if persistent { 2 } else { 1 });
     if let Some(v) = f.get("priority") {
         p.priority = Some(
             v.trim()
@@ -282,6 +284,14 @@ mod tests {
         assert!(matches!(from_send(&f), Err(HeaderError::NotAllowed(_))));
         let f = Frame::new("SEND").with("priority", "high");
         assert!(matches!(from_send(&f), Err(HeaderError::Invalid(_))));
+        // As RabbitMQ: a `persistent` that is not a boolean is refused, not read as false.
+        let f = Frame::new("SEND").with("persistent", "maybe");
+        assert!(matches!(
+            from_send(&f),
+            Err(HeaderError::Invalid("persistent"))
+        ));
+        let f = Frame::new("SEND").with("persistent", "false");
+        assert_eq!(from_send(&f).unwrap().delivery_mode, Some(1));
     }
 
     #[test]
