@@ -51,7 +51,7 @@ for round in $(seq "$ROUNDS"); do
   # confirms use a window of 500 unconfirmed instead.
   for s in "transient --messages $((200000/N)) --inflight 500" "confirms --messages $((100000/N))" \
            "fanout --messages $((30000/N)) --queues 10 --inflight 500" \
-           "topic --messages $((100000/N)) --bindings 20000 --inflight 500" \
+           "topic --messages $((100000/N)) --bindings 100000 --inflight 500" \
            "stomp-queue --messages $((200000/N)) --inflight 500" "stomp-topic --messages $((200000/N)) --inflight 500" \
            "transient --messages $((50000/N)) --rate 10000" "stomp-queue --messages $((50000/N)) --rate 10000"; do
     warren --client raw --scenario $s; rabbitmq --client raw --scenario $s
