@@ -47,7 +47,9 @@ pub use message::{Message, Properties};
 pub use meta::UserRecord;
 pub use permissions::{Access, PermissionRecord, ResourceKind};
 pub use policies::{Policy, PolicyRecord};
-pub use queue::{ConsumerActivity, ConsumerInfo, GetResult, Queue, QueueCounts, QueueFootprint};
+pub use queue::{
+    ConsumerActivity, ConsumerInfo, FollowUp, GetResult, Queue, QueueCounts, QueueFootprint,
+};
 pub use topic_permissions::{TopicPermissionRecord, TopicPermissions};
 pub use vhost::{ExchangeDecl, PublishOutcome, QueueDecl, Unfinished, VHost, VHostMetadata};
 pub use warren_store::{Store, StoreOptions, Ticket};

@@ -575,6 +575,28 @@ pub struct QueueFootprint {
     pub consumers_with_credit: usize,
 }
 
+/// What a queue step left to do after its lock (store writes, dead-lettering, deleting
+/// the queue): returned by the `*_now` methods, run with [`FollowUp::run`].
+#[must_use = "a follow-up does nothing unless run"]
+pub struct FollowUp {
+    queue: Arc<Queue>,
+    fx: Effects,
+}
+
+impl FollowUp {
+    pub async fn run(self) {
+        self.queue.finish(self.fx).await;
+    }
+}
+
+impl std::fmt::Debug for FollowUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FollowUp")
+            .field("queue", &self.queue.name)
+            .finish()
+    }
+}
+
 /// Work decided under the queue lock and carried out after it is released.
 #[derive(Default)]
 pub(crate) struct Effects {
@@ -1718,12 +1740,19 @@ impl Queue {
 
     /// Delivers again after credit was returned elsewhere (a channel's global prefetch).
     pub async fn kick(self: &Arc<Self>) {
+        if let Some(f) = self.kick_now() {
+            f.run().await;
+        }
+    }
+
+    /// [`Queue::kick`] without an await where none is needed (see [`Queue::ack_now`]).
+    pub fn kick_now(self: &Arc<Self>) -> Option<FollowUp> {
         let mut fx = Effects::default();
         {
             let mut s = self.state.lock();
             self.dispatch(&mut s, &mut fx, Instant::now());
         }
-        self.finish(fx).await;
+        self.follow_up(fx)
     }
 
     /// basic.get: the head message, unacked unless `no_ack`. When only paged-out messages
@@ -1826,6 +1855,16 @@ impl Queue {
 
     /// basic.ack of these messages.
     pub async fn ack(self: &Arc<Self>, seqs: &[MsgSeq]) {
+        if let Some(f) = self.ack_now(seqs) {
+            f.run().await;
+        }
+    }
+
+    /// [`Queue::ack`] without an await where none is needed (a transient message, no
+    /// store delete to write): what is left, if anything, comes back to be run. A
+    /// front-end's hot path calls this and boxes only the rest, as with
+    /// [`crate::VHost::deliver_now`].
+    pub fn ack_now(self: &Arc<Self>, seqs: &[MsgSeq]) -> Option<FollowUp> {
         let mut fx = Effects::default();
         {
             let mut s = self.state.lock();
@@ -1839,7 +1878,15 @@ impl Queue {
             }
             self.dispatch(&mut s, &mut fx, Instant::now());
         }
-        self.finish(fx).await;
+        self.follow_up(fx)
+    }
+
+    /// The effects of a locked step, if any need an await.
+    fn follow_up(self: &Arc<Self>, fx: Effects) -> Option<FollowUp> {
+        (!fx.is_empty()).then(|| FollowUp {
+            queue: self.clone(),
+            fx,
+        })
     }
 
     /// nack/reject with requeue, recover, or a closed channel: back to ready, redelivered.

@@ -31,8 +31,8 @@ use tokio::sync::watch;
 use warren_core::permissions::{Access, ResourceKind};
 use warren_core::{
     AMQPValue, Broker, ConnectionId, ConsumerId, ConsumerSpec, Credit, Delivery, FieldTable,
-    Message, MsgSeq, Outbox, OutboxEvent, Properties, Queue, QueueDecl, Target, TopicPermissions,
-    VHost,
+    FollowUp, Message, MsgSeq, Outbox, OutboxEvent, Properties, Queue, QueueDecl, Target,
+    TopicPermissions, VHost,
 };
 use warren_core::{ConnectionAuth, ConnectionGuard, ConnectionInfo};
 
@@ -1236,6 +1236,42 @@ struct Outgoing<'a> {
     sub_ids: Vec<u32>,
 }
 
+/// What is left of a packet after [`Session::handle_now`]: most QoS 0/1 PUBLISHes and
+/// PUBACKs leave nothing; the rest is awaited in a boxed future ([`Session::handle_later`]).
+enum Later {
+    Done,
+    Publish(PublishLater),
+    /// Queue work after the locks (store deletes of acked persistent messages, …).
+    FollowUps(Vec<FollowUp>),
+    /// Packets handled only the awaiting way (SUBSCRIBE, PUBREL, DISCONNECT, …).
+    Packet(Packet),
+}
+
+/// The part of a PUBLISH that needs an await.
+enum PublishLater {
+    /// Retained or QoS 2: stored before it is acknowledged, routed the awaiting way.
+    Stored {
+        msg: Arc<Message>,
+        topic_name: String,
+        retain: bool,
+        qos: u8,
+        packet_id: Option<u16>,
+    },
+    /// Routed; its enqueues need store writes or may be refused.
+    Deliver {
+        unfinished: warren_core::Unfinished,
+        qos: u8,
+        packet_id: Option<u16>,
+    },
+    /// Enqueued; the acknowledgement waits for the store's sync.
+    Synced {
+        ticket: warren_core::Ticket,
+        routed: usize,
+        qos: u8,
+        packet_id: Option<u16>,
+    },
+}
+
 impl Session {
     /// Before a taken-over connection ends, the PUBLISHes and the DISCONNECT its client
     /// already sent (read or waiting in the socket) are handled: a client that publishes,
@@ -1291,7 +1327,12 @@ impl Session {
                 let packet_type = rbuf.first().map_or(0, |b| b >> 4);
                 match codec::decode(rbuf, self.version, self.cfg.max_packet_size) {
                     Ok(Some(p)) => {
-                        if let Err(end) = Box::pin(self.handle(p)).await {
+                        let handled = match self.handle_packet(p) {
+                            Ok(Some(later)) => later.await,
+                            Ok(None) => Ok(()),
+                            Err(end) => Err(end),
+                        };
+                        if let Err(end) = handled {
                             let _ = wr.write_all(&self.out).await;
                             return end;
                         }
@@ -1391,15 +1432,17 @@ impl Session {
     /// the outbox's events (a queue stalled on the full outbox resumes once it drained);
     /// true when it stopped at 64 KB (more may be waiting).
     async fn drain(&mut self, deliveries: &mut warren_core::Deliveries) -> bool {
+        let mut later = Vec::new();
         let more = loop {
             if self.out.len() >= 64 * 1024 {
                 break true;
             }
             match deliveries.try_recv() {
-                Ok(d) => Box::pin(self.deliver(d)).await,
+                Ok(d) => self.deliver(d, &mut later),
                 Err(_) => break false,
             }
         };
+        run_all(later).await;
         for ev in self.outbox.take_events() {
             match ev {
                 OutboxEvent::Stalled(q) => {
@@ -1533,15 +1576,67 @@ impl Session {
         }
     }
 
-    /// Handles one packet; `Err` ends the connection.
+    /// Handles one packet; `Err` ends the connection. What needs an await comes back as
+    /// a boxed future: the awaiting paths make a future of ~2.7 KB, which is neither
+    /// built (and copied) for the common packets nor kept in the connection's task.
+    #[allow(clippy::type_complexity)]
+    fn handle_packet(
+        &mut self,
+        p: Packet,
+    ) -> Result<
+        Option<std::pin::Pin<Box<impl std::future::Future<Output = Result<(), End>> + '_>>>,
+        End,
+    > {
+        Ok(match self.handle_now(p)? {
+            Later::Done => None,
+            later => Some(Box::pin(self.handle_later(later))),
+        })
+    }
+
     async fn handle(&mut self, p: Packet) -> Result<(), End> {
-        match p {
-            Packet::Publish(p) => self.publish(p).await,
+        match self.handle_packet(p)? {
+            Some(later) => later.await,
+            None => Ok(()),
+        }
+    }
+
+    /// The part of handling a packet that needs no await.
+    fn handle_now(&mut self, p: Packet) -> Result<Later, End> {
+        Ok(match p {
+            Packet::Publish(p) => match self.publish_now(p)? {
+                Some(later) => Later::Publish(later),
+                None => Later::Done,
+            },
             Packet::PubAck(a) => {
                 self.check_ack(a.packet_id, "PUBACK", |i| i.qos == 1)?;
-                self.settle(a.packet_id).await;
+                let later = self.settle_now(a.packet_id);
+                if later.is_empty() {
+                    Later::Done
+                } else {
+                    Later::FollowUps(later)
+                }
+            }
+            p => Later::Packet(p),
+        })
+    }
+
+    async fn handle_later(&mut self, later: Later) -> Result<(), End> {
+        match later {
+            Later::Done => Ok(()),
+            Later::Publish(p) => self.publish_later(p).await,
+            Later::FollowUps(f) => {
+                run_all(f).await;
                 Ok(())
             }
+            Later::Packet(p) => self.handle_slow(p).await,
+        }
+    }
+
+    /// The packets [`Session::handle_now`] leaves whole.
+    async fn handle_slow(&mut self, p: Packet) -> Result<(), End> {
+        match p {
+            // Taken by `handle_now`; never here.
+            Packet::Publish(_) | Packet::PubAck(_) => Ok(()),
             Packet::PubRec(r) => {
                 self.check_ack(r.packet_id, "PUBREC", |i| i.qos == 2 && !i.released)?;
                 // MQTT-4.3.3-? (method A): the message is the client's now: settle it in the
@@ -1877,7 +1972,10 @@ impl Session {
         self.queue = Some(queue);
     }
 
-    async fn publish(&mut self, p: PublishPacket) -> Result<(), End> {
+    /// A PUBLISH up to where it needs an await: checked, routed and, for a QoS 0/1
+    /// message whose enqueues write nothing to the store, acknowledged. Retained and
+    /// QoS 2 messages, and enqueues that need the store, come back as [`PublishLater`].
+    fn publish_now(&mut self, p: PublishPacket) -> Result<Option<PublishLater>, End> {
         let qos = p.qos as u8;
         let mut topic_name = p.topic_name.clone();
         if self.version == 5 {
@@ -1915,7 +2013,7 @@ impl Session {
                     // A duplicate before PUBREL: acknowledged, not routed again (exactly once,
                     // MQTT-4.3.3-? method B); this survives restarts through the record.
                     codec::encode(&PubRecPacket::new(id), &mut self.out);
-                    return Ok(());
+                    return Ok(None);
                 }
                 // MQTT-3.3.4-8: more unreleased QoS 2 publishes than our Receive Maximum.
                 // 3.1.1 has no such limit; its 16-bit packet ids bound the set anyway.
@@ -1939,7 +2037,7 @@ impl Session {
             if let Some(id) = p.packet_id {
                 self.ack_publish(qos, id, rc::NOT_AUTHORIZED);
             }
-            return Ok(());
+            return Ok(None);
         }
         // Clients may not publish to `$SYS/` (but a bridge's connection state topic) or
         // to `$share/` names, as Mosquitto refuses them: 0x87 in 5.0, dropped
@@ -1949,7 +2047,7 @@ impl Session {
             if let Some(id) = p.packet_id {
                 self.ack_publish(qos, id, rc::NOT_AUTHORIZED);
             }
-            return Ok(());
+            return Ok(None);
         }
         let Some(mut msg) = mqtt_message(&topic_name, p.payload.clone(), qos) else {
             let why = format!("topic name with more than {MAX_TOPIC_DEPTH} levels");
@@ -1962,43 +2060,117 @@ impl Session {
         }
         set_origin(&mut msg, &self.client_id, p.retain);
         let msg = Arc::new(msg);
-        let retained_ticket = if p.retain {
-            self.shared
-                .retain(&self.vhost.name, &topic_name, msg.clone())
-                .await
-        } else {
-            None
-        };
-        let (ticket, routed) = match self.vhost.publish("amq.topic", msg).await {
-            Ok(o) => (o.ticket.max(retained_ticket), o.routed),
+        let packet_id = p.packet_id;
+        if p.retain || qos == 2 {
+            return Ok(Some(PublishLater::Stored {
+                msg,
+                topic_name,
+                retain: p.retain,
+                qos,
+                packet_id,
+            }));
+        }
+        let delivered = self
+            .vhost
+            .exchange("amq.topic")
+            .and_then(|x| self.vhost.deliver_now(self.vhost.route(&x, &msg), msg));
+        Ok(match delivered {
+            Ok(Ok(o)) => match o.ticket {
+                // PUBACK only once a durable copy is synced.
+                Some(ticket) if qos > 0 => Some(PublishLater::Synced {
+                    ticket,
+                    routed: o.routed,
+                    qos,
+                    packet_id,
+                }),
+                _ => {
+                    self.acknowledge_publish(qos, packet_id, o.routed);
+                    None
+                }
+            },
+            Ok(Err(unfinished)) => Some(PublishLater::Deliver {
+                unfinished,
+                qos,
+                packet_id,
+            }),
             Err(e) => {
                 tracing::warn!(error = %e, "mqtt publish failed");
-                (retained_ticket, 0)
+                self.acknowledge_publish(qos, packet_id, 0);
+                None
             }
+        })
+    }
+
+    /// The awaiting rest of a PUBLISH (see [`Session::publish_now`]).
+    async fn publish_later(&mut self, later: PublishLater) -> Result<(), End> {
+        let (ticket, routed, qos, packet_id) = match later {
+            PublishLater::Stored {
+                msg,
+                topic_name,
+                retain,
+                qos,
+                packet_id,
+            } => {
+                let retained_ticket = if retain {
+                    self.shared
+                        .retain(&self.vhost.name, &topic_name, msg.clone())
+                        .await
+                } else {
+                    None
+                };
+                let (mut ticket, routed) = match self.vhost.publish("amq.topic", msg).await {
+                    Ok(o) => (o.ticket.max(retained_ticket), o.routed),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "mqtt publish failed");
+                        (retained_ticket, 0)
+                    }
+                };
+                if qos == 2 {
+                    if let Some(id) = packet_id {
+                        self.incoming_qos2.push(id);
+                        ticket = ticket.max(self.persist().await);
+                    }
+                }
+                (ticket, routed, qos, packet_id)
+            }
+            PublishLater::Deliver {
+                unfinished,
+                qos,
+                packet_id,
+            } => match self.vhost.finish_delivery(unfinished).await {
+                Ok(o) => (o.ticket, o.routed, qos, packet_id),
+                Err(e) => {
+                    tracing::warn!(error = %e, "mqtt publish failed");
+                    (None, 0, qos, packet_id)
+                }
+            },
+            PublishLater::Synced {
+                ticket,
+                routed,
+                qos,
+                packet_id,
+            } => (Some(ticket), routed, qos, packet_id),
         };
-        let mut ticket = ticket;
-        if qos == 2 {
-            if let Some(id) = p.packet_id {
-                self.incoming_qos2.push(id);
-                ticket = ticket.max(self.persist().await);
-            }
-        }
         if qos > 0 {
             // PUBACK/PUBREC only once a durable copy (and the QoS 2 id) is synced.
             self.wait(ticket).await;
-            if let Some(id) = p.packet_id {
-                // MQTT 5 §3.4.2.1: 0x10 tells the sender nobody was subscribed (accepted
-                // all the same), as Mosquitto answers a QoS 1 PUBLISH (its PUBREC stays
-                // plain).
-                let code = if routed == 0 && qos == 1 {
-                    rc::NO_MATCHING_SUBSCRIBERS
-                } else {
-                    0
-                };
-                self.ack_publish(qos, id, code);
-            }
         }
+        self.acknowledge_publish(qos, packet_id, routed);
         Ok(())
+    }
+
+    /// PUBACK / PUBREC for a routed QoS 1 / 2 PUBLISH.
+    fn acknowledge_publish(&mut self, qos: u8, packet_id: Option<u16>, routed: usize) {
+        if let (1 | 2, Some(id)) = (qos, packet_id) {
+            // MQTT 5 §3.4.2.1: 0x10 tells the sender nobody was subscribed (accepted all
+            // the same), as Mosquitto answers a QoS 1 PUBLISH (its PUBREC stays plain).
+            let code = if routed == 0 && qos == 1 {
+                rc::NO_MATCHING_SUBSCRIBERS
+            } else {
+                0
+            };
+            self.ack_publish(qos, id, code);
+        }
     }
 
     /// `$share/<group>/<filter>`: competing consumers on one queue per group and filter
@@ -2063,7 +2235,9 @@ impl Session {
     /// Writes a delivery from the session queue (or a shared-subscription queue) as PUBLISH:
     /// once per message however many subscriptions match (MQTT-3.3.4-2), at the highest
     /// granted QoS, with every matching subscription identifier (MQTT-3.3.4-3).
-    async fn deliver(&mut self, d: Delivery) {
+    /// Writes one delivery into the write buffer; the queue work it leaves that needs an
+    /// await is added to `later`.
+    fn deliver(&mut self, d: Delivery, later: &mut Vec<FollowUp>) {
         let t = topic::to_mqtt(d.message.routing_key.as_str());
         let mut granted_qos = None;
         let mut sub_ids = Vec::new();
@@ -2095,8 +2269,8 @@ impl Session {
         let expired = remaining_expiry(&d.message) == Some(0);
         let Some(granted_qos) = granted_qos.filter(|_| !expired) else {
             // No subscription wants it (no-local, `$` topic, literal `*`), or it expired.
-            self.give_back(1).await;
-            d.queue.ack(&[d.seq]).await;
+            self.give_back_now(1, later);
+            later.extend(d.queue.ack_now(&[d.seq]));
             return;
         };
         let qos = msg_qos(&d.message).min(granted_qos);
@@ -2108,8 +2282,8 @@ impl Session {
             );
         let msg = d.message.clone();
         if qos == 0 {
-            self.give_back(1).await;
-            d.queue.ack(&[d.seq]).await;
+            self.give_back_now(1, later);
+            later.extend(d.queue.ack_now(&[d.seq]));
             self.send_publish(Outgoing {
                 topic: &t,
                 msg: &msg,
@@ -2133,8 +2307,8 @@ impl Session {
                 sub_ids,
             });
             if !sent {
-                self.give_back(1).await;
-                d.queue.ack(&[d.seq]).await;
+                self.give_back_now(1, later);
+                later.extend(d.queue.ack_now(&[d.seq]));
             }
         }
     }
@@ -2167,19 +2341,14 @@ impl Session {
     }
 
     /// Returns credit units; if the session was at the client's receive maximum, its
-    /// queues may deliver again.
-    async fn give_back(&mut self, n: u32) {
+    /// queues may deliver again. The queue work that needs an await is added to `later`.
+    fn give_back_now(&mut self, n: u32, later: &mut Vec<FollowUp>) {
         if self.credit.give_back(n) {
             if let Some(q) = &self.queue {
-                q.kick().await;
+                later.extend(q.kick_now());
             }
-            let shared: Vec<Arc<Queue>> = Rare::of(&self.rare)
-                .shared_subs
-                .values()
-                .map(|s| s.queue.clone())
-                .collect();
-            for q in shared {
-                q.kick().await;
+            for s in Rare::of(&self.rare).shared_subs.values() {
+                later.extend(s.queue.kick_now());
             }
         }
     }
@@ -2275,24 +2444,40 @@ impl Session {
     }
 
     async fn settle(&mut self, pkid: u16) {
+        run_all(self.settle_now(pkid)).await;
+    }
+
+    /// Settles an outbound delivery up to the awaits, which it returns (usually none).
+    fn settle_now(&mut self, pkid: u16) -> Vec<FollowUp> {
+        let mut later = Vec::new();
         if let Some(i) = self.inflight.remove(&pkid) {
-            self.finish_inflight(i, true).await;
+            self.finish_inflight_now(i, &mut later);
+        }
+        later
+    }
+
+    /// Acks the queue message of a finished delivery and returns its credit, up to the
+    /// awaits, which are added to `later`.
+    fn finish_inflight_now(&mut self, i: Inflight, later: &mut Vec<FollowUp>) {
+        if let Some((q, seq)) = i.queue {
+            later.extend(q.ack_now(&[seq]));
+        }
+        if i.credit {
+            self.give_back_now(1, later);
         }
     }
 
     /// Acks (`ack`) or requeues the queue message of a finished delivery and returns its
     /// credit.
-    async fn finish_inflight(&mut self, i: Inflight, ack: bool) {
-        if let Some((q, seq)) = i.queue {
-            if ack {
-                q.ack(&[seq]).await;
-            } else {
+    async fn finish_inflight(&mut self, mut i: Inflight, ack: bool) {
+        if !ack {
+            if let Some((q, seq)) = i.queue.take() {
                 q.requeue(&[seq]).await;
             }
         }
-        if i.credit {
-            self.give_back(1).await;
-        }
+        let mut later = Vec::new();
+        self.finish_inflight_now(i, &mut later);
+        run_all(later).await;
     }
 
     /// Write on `amq.topic`, checked once per permission change rather than per publish.
@@ -2508,6 +2693,14 @@ impl Session {
                 expire_in,
             );
         }
+    }
+}
+
+/// Runs queue follow-ups in order, each boxed: most steps have none, and the awaiting
+/// future would otherwise sit in every caller's.
+async fn run_all(later: Vec<FollowUp>) {
+    for f in later {
+        Box::pin(f.run()).await;
     }
 }
 
