@@ -12,8 +12,8 @@ use warren_amqp_codec::ContentHeader;
 use warren_core::vhost::refuse_default_exchange;
 use warren_core::{
     Access, ChannelStat, ChannelStats, ConsumerId, ConsumerSpec, Credit, Delivery, Exchange,
-    ExchangeDecl, ExchangeKind, Message, MsgSeq, PublishOutcome, Queue, QueueDecl, ResourceKind,
-    ShortString, Target, VHost,
+    ExchangeDecl, ExchangeKind, FollowUp, Message, MsgSeq, PublishOutcome, Queue, QueueDecl,
+    ResourceKind, ShortString, Target, VHost,
 };
 
 use crate::connection::{truncate_short, Conn};
@@ -400,6 +400,24 @@ impl Conn {
                 .vh()
                 .and_then(|_| self.start_publish(ch, p))
                 .map_err(|e| e.at(class_id, method_id));
+        }
+        // basic.ack, the consumers' hot method, likewise: only queue work left after the
+        // locks (deleting acked persistent messages from the store) is awaited, boxed.
+        if let AMQPClass::Basic(basic::AMQPMethod::Ack(a)) = &m {
+            let held = Settle::Ack {
+                tag: a.delivery_tag,
+                multiple: a.multiple,
+            };
+            if !self.chan(ch).hold_in_tx(held) {
+                let later = self
+                    .vh()
+                    .and_then(|_| self.ack_now(ch, a.delivery_tag, a.multiple))
+                    .map_err(|e| e.at(class_id, method_id))?;
+                for f in later {
+                    Box::pin(f.run()).await;
+                }
+            }
+            return Ok(());
         }
         Box::pin(self.dispatch(ch, m))
             .await
@@ -1112,13 +1130,39 @@ impl Conn {
 
     /// Delivers again on every queue this channel consumes from (credit came back).
     async fn kick_channel(&mut self, ch: u16) {
-        let queues: Vec<Arc<Queue>> = match self.channels.get(&ch) {
-            Some(c) => c.consumers.values().map(|i| i.queue.clone()).collect(),
-            None => return,
-        };
-        for q in queues {
-            q.kick().await;
+        let mut later = Vec::new();
+        self.kick_channel_now(ch, &mut later);
+        for f in later {
+            f.run().await;
         }
+    }
+
+    /// Lets the channel's queues deliver again, up to the awaits, which go to `later`.
+    fn kick_channel_now(&mut self, ch: u16, later: &mut Vec<FollowUp>) {
+        if let Some(c) = self.channels.get(&ch) {
+            for i in c.consumers.values() {
+                later.extend(i.queue.kick_now());
+            }
+        }
+    }
+
+    /// basic.ack outside a transaction, up to the awaits, which it returns (usually none).
+    fn ack_now(&mut self, ch: u16, tag: u64, multiple: bool) -> Result<Vec<FollowUp>, AmqpError> {
+        let mut later = Vec::new();
+        let tags = self.chan(ch).take_unacked(ch, tag, multiple)?;
+        if tags.is_empty() {
+            return Ok(later);
+        }
+        self.chan(ch).stats.add(ChannelStat::Ack, tags.len() as u64);
+        let (groups, credited) = by_queue(tags);
+        for (q, seqs) in groups {
+            later.extend(q.ack_now(&seqs));
+        }
+        let credit = self.chan(ch).credit.clone();
+        if credited > 0 && credit.give_back(credited) {
+            self.kick_channel_now(ch, &mut later);
+        }
+        Ok(later)
     }
 
     /// basic.nack / basic.reject: held by an open transaction, else settled now.
@@ -1148,25 +1192,26 @@ impl Conn {
         multiple: bool,
         kind: SettleKind,
     ) -> Result<(), AmqpError> {
+        if kind == SettleKind::Ack {
+            for f in self.ack_now(ch, tag, multiple)? {
+                f.run().await;
+            }
+            return Ok(());
+        }
         let tags = self.chan(ch).take_unacked(ch, tag, multiple)?;
         if tags.is_empty() {
             return Ok(());
         }
-        if kind == SettleKind::Ack {
-            self.chan(ch).stats.add(ChannelStat::Ack, tags.len() as u64);
-        }
         let (groups, credited) = by_queue(tags);
-        if kind != SettleKind::Ack {
-            if let Some((q, _)) = groups.iter().find(|(q, _)| q.is_stream()) {
-                let e = q.stream_refusal("basic.nack and basic.reject");
-                return Err(AmqpError::from_core(e, ch, 0, 0));
-            }
+        if let Some((q, _)) = groups.iter().find(|(q, _)| q.is_stream()) {
+            let e = q.stream_refusal("basic.nack and basic.reject");
+            return Err(AmqpError::from_core(e, ch, 0, 0));
         }
         for (q, seqs) in groups {
-            match kind {
-                SettleKind::Ack => q.ack(&seqs).await,
-                SettleKind::Requeue => q.requeue(&seqs).await,
-                SettleKind::Reject => q.reject(&seqs).await,
+            if kind == SettleKind::Requeue {
+                q.requeue(&seqs).await;
+            } else {
+                q.reject(&seqs).await;
             }
         }
         let credit = self.chan(ch).credit.clone();

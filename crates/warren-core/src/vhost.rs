@@ -889,13 +889,18 @@ impl VHost {
     ) {
         let mut routed = false;
         if x.name.as_str().is_empty() {
-            let keys = std::iter::once(msg.routing_key.as_str().to_owned())
-                .chain(crate::deadletter::sender_selected_keys(msg));
-            for key in keys {
-                if let Some(q) = self.queues.read().get(key.as_str()) {
+            // The default exchange: the queue named by the key (no copy of the key made),
+            // then by the CC / BCC keys.
+            let all = self.queues.read();
+            let mut by_key = |key: &str| {
+                if let Some(q) = all.get(key) {
                     push_unique(queues, q.clone());
                     routed = true;
                 }
+            };
+            by_key(msg.routing_key.as_str());
+            for key in crate::deadletter::sender_selected_keys(msg) {
+                by_key(&key);
             }
         } else {
             let mut targets = Vec::new();
