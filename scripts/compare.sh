@@ -27,7 +27,8 @@ WARREN_PID=$!
 # The machine's ceiling: a plain TCP relay in the broker's place, measured with the same tool.
 "$BENCH" --relay 127.0.0.1:5700 &
 RELAY_PID=$!
-trap 'kill $WARREN_PID $RELAY_PID 2>/dev/null; rm -rf "$DATA"' EXIT
+# Warren is waited for before its data dir goes (it may still be flushing on SIGTERM).
+trap 'kill $WARREN_PID $RELAY_PID 2>/dev/null; wait $WARREN_PID 2>/dev/null || true; rm -rf "$DATA" || true' EXIT
 sleep 1
 RABBIT_PID=$(pgrep beam.smp | head -1)
 MOSQ_PID=$(pgrep -x mosquitto | head -1)

@@ -1459,6 +1459,9 @@ impl Session {
         more
     }
 
+    /// Queues a 5.0 DISCONNECT with `code`; nothing for 3.1.1, which has no server
+    /// DISCONNECT. The reason goes to the log, not on the wire: Mosquitto sends the bare
+    /// reason code (`e0 01 82`), and clients and test suites compare those bytes.
     fn disconnect(&mut self, code: u8, reason: &str) {
         if self.version != 5 {
             return;
