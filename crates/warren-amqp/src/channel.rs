@@ -413,9 +413,7 @@ impl Conn {
                     .vh()
                     .and_then(|_| self.ack_now(ch, a.delivery_tag, a.multiple))
                     .map_err(|e| e.at(class_id, method_id))?;
-                for f in later {
-                    Box::pin(f.run()).await;
-                }
+                FollowUp::run_all(later).await;
             }
             return Ok(());
         }
@@ -1132,9 +1130,7 @@ impl Conn {
     async fn kick_channel(&mut self, ch: u16) {
         let mut later = Vec::new();
         self.kick_channel_now(ch, &mut later);
-        for f in later {
-            f.run().await;
-        }
+        FollowUp::run_all(later).await;
     }
 
     /// Lets the channel's queues deliver again, up to the awaits, which go to `later`.
@@ -1193,9 +1189,7 @@ impl Conn {
         kind: SettleKind,
     ) -> Result<(), AmqpError> {
         if kind == SettleKind::Ack {
-            for f in self.ack_now(ch, tag, multiple)? {
-                f.run().await;
-            }
+            FollowUp::run_all(self.ack_now(ch, tag, multiple)?).await;
             return Ok(());
         }
         let tags = self.chan(ch).take_unacked(ch, tag, multiple)?;

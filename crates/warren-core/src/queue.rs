@@ -587,6 +587,14 @@ impl FollowUp {
     pub async fn run(self) {
         self.queue.finish(self.fx).await;
     }
+
+    /// Runs `later` in order, each boxed: most steps leave none, and the awaiting future
+    /// would otherwise sit in every caller's.
+    pub async fn run_all(later: Vec<FollowUp>) {
+        for f in later {
+            Box::pin(f.run()).await;
+        }
+    }
 }
 
 impl std::fmt::Debug for FollowUp {

@@ -1442,7 +1442,7 @@ impl Session {
                 Err(_) => break false,
             }
         };
-        run_all(later).await;
+        FollowUp::run_all(later).await;
         for ev in self.outbox.take_events() {
             match ev {
                 OutboxEvent::Stalled(q) => {
@@ -1628,7 +1628,7 @@ impl Session {
             Later::Done => Ok(()),
             Later::Publish(p) => self.publish_later(p).await,
             Later::FollowUps(f) => {
-                run_all(f).await;
+                FollowUp::run_all(f).await;
                 Ok(())
             }
             Later::Packet(p) => self.handle_slow(p).await,
@@ -2447,7 +2447,7 @@ impl Session {
     }
 
     async fn settle(&mut self, pkid: u16) {
-        run_all(self.settle_now(pkid)).await;
+        FollowUp::run_all(self.settle_now(pkid)).await;
     }
 
     /// Settles an outbound delivery up to the awaits, which it returns (usually none).
@@ -2480,7 +2480,7 @@ impl Session {
         }
         let mut later = Vec::new();
         self.finish_inflight_now(i, &mut later);
-        run_all(later).await;
+        FollowUp::run_all(later).await;
     }
 
     /// Write on `amq.topic`, checked once per permission change rather than per publish.
@@ -2696,14 +2696,6 @@ impl Session {
                 expire_in,
             );
         }
-    }
-}
-
-/// Runs queue follow-ups in order, each boxed: most steps have none, and the awaiting
-/// future would otherwise sit in every caller's.
-async fn run_all(later: Vec<FollowUp>) {
-    for f in later {
-        Box::pin(f.run()).await;
     }
 }
 
