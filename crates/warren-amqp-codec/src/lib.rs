@@ -183,6 +183,9 @@ pub fn decode_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>,
                     return Err(FrameError::PrefetchSize(size));
                 }
             }
+            if let Some(m) = hot_methods::decode(&frame) {
+                return Ok(Some(Frame::Method(channel, Box::new(m))));
+            }
             match parse_class(&frame[..]) {
                 Ok((&[], m)) => Ok(Some(Frame::Method(channel, Box::new(m)))),
                 Ok(_) => Err(FrameError::Syntax("method")),
@@ -304,6 +307,7 @@ pub fn encode_content_preencoded(
     }
 }
 
+mod hot_methods;
 #[cfg(test)]
 mod tests;
 mod x_death;

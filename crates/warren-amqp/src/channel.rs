@@ -23,8 +23,37 @@ use crate::{fastpath, props};
 /// The pseudo-queue of RabbitMQ's direct reply-to.
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
-/// A completed publish whose delivery must await (store writes, dead letters): the
-/// frame handler boxes [`Conn::finish_publish`] for it.
+/// What a frame leaves to await after its synchronous part; the connection boxes the
+/// rest ([`Conn::handle_frame_later`]) only when there is one.
+pub(crate) enum FrameLater {
+    Done,
+    /// A completed publish whose delivery must await (store writes, dead letters).
+    Publish(PublishLater),
+    /// Queue work an ack left (deleting acked persistent messages from the store).
+    FollowUps(Vec<FollowUp>),
+    /// Our channel.close's close-ok: the channel's consumers and unacked go back.
+    DropChannel(u16),
+    /// Any other channel method.
+    Dispatch(u16, Box<AMQPClass>),
+    /// Connection-level frames and frames before the connection is open.
+    Frame(codec::Frame),
+}
+
+impl FrameLater {
+    pub(crate) fn follow_ups(later: Vec<FollowUp>) -> FrameLater {
+        if later.is_empty() {
+            FrameLater::Done
+        } else {
+            FrameLater::FollowUps(later)
+        }
+    }
+
+    pub(crate) fn publish(later: Option<PublishLater>) -> FrameLater {
+        later.map_or(FrameLater::Done, FrameLater::Publish)
+    }
+}
+
+/// A completed publish whose delivery must await (store writes, dead letters).
 pub(crate) struct PublishLater {
     ch: u16,
     confirm_tag: Option<u64>,
@@ -35,7 +64,7 @@ pub(crate) struct PublishLater {
 struct PendingPublish {
     method: basic::Publish,
     /// Body size, the decoded properties and their bytes as sent.
-    header: Option<(u64, codec::BasicProperties, Bytes)>,
+    header: Option<Box<ContentHeader>>,
     body: BytesMut,
     /// The first body frame, kept zero-copy while it is the only one.
     first: Option<Bytes>,
@@ -316,14 +345,19 @@ impl Conn {
         codec::encode_method(&mut self.out, ch, &m);
     }
 
-    pub(crate) async fn handle_channel_method(
+    /// A channel method's synchronous part: everything but the awaits. basic.publish and
+    /// basic.ack, the hot methods, finish here; the rest comes back as a [`FrameLater`]
+    /// for the connection to box and await. A per-frame `async fn` would be copied
+    /// whole (hundreds of bytes) into the connection's future for every frame: that was
+    /// a fifth of the broker's CPU in a transient 1→1 run (perf, docs/PERFORMANCE.md).
+    pub(crate) fn channel_method_now(
         &mut self,
         ch: u16,
-        m: AMQPClass,
-    ) -> Result<(), AmqpError> {
+        m: Box<AMQPClass>,
+    ) -> Result<FrameLater, AmqpError> {
         let (class_id, method_id) = ids(&m);
         // channel.open and frames for closing channels first.
-        if let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = m {
+        if let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = *m {
             // As RabbitMQ 3.10 (rabbit_reader:create_channel): channel_max bounds how many
             // channels are open, not their numbers; the 530 names no method.
             let open = self.channels.len();
@@ -355,7 +389,7 @@ impl Conn {
                 ch,
                 AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
             );
-            return Ok(());
+            return Ok(FrameLater::Done);
         }
         let Some(chan) = self.channels.get_mut(&ch) else {
             return Err(connection_error(
@@ -369,20 +403,17 @@ impl Conn {
             // count. A close that crossed ours gets its close-ok, and the channel waits
             // for the close-ok of ours still (freeing it now made that close-ok a 504
             // that killed the whole connection: amqp091-go's Issue43 test).
-            match m {
-                // Boxed: closing is rare and its future large (see below).
-                AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
-                    Box::pin(self.drop_channel(ch)).await;
-                }
+            return Ok(match *m {
+                AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => FrameLater::DropChannel(ch),
                 AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
                     self.write(
                         ch,
                         AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
                     );
+                    FrameLater::Done
                 }
-                _ => {}
-            }
-            return Ok(());
+                _ => FrameLater::Done,
+            });
         }
         if chan.pending.is_some() {
             return Err(connection_error(
@@ -391,33 +422,41 @@ impl Conn {
             )
             .at(class_id, method_id));
         }
-        // basic.publish, the one hot method, is handled without an await; every other
-        // method goes through `dispatch`, whose future (the union of all their awaits) is
-        // boxed so it is not copied into every frame's future: that copying was a third of
-        // the broker's CPU in a transient 1→1 run (perf, docs/PERFORMANCE.md).
-        if let AMQPClass::Basic(basic::AMQPMethod::Publish(p)) = m {
-            return self
-                .vh()
-                .and_then(|_| self.start_publish(ch, p))
-                .map_err(|e| e.at(class_id, method_id));
-        }
-        // basic.ack, the consumers' hot method, likewise: only queue work left after the
-        // locks (deleting acked persistent messages from the store) is awaited, boxed.
-        if let AMQPClass::Basic(basic::AMQPMethod::Ack(a)) = &m {
-            let held = Settle::Ack {
-                tag: a.delivery_tag,
-                multiple: a.multiple,
-            };
-            if !self.chan(ch).hold_in_tx(held) {
+        match *m {
+            AMQPClass::Basic(basic::AMQPMethod::Publish(p)) => {
+                self.vh()
+                    .and_then(|_| self.start_publish(ch, p))
+                    .map_err(|e| e.at(class_id, method_id))?;
+                Ok(FrameLater::Done)
+            }
+            // Only queue work left after the locks (deleting acked persistent messages
+            // from the store) is awaited.
+            AMQPClass::Basic(basic::AMQPMethod::Ack(a)) => {
+                let held = Settle::Ack {
+                    tag: a.delivery_tag,
+                    multiple: a.multiple,
+                };
+                if self.chan(ch).hold_in_tx(held) {
+                    return Ok(FrameLater::Done);
+                }
                 let later = self
                     .vh()
                     .and_then(|_| self.ack_now(ch, a.delivery_tag, a.multiple))
                     .map_err(|e| e.at(class_id, method_id))?;
-                FollowUp::run_all(later).await;
+                Ok(FrameLater::follow_ups(later))
             }
-            return Ok(());
+            _ => Ok(FrameLater::Dispatch(ch, m)),
         }
-        Box::pin(self.dispatch(ch, m))
+    }
+
+    /// Every channel method but the hot ones, after [`Conn::channel_method_now`].
+    pub(crate) async fn dispatch_method(
+        &mut self,
+        ch: u16,
+        m: Box<AMQPClass>,
+    ) -> Result<(), AmqpError> {
+        let (class_id, method_id) = ids(&m);
+        self.dispatch(ch, *m)
             .await
             .map_err(|e| e.at(class_id, method_id))
     }
@@ -1221,7 +1260,7 @@ impl Conn {
     pub(crate) fn handle_content_header(
         &mut self,
         ch: u16,
-        h: ContentHeader,
+        h: Box<ContentHeader>,
     ) -> Result<Option<PublishLater>, AmqpError> {
         let max = self.cfg.max_message_size;
         let Some(chan) = self.channels.get_mut(&ch) else {
@@ -1258,7 +1297,8 @@ impl Conn {
             .at(60, 40));
         }
         let size = h.body_size;
-        p.header = Some((size, h.header.properties, h.raw_properties));
+        // Kept boxed as decoded: the properties are ~300 bytes.
+        p.header = Some(h);
         if size == 0 {
             return self.complete_publish(ch);
         }
@@ -1286,7 +1326,7 @@ impl Conn {
                 "expected method frame, got non method frame instead",
             ));
         };
-        let size = p.header.as_ref().map(|h| h.0).unwrap_or(0);
+        let size = p.header.as_ref().map_or(0, |h| h.body_size);
         p.received += b.len() as u64;
         if p.received > size {
             return Err(connection_error(
@@ -1317,10 +1357,11 @@ impl Conn {
             Some(b) => b,
             None => p.body.freeze(),
         };
-        let Some((_, amqp_props, raw_props)) = p.header else {
+        let Some(mut header) = p.header else {
             return Ok(None);
         };
-        let mut properties = props::from_amqp(&amqp_props);
+        let raw_props = std::mem::take(&mut header.raw_properties);
+        let mut properties = props::from_amqp(&header.properties);
         let err = |c: u16, text: String| channel_error(ch, c, text).at(60, 40);
         if let Some(uid) = &properties.user_id {
             if uid.as_str() != self.user {
@@ -1593,14 +1634,12 @@ impl Conn {
     /// Writes one delivery from the outbox. A delivery made before its consumer was
     /// cancelled is still written (AMQP allows deliveries until cancel-ok); only a closed
     /// channel sends it back to its queue.
-    pub(crate) async fn write_delivery(&mut self, d: Delivery) {
+    /// Writes a delivery to its channel without an await; a delivery for a channel that
+    /// is gone comes back, to be requeued by [`Conn::requeue_undeliverable`].
+    pub(crate) fn write_delivery(&mut self, d: Delivery) -> Option<Delivery> {
         let ch = d.token as u16;
         let Some(chan) = self.channels.get_mut(&ch).filter(|c| !c.closing) else {
-            if !d.no_ack {
-                // Boxed: a cold path, kept out of every delivery's future.
-                Box::pin(d.queue.requeue(&[d.seq])).await;
-            }
-            return;
+            return (!d.no_ack).then_some(d);
         };
         let dtag = chan.next_delivery_tag;
         chan.next_delivery_tag += 1;
@@ -1628,6 +1667,12 @@ impl Conn {
             d.message.routing_key.as_str(),
         );
         self.write_content(ch, &d.message);
+        None
+    }
+
+    /// A cold path, boxed by the callers so that it stays out of every delivery's future.
+    pub(crate) async fn requeue_undeliverable(d: Delivery) {
+        d.queue.requeue(&[d.seq]).await;
     }
 
     /// The queue of a consumer went away: basic.cancel to clients that asked for it.

@@ -18,11 +18,11 @@ use tokio::sync::watch;
 use warren_amqp_codec::{self as codec, Frame, HeaderCheck};
 use warren_core::{
     AMQPValue, AlarmState, Broker, ClientProperties, ConnectionAuth, ConnectionGuard, ConnectionId,
-    ConnectionInfo, ConsumerId, Exchange, FieldTable, LongString, Outbox, OutboxEvent, ShortString,
-    TopicPermissions, Tuning, VHost,
+    ConnectionInfo, ConsumerId, Exchange, FieldTable, FollowUp, LongString, Outbox, OutboxEvent,
+    ShortString, TopicPermissions, Tuning, VHost,
 };
 
-use crate::channel::{Channel, PublishLater};
+use crate::channel::{Channel, FrameLater};
 use crate::error::{code, connection_error, AmqpError};
 use crate::AmqpConfig;
 
@@ -301,7 +301,9 @@ impl Conn {
                     }
                 }
                 Some(d) = deliveries.recv(), if self.phase == Phase::Open => {
-                    self.write_delivery(d).await;
+                    if let Some(d) = self.write_delivery(d) {
+                        Box::pin(Conn::requeue_undeliverable(d)).await;
+                    }
                     self.write_ready_deliveries(deliveries).await;
                 }
                 _ = self.outbox.events_ready() => {
@@ -404,7 +406,11 @@ impl Conn {
     async fn write_ready_deliveries(&mut self, deliveries: &mut warren_core::Deliveries) {
         while self.out.len() < 256 * 1024 {
             match deliveries.try_recv() {
-                Ok(d) => self.write_delivery(d).await,
+                Ok(d) => {
+                    if let Some(d) = self.write_delivery(d) {
+                        Box::pin(Conn::requeue_undeliverable(d)).await;
+                    }
+                }
                 Err(_) => break,
             }
         }
@@ -442,7 +448,12 @@ impl Conn {
                     return;
                 }
             };
-            if let Err(e) = self.handle_frame(frame).await {
+            let later = match self.handle_frame_now(frame) {
+                Ok(FrameLater::Done) => continue,
+                Ok(later) => Box::pin(self.handle_frame_later(later)).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = later {
                 Box::pin(self.handle_error(e)).await;
             }
         }
@@ -510,6 +521,49 @@ impl Conn {
         self.phase = Phase::Closing;
     }
 
+    /// A frame's synchronous part. A transient publish (method, header, body) and an
+    /// ack finish here without an await; what is left is boxed by the caller, so no
+    /// frame copies a large future (docs/PERFORMANCE.md, "AMQP frames without a future").
+    fn handle_frame_now(&mut self, frame: Frame) -> Result<FrameLater, AmqpError> {
+        if self.phase != Phase::Open {
+            return Ok(FrameLater::Frame(frame));
+        }
+        match frame {
+            Frame::Heartbeat(_) => Ok(FrameLater::Done),
+            Frame::Method(ch, m) if ch != 0 => self.channel_method_now(ch, m),
+            Frame::Header(ch, h) if ch != 0 => {
+                Ok(FrameLater::publish(self.handle_content_header(ch, h)?))
+            }
+            Frame::Body(ch, b) if ch != 0 => {
+                Ok(FrameLater::publish(self.handle_content_body(ch, b)?))
+            }
+            Frame::Header(..) | Frame::Body(..) => Err(connection_error(
+                code::COMMAND_INVALID,
+                "content frame on channel 0",
+            )),
+            other => Ok(FrameLater::Frame(other)),
+        }
+    }
+
+    /// The awaited rest of a frame, after [`Conn::handle_frame_now`].
+    async fn handle_frame_later(&mut self, later: FrameLater) -> Result<(), AmqpError> {
+        match later {
+            FrameLater::Done => Ok(()),
+            FrameLater::Publish(p) => self.finish_publish(p).await,
+            FrameLater::FollowUps(f) => {
+                FollowUp::run_all(f).await;
+                Ok(())
+            }
+            FrameLater::DropChannel(ch) => {
+                self.drop_channel(ch).await;
+                Ok(())
+            }
+            FrameLater::Dispatch(ch, m) => self.dispatch_method(ch, m).await,
+            FrameLater::Frame(f) => self.handle_frame(f).await,
+        }
+    }
+
+    /// Frames before the connection is open, after connection.close, and on channel 0.
     async fn handle_frame(&mut self, frame: Frame) -> Result<(), AmqpError> {
         match self.phase {
             Phase::Closing => {
@@ -533,37 +587,14 @@ impl Conn {
                 Ok(())
             }
             Phase::Done => Ok(()),
-            // Cold paths boxed: a frame's future is as large as its largest branch, and
-            // it is copied for every frame.
             Phase::AwaitStartOk | Phase::AwaitTuneOk | Phase::AwaitOpen => {
-                Box::pin(self.handle_handshake(frame)).await
+                self.handle_handshake(frame).await
             }
             Phase::Open => match frame {
-                Frame::Heartbeat(_) => Ok(()),
-                Frame::Method(0, m) => Box::pin(self.handle_connection_method(*m)).await,
-                Frame::Method(ch, m) => self.handle_channel_method(ch, *m).await,
-                Frame::Header(0, _) | Frame::Body(0, _) => Err(connection_error(
-                    code::COMMAND_INVALID,
-                    "content frame on channel 0",
-                )),
-                Frame::Header(ch, h) => {
-                    let later = self.handle_content_header(ch, *h)?;
-                    self.publish_later(later).await
-                }
-                Frame::Body(ch, b) => {
-                    let later = self.handle_content_body(ch, b)?;
-                    self.publish_later(later).await
-                }
+                Frame::Method(0, m) => self.handle_connection_method(*m).await,
+                // handle_frame_now took every other frame of an open connection.
+                _ => Ok(()),
             },
-        }
-    }
-
-    /// Finishes a publish that must await, boxed: its future is large and most publishes
-    /// (transient) never need it.
-    async fn publish_later(&mut self, later: Option<PublishLater>) -> Result<(), AmqpError> {
-        match later {
-            Some(later) => Box::pin(self.finish_publish(later)).await,
-            None => Ok(()),
         }
     }
 
