@@ -334,43 +334,86 @@ fn unescape(b: &[u8], version: Version) -> Result<String, CodecError> {
 }
 
 fn escape_into(s: &str, version: Version, out: &mut BytesMut) {
-    for &c in s.as_bytes() {
-        match c {
-            b'\n' => out.put_slice(b"\\n"),
-            b':' => out.put_slice(b"\\c"),
-            b'\\' => out.put_slice(b"\\\\"),
-            b'\r' if version == Version::V1_2 => out.put_slice(b"\\r"),
-            c => out.put_u8(c),
-        }
+    // Runs without a special byte are copied whole: most header values have none.
+    let b = s.as_bytes();
+    let mut from = 0;
+    for (i, &c) in b.iter().enumerate() {
+        let esc: &[u8] = match c {
+            b'\n' => b"\\n",
+            b':' => b"\\c",
+            b'\\' => b"\\\\",
+            b'\r' if version == Version::V1_2 => b"\\r",
+            _ => continue,
+        };
+        out.put_slice(&b[from..i]);
+        out.put_slice(esc);
+        from = i + 1;
     }
+    out.put_slice(&b[from..]);
 }
 
 /// Appends `frame` to `out`. The caller adds `content-length` where it wants one (the
 /// session always does for MESSAGE, so bodies may hold NUL bytes).
 pub fn encode(frame: &Frame, version: Version, out: &mut BytesMut) {
-    let escaped = version > Version::V1_0 && !Frame::unescaped_command(&frame.command);
     out.reserve(frame.command.len() + 64 + frame.body.len());
-    out.put_slice(frame.command.as_bytes());
-    out.put_u8(b'\n');
+    let mut w = FrameWriter::new(out, &frame.command, version);
     for (k, v) in &frame.headers {
-        if escaped {
-            escape_into(k, version, out);
-            out.put_u8(b':');
-            escape_into(v, version, out);
+        w.header(k, v);
+    }
+    w.finish(&frame.body);
+}
+
+/// Writes a frame header by header straight into the output, for the frame the broker
+/// sends per delivery (MESSAGE): a [`Frame`] would take two strings per header.
+pub struct FrameWriter<'a> {
+    out: &'a mut BytesMut,
+    version: Version,
+    escaped: bool,
+}
+
+impl<'a> FrameWriter<'a> {
+    pub fn new(out: &'a mut BytesMut, command: &str, version: Version) -> FrameWriter<'a> {
+        out.put_slice(command.as_bytes());
+        out.put_u8(b'\n');
+        FrameWriter {
+            out,
+            version,
+            escaped: version > Version::V1_0 && !Frame::unescaped_command(command),
+        }
+    }
+
+    pub fn header(&mut self, name: &str, value: &str) {
+        self.header_parts(name, &[value]);
+    }
+
+    /// A header whose value is `parts` joined, without joining them first.
+    pub fn header_parts(&mut self, name: &str, parts: &[&str]) {
+        if self.escaped {
+            escape_into(name, self.version, self.out);
+            self.out.put_u8(b':');
+            for p in parts {
+                escape_into(p, self.version, self.out);
+            }
         } else {
             // 1.0 and CONNECT/CONNECTED cannot carry these; drop rather than corrupt.
-            out.put_slice(k.replace(['\n', ':'], " ").as_bytes());
-            out.put_u8(b':');
-            out.put_slice(v.replace('\n', " ").as_bytes());
+            self.out
+                .put_slice(name.replace(['\n', ':'], " ").as_bytes());
+            self.out.put_u8(b':');
+            for p in parts {
+                self.out.put_slice(p.replace('\n', " ").as_bytes());
+            }
         }
-        out.put_u8(b'\n');
+        self.out.put_u8(b'\n');
     }
-    out.put_u8(b'\n');
-    out.put_slice(&frame.body);
-    // `NULL *(EOL)`: RabbitMQ ends every frame with `\0\n` (its `trailing_lf`, on by
-    // default), and clients rely on it: php-stomp drops the byte after a NUL, stomper's
-    // StompBuffer only completes a frame at `\0\n`.
-    out.put_slice(b"\0\n");
+
+    pub fn finish(self, body: &[u8]) {
+        self.out.put_u8(b'\n');
+        self.out.put_slice(body);
+        // `NULL *(EOL)`: RabbitMQ ends every frame with `\0\n` (its `trailing_lf`, on by
+        // default), and clients rely on it: php-stomp drops the byte after a NUL, stomper's
+        // StompBuffer only completes a frame at `\0\n`.
+        self.out.put_slice(b"\0\n");
+    }
 }
 
 #[cfg(test)]

@@ -85,16 +85,34 @@ fn invalid(kind: &'static str, rest: &[&str]) -> DestError {
 
 /// The `destination` header of a delivered message, from where it was published.
 pub fn of_message(exchange: &str, routing_key: &str) -> String {
+    let mut s = String::new();
+    write_of_message(exchange, routing_key, &mut s);
+    s
+}
+
+/// [`of_message`] into a reused string (one per session, written per delivery).
+pub fn write_of_message(exchange: &str, routing_key: &str, out: &mut String) {
+    out.clear();
     match (exchange, routing_key) {
-        ("", _) => format!("/queue/{}", percent_encode(routing_key)),
-        ("amq.topic", _) => format!("/topic/{}", percent_encode(routing_key)),
+        ("", _) => {
+            out.push_str("/queue/");
+            percent_encode_into(routing_key, out);
+        }
+        ("amq.topic", _) => {
+            out.push_str("/topic/");
+            percent_encode_into(routing_key, out);
+        }
         // RabbitMQ's format_destination: no trailing slash for an empty key.
-        (x, "") => format!("/exchange/{}", percent_encode(x)),
-        (x, _) => format!(
-            "/exchange/{}/{}",
-            percent_encode(x),
-            percent_encode(routing_key)
-        ),
+        (x, "") => {
+            out.push_str("/exchange/");
+            percent_encode_into(x, out);
+        }
+        (x, _) => {
+            out.push_str("/exchange/");
+            percent_encode_into(x, out);
+            out.push('/');
+            percent_encode_into(routing_key, out);
+        }
     }
 }
 
@@ -119,11 +137,14 @@ fn decode(s: &str) -> Option<String> {
 }
 
 /// Escapes what would change the meaning of a destination: `/` and `%`.
-fn percent_encode(s: &str) -> String {
-    if !s.contains(['/', '%']) {
-        return s.to_owned();
+fn percent_encode_into(s: &str, out: &mut String) {
+    for c in s.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '/' => out.push_str("%2F"),
+            c => out.push(c),
+        }
     }
-    s.replace('%', "%25").replace('/', "%2F")
 }
 
 #[cfg(test)]

@@ -144,48 +144,51 @@ pub fn from_send(f: &Frame) -> Result<Properties, HeaderError> {
 }
 
 /// Adds a delivered message's property headers to a MESSAGE frame.
-pub fn to_message(p: &Properties, f: &mut Frame) {
+/// A message's properties as MESSAGE headers, handed to `put` one by one (the session
+/// writes them straight into its output). Table entries never repeat a header set here
+/// or by the session: those names are [`RESERVED`].
+pub fn to_message(p: &Properties, put: &mut impl FnMut(&str, &str)) {
     if let Some(h) = &p.headers {
         for (k, v) in h.inner() {
             let k = k.as_str();
-            if RESERVED.contains(&k) || f.get(k).is_some() {
+            if RESERVED.contains(&k) {
                 continue;
             }
             if let Some(text) = header_text(v) {
-                f.push(k, text);
+                put(k, &text);
             }
         }
     }
-    let mut put = |name: &str, v: &Option<ShortString>| {
+    let mut short = |name: &str, v: &Option<ShortString>| {
         if let Some(v) = v {
-            f.push(name, v.as_str());
+            put(name, v.as_str());
         }
     };
-    put("app-id", &p.app_id);
-    put("user-id", &p.user_id);
-    put("type", &p.kind);
-    put("amqp-message-id", &p.message_id);
-    put("expiration", &p.expiration);
-    put("correlation-id", &p.correlation_id);
-    put("content-encoding", &p.content_encoding);
-    put("content-type", &p.content_type);
+    short("app-id", &p.app_id);
+    short("user-id", &p.user_id);
+    short("type", &p.kind);
+    short("amqp-message-id", &p.message_id);
+    short("expiration", &p.expiration);
+    short("correlation-id", &p.correlation_id);
+    short("content-encoding", &p.content_encoding);
+    short("content-type", &p.content_type);
     if let Some(ts) = p.timestamp {
-        f.push("timestamp", ts.to_string());
+        put("timestamp", &ts.to_string());
     }
     if let Some(r) = &p.reply_to {
         // An AMQP reply-to is a bare queue name: STOMP clients reply through /reply-queue/.
         let r = r.as_str();
         if r.starts_with('/') {
-            f.push("reply-to", r);
+            put("reply-to", r);
         } else {
-            f.push("reply-to", format!("/reply-queue/{r}"));
+            put("reply-to", &format!("/reply-queue/{r}"));
         }
     }
     if let Some(pr) = p.priority {
-        f.push("priority", pr.to_string());
+        put("priority", &pr.to_string());
     }
     if p.delivery_mode == Some(2) {
-        f.push("persistent", "true");
+        put("persistent", "true");
     }
 }
 
@@ -258,7 +261,7 @@ mod tests {
         assert_eq!(p.priority, Some(3));
         assert_eq!(p.timestamp, Some(1234));
         let mut m = Frame::new("MESSAGE");
-        to_message(&p, &mut m);
+        to_message(&p, &mut |k, v| m.push(k, v));
         for (k, v) in [
             ("content-type", "text/plain"),
             ("persistent", "true"),
@@ -301,7 +304,7 @@ mod tests {
             ..Default::default()
         };
         let mut m = Frame::new("MESSAGE");
-        to_message(&p, &mut m);
+        to_message(&p, &mut |k, v| m.push(k, v));
         assert_eq!(m.get("reply-to"), Some("/reply-queue/amq.gen-1"));
     }
 

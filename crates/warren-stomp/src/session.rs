@@ -4,6 +4,7 @@
 //! Generic over the byte stream, so Web-STOMP runs this same code over a WebSocket.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +22,7 @@ use warren_core::{
     VHost,
 };
 
-use crate::codec::{self, CodecError, Decoded, Frame, Version};
+use crate::codec::{self, CodecError, Decoded, Frame, FrameWriter, Version};
 use crate::destination::{self, DestError, Destination};
 use crate::props;
 use crate::StompFrontend;
@@ -55,6 +56,21 @@ struct Subscription {
 }
 
 /// A message sent with a client ack mode and not yet settled.
+/// The queues [`Session::send`] made before the message: for a `/temp-queue/`
+/// destination and for a `/temp-queue/` reply-to.
+struct Declared {
+    temp: Option<String>,
+    reply: Option<String>,
+}
+
+/// What a frame leaves to await after [`Session::handle_now`].
+enum Later {
+    /// Everything but a plain SEND.
+    Frame(Frame),
+    /// A SEND's store writes (persistent messages) and its receipt.
+    Deliver(warren_core::Unfinished, Option<String>),
+}
+
 struct Pending {
     token: u64,
     queue: Arc<Queue>,
@@ -164,6 +180,8 @@ struct Session {
     perm_generation: u64,
     /// The user's topic permissions in the vhost and the generation they were read at.
     topic_perms: Option<(u64, Option<Arc<TopicPermissions>>)>,
+    /// A delivery's destination and message-id, reused (see [`Session::deliver`]).
+    scratch: (String, String),
 }
 
 pub(crate) async fn run<S>(
@@ -425,6 +443,7 @@ fn connect_session(
         next_token: 1,
         pending: BTreeMap::new(),
         next_msg: 1,
+        scratch: Default::default(),
         txs: HashMap::new(),
         receipts: VecDeque::new(),
         declared: HashSet::new(),
@@ -484,7 +503,14 @@ impl Session {
                     match codec::decode(&mut rbuf, self.version, &limits) {
                         Ok(Some(Decoded::Frame(f))) => {
                             let receipt = f.get("receipt").map(str::to_owned);
-                            match self.handle(f).await {
+                            // Only what must await is boxed: a frame's whole future,
+                            // awaited inline, was copied for every SEND (perf).
+                            let step = match self.handle_now(f) {
+                                Ok(None) => Ok(()),
+                                Ok(Some(later)) => Box::pin(self.handle_later(later)).await,
+                                Err(stop) => Err(stop),
+                            };
+                            match step {
                                 Ok(()) => {}
                                 Err(stop @ Stop::Error { closes: true, .. }) => {
                                     return Err(stop.for_receipt(receipt))
@@ -532,12 +558,13 @@ impl Session {
                     last_read = Instant::now();
                 }
                 Some(d) = deliveries.recv() => {
-                    self.deliver(d).await;
-                    while self.out.len() < 64 * 1024 {
-                        match deliveries.try_recv() {
-                            Ok(d) => self.deliver(d).await,
-                            Err(_) => break,
+                    let mut next = Some(d);
+                    while let Some(d) = next {
+                        if let Some(d) = self.deliver(d) {
+                            // Unsubscribed while in flight.
+                            Box::pin(d.queue.requeue(&[d.seq])).await;
                         }
+                        next = if self.out.len() < 64 * 1024 { deliveries.try_recv().ok() } else { None };
                     }
                 }
                 _ = self.outbox.events_ready() => {
@@ -670,6 +697,52 @@ impl Session {
             if let Some((_, id)) = self.receipts.pop_front() {
                 let f = Frame::new("RECEIPT").with("receipt-id", id);
                 codec::encode(&f, self.version, &mut self.out);
+            }
+        }
+    }
+
+    /// A frame's synchronous part: a SEND outside a transaction whose destination needs
+    /// no declaration is routed here, and only its store writes (if any) are left to
+    /// await. Every other frame comes back whole for [`Session::handle`].
+    fn handle_now(&mut self, f: Frame) -> Result<Option<Later>, Stop> {
+        if f.command != "SEND" || f.get("transaction").is_some() {
+            return Ok(Some(Later::Frame(f)));
+        }
+        let receipt = f.get("receipt").map(str::to_owned);
+        let (exchange, msg) = match self.send_message(f, None)? {
+            Ok(m) => m,
+            Err(f) => return Ok(Some(Later::Frame(f))),
+        };
+        let delivered = self
+            .vhost
+            .exchange(&exchange)
+            .and_then(|x| self.vhost.deliver_now(self.vhost.route(&x, &msg), msg))
+            .map_err(Stop::core)?;
+        match delivered {
+            Ok(out) => {
+                if let Some(r) = receipt {
+                    self.receipts.push_back((out.ticket, r));
+                }
+                Ok(None)
+            }
+            Err(unfinished) => Ok(Some(Later::Deliver(unfinished, receipt))),
+        }
+    }
+
+    /// The awaited rest of a frame, after [`Session::handle_now`].
+    async fn handle_later(&mut self, later: Later) -> Step {
+        match later {
+            Later::Frame(f) => self.handle(f).await,
+            Later::Deliver(unfinished, receipt) => {
+                let out = self
+                    .vhost
+                    .finish_delivery(unfinished)
+                    .await
+                    .map_err(Stop::core)?;
+                if let Some(r) = receipt {
+                    self.receipts.push_back((out.ticket, r));
+                }
+                Ok(())
             }
         }
     }
@@ -811,34 +884,91 @@ impl Session {
     }
 
     async fn send(&mut self, f: Frame) -> Result<Option<Ticket>, Stop> {
+        // Declarations first (a queue not declared yet, `declare-exchange`, temporary
+        // queues), then the message as on the synchronous path.
+        let dest = require(&f, "destination")?;
+        // Headers are checked before the destination, as RabbitMQ does.
+        let properties =
+            props::from_send(&f).map_err(|e| Stop::error("Invalid header", e.to_string()))?;
+        let d = parse_destination(dest)?;
+        match &d {
+            Destination::Queue(name) if !self.declared.contains(name) => {
+                self.declare_named(name, &f).await?;
+                self.declared.insert(name.clone());
+            }
+            Destination::Exchange(x, _) => self.maybe_declare_exchange(x, &f).await?,
+            _ => {}
+        }
+        let temp = match &d {
+            Destination::TempQueue(name) => Some(self.temp_queue(name).await?),
+            _ => None,
+        };
+        // reply-to:/temp-queue/x creates this session's private reply queue and names it
+        // so that any client can answer through /reply-queue/ (RabbitMQ's rewrite).
+        let reply = properties.reply_to.as_ref().map(|r| r.as_str());
+        let reply = match reply.and_then(|r| r.strip_prefix("/temp-queue/")) {
+            Some(name) => Some(self.temp_queue(name).await?),
+            None => None,
+        };
+        let declared = Declared { temp, reply };
+        let (exchange, msg) = match self.send_message(f, Some(declared))? {
+            Ok(m) => m,
+            Err(_) => return Err(Stop::error("Internal error", "destination not declared")),
+        };
+        let out = self
+            .vhost
+            .publish(&exchange, msg)
+            .await
+            .map_err(Stop::core)?;
+        Ok(out.ticket)
+    }
+
+    /// A SEND's exchange and message, after the permission checks. Without `declared`,
+    /// a destination that needs an await first (a queue not declared yet,
+    /// `declare-exchange`, a temporary queue) gives the frame back untouched.
+    #[allow(clippy::type_complexity)]
+    fn send_message(
+        &mut self,
+        f: Frame,
+        declared: Option<Declared>,
+    ) -> Result<Result<(String, Arc<Message>), Frame>, Stop> {
         let dest = require(&f, "destination")?;
         // Headers are checked before the destination, as RabbitMQ does.
         let mut properties =
             props::from_send(&f).map_err(|e| Stop::error("Invalid header", e.to_string()))?;
         let d = parse_destination(dest)?;
+        let temp_reply = properties
+            .reply_to
+            .as_ref()
+            .is_some_and(|r| r.as_str().starts_with("/temp-queue/"));
+        let done = declared.is_some();
         let (exchange, routing_key) = match d {
-            Destination::Queue(name) => {
-                if !self.declared.contains(&name) {
-                    self.declare_named(&name, &f).await?;
-                    self.declared.insert(name.clone());
-                }
+            Destination::Queue(name) if done || self.declared.contains(&name) => {
                 (String::new(), name)
             }
             Destination::AmqQueue(name) | Destination::ReplyQueue(name) => (String::new(), name),
             Destination::Topic(key) => ("amq.topic".to_owned(), key),
-            Destination::Exchange(x, key) => {
-                self.maybe_declare_exchange(&x, &f).await?;
+            Destination::Exchange(x, key)
+                if done || props::flag(&f, "declare-exchange") != Some(true) =>
+            {
                 (x, key)
             }
-            Destination::TempQueue(name) => (String::new(), self.temp_queue(&name).await?),
+            _ => match &declared {
+                // The queue `send` made for it.
+                Some(Declared {
+                    temp: Some(real), ..
+                }) => (String::new(), real.clone()),
+                _ => return Ok(Err(f)),
+            },
         };
-        // reply-to:/temp-queue/x creates this session's private reply queue and names it
-        // so that any client can answer through /reply-queue/ (RabbitMQ's rewrite).
-        if let Some(r) = properties.reply_to.clone() {
-            if let Some(name) = r.as_str().strip_prefix("/temp-queue/") {
-                let real = self.temp_queue(name).await?;
-                properties.reply_to = Some(short(&format!("/reply-queue/{real}"))?);
-            }
+        match declared {
+            // reply-to:/temp-queue/x names this session's private reply queue so that
+            // any client can answer through /reply-queue/ (RabbitMQ's rewrite).
+            Some(Declared {
+                reply: Some(real), ..
+            }) => properties.reply_to = Some(short(&format!("/reply-queue/{real}"))?),
+            None if temp_reply => return Ok(Err(f)),
+            _ => {}
         }
         self.allow_publish(&exchange)?;
         self.allow_topic(&exchange, Access::Write, &routing_key)?;
@@ -849,12 +979,7 @@ impl Session {
             f.body,
         );
         self.publisher = true;
-        let out = self
-            .vhost
-            .publish(&exchange, Arc::new(msg))
-            .await
-            .map_err(Stop::core)?;
-        Ok(out.ticket)
+        Ok(Ok((exchange, Arc::new(msg))))
     }
 
     /// `/queue/<name>`: declared durable (RabbitMQ's defaults), `x-` headers as arguments.
@@ -1210,33 +1335,36 @@ impl Session {
         Ok(())
     }
 
-    async fn deliver(&mut self, d: Delivery) {
+    /// Writes a MESSAGE; a delivery for a subscription that is gone comes back to be
+    /// requeued (unless it was auto-acked).
+    fn deliver(&mut self, d: Delivery) -> Option<Delivery> {
         let Some(sub) = self.subs.get(&d.token) else {
-            // Unsubscribed while in flight.
-            if !d.no_ack {
-                d.queue.requeue(&[d.seq]).await;
-            }
-            return;
+            return (!d.no_ack).then_some(d);
         };
         let n = self.next_msg;
         self.next_msg += 1;
-        let tag = consumer_tag(sub.anonymous, &sub.id);
-        let message_id = format!("{tag}@@{}@@{n}", self.session_id);
+        // Written straight into the output: a `Frame` took some twenty allocations per
+        // delivery (perf). Two strings of the session are reused for the joined values.
+        let (dest, message_id) = &mut self.scratch;
         let m = &d.message;
-        let mut f = Frame::new("MESSAGE");
+        destination::write_of_message(m.exchange.as_str(), m.routing_key.as_str(), dest);
+        message_id.clear();
+        let kind = if sub.anonymous { 'Q' } else { 'T' };
+        let _ = write!(message_id, "{kind}_{}@@{}@@{n}", sub.id, self.session_id);
+        let mut w = FrameWriter::new(&mut self.out, "MESSAGE", self.version);
         if !sub.anonymous {
-            f.push("subscription", sub.id.clone());
+            w.header("subscription", &sub.id);
         }
-        f.push(
-            "destination",
-            destination::of_message(m.exchange.as_str(), m.routing_key.as_str()),
-        );
-        f.push("message-id", message_id.clone());
-        f.push("redelivered", if d.redelivered { "true" } else { "false" });
+        w.header("destination", dest);
+        w.header("message-id", message_id);
+        w.header("redelivered", if d.redelivered { "true" } else { "false" });
+        if sub.ack != AckMode::Auto && self.version == Version::V1_2 {
+            w.header("ack", message_id);
+        }
+        props::to_message(&m.properties, &mut |k, v| w.header(k, v));
+        w.header("content-length", itoa::Buffer::new().format(m.body.len()));
+        w.finish(&m.body);
         if sub.ack != AckMode::Auto {
-            if self.version == Version::V1_2 {
-                f.push("ack", message_id);
-            }
             self.pending.insert(
                 n,
                 Pending {
@@ -1246,10 +1374,7 @@ impl Session {
                 },
             );
         }
-        props::to_message(&m.properties, &mut f);
-        f.push("content-length", m.body.len().to_string());
-        f.body = m.body.clone();
-        codec::encode(&f, self.version, &mut self.out);
+        None
     }
 
     /// The queue of a subscription went away (deleted): RabbitMQ ends the subscription.
