@@ -31,6 +31,20 @@ fn bench(c: &mut Criterion) {
             }
         })
     });
+    // The method frames alone: basic.publish takes the hand-written decoder.
+    let mut methods = BytesMut::new();
+    for _ in 0..100 {
+        encode_method(&mut methods, 1, &publish);
+    }
+    let methods = methods.freeze();
+    g.bench_function("decode 100 basic.publish methods", |b| {
+        b.iter(|| {
+            let mut buf = BytesMut::from(&methods[..]);
+            while let Ok(Some(f)) = decode_frame(&mut buf, 131_072) {
+                std::hint::black_box(f);
+            }
+        })
+    });
     let encoded = encode_properties(&props);
     g.bench_function("encode 100 contents (pre-encoded properties)", |b| {
         let mut out = BytesMut::with_capacity(64 * 1024);

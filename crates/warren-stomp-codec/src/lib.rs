@@ -334,8 +334,12 @@ fn unescape(b: &[u8], version: Version) -> Result<String, CodecError> {
 }
 
 fn escape_into(s: &str, version: Version, out: &mut BytesMut) {
-    // Runs without a special byte are copied whole: most header values have none.
+    // Most header values need no escape: copied whole, and runs between escapes too.
     let b = s.as_bytes();
+    if !b.iter().any(|c| matches!(c, b'\n' | b':' | b'\\' | b'\r')) {
+        out.put_slice(b);
+        return;
+    }
     let mut from = 0;
     for (i, &c) in b.iter().enumerate() {
         let esc: &[u8] = match c {
