@@ -23,6 +23,7 @@ mod paging;
 pub mod permissions;
 pub mod policies;
 pub mod queue;
+pub mod read_room;
 pub mod shutdown;
 pub mod stream;
 pub mod topic;

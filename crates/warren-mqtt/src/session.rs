@@ -29,6 +29,7 @@ use sha2::Digest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use warren_core::permissions::{Access, ResourceKind};
+use warren_core::read_room::ReadRoom;
 use warren_core::{
     AMQPValue, Broker, ConnectionId, ConsumerId, ConsumerSpec, Credit, Delivery, FieldTable,
     FollowUp, Message, MsgSeq, Outbox, OutboxEvent, Properties, Queue, QueueDecl, Target,
@@ -328,37 +329,6 @@ impl Rare {
     /// Write access, allocating on first use.
     fn get(rare: &mut Option<Box<Rare>>) -> &mut Rare {
         rare.get_or_insert_with(Default::default)
-    }
-}
-
-/// Spare room for reads, adapted to the connection's traffic. An idle connection keeps the
-/// 128-byte buffer it connected with (no room asked). Once a packet straddles two reads
-/// (a PUBLISH landing in the few bytes left at the end of the buffer, a second syscall)
-/// reads get at least `MIN`, and each read that fills all the room it had doubles it up
-/// to `MAX`: a busy publisher's packets then come in 16 KB reads, not 128-byte ones.
-#[derive(Default)]
-struct ReadRoom(usize);
-
-impl ReadRoom {
-    const MIN: usize = 256;
-    const MAX: usize = 16 * 1024;
-
-    fn straddled(&mut self) {
-        self.0 = self.0.max(Self::MIN);
-    }
-
-    /// After a read of `n` bytes into `spare` bytes of room.
-    fn read(&mut self, n: usize, spare: usize) {
-        if n == spare && self.0 != 0 {
-            self.0 = (self.0 * 2).min(Self::MAX);
-        }
-    }
-
-    /// Grows `buf` before a read when it has less than half the room wanted.
-    fn make(&self, buf: &mut BytesMut) {
-        if self.0 != 0 && buf.capacity() - buf.len() < self.0 / 2 {
-            buf.reserve(self.0);
-        }
     }
 }
 
@@ -2915,32 +2885,7 @@ fn reserved_topic(topic: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{reserved_topic, ReadRoom};
-    use bytes::BytesMut;
-
-    #[test]
-    fn read_room_grows_only_for_traffic_that_straddles_reads() {
-        let mut room = ReadRoom::default();
-        let mut buf = BytesMut::with_capacity(128);
-        buf.extend_from_slice(&[0; 100]);
-        let _ = buf.split_to(100);
-        // Idle: the small buffer stays as it is.
-        room.read(28, 28);
-        room.make(&mut buf);
-        assert_eq!(buf.capacity(), 28);
-        // A packet straddled two reads: at least MIN from now on.
-        room.straddled();
-        room.make(&mut buf);
-        assert!(buf.capacity() >= ReadRoom::MIN);
-        // Reads that fill the room double it, up to MAX.
-        for _ in 0..12 {
-            room.read(room.0, room.0);
-        }
-        assert_eq!(room.0, ReadRoom::MAX);
-        // A read that leaves room to spare keeps it.
-        room.read(10, 100);
-        assert_eq!(room.0, ReadRoom::MAX);
-    }
+    use super::reserved_topic;
 
     #[test]
     fn reserved_topics_as_mosquitto_refuses_them() {

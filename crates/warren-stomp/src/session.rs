@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use warren_core::auth::AuthError;
 use warren_core::permissions::{Access, ResourceKind};
+use warren_core::read_room::ReadRoom;
 use warren_core::stream::StreamStart;
 use warren_core::{
     AlarmState, ConnectionAuth, ConnectionGuard, ConnectionId, ConnectionInfo, ConsumerId,
@@ -195,7 +196,8 @@ pub(crate) async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut rbuf = BytesMut::with_capacity(4 * 1024);
+    // Small: an idle connection keeps it (see `ReadRoom` for how a busy one grows).
+    let mut rbuf = BytesMut::with_capacity(256);
     let limits = fe.config.limits;
     // The first frame must be CONNECT or STOMP, within the connect timeout.
     let first = tokio::time::timeout(fe.config.connect_timeout, async {
@@ -437,7 +439,7 @@ fn connect_session(
         user,
         vhost,
         outbox,
-        out: BytesMut::with_capacity(4 * 1024),
+        out: BytesMut::new(),
         subs: HashMap::new(),
         sub_tokens: HashMap::new(),
         next_token: 1,
@@ -495,6 +497,7 @@ impl Session {
         let silence_timer = tokio::time::sleep(silence.unwrap_or(Duration::from_secs(3600)));
         tokio::pin!(silence_timer);
         let store = self.fe.broker.store().clone();
+        let mut room = ReadRoom::default();
         loop {
             // Frames already buffered (e.g. sent together with CONNECT).
             let paused = self.publisher && self.alarms.borrow().blocked();
@@ -527,7 +530,12 @@ impl Session {
                             }
                         }
                         Ok(Some(Decoded::HeartBeat)) => {}
-                        Ok(None) => break,
+                        Ok(None) => {
+                            if !rbuf.is_empty() {
+                                room.straddled();
+                            }
+                            break;
+                        }
                         Err(e) => return Err(codec_stop(&e)),
                     }
                     if self.publisher && self.alarms.borrow().blocked() {
@@ -541,14 +549,27 @@ impl Session {
                     return Ok(());
                 }
                 self.out.clear();
+                // Do not keep a large write buffer on an idle connection.
+                if self.out.capacity() > 64 * 1024 {
+                    self.out = BytesMut::new();
+                }
                 last_write = Instant::now();
             }
+            if rbuf.is_empty() && rbuf.capacity() > 64 * 1024 {
+                rbuf = BytesMut::with_capacity(256);
+            } else {
+                room.make(&mut rbuf);
+            }
+            let spare = rbuf.capacity() - rbuf.len();
             let paused = self.publisher && self.alarms.borrow().blocked();
             let waiting = self.receipts.front().and_then(|(t, _)| *t);
             tokio::select! {
                 r = rd.read_buf(&mut rbuf), if !paused => match r {
                     Ok(0) | Err(_) => return Ok(()),
-                    Ok(_) => last_read = Instant::now(),
+                    Ok(n) => {
+                        room.read(n, spare);
+                        last_read = Instant::now();
+                    }
                 },
                 r = self.alarms.changed() => {
                     if r.is_err() {
