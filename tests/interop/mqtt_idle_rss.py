@@ -35,6 +35,25 @@ def subscribe_packet(topic):
     return bytes([0x82, len(body)]) + body
 
 
+def measure(pid, open_one, n, settle, label):
+    """Opens 100 warm-up connections, then `n` more with `open_one(name)`, and prints the
+    broker's RSS growth per connection (shared with stomp_idle_rss.py)."""
+    # Warm up: the first connections pay one-off allocations (runtime, buffers, pools).
+    warm = [open_one(f"warm-{i}") for i in range(100)]
+    time.sleep(settle)
+    before = rss_kb(pid)
+    t0 = time.time()
+    socks = [open_one(f"idle-{i}") for i in range(n)]
+    took = time.time() - t0
+    time.sleep(settle)
+    after = rss_kb(pid)
+    per = (after - before) * 1024 / n
+    print(f"{label} connections={n} connect_time={took:.1f}s rss_before={before}KB "
+          f"rss_after={after}KB growth={after - before}KB per_connection={per:.0f}B")
+    for s in socks + warm:
+        s.close()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pid", type=int, required=True)
@@ -44,35 +63,19 @@ def main():
     ap.add_argument("--settle", type=float, default=3.0)
     ap.add_argument("--subscribe", action="store_true")
     a = ap.parse_args()
-    # Warm up: the first connections pay one-off allocations (runtime, buffers, pools).
-    warm = []
-    for i in range(100):
+
+    def open_one(client_id):
         s = socket.create_connection((a.host, a.port))
-        s.sendall(connect_packet(f"warm-{i}"))
-        assert s.recv(4)[:2] == b"\x20\x02"
-        warm.append(s)
-    time.sleep(a.settle)
-    before = rss_kb(a.pid)
-    socks = []
-    t0 = time.time()
-    for i in range(a.n):
-        s = socket.create_connection((a.host, a.port))
-        s.sendall(connect_packet(f"idle-{i}"))
+        s.sendall(connect_packet(client_id))
         ack = s.recv(4)
         assert ack[:2] == b"\x20\x02" and ack[3] == 0, ack
         if a.subscribe:
-            s.sendall(subscribe_packet(f"cmd/idle-{i}"))
+            s.sendall(subscribe_packet(f"cmd/{client_id}"))
             suback = s.recv(5)
             assert suback[:1] == b"\x90" and suback[4] == 1, suback
-        socks.append(s)
-    took = time.time() - t0
-    time.sleep(a.settle)
-    after = rss_kb(a.pid)
-    per = (after - before) * 1024 / a.n
-    print(f"subscribed={a.subscribe} connections={a.n} connect_time={took:.1f}s rss_before={before}KB "
-          f"rss_after={after}KB growth={after - before}KB per_connection={per:.0f}B")
-    for s in socks + warm:
-        s.close()
+        return s
+
+    measure(a.pid, open_one, a.n, a.settle, f"subscribed={a.subscribe}")
 
 
 if __name__ == "__main__":

@@ -10,15 +10,8 @@ dashboard waiting for updates does.
 """
 import argparse
 import socket
-import time
 
-
-def rss_kb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+from mqtt_idle_rss import measure
 
 
 def recv_frame(s):
@@ -30,19 +23,6 @@ def recv_frame(s):
     return buf
 
 
-def open_one(a, name):
-    s = socket.create_connection((a.host, a.port))
-    s.sendall(b"CONNECT\naccept-version:1.2\nhost:/\nlogin:guest\npasscode:guest\n"
-              b"heart-beat:0,0\n\n\0")
-    f = recv_frame(s)
-    assert f.startswith(b"CONNECTED"), f
-    if a.subscribe:
-        s.sendall(f"SUBSCRIBE\nid:0\ndestination:/topic/cmd.{name}\nreceipt:r\n\n\0".encode())
-        f = recv_frame(s)
-        assert f.startswith(b"RECEIPT"), f
-    return s
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pid", type=int, required=True)
@@ -52,20 +32,20 @@ def main():
     ap.add_argument("--settle", type=float, default=3.0)
     ap.add_argument("--subscribe", action="store_true")
     a = ap.parse_args()
-    # Warm up: the first connections pay one-off allocations (runtime, buffers, pools).
-    warm = [open_one(a, f"warm-{i}") for i in range(100)]
-    time.sleep(a.settle)
-    before = rss_kb(a.pid)
-    t0 = time.time()
-    socks = [open_one(a, str(i)) for i in range(a.n)]
-    took = time.time() - t0
-    time.sleep(a.settle)
-    after = rss_kb(a.pid)
-    per = (after - before) * 1024 / a.n
-    print(f"subscribed={a.subscribe} connections={a.n} connect_time={took:.1f}s rss_before={before}KB "
-          f"rss_after={after}KB growth={after - before}KB per_connection={per:.0f}B")
-    for s in socks + warm:
-        s.close()
+
+    def open_one(name):
+        s = socket.create_connection((a.host, a.port))
+        s.sendall(b"CONNECT\naccept-version:1.2\nhost:/\nlogin:guest\npasscode:guest\n"
+                  b"heart-beat:0,0\n\n\0")
+        f = recv_frame(s)
+        assert f.startswith(b"CONNECTED"), f
+        if a.subscribe:
+            s.sendall(f"SUBSCRIBE\nid:0\ndestination:/topic/cmd.{name}\nreceipt:r\n\n\0".encode())
+            f = recv_frame(s)
+            assert f.startswith(b"RECEIPT"), f
+        return s
+
+    measure(a.pid, open_one, a.n, a.settle, f"subscribed={a.subscribe}")
 
 
 if __name__ == "__main__":
