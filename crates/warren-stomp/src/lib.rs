@@ -8,6 +8,7 @@ pub mod destination;
 pub mod props;
 mod session;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,31 +72,34 @@ impl StompFrontend {
 
     /// Runs one STOMP session over any byte stream (a TCP socket, a WebSocket). `local`
     /// is the listener's address (shown in the management API's connection name).
-    pub async fn handle_stream<S>(
+    /// Plain functions returning the session's future: an `async fn` wrapper would keep
+    /// its own copy of the arguments for the connection's whole life.
+    pub fn handle_stream<S>(
         self: Arc<Self>,
         stream: S,
         peer: SocketAddr,
         local: SocketAddr,
         shutdown: watch::Receiver<bool>,
-    ) where
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         self.handle_stream_with(stream, peer, local, shutdown, ConnectionAuth::default())
-            .await
     }
 
     /// [`Self::handle_stream`] on a transport that vouches for the client: a CONNECT
     /// without `login` logs in as the certificate's user.
-    pub async fn handle_stream_with<S>(
+    pub fn handle_stream_with<S>(
         self: Arc<Self>,
         stream: S,
         peer: SocketAddr,
         local: SocketAddr,
         shutdown: watch::Receiver<bool>,
         auth: ConnectionAuth,
-    ) where
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        session::run(stream, peer, local, auth, self, shutdown).await
+        session::run(stream, peer, local, auth, self, shutdown)
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::watch;
 use warren_core::auth::AuthError;
 use warren_core::permissions::{Access, ResourceKind};
@@ -185,14 +185,17 @@ struct Session {
     scratch: (String, String),
 }
 
-pub(crate) async fn run<S>(
+/// The CONNECT exchange: everything up to the CONNECTED frame, which is left in the
+/// session's output for the serving loop to write.
+async fn connect<S>(
     stream: S,
     peer: SocketAddr,
     local: SocketAddr,
     auth: ConnectionAuth,
     fe: Arc<StompFrontend>,
-    mut shutdown: watch::Receiver<bool>,
-) where
+    shutdown: watch::Receiver<bool>,
+) -> Option<Connected<S>>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
@@ -221,25 +224,25 @@ pub(crate) async fn run<S>(
             let mut out = BytesMut::new();
             error_frame(&mut out, Version::V1_0, &codec_stop(&e));
             let _ = wr.write_all(&out).await;
-            return;
+            return None;
         }
-        _ => return,
+        _ => return None,
     };
     if connect.command != "CONNECT" && connect.command != "STOMP" {
         let mut out = BytesMut::new();
         let stop = Stop::error("Illegal command", "You must log in using CONNECT first");
         error_frame(&mut out, Version::V1_0, &stop);
         let _ = wr.write_all(&out).await;
-        return;
+        return None;
     }
-    let (mut session, mut deliveries) = match connect_session(&fe, peer, local, &auth, &connect) {
+    let (mut session, deliveries) = match connect_session(&fe, peer, local, &auth, &connect) {
         Ok(s) => s,
         Err((version, stop)) => {
             let mut out = BytesMut::new();
             error_frame(&mut out, version, &stop);
             let _ = wr.write_all(&out).await;
             tracing::info!(%peer, reason = ?stop, "stomp connection refused");
-            return;
+            return None;
         }
     };
     // STOMP 1.1 "Heart-beating": cx,cy from the client; we send every cy and expect a
@@ -267,33 +270,90 @@ pub(crate) async fn run<S>(
     connected.push("version", session.version.as_str());
     codec::encode(&connected, session.version, &mut session.out);
     tracing::info!(conn = session.id.0, %peer, user = %session.user, vhost = %session.vhost.name, version = session.version.as_str(), "stomp connection opened");
+    Some(Connected {
+        session,
+        deliveries,
+        rd,
+        wr,
+        rbuf,
+        shutdown,
+        send_every,
+        expect_every,
+    })
+}
 
-    let end = session
-        .serve(
-            &mut rd,
-            &mut wr,
+/// What connecting hands to the serving loop.
+struct Connected<S> {
+    session: Session,
+    deliveries: warren_core::Deliveries,
+    rd: ReadHalf<S>,
+    wr: WriteHalf<S>,
+    rbuf: BytesMut,
+    shutdown: watch::Receiver<bool>,
+    send_every: Option<Duration>,
+    expect_every: Option<Duration>,
+}
+
+/// Serves one STOMP connection over any byte stream (TCP, or a WebSocket's text frames).
+///
+/// Connecting runs once, in its own boxed future (freed when CONNECT is answered), so the
+/// task keeps only what serving needs, as MQTT's: one `async fn` holding both kept the
+/// arguments and the connect phase's locals for the connection's whole life (moved-from
+/// locals of an `async fn` keep their slots).
+pub(crate) fn run<S>(
+    stream: S,
+    peer: SocketAddr,
+    local: SocketAddr,
+    auth: ConnectionAuth,
+    fe: Arc<StompFrontend>,
+    shutdown: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let connecting = Box::pin(connect(stream, peer, local, auth, fe, shutdown));
+    async move {
+        let Some(Connected {
+            mut session,
+            mut deliveries,
+            mut rd,
+            mut wr,
             rbuf,
-            &mut deliveries,
-            &mut shutdown,
+            mut shutdown,
             send_every,
             expect_every,
-        )
-        .await;
-    if let Err(stop) = &end {
-        if let Stop::Error { .. } = stop {
-            error_frame(&mut session.out, session.version, stop);
+        }) = connecting.await
+        else {
+            return;
+        };
+        let peer = session.peer;
+        let end = session
+            .serve(
+                &mut rd,
+                &mut wr,
+                rbuf,
+                &mut deliveries,
+                &mut shutdown,
+                send_every,
+                expect_every,
+            )
+            .await;
+        if let Err(stop) = &end {
+            if let Stop::Error { .. } = stop {
+                error_frame(&mut session.out, session.version, stop);
+            }
+            let _ = wr.write_all(&session.out).await;
+            let _ = wr.flush().await;
         }
-        let _ = wr.write_all(&session.out).await;
-        let _ = wr.flush().await;
+        session.registration.set_close_reason(match &end {
+            Ok(_) => "socket_closed",
+            Err(Stop::Disconnect) => "client_closed",
+            Err(Stop::Error { .. }) => "error_frame",
+        });
+        session.close().await;
+        warren_core::return_undelivered(&mut deliveries).await;
+        tracing::info!(conn = session.id.0, %peer, reason = ?end, "stomp connection closed");
     }
-    session.registration.set_close_reason(match &end {
-        Ok(_) => "socket_closed",
-        Err(Stop::Disconnect) => "client_closed",
-        Err(Stop::Error { .. }) => "error_frame",
-    });
-    session.close().await;
-    warren_core::return_undelivered(&mut deliveries).await;
-    tracing::info!(conn = session.id.0, %peer, reason = ?end, "stomp connection closed");
 }
 
 /// rabbit_stomp_reader's rounding of a heart-beat interval: 0 stays off, anything under
