@@ -450,6 +450,13 @@ impl Conn {
             };
             let later = match self.handle_frame_now(frame) {
                 Ok(FrameLater::Done) => continue,
+                // The common awaits (a persistent publish's store write, an ack's store
+                // delete) box only their own future, not the union of every frame's.
+                Ok(FrameLater::Publish(p)) => Box::pin(self.finish_publish(p)).await,
+                Ok(FrameLater::FollowUps(f)) => {
+                    Box::pin(FollowUp::run_all(f)).await;
+                    Ok(())
+                }
                 Ok(later) => Box::pin(self.handle_frame_later(later)).await,
                 Err(e) => Err(e),
             };
