@@ -530,7 +530,8 @@ impl Conn {
 
     /// A frame's synchronous part. A transient publish (method, header, body) and an
     /// ack finish here without an await; what is left is boxed by the caller, so no
-    /// frame copies a large future (docs/PERFORMANCE.md, "AMQP frames without a future").
+    /// frame copies a large future (docs/PERFORMANCE.md, "AMQP and STOMP frames without
+    /// a per-frame future").
     fn handle_frame_now(&mut self, frame: Frame) -> Result<FrameLater, AmqpError> {
         if self.phase != Phase::Open {
             return Ok(FrameLater::Frame(frame));
