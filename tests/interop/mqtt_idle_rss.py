@@ -54,15 +54,20 @@ def measure(pid, open_one, n, settle, label):
         s.close()
 
 
-def main():
+def arguments(default_port):
+    """The command line both idle-RSS scripts take."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--pid", type=int, required=True)
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=1883)
+    ap.add_argument("--port", type=int, default=default_port)
     ap.add_argument("-n", type=int, default=10000)
     ap.add_argument("--settle", type=float, default=3.0)
     ap.add_argument("--subscribe", action="store_true")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    a = arguments(1883)
 
     def open_one(client_id):
         s = socket.create_connection((a.host, a.port))

@@ -8,10 +8,9 @@ dashboard waiting for updates does.
 
     python3 tests/interop/stomp_idle_rss.py --pid $(pidof warren) --port 61613 -n 10000
 """
-import argparse
 import socket
 
-from mqtt_idle_rss import measure
+from mqtt_idle_rss import arguments, measure
 
 
 def recv_frame(s):
@@ -24,14 +23,7 @@ def recv_frame(s):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pid", type=int, required=True)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=61613)
-    ap.add_argument("-n", type=int, default=10000)
-    ap.add_argument("--settle", type=float, default=3.0)
-    ap.add_argument("--subscribe", action="store_true")
-    a = ap.parse_args()
+    a = arguments(61613)
 
     def open_one(name):
         s = socket.create_connection((a.host, a.port))

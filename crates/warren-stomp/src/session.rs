@@ -570,7 +570,7 @@ impl Session {
                             // awaited inline, was copied for every SEND (perf).
                             let step = match self.handle_now(f) {
                                 Ok(None) => Ok(()),
-                                Ok(Some(later)) => Box::pin(self.handle_later(later)).await,
+                                Ok(Some(later)) => self.handle_later(later).await,
                                 Err(stop) => Err(stop),
                             };
                             match step {
@@ -810,14 +810,14 @@ impl Session {
         }
     }
 
-    /// The awaited rest of a frame, after [`Session::handle_now`].
+    /// The awaited rest of a frame, after [`Session::handle_now`]. Each kind boxes only
+    /// its own future: a persistent SEND's store write is not allocated at the size of
+    /// the largest frame's.
     async fn handle_later(&mut self, later: Later) -> Step {
         match later {
-            Later::Frame(f) => self.handle(f).await,
+            Later::Frame(f) => Box::pin(self.handle(f)).await,
             Later::Deliver(unfinished, receipt) => {
-                let out = self
-                    .vhost
-                    .finish_delivery(unfinished)
+                let out = Box::pin(self.vhost.finish_delivery(unfinished))
                     .await
                     .map_err(Stop::core)?;
                 if let Some(r) = receipt {
@@ -984,8 +984,7 @@ impl Session {
             Destination::TempQueue(name) => Some(self.temp_queue(name).await?),
             _ => None,
         };
-        // reply-to:/temp-queue/x creates this session's private reply queue and names it
-        // so that any client can answer through /reply-queue/ (RabbitMQ's rewrite).
+        // reply-to:/temp-queue/x: this session's private reply queue (see send_message).
         let reply = properties.reply_to.as_ref().map(|r| r.as_str());
         let reply = match reply.and_then(|r| r.strip_prefix("/temp-queue/")) {
             Some(name) => Some(self.temp_queue(name).await?),
@@ -1430,8 +1429,8 @@ impl Session {
         let m = &d.message;
         destination::write_of_message(m.exchange.as_str(), m.routing_key.as_str(), dest);
         message_id.clear();
-        let kind = if sub.anonymous { 'Q' } else { 'T' };
-        let _ = write!(message_id, "{kind}_{}@@{}@@{n}", sub.id, self.session_id);
+        let tag = ConsumerTag(sub.anonymous, &sub.id);
+        let _ = write!(message_id, "{tag}@@{}@@{n}", self.session_id);
         let mut w = FrameWriter::new(&mut self.out, "MESSAGE", self.version);
         if !sub.anonymous {
             w.header("subscription", &sub.id);
@@ -1507,8 +1506,17 @@ fn unknown_tx(tx: &str) -> Stop {
 /// RabbitMQ's consumer tag of a subscription: `T_<id>`, or `Q_<destination>` for one
 /// without an id (STOMP 1.0); message ids and error texts start with it.
 fn consumer_tag(anonymous: bool, id: &str) -> String {
-    let kind = if anonymous { 'Q' } else { 'T' };
-    format!("{kind}_{id}")
+    ConsumerTag(anonymous, id).to_string()
+}
+
+/// [`consumer_tag`] written in place (a delivery's message-id starts with it).
+struct ConsumerTag<'a>(bool, &'a str);
+
+impl std::fmt::Display for ConsumerTag<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.0 { 'Q' } else { 'T' };
+        write!(f, "{kind}_{}", self.1)
+    }
 }
 
 /// A `destination` header, parsed, or RabbitMQ's ERROR for it.
