@@ -218,10 +218,16 @@ impl Pacer {
             Pace::Rate(r) => {
                 let due = self.origin + (i as f64 / r * 1e9) as u64;
                 // tokio's timer wheel ticks in milliseconds: sleep to just before the slot,
-                // then yield until it, so sends are spread as scheduled, not in bursts.
-                // Yielding keeps a worker awake, which also keeps the client's own I/O
-                // prompt; a separate timer thread measured worse on 2 cores (its wake-ups
-                // were late by 0.6–3 ms at p99 while broker and client ran: [`Ticker`]).
+                // then spin until it, so sends leave on time, not in bursts; a timer thread
+                // measured worse on 2 cores (its wake-ups were late by 0.6–3 ms at p99
+                // while broker and client ran: [`Ticker`]).
+                // The spin calls sched_yield: spinning in user space only (tokio's
+                // `yield_now`) never enters the kernel, so on a kernel without forced
+                // preemption (Debian's cloud kernels, this VM: PREEMPT_NONE, HZ=250) a
+                // broker thread woken onto this CPU waited for the next tick, up to 4 ms,
+                // while the other CPU idled. That put 1.9–2.9 ms on Warren's MQTT QoS 1
+                // p99 at 10k msg/s against 0.15–1.1 ms with sched_yield
+                // (docs/PERFORMANCE.md, "A pacer that yields to the broker").
                 loop {
                     let now = t.now_ns();
                     if now >= due {
@@ -231,6 +237,7 @@ impl Pacer {
                     if left > 1_500_000 {
                         tokio::time::sleep(Duration::from_nanos(left - 1_000_000)).await;
                     } else {
+                        std::thread::yield_now();
                         tokio::task::yield_now().await;
                     }
                 }
