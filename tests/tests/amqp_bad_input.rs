@@ -157,6 +157,41 @@ async fn unknown_vhost_is_530_naming_connection_open() {
     assert_eq!(&close[7..close.len() - 1], &want[..]);
 }
 
+/// start-ok with a wrong password; `client_properties` is an encoded field table.
+async fn refused_login(addr: std::net::SocketAddr, client_properties: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(HEADER).await.unwrap();
+    read_frame(&mut s).await; // start
+    let mut args = (client_properties.len() as u32).to_be_bytes().to_vec();
+    args.extend_from_slice(client_properties);
+    args.extend(shortstr("PLAIN"));
+    let resp = b"\0guest\0wrong";
+    args.extend_from_slice(&(resp.len() as u32).to_be_bytes());
+    args.extend_from_slice(resp);
+    args.extend(shortstr("en_US"));
+    s.write_all(&frame(1, 0, &method(10, 11, &args)))
+        .await
+        .unwrap();
+    read_all(&mut s).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_login_closes_as_the_client_asked() {
+    let b = common::start().await;
+    // RabbitMQ's auth-notification: with the authentication_failure_close capability the
+    // client gets connection.close 403 ...
+    let mut caps = shortstr("authentication_failure_close");
+    caps.extend_from_slice(&[b't', 1]);
+    let mut props = shortstr("capabilities");
+    props.push(b'F');
+    props.extend_from_slice(&(caps.len() as u32).to_be_bytes());
+    props.extend(caps);
+    assert_eq!(close_code(&refused_login(b.addr, &props).await), Some(403));
+    // ... and without it no frame, only the closed socket (aioamqp's tests expect that).
+    assert_eq!(refused_login(b.addr, &[]).await, b"");
+    still_serves(&b).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_protocol_header_gets_ours_back() {
     let b = common::start().await;

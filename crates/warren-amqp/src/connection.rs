@@ -704,13 +704,20 @@ impl Conn {
                         self.user = u.name;
                         self.mechanism = name;
                     }
-                    Some(Err(e)) => {
-                        tracing::warn!(conn = self.id.0, peer = %self.peer, %mechanism, error = %e, "amqp login refused");
+                    refusal => {
+                        if let Some(Err(e)) = refusal {
+                            tracing::warn!(conn = self.id.0, peer = %self.peer, %mechanism, error = %e, "amqp login refused");
+                        }
                         self.reason = CloseReason::AuthFailure;
-                        return Err(refused(&mechanism));
-                    }
-                    None => {
-                        self.reason = CloseReason::AuthFailure;
+                        // RabbitMQ's auth-notification: connection.close 403 only to a
+                        // client that asked for it with this capability; any other
+                        // gets no frame, and the socket closes after the same delay
+                        // (aioamqp's tests expect the bare close).
+                        if !client_capability(&s.client_properties, "authentication_failure_close")
+                        {
+                            self.phase = Phase::Closing;
+                            return Ok(());
+                        }
                         return Err(refused(&mechanism));
                     }
                 }
