@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amq_protocol::protocol::{connection, AMQPClass};
+use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -126,16 +127,7 @@ async fn tls_broker(
     let mut c = common::config(data);
     c.tls.cert_file = cert_path.display().to_string();
     c.tls.key_file = key_path.display().to_string();
-    for l in [
-        &mut c.listeners.amqps,
-        &mut c.listeners.mqtts,
-        &mut c.listeners.stomps,
-        &mut c.listeners.https,
-        &mut c.listeners.web_stomp_tls,
-        &mut c.listeners.web_mqtt_tls,
-    ] {
-        *l = "127.0.0.1:0".into();
-    }
+    tls_listeners_on_free_ports(&mut c);
     let server = warren::Server::start(&c).await.unwrap();
     (server, ck.cert.der().clone())
 }
@@ -329,6 +321,22 @@ impl Pki {
         c.tls.cert_file = cert_path.display().to_string();
         c.tls.key_file = key_path.display().to_string();
         c.tls.ca_file = ca_path.display().to_string();
+        tls_listeners_on_free_ports(c);
+    }
+}
+
+/// Every TLS listener on a free loopback port: tests run side by side, and a default
+/// port (15676, …) taken by one would fail the other's start.
+fn tls_listeners_on_free_ports(c: &mut warren::Config) {
+    for l in [
+        &mut c.listeners.amqps,
+        &mut c.listeners.mqtts,
+        &mut c.listeners.stomps,
+        &mut c.listeners.https,
+        &mut c.listeners.web_stomp_tls,
+        &mut c.listeners.web_mqtt_tls,
+    ] {
+        *l = "127.0.0.1:0".into();
     }
 }
 
@@ -402,7 +410,8 @@ async fn amqp_login(
         &mut out,
         0,
         &AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-            client_properties: Default::default(),
+            // As pika and lapin: a refused login then gets its connection.close 403.
+            client_properties: auth_failure_close(),
             mechanism: mechanism.into(),
             response: response.into(),
             locale: "en_US".into(),
@@ -411,6 +420,18 @@ async fn amqp_login(
     s.write_all(&out).await.unwrap();
     let next = connection_method(amqp_frame(s, &mut buf).await);
     (mechanisms, next)
+}
+
+/// Client properties announcing RabbitMQ's `authentication_failure_close` capability.
+fn auth_failure_close() -> FieldTable {
+    let mut caps = FieldTable::default();
+    caps.insert(
+        "authentication_failure_close".into(),
+        AMQPValue::Boolean(true),
+    );
+    let mut props = FieldTable::default();
+    props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+    props
 }
 
 /// MQTT 3.1.1 CONNECT with clean session and no credentials; returns the CONNACK.
@@ -457,9 +478,6 @@ async fn client_certificate_logs_in_as_its_common_name() {
     let mut c = common::config(data.path());
     pki.configure(dir.path(), &mut c);
     c.tls.ssl_cert_login = true;
-    c.listeners.amqps = "127.0.0.1:0".into();
-    c.listeners.mqtts = "127.0.0.1:0".into();
-    c.listeners.stomps = "127.0.0.1:0".into();
     let server = warren::Server::start(&c).await.unwrap();
     server
         .broker
@@ -562,8 +580,6 @@ async fn without_ssl_cert_login_the_certificate_names_no_one() {
     let pki = Pki::new();
     let mut c = common::config(data.path());
     pki.configure(dir.path(), &mut c);
-    c.listeners.amqps = "127.0.0.1:0".into();
-    c.listeners.mqtts = "127.0.0.1:0".into();
     let server = warren::Server::start(&c).await.unwrap();
     server.broker.put_user("alice", "pw", vec![]).await.unwrap();
     let ca = pki.ca.der().clone();
