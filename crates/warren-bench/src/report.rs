@@ -223,7 +223,7 @@ impl Pacer {
                 // while broker and client ran: [`Ticker`]).
                 // The spin calls sched_yield: spinning in user space only (tokio's
                 // `yield_now`) never enters the kernel, so on a kernel without forced
-                // preemption (Debian's cloud kernels, this VM: PREEMPT_NONE, HZ=250) a
+                // preemption (this VM's is PREEMPT_NONE with HZ=250) a
                 // broker thread woken onto this CPU waited for the next tick, up to 4 ms,
                 // while the other CPU idled. That put 1.9–2.9 ms on Warren's MQTT QoS 1
                 // p99 at 10k msg/s against 0.15–1.1 ms with sched_yield
