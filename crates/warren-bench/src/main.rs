@@ -24,7 +24,7 @@ mod stomp;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::Parser;
 
 use report::{cpu_seconds, rss_kib, Pace, Tracker};
@@ -96,6 +96,10 @@ pub struct Args {
     /// A label for the JSON line (e.g. the broker's name).
     #[arg(long, default_value = "")]
     label: String,
+    /// Also write every delivery's `id sent_ns received_ns` to this file, to see whether
+    /// the slow messages come alone or in bursts (`scripts/latency_bursts.py`).
+    #[arg(long)]
+    latency_log: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -175,6 +179,9 @@ async fn main() -> anyhow::Result<()> {
     }
     args.size = args.size.max(report::HEADER);
     raise_fd_limit();
+    if args.latency_log.is_some() {
+        report::keep_samples();
+    }
     let rss_before = args.broker_pid.and_then(rss_kib);
     let run = match args.scenario.as_str() {
         "transient" | "confirms" | "fanout" | "topic" | "fill" => amqp::run(&args).await?,
@@ -223,6 +230,11 @@ async fn main() -> anyhow::Result<()> {
             "broker_rss_kib": rss_after, "broker_rss_growth_kib": rss_after.zip(rss_before).map(|(a, b)| a as i64 - b as i64),
         })
     );
+    if let Some(path) = &args.latency_log {
+        run.tracker
+            .write_samples(path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     if lost > 0 || dups > 0 {
         bail!("{lost} messages lost, {dups} duplicated");
     }

@@ -1,7 +1,7 @@
 //! What every scenario measures the same way: message ids and send times in the body,
 //! loss and duplicate counts, an end-to-end latency histogram, the broker's CPU and RSS.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,17 @@ pub fn read_stamp(body: &[u8]) -> Option<(u64, u64)> {
     Some((id, t))
 }
 
+/// Set by `--latency-log`: trackers made after it keep every delivery's times.
+static KEEP_SAMPLES: AtomicBool = AtomicBool::new(false);
+
+/// Makes every tracker created from now on keep each delivery's (id, sent, received) for
+/// [`Tracker::write_samples`]: the histogram says how long the tail is, the samples say
+/// whether its messages came alone or in bursts (docs/PERFORMANCE.md, "A pacer that
+/// yields to the broker").
+pub fn keep_samples() {
+    KEEP_SAMPLES.store(true, Ordering::Relaxed);
+}
+
 /// Shared by the publisher (for closed-loop pacing) and the consumers.
 pub struct Tracker {
     pub epoch: Instant,
@@ -32,6 +43,8 @@ pub struct Tracker {
     pub delivered: AtomicU64,
     pub duplicates: AtomicU64,
     latency: Mutex<Histogram<u64>>,
+    /// (id, intended send, receipt) in ns since the epoch, with `--latency-log`.
+    samples: Option<Mutex<Vec<(u64, u64, u64)>>>,
     last: Mutex<Instant>,
     /// Wakes a closed-loop publisher waiting for deliveries.
     progress: tokio::sync::Notify,
@@ -51,6 +64,11 @@ impl Tracker {
             duplicates: AtomicU64::new(0),
             // 1 µs .. 60 s, 3 significant digits.
             latency: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds")),
+            samples: KEEP_SAMPLES.load(Ordering::Relaxed).then(|| {
+                Mutex::new(Vec::with_capacity(
+                    (expected_per_consumer as usize).saturating_mul(consumers),
+                ))
+            }),
             last: Mutex::new(epoch),
             progress: tokio::sync::Notify::new(),
         })
@@ -84,6 +102,9 @@ impl Tracker {
             return;
         }
         let now = self.now_ns();
+        if let Some(Ok(mut v)) = self.samples.as_ref().map(|s| s.lock()) {
+            v.push((id, sent, now));
+        }
         if let Ok(mut h) = self.latency.lock() {
             let _ = h.record((now.saturating_sub(sent) / 1000).max(1));
         }
@@ -119,6 +140,22 @@ impl Tracker {
             .lock()
             .map(|l| *l)
             .unwrap_or_else(|_| Instant::now())
+    }
+
+    /// Writes the kept samples, one `id sent_ns received_ns` line per delivery in id order
+    /// (`scripts/latency_bursts.py` reads them).
+    pub fn write_samples(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut v = match self.samples.as_ref().map(|s| s.lock()) {
+            Some(Ok(v)) => v.clone(),
+            _ => Vec::new(),
+        };
+        v.sort_unstable();
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for (id, sent, received) in v {
+            writeln!(out, "{id} {sent} {received}")?;
+        }
+        out.flush()
     }
 
     pub fn latency_json(&self) -> serde_json::Value {

@@ -23,6 +23,8 @@ async fn bench_scenarios_complete_without_loss() {
     let amqp = server.amqp_addr.unwrap();
     let mqtt = server.mqtt_addr.unwrap();
     let stomp = server.stomp_addr.unwrap();
+    let log = dir.path().join("latency.log");
+    let log_arg = log.display().to_string();
     for scenario in [
         vec!["transient", "--messages", "20000"],
         vec!["confirms", "--messages", "2000"],
@@ -42,10 +44,18 @@ async fn bench_scenarios_complete_without_loss() {
         vec!["mqtt-qos2", "--messages", "2000"],
         vec!["mqtt-fanin", "--devices", "50", "--duration", "2"],
         vec!["stomp-queue", "--messages", "5000"],
-        vec!["transient", "--messages", "2000", "--rate", "2000"],
+        vec![
+            "transient",
+            "--messages",
+            "2000",
+            "--rate",
+            "2000",
+            "--latency-log",
+            &log_arg,
+        ],
     ] {
         let out = tokio::task::spawn_blocking({
-            let scenario = scenario.clone();
+            let scenario: Vec<String> = scenario.iter().map(|a| a.to_string()).collect();
             move || {
                 Command::new(env!("CARGO_BIN_EXE_warren-bench"))
                     .arg("--url")
@@ -70,6 +80,17 @@ async fn bench_scenarios_complete_without_loss() {
         assert_eq!(line["lost"], 0, "{scenario:?}");
         assert_eq!(line["duplicates"], 0, "{scenario:?}");
         assert!(line["latency"]["p99_ms"].as_f64().is_some());
+    }
+    // One `id sent_ns received_ns` line per delivery of the last run, in id order.
+    let lines: Vec<Vec<u64>> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(' ').map(|n| n.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(lines.len(), 2000);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!((l.len(), l[0]), (3, i as u64), "{l:?}");
+        assert!(l[2] >= l[1], "received before sent: {l:?}");
     }
     server.shutdown().await;
 }
