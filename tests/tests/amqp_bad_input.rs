@@ -53,20 +53,31 @@ async fn open(addr: std::net::SocketAddr) -> TcpStream {
     s
 }
 
-/// The handshake with connection.open of `vhost`; returns the frame that answers it.
-async fn open_vhost(addr: std::net::SocketAddr, vhost: &str) -> (TcpStream, Vec<u8>) {
+/// Connects, takes connection.start and answers with a PLAIN start-ok of `response`;
+/// `client_properties` is an encoded field table (empty: none).
+async fn start_ok(
+    addr: std::net::SocketAddr,
+    client_properties: &[u8],
+    response: &[u8],
+) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(HEADER).await.unwrap();
     read_frame(&mut s).await; // start
-    let mut args = 0u32.to_be_bytes().to_vec(); // empty client-properties table
+    let mut args = (client_properties.len() as u32).to_be_bytes().to_vec();
+    args.extend_from_slice(client_properties);
     args.extend(shortstr("PLAIN"));
-    let resp = b"\0guest\0guest";
-    args.extend_from_slice(&(resp.len() as u32).to_be_bytes());
-    args.extend_from_slice(resp);
+    args.extend_from_slice(&(response.len() as u32).to_be_bytes());
+    args.extend_from_slice(response);
     args.extend(shortstr("en_US"));
     s.write_all(&frame(1, 0, &method(10, 11, &args)))
         .await
         .unwrap();
+    s
+}
+
+/// The handshake with connection.open of `vhost`; returns the frame that answers it.
+async fn open_vhost(addr: std::net::SocketAddr, vhost: &str) -> (TcpStream, Vec<u8>) {
+    let mut s = start_ok(addr, &[], b"\0guest\0guest").await;
     let tune = read_frame(&mut s).await;
     assert_eq!(&tune[7..11], &[0, 10, 0, 30], "connection.tune");
     let mut tune_ok = 2047u16.to_be_bytes().to_vec();
@@ -157,21 +168,9 @@ async fn unknown_vhost_is_530_naming_connection_open() {
     assert_eq!(&close[7..close.len() - 1], &want[..]);
 }
 
-/// start-ok with a wrong password; `client_properties` is an encoded field table.
+/// start-ok with a wrong password; everything the broker sends until it closes.
 async fn refused_login(addr: std::net::SocketAddr, client_properties: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(HEADER).await.unwrap();
-    read_frame(&mut s).await; // start
-    let mut args = (client_properties.len() as u32).to_be_bytes().to_vec();
-    args.extend_from_slice(client_properties);
-    args.extend(shortstr("PLAIN"));
-    let resp = b"\0guest\0wrong";
-    args.extend_from_slice(&(resp.len() as u32).to_be_bytes());
-    args.extend_from_slice(resp);
-    args.extend(shortstr("en_US"));
-    s.write_all(&frame(1, 0, &method(10, 11, &args)))
-        .await
-        .unwrap();
+    let mut s = start_ok(addr, client_properties, b"\0guest\0wrong").await;
     read_all(&mut s).await
 }
 

@@ -146,14 +146,12 @@ impl Tracker {
     /// (`scripts/latency_bursts.py` reads them).
     pub fn write_samples(&self, path: &std::path::Path) -> std::io::Result<()> {
         use std::io::Write;
-        let mut v = match self.samples.as_ref().map(|s| s.lock()) {
-            Some(Ok(v)) => v.clone(),
-            _ => Vec::new(),
-        };
-        v.sort_unstable();
         let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-        for (id, sent, received) in v {
-            writeln!(out, "{id} {sent} {received}")?;
+        if let Some(Ok(mut v)) = self.samples.as_ref().map(|s| s.lock()) {
+            v.sort_unstable();
+            for (id, sent, received) in v.iter() {
+                writeln!(out, "{id} {sent} {received}")?;
+            }
         }
         out.flush()
     }
