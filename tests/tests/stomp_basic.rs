@@ -420,10 +420,7 @@ async fn transaction_receipts_wait_for_the_commit() {
     .await;
     for id in ["c1", "s1"] {
         let r = c.recv().await.unwrap();
-        assert_eq!(
-            (r.command.as_str(), r.get("receipt-id")),
-            ("RECEIPT", Some(id))
-        );
+        assert_eq!((&*r.command, r.get("receipt-id")), ("RECEIPT", Some(id)));
     }
 }
 

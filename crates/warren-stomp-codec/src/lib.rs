@@ -1,11 +1,12 @@
 //! The STOMP 1.0–1.2 wire format: bytes in, frames out, `None` = need more bytes.
 //!
 //! Pure (no tokio, no clock) so it can be unit-tested on the spec's examples and fuzzed.
-//! Bodies are zero-copy slices of the read buffer. nom parses the header block once the
-//! frame's extent is known; finding that extent is a bounded scan, so a peer can never make
-//! us buffer more than the configured limits.
+//! Bodies and header blocks are zero-copy slices of the read buffer. nom parses the
+//! header block once the frame's extent is known; finding that extent is a bounded scan, so
+//! a peer can never make us buffer more than the configured limits.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+pub use bytestring::ByteString;
 use nom::bytes::complete::{tag, take_till};
 use nom::sequence::terminated;
 use nom::{IResult, Parser};
@@ -39,17 +40,48 @@ impl Version {
 
 /// One STOMP frame. Header order is kept: for a repeated header the first one wins
 /// (STOMP 1.2 "Repeated Header Entries").
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// A decoded frame's header names and values are ranges of its header block, which shares
+/// the read buffer: decoding allocates one vector of ranges per frame, not two strings per
+/// header, and takes one reference count for the block, not one per header. Only an
+/// escaped name or value is copied.
+#[derive(Clone)]
 pub struct Frame {
-    pub command: String,
-    pub headers: Vec<(String, String)>,
+    pub command: ByteString,
+    /// What decoded headers point into; empty for a frame built here.
+    block: ByteString,
+    headers: Vec<(Piece, Piece)>,
     pub body: Bytes,
 }
 
+/// A header name or value: where it lies in the header block, or its own text.
+#[derive(Clone)]
+enum Piece {
+    At(u32, u32),
+    Owned(Box<str>),
+}
+
+impl Piece {
+    /// `part` is a subslice of `block`, whose length fits a u32 (frames are bounded well
+    /// below 4 GB by [`Limits`]).
+    fn at(block: &str, part: &str) -> Piece {
+        let from = part.as_ptr() as usize - block.as_ptr() as usize;
+        Piece::At(from as u32, (from + part.len()) as u32)
+    }
+
+    fn as_str<'a>(&'a self, block: &'a str) -> &'a str {
+        match self {
+            Piece::At(from, to) => block.get(*from as usize..*to as usize).unwrap_or(""),
+            Piece::Owned(s) => s,
+        }
+    }
+}
+
 impl Frame {
-    pub fn new(command: &str) -> Frame {
+    pub fn new(command: &'static str) -> Frame {
         Frame {
-            command: command.to_owned(),
+            command: ByteString::from_static(command),
+            block: ByteString::new(),
             headers: Vec::new(),
             body: Bytes::new(),
         }
@@ -57,25 +89,62 @@ impl Frame {
 
     /// Adds a header (builder style).
     pub fn with(mut self, name: &str, value: impl Into<String>) -> Frame {
-        self.headers.push((name.to_owned(), value.into()));
+        self.push(name, value);
         self
     }
 
     pub fn push(&mut self, name: &str, value: impl Into<String>) {
-        self.headers.push((name.to_owned(), value.into()));
+        self.headers.push((
+            Piece::Owned(name.into()),
+            Piece::Owned(value.into().into_boxed_str()),
+        ));
     }
 
-    /// The first value of a header.
-    pub fn get(&self, name: &str) -> Option<&str> {
+    /// The headers in frame order, repeats included.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
         self.headers
             .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .map(|(k, v)| (k.as_str(&self.block), v.as_str(&self.block)))
+    }
+
+    /// The first value of a header. Called many times per frame by the session, so names
+    /// are compared as bytes and only the value found is taken as a `str`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        let block = self.block.as_bytes();
+        self.headers
+            .iter()
+            .find(|(k, _)| match k {
+                Piece::At(from, to) => {
+                    block.get(*from as usize..*to as usize) == Some(name.as_bytes())
+                }
+                Piece::Owned(k) => **k == *name,
+            })
+            .map(|(_, v)| v.as_str(&self.block))
     }
 
     /// CONNECT, STOMP and CONNECTED frames never escape headers (STOMP 1.2 "Value Encoding").
     fn unescaped_command(command: &str) -> bool {
         matches!(command, "CONNECT" | "STOMP" | "CONNECTED")
+    }
+}
+
+impl PartialEq for Frame {
+    fn eq(&self, other: &Frame) -> bool {
+        self.command == other.command
+            && self.headers().eq(other.headers())
+            && self.body == other.body
+    }
+}
+
+impl Eq for Frame {}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frame")
+            .field("command", &self.command)
+            .field("headers", &self.headers().collect::<Vec<_>>())
+            .field("body", &self.body)
+            .finish()
     }
 }
 
@@ -152,14 +221,20 @@ pub fn decode(
         }
         Some(_) => {}
     }
-    let Some(body_start) = header_block_end(buf, limits)? else {
+    let Some((body_start, lines)) = header_block_end(buf, limits)? else {
         return Ok(None);
     };
-    let block = &buf[..body_start];
-    let (command, headers) = parse_header_block(block, version, limits)?;
-    let content_length = match headers.iter().find(|(k, _)| k == "content-length") {
+    if body_start > u32::MAX as usize {
+        // Header ranges are u32s.
+        return Err(CodecError::FrameTooLarge {
+            limit: limits.max_frame,
+        });
+    }
+    let block = std::str::from_utf8(&buf[..body_start]).map_err(|_| CodecError::NotUtf8)?;
+    let parsed = parse_header_block(block, lines, version, limits)?;
+    let content_length = match parsed.get(block, "content-length") {
         None => None,
-        Some((_, v)) => {
+        Some(v) => {
             let n: usize = v.trim().parse().map_err(|_| CodecError::BadContentLength)?;
             if n.saturating_add(body_start) > limits.max_frame {
                 return Err(CodecError::FrameTooLarge {
@@ -196,19 +271,18 @@ pub fn decode(
             limit: limits.max_frame,
         });
     }
-    buf.advance(body_start);
+    // Checked as UTF-8 above, and the split moves no bytes.
+    let block =
+        ByteString::try_from(buf.split_to(body_start).freeze()).map_err(|_| CodecError::NotUtf8)?;
     let body = buf.split_to(body_len).freeze();
     buf.advance(1); // NUL
-    Ok(Some(Decoded::Frame(Frame {
-        command,
-        headers,
-        body,
-    })))
+    Ok(Some(Decoded::Frame(parsed.into_frame(block, body))))
 }
 
-/// The offset just past the blank line ending the command and headers, or `None` if it
-/// has not arrived yet. Errors as soon as a line or the block outgrows the limits.
-fn header_block_end(buf: &[u8], limits: &Limits) -> Result<Option<usize>, CodecError> {
+/// The offset just past the blank line ending the command and headers, and the number of
+/// lines before it, or `None` if it has not arrived yet. Errors as soon as a line or the
+/// block outgrows the limits.
+fn header_block_end(buf: &[u8], limits: &Limits) -> Result<Option<(usize, usize)>, CodecError> {
     let max_block = limits.max_frame.min(
         limits
             .max_header_len
@@ -216,7 +290,7 @@ fn header_block_end(buf: &[u8], limits: &Limits) -> Result<Option<usize>, CodecE
     );
     let mut line_start = 0;
     let mut lines = 0usize;
-    while let Some(off) = buf[line_start..].iter().position(|&b| b == b'\n') {
+    while let Some(off) = memchr::memchr(b'\n', &buf[line_start..]) {
         let nl = line_start + off;
         let mut line = &buf[line_start..nl];
         if let Some(l) = line.strip_suffix(b"\r") {
@@ -228,7 +302,7 @@ fn header_block_end(buf: &[u8], limits: &Limits) -> Result<Option<usize>, CodecE
             });
         }
         if line.is_empty() && lines > 0 {
-            return Ok(Some(nl + 1));
+            return Ok(Some((nl + 1, lines)));
         }
         lines += 1;
         if lines > limits.max_headers + 1 {
@@ -251,36 +325,86 @@ fn header_block_end(buf: &[u8], limits: &Limits) -> Result<Option<usize>, CodecE
     Ok(None)
 }
 
-/// One line without its EOL (`\n` or `\r\n`).
-fn line(input: &[u8]) -> IResult<&[u8], &[u8]> {
-    terminated(take_till(|c| c == b'\n'), tag(&b"\n"[..]))
-        .map(|l: &[u8]| l.strip_suffix(b"\r").unwrap_or(l))
-        .parse(input)
+/// The next line without its EOL (`\n` or `\r\n`), and what follows it.
+fn line(input: &str) -> Result<(&str, &str), CodecError> {
+    let r: IResult<&str, &str> = terminated(take_till(|c| c == '\n'), tag("\n"))
+        .map(|l: &str| l.strip_suffix('\r').unwrap_or(l))
+        .parse(input);
+    let (rest, l) = r.map_err(|_| CodecError::Malformed("bad header block"))?;
+    Ok((l, rest))
 }
 
 /// `name:value` split at the first colon.
-fn header_line(input: &[u8]) -> IResult<&[u8], (&[u8], &[u8])> {
-    let (value, name) = terminated(take_till(|c| c == b':'), tag(&b":"[..])).parse(input)?;
-    Ok((&[][..], (name, value)))
+fn header_line(input: &str) -> IResult<&str, (&str, &str)> {
+    let (value, name) = terminated(take_till(|c| c == ':'), tag(":")).parse(input)?;
+    Ok(("", (name, value)))
 }
 
-type HeaderBlock = (String, Vec<(String, String)>);
+/// The commands of STOMP 1.0–1.2: a decoded frame names its command without taking a
+/// reference to the read buffer.
+const COMMANDS: &[&str] = &[
+    "SEND",
+    "ACK",
+    "NACK",
+    "SUBSCRIBE",
+    "UNSUBSCRIBE",
+    "BEGIN",
+    "COMMIT",
+    "ABORT",
+    "DISCONNECT",
+    "CONNECT",
+    "STOMP",
+    "CONNECTED",
+    "MESSAGE",
+    "RECEIPT",
+    "ERROR",
+];
+
+/// A parsed header block, before the frame is taken out of the read buffer (the body may
+/// not have arrived yet, and then nothing is taken).
+struct ParsedBlock {
+    command: Piece,
+    headers: Vec<(Piece, Piece)>,
+}
+
+impl ParsedBlock {
+    fn get<'a>(&'a self, block: &'a str, name: &str) -> Option<&'a str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.as_str(block) == name)
+            .map(|(_, v)| v.as_str(block))
+    }
+
+    fn into_frame(self, block: ByteString, body: Bytes) -> Frame {
+        let command = self.command.as_str(&block);
+        let command = match COMMANDS.iter().find(|c| **c == command) {
+            Some(c) => ByteString::from_static(c),
+            None => ByteString::from(command),
+        };
+        Frame {
+            command,
+            block,
+            headers: self.headers,
+            body,
+        }
+    }
+}
 
 fn parse_header_block(
-    block: &[u8],
+    block: &str,
+    lines: usize,
     version: Version,
     limits: &Limits,
-) -> Result<HeaderBlock, CodecError> {
-    let malformed = |_| CodecError::Malformed("bad header block");
-    let (mut rest, cmd) = line(block).map_err(malformed)?;
-    if cmd.is_empty() || !cmd.iter().all(|c| c.is_ascii_uppercase()) {
+) -> Result<ParsedBlock, CodecError> {
+    let (cmd, mut rest) = line(block)?;
+    if cmd.is_empty() || !cmd.bytes().all(|c| c.is_ascii_uppercase()) {
         return Err(CodecError::Malformed("bad command"));
     }
-    let command = String::from_utf8(cmd.to_vec()).map_err(|_| CodecError::NotUtf8)?;
-    let escaped = version > Version::V1_0 && !Frame::unescaped_command(&command);
-    let mut headers = Vec::new();
+    let escaped = version > Version::V1_0 && !Frame::unescaped_command(cmd);
+    // The command line is not a header.
+    let mut headers = Vec::with_capacity(lines.saturating_sub(1));
     loop {
-        let (next, l) = line(rest).map_err(malformed)?;
+        let (l, next) = line(rest)?;
         rest = next;
         if l.is_empty() {
             break;
@@ -292,45 +416,46 @@ fn parse_header_block(
         }
         let (_, (name, value)) =
             header_line(l).map_err(|_| CodecError::Malformed("header without colon"))?;
-        let (name, value) = if escaped {
-            (unescape(name, version)?, unescape(value, version)?)
-        } else if version == Version::V1_0 {
+        let value = if version == Version::V1_0 {
             // STOMP 1.0 clients write `name: value`; RabbitMQ drops the leading blanks.
-            (utf8(name)?, utf8(value.trim_ascii_start())?)
+            value.trim_ascii_start()
         } else {
-            (utf8(name)?, utf8(value)?)
+            value
         };
-        headers.push((name, value));
+        let piece = |part: &str| -> Result<Piece, CodecError> {
+            if escaped && part.contains('\\') {
+                unescape(part, version).map(|s| Piece::Owned(s.into_boxed_str()))
+            } else {
+                Ok(Piece::at(block, part))
+            }
+        };
+        headers.push((piece(name)?, piece(value)?));
     }
-    Ok((command, headers))
-}
-
-fn utf8(b: &[u8]) -> Result<String, CodecError> {
-    String::from_utf8(b.to_vec()).map_err(|_| CodecError::NotUtf8)
+    Ok(ParsedBlock {
+        command: Piece::at(block, cmd),
+        headers,
+    })
 }
 
 /// STOMP 1.2 "Value Encoding": `\r` (1.2 only), `\n`, `\c`, `\\`; anything else after a
 /// backslash is a fatal protocol error.
-fn unescape(b: &[u8], version: Version) -> Result<String, CodecError> {
-    if !b.contains(&b'\\') {
-        return utf8(b);
-    }
-    let mut out = Vec::with_capacity(b.len());
-    let mut it = b.iter();
-    while let Some(&c) = it.next() {
-        if c != b'\\' {
+fn unescape(s: &str, version: Version) -> Result<String, CodecError> {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c != '\\' {
             out.push(c);
             continue;
         }
         match it.next() {
-            Some(b'n') => out.push(b'\n'),
-            Some(b'c') => out.push(b':'),
-            Some(b'\\') => out.push(b'\\'),
-            Some(b'r') if version == Version::V1_2 => out.push(b'\r'),
+            Some('n') => out.push('\n'),
+            Some('c') => out.push(':'),
+            Some('\\') => out.push('\\'),
+            Some('r') if version == Version::V1_2 => out.push('\r'),
             _ => return Err(CodecError::BadEscape),
         }
     }
-    String::from_utf8(out).map_err(|_| CodecError::NotUtf8)
+    Ok(out)
 }
 
 fn escape_into(s: &str, version: Version, out: &mut BytesMut) {
@@ -361,7 +486,7 @@ fn escape_into(s: &str, version: Version, out: &mut BytesMut) {
 pub fn encode(frame: &Frame, version: Version, out: &mut BytesMut) {
     out.reserve(frame.command.len() + 64 + frame.body.len());
     let mut w = FrameWriter::new(out, &frame.command, version);
-    for (k, v) in &frame.headers {
+    for (k, v) in frame.headers() {
         w.header(k, v);
     }
     w.finish(&frame.body);

@@ -92,6 +92,39 @@ fn escapes_in_1_2_but_not_in_connect() {
 }
 
 #[test]
+fn decoded_frames_outlive_the_read_buffer() {
+    // Two frames in one read: the first keeps its header ranges valid after the second is
+    // decoded and the buffer is refilled over the same memory.
+    let mut buf = BytesMut::from(
+        &b"SEND\ndestination:/queue/a\nk\\c:v\\n\nx:1\nx:2\n\nbody\0MESSAGE\ny:2\n\n\0"[..],
+    );
+    let l = Limits::default();
+    let Ok(Some(Decoded::Frame(first))) = decode(&mut buf, Version::V1_2, &l) else {
+        panic!("no first frame");
+    };
+    let Ok(Some(Decoded::Frame(second))) = decode(&mut buf, Version::V1_2, &l) else {
+        panic!("no second frame");
+    };
+    buf.clear();
+    buf.extend_from_slice(&[b'#'; 256]);
+    let expected = Frame::new("SEND")
+        .with("destination", "/queue/a")
+        .with("k:", "v\n")
+        .with("x", "1")
+        .with("x", "2");
+    assert_eq!(
+        first.headers().collect::<Vec<_>>(),
+        expected.headers().collect::<Vec<_>>()
+    );
+    assert_eq!(first.command, "SEND");
+    assert_eq!(&first.body[..], b"body");
+    assert_eq!(second.command, "MESSAGE");
+    assert_eq!(second.get("y"), Some("2"));
+    // A command outside the protocol still decodes (the session answers it).
+    assert_eq!(frame(b"FOO\n\n\0", Version::V1_2).command, "FOO");
+}
+
+#[test]
 fn colon_in_value_is_kept() {
     let f = frame(b"SEND\nurl:http://x:1/\n\n\0", Version::V1_0);
     assert_eq!(f.get("url"), Some("http://x:1/"));

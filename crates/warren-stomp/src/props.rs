@@ -85,56 +85,73 @@ fn short(v: &str) -> Result<ShortString, HeaderError> {
     Ok(ShortString::from(v))
 }
 
-/// The properties of a SEND frame.
+/// The properties of a SEND frame, read in one pass over its headers (this runs for
+/// every SEND). For a repeated header the first one counts (STOMP 1.2).
 pub fn from_send(f: &Frame) -> Result<Properties, HeaderError> {
     if f.get("message-id").is_some() {
         return Err(HeaderError::NotAllowed("message-id"));
     }
     let mut p = Properties::default();
-    let opt = |name: &str| f.get(name).map(short).transpose();
-    p.content_type = opt("content-type")?;
-    p.content_encoding = opt("content-encoding")?;
-    p.correlation_id = opt("correlation-id")?;
-    p.reply_to = opt("reply-to")?;
-    p.expiration = opt("expiration")?;
-    p.message_id = opt("amqp-message-id")?;
-    p.kind = opt("type")?;
-    p.user_id = opt("user-id")?;
-    p.app_id = opt("app-id")?;
+    let (mut persistent, mut priority, mut timestamp) = (None, None, None);
+    let mut table = FieldTable::default();
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in f.headers() {
+        let slot = match k {
+            "content-type" => &mut p.content_type,
+            "content-encoding" => &mut p.content_encoding,
+            "correlation-id" => &mut p.correlation_id,
+            "reply-to" => &mut p.reply_to,
+            "expiration" => &mut p.expiration,
+            "amqp-message-id" => &mut p.message_id,
+            "type" => &mut p.kind,
+            "user-id" => &mut p.user_id,
+            "app-id" => &mut p.app_id,
+            "persistent" => {
+                persistent.get_or_insert(v);
+                continue;
+            }
+            "priority" => {
+                priority.get_or_insert(v);
+                continue;
+            }
+            "timestamp" => {
+                timestamp.get_or_insert(v);
+                continue;
+            }
+            _ if RESERVED.contains(&k) || QUEUE_ARGS.contains(&k) => continue,
+            // Names must fit an AMQP short string.
+            _ if k.len() > 255 || !seen.insert(k) => continue,
+            _ => {
+                table.insert(
+                    ShortString::from(k),
+                    AMQPValue::LongString(LongString::from(v.as_bytes().to_vec())),
+                );
+                continue;
+            }
+        };
+        if slot.is_none() {
+            *slot = Some(short(v)?);
+        }
+    }
     // RabbitMQ refuses a `persistent` header that is not a boolean (an ERROR, the frame
     // dropped), rather than sending the message transient.
-    let persistent = match f.get("persistent") {
+    let persistent = match persistent {
         Some(v) => parse_bool(v).ok_or(HeaderError::Invalid("persistent"))?,
         None => false,
     };
     p.delivery_mode = Some(if persistent { 2 } else { 1 });
-    if let Some(v) = f.get("priority") {
+    if let Some(v) = priority {
         p.priority = Some(
             v.trim()
                 .parse()
                 .map_err(|_| HeaderError::Invalid("priority"))?,
         );
     }
-    if let Some(v) = f.get("timestamp") {
+    if let Some(v) = timestamp {
         p.timestamp = Some(
             v.trim()
                 .parse()
                 .map_err(|_| HeaderError::Invalid("timestamp"))?,
-        );
-    }
-    let mut table = FieldTable::default();
-    let mut seen = std::collections::HashSet::new();
-    for (k, v) in &f.headers {
-        if RESERVED.contains(&k.as_str()) || QUEUE_ARGS.contains(&k.as_str()) {
-            continue;
-        }
-        // First occurrence wins (STOMP 1.2); names must fit an AMQP short string.
-        if k.len() > 255 || !seen.insert(k.as_str()) {
-            continue;
-        }
-        table.insert(
-            ShortString::from(k.as_str()),
-            AMQPValue::LongString(LongString::from(v.as_bytes().to_vec())),
         );
     }
     if !table.inner().is_empty() {

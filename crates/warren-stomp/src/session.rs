@@ -18,9 +18,9 @@ use warren_core::read_room::ReadRoom;
 use warren_core::stream::StreamStart;
 use warren_core::{
     AlarmState, ConnectionAuth, ConnectionGuard, ConnectionId, ConnectionInfo, ConsumerId,
-    ConsumerSpec, CoreError, Credit, Delivery, ExchangeDecl, ExchangeKind, FieldTable, Message,
-    MsgSeq, Outbox, OutboxEvent, Queue, QueueDecl, ShortString, Target, Ticket, TopicPermissions,
-    VHost,
+    ConsumerSpec, CoreError, Credit, Delivery, Exchange, ExchangeDecl, ExchangeKind, FieldTable,
+    Message, MsgSeq, Outbox, OutboxEvent, Queue, QueueDecl, ShortString, Target, Ticket,
+    TopicPermissions, VHost,
 };
 
 use crate::codec::{self, CodecError, Decoded, Frame, FrameWriter, Version};
@@ -179,6 +179,10 @@ struct Session {
     /// Exchanges this session may publish to, valid at `perm_generation`.
     write_allowed: HashSet<String>,
     perm_generation: u64,
+    /// The exchange of the last synchronous SEND, reused while it is not deleted: a
+    /// connection usually sends to one exchange, and this saves a lookup under the
+    /// vhost's lock per SEND.
+    last_exchange: Option<Arc<Exchange>>,
     /// The user's topic permissions in the vhost and the generation they were read at.
     topic_perms: Option<(u64, Option<Arc<TopicPermissions>>)>,
     /// A delivery's destination and message-id, reused (see [`Session::deliver`]).
@@ -515,6 +519,7 @@ fn connect_session(
         registration,
         write_allowed: HashSet::new(),
         perm_generation: 0,
+        last_exchange: None,
         topic_perms: None,
     };
     Ok((session, deliveries))
@@ -794,10 +799,10 @@ impl Session {
             Ok(m) => m,
             Err(f) => return Ok(Some(Later::Frame(f))),
         };
+        let x = self.send_exchange(&exchange)?;
         let delivered = self
             .vhost
-            .exchange(&exchange)
-            .and_then(|x| self.vhost.deliver_now(self.vhost.route(&x, &msg), msg))
+            .deliver_now(self.vhost.route(&x, &msg), msg)
             .map_err(Stop::core)?;
         match delivered {
             Ok(out) => {
@@ -808,6 +813,18 @@ impl Session {
             }
             Err(unfinished) => Ok(Some(Later::Deliver(unfinished, receipt))),
         }
+    }
+
+    /// The exchange a SEND goes to (its permission is checked by `send_message`).
+    fn send_exchange(&mut self, name: &str) -> Result<Arc<Exchange>, Stop> {
+        if let Some(x) = &self.last_exchange {
+            if x.name.as_str() == name && !x.is_deleted() {
+                return Ok(x.clone());
+            }
+        }
+        let x = self.vhost.exchange(name).map_err(Stop::core)?;
+        self.last_exchange = Some(x.clone());
+        Ok(x)
     }
 
     /// The awaited rest of a frame, after [`Session::handle_now`]. Each kind boxes only
@@ -830,7 +847,7 @@ impl Session {
 
     async fn handle(&mut self, f: Frame) -> Step {
         let mut receipt = f.get("receipt").map(str::to_owned);
-        let ticket = match f.command.as_str() {
+        let ticket = match &*f.command {
             "SEND" | "ACK" | "NACK" => {
                 // In a transaction the frame's receipt waits for the COMMIT, as RabbitMQ.
                 if f.get("transaction").is_some() {
@@ -932,7 +949,7 @@ impl Session {
     }
 
     async fn apply(&mut self, f: Frame) -> Result<Option<Ticket>, Stop> {
-        match f.command.as_str() {
+        match &*f.command {
             "SEND" => self.send(f).await,
             "ACK" => self.settle(&f, true).await.map(|_| None),
             _ => self.settle(&f, false).await.map(|_| None),
