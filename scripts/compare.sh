@@ -63,8 +63,13 @@ for round in $(seq "$ROUNDS"); do
   done
   # QoS 2 with 20 in flight: Mosquitto's default max_inflight_messages. With 500 it drops
   # what exceeds its limits and stops answering the publisher (every round of 2026-12-02).
-  for s in "mqtt-qos2 --messages $((50000/N)) --inflight 20 --window 20" "mqtt-fanin --devices $((10000/N)) --duration 10"; do
-    warren --scenario $s; mosquitto --scenario $s
+  warren --scenario mqtt-qos2 --messages $((50000/N)) --inflight 20 --window 20
+  mosquitto --scenario mqtt-qos2 --messages $((50000/N)) --inflight 20 --window 20
+  # Fan-in with raw device sockets written from the ticker thread (mqtt_raw.rs): through
+  # rumqttc each message also woke its device's event loop task in the load generator.
+  for c in "--client raw" ""; do
+    warren $c --scenario mqtt-fanin --devices $((10000/N)) --duration 10
+    mosquitto $c --scenario mqtt-fanin --devices $((10000/N)) --duration 10
   done
   relay --messages $((200000/N)) --inflight 500; relay --messages $((50000/N)) --rate 10000
 done
@@ -72,12 +77,12 @@ done
 python3 - "$OUT" "$WRITE" <<'PY'
 import json, statistics, sys, subprocess, platform, datetime
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-def med(sc, mode, label, key, sub=None):
+def med(sc, mode, label, key, sub=None, client=None):
     # Only runs that delivered everything once count: a broker that lost messages has no
     # throughput figure ("–"); its losses show in the last column.
     v = [r[key] if sub is None else (r[key] or {}).get(sub) for r in runs
          if r["scenario"] == sc and r["mode"] == mode and r["label"] == label
-         and r["lost"] + r["duplicates"] == 0]
+         and r.get("client") == client and r["lost"] + r["duplicates"] == 0]
     v = [x for x in v if x is not None]
     return statistics.median(v) if v else None
 def f(x, fmt="{:,.0f}"):
@@ -87,18 +92,22 @@ def ratio(a, b):
 lines = []
 lines.append("| scenario | mode | Warren | RabbitMQ | Mosquitto | W/R | W/M | CPU-s/M msgs W / R / M | p99 ms W / R / M | lost+dup W / R / M |")
 lines.append("|---|---|---|---|---|---|---|---|---|---|")
-for sc, mode in dict.fromkeys((r["scenario"], r["mode"]) for r in runs if r["label"] != "relay"):
+rows = list(dict.fromkeys((r["scenario"], r["mode"], r.get("client")) for r in runs if r["label"] != "relay"))
+for sc, mode, client in rows:
     key = "deliveries_per_sec" if sc == "fanout" else "msgs_per_sec"
-    w, r, m = (med(sc, mode, l, key) for l in ("warren", "rabbitmq", "mosquitto"))
-    cpu = " / ".join(f(med(sc, mode, l, "broker_cpu_secs_per_million"), "{:.1f}") for l in ("warren", "rabbitmq", "mosquitto"))
-    p99 = " / ".join(f(med(sc, mode, l, "latency", "p99_ms"), "{:.2f}") for l in ("warren", "rabbitmq", "mosquitto"))
+    w, r, m = (med(sc, mode, l, key, client=client) for l in ("warren", "rabbitmq", "mosquitto"))
+    cpu = " / ".join(f(med(sc, mode, l, "broker_cpu_secs_per_million", client=client), "{:.1f}") for l in ("warren", "rabbitmq", "mosquitto"))
+    p99 = " / ".join(f(med(sc, mode, l, "latency", "p99_ms", client=client), "{:.2f}") for l in ("warren", "rabbitmq", "mosquitto"))
     def lost(l):
-        mine = [x for x in runs if x["scenario"] == sc and x["mode"] == mode and x["label"] == l]
+        mine = [x for x in runs if x["scenario"] == sc and x["mode"] == mode and x["label"] == l and x.get("client") == client]
         return f(sum(x["lost"] + x["duplicates"] for x in mine) if mine else None)
     bad = " / ".join(lost(l) for l in ("warren", "rabbitmq", "mosquitto"))
     unit = " (deliveries/s)" if sc == "fanout" else ""
-    lines.append(f"| {sc}{unit} | {mode} | {f(w)} | {f(r)} | {f(m)} | {ratio(w, r)} | {ratio(w, m)} | {cpu} | {p99} | {bad} |")
-relay = [(mode, med("tcp", mode, "relay", "msgs_per_sec"), med("tcp", mode, "relay", "latency", "p99_ms"))
+    # A scenario measured with two clients names the client on each row.
+    both = sum(1 for s2, m2, _ in rows if (s2, m2) == (sc, mode)) > 1
+    name = f"{sc} ({client})" if both else sc
+    lines.append(f"| {name}{unit} | {mode} | {f(w)} | {f(r)} | {f(m)} | {ratio(w, r)} | {ratio(w, m)} | {cpu} | {p99} | {bad} |")
+relay = [(mode, med("tcp", mode, "relay", "msgs_per_sec", client="raw"), med("tcp", mode, "relay", "latency", "p99_ms", client="raw"))
          for mode in dict.fromkeys(r["mode"] for r in runs if r["label"] == "relay")]
 if relay:
     lines.append("")

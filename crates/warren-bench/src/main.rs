@@ -84,7 +84,7 @@ pub struct Args {
     duration: u64,
     /// Client of the publishing and consuming path: `lapin` / rumqttc, or `raw` (AMQP: a
     /// minimal client on Warren's codec that batches writes, amqp_raw.rs, setup with lapin;
-    /// MQTT QoS 0/1: a minimal 3.1.1 client, mqtt_raw.rs).
+    /// MQTT QoS 0/1 and fan-in: a minimal 3.1.1 client, mqtt_raw.rs).
     #[arg(long, default_value = "lapin")]
     client: String,
     /// Consumer prefetch (AMQP).
@@ -112,10 +112,27 @@ impl Args {
     }
 
     fn mode(&self) -> String {
+        if self.scenario == "mqtt-fanin" {
+            // Each device publishes once a second.
+            return format!("rate-{}", self.devices.max(1));
+        }
         match self.pace() {
             Pace::Max => "max".into(),
             Pace::Closed(n) => format!("closed-{n}"),
             Pace::Rate(r) => format!("rate-{r}"),
+        }
+    }
+
+    /// The client that ran, for the report: scenarios without a choice use their own
+    /// minimal client (STOMP, the TCP relay), which counts as raw.
+    fn client_name(&self) -> &'static str {
+        let s = self.scenario.as_str();
+        if self.client == "raw" || s.starts_with("stomp") || s == "tcp" {
+            "raw"
+        } else if s.starts_with("mqtt") {
+            "rumqttc"
+        } else {
+            "lapin"
         }
     }
 
@@ -189,6 +206,7 @@ async fn main() -> anyhow::Result<()> {
             mqtt_raw::one_to_one(&args).await?
         }
         "mqtt-qos0" | "mqtt-qos1" | "mqtt-qos2" => mqtt::one_to_one(&args).await?,
+        "mqtt-fanin" if args.client == "raw" => mqtt_raw::fan_in(&args).await?,
         "mqtt-fanin" => mqtt::fan_in(&args).await?,
         "stomp-queue" | "stomp-topic" => stomp::run(&args).await?,
         "tcp" => relay::run(&args).await?,
@@ -220,6 +238,7 @@ async fn main() -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "label": args.label, "scenario": args.scenario, "mode": args.mode(),
+            "client": args.client_name(),
             "messages": run.published, "size": args.size,
             "publish_secs": (run.publish_done - run.started.at).as_secs_f64(), "total_secs": secs,
             "msgs_per_sec": (run.published as f64 / secs).round(),

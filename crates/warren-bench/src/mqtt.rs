@@ -146,19 +146,57 @@ pub async fn one_to_one(args: &Args) -> anyhow::Result<Run> {
     ))
 }
 
+/// The shape of a fan-in run, for both clients: `devices` each publishing once a second
+/// for `per_device` seconds to their own topic under one wildcard.
+pub struct FanIn {
+    pub devices: usize,
+    pub per_device: u64,
+    pub total: u64,
+    base: String,
+}
+
+impl FanIn {
+    pub fn new(args: &Args) -> FanIn {
+        let devices = args.devices.max(1);
+        let per_device = args.duration.max(1);
+        FanIn {
+            devices,
+            per_device,
+            total: devices as u64 * per_device,
+            base: format!("fanin/{}", args.run_id()),
+        }
+    }
+
+    /// The subscriber's filter.
+    pub fn filter(&self) -> String {
+        format!("{}/+/t", self.base)
+    }
+
+    pub fn topics(&self) -> Vec<String> {
+        (0..self.devices)
+            .map(|d| format!("{}/{d}/t", self.base))
+            .collect()
+    }
+
+    /// The ticker walks the devices in turn, spread evenly over each second (a steady
+    /// load): slot `i`'s device and the message id it stamps.
+    pub fn slot(&self, i: u64) -> (usize, u64) {
+        let n = self.devices as u64;
+        let (d, k) = (i % n, i / n);
+        (d as usize, d * self.per_device + k)
+    }
+
+    /// The ticker's rate: every device once a second.
+    pub fn rate(&self) -> f64 {
+        self.devices as f64
+    }
+}
+
 pub async fn fan_in(args: &Args) -> anyhow::Result<Run> {
-    let devices = args.devices.max(1);
-    let per_device = args.duration.max(1);
-    let total = devices as u64 * per_device;
+    let plan = FanIn::new(args);
+    let (devices, total) = (plan.devices, plan.total);
     let tracker = Tracker::new(total, 1);
-    let base = format!("fanin/{}", args.run_id());
-    let sub = subscriber(
-        args,
-        &format!("{base}/+/t"),
-        QoS::AtLeastOnce,
-        tracker.clone(),
-    )
-    .await?;
+    let sub = subscriber(args, &plan.filter(), QoS::AtLeastOnce, tracker.clone()).await?;
     // Connect every device first (200 at a time), then start the clock.
     let gate = Arc::new(Semaphore::new(200));
     let mut connecting = Vec::with_capacity(devices);
@@ -177,18 +215,16 @@ pub async fn fan_in(args: &Args) -> anyhow::Result<Run> {
         clients.push(client);
     }
     let started = begin(args);
-    // One ticker walks the devices in turn, spread evenly over each second (a steady
-    // load), and hands each message to its device's connection at its slot.
-    let rate = devices as f64;
-    let topics: Vec<String> = (0..devices).map(|d| format!("{base}/{d}/t")).collect();
+    // One ticker hands each message to its device's connection at its slot.
+    let topics = plan.topics();
     let senders = clients.clone();
     let size = args.size;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let mut done_tx = Some(done_tx);
-    Ticker::new(&tracker, total, rate).run(move |i, due| {
-        let (d, k) = ((i % devices as u64) as usize, i / devices as u64);
+    Ticker::new(&tracker, total, plan.rate()).run(move |i, due| {
+        let (d, id) = plan.slot(i);
         let mut body = vec![0u8; size];
-        stamp(&mut body, d as u64 * per_device + k, due);
+        stamp(&mut body, id, due);
         // A full request channel is a device the client cannot keep up with: counted
         // as lost by the tracker, never hidden.
         let _ = senders[d].try_publish(topics[d].as_str(), QoS::AtMostOnce, false, body);

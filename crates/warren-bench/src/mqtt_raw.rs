@@ -1,18 +1,21 @@
-//! `--client raw` for `mqtt-qos0` / `mqtt-qos1`: a minimal MQTT 3.1.1 client written here,
+//! `--client raw` for `mqtt-qos0` / `mqtt-qos1` / `mqtt-fanin`: a minimal MQTT 3.1.1 client written here,
 //! one task per socket, TCP_NODELAY, no event loop between the socket and the measurement.
 //! Why: at a fixed 10k msg/s rumqttc's own queueing put p99s of 3–28 ms on Warren and
 //! Mosquitto alike while a TCP relay's was 0.25 ms (docs/PERFORMANCE.md), so the MQTT
 //! latency targets could not be measured with it. Like amqp_raw.rs, it trusts the broker:
 //! it is a load generator, not a client library (no window: 3.1.1 has no receive maximum).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 
-use crate::report::{stamp, Pacer, Tracker};
+use crate::mqtt::FanIn;
+use crate::report::{stamp, Pacer, Ticker, Tracker};
 use crate::{begin, Args, Run};
 
 /// How long the broker may stay silent before the run gives up (as mqtt.rs).
@@ -98,26 +101,18 @@ async fn read_packet(s: &mut TcpStream, buf: &mut BytesMut) -> anyhow::Result<(u
     }
 }
 
-pub async fn one_to_one(args: &Args) -> anyhow::Result<Run> {
-    let qos: u8 = match args.scenario.as_str() {
-        "mqtt-qos0" => 0,
-        "mqtt-qos1" => 1,
-        other => bail!("--client raw runs mqtt-qos0 and mqtt-qos1, not {other}"),
-    };
-    let topic = format!("bench/{}", args.run_id());
-    let tracker = Tracker::new(args.messages, 1);
-
-    // The subscriber: records every PUBLISH and acknowledges QoS 1 ones, one write per read.
+/// A subscriber on `filter`: records every PUBLISH and acknowledges QoS 1 ones, one write
+/// per read, on its own task.
+async fn subscriber(args: &Args, filter: &str, qos: u8, t: Arc<Tracker>) -> anyhow::Result<()> {
     let (mut sub, mut sbuf) = connect(args, &format!("{}-sub", args.run_id())).await?;
     let mut body = vec![0, 1];
-    put_str(&mut body, &topic);
+    put_str(&mut body, filter);
     body.push(qos);
     sub.write_all(&packet(0x82, &body)).await?;
     let (first, _) = read_packet(&mut sub, &mut sbuf).await?;
     if first != 0x90 {
         bail!("mqtt: expected SUBACK, got {first:#04x}");
     }
-    let t = tracker.clone();
     tokio::spawn(async move {
         let mut acks = Vec::new();
         loop {
@@ -149,6 +144,97 @@ pub async fn one_to_one(args: &Args) -> anyhow::Result<Run> {
             }
         }
     });
+    Ok(())
+}
+
+/// A QoS 0 PUBLISH of `payload` to `topic`, into `out`.
+fn publish_qos0(out: &mut Vec<u8>, topic: &str, payload: &[u8]) {
+    out.clear();
+    out.push(0x30);
+    put_len(out, 2 + topic.len() + payload.len());
+    put_str(out, topic);
+    out.extend_from_slice(payload);
+}
+
+/// `mqtt-fanin --client raw`: the devices are plain sockets that the ticker thread writes
+/// each device's PUBLISH to at its slot, and the subscriber is the reader above. With
+/// rumqttc every message also crossed a channel to its device's event loop task, a
+/// wake-up of another thread in the load generator, for each of 10k messages a second.
+pub async fn fan_in(args: &Args) -> anyhow::Result<Run> {
+    let plan = FanIn::new(args);
+    let (devices, total) = (plan.devices, plan.total);
+    let tracker = Tracker::new(total, 1);
+    subscriber(args, &plan.filter(), 0, tracker.clone()).await?;
+    // Connect every device first (200 at a time), then start the clock.
+    let gate = Arc::new(Semaphore::new(200));
+    let mut connecting = Vec::with_capacity(devices);
+    for d in 0..devices {
+        let gate = gate.clone();
+        let id = format!("{}-dev-{d}", args.run_id());
+        let args = args.clone();
+        connecting.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await;
+            let (s, _) = connect(&args, &id).await?;
+            // Written from the ticker thread with blocking writes: a full socket buffer
+            // holds the ticker back, and its lateness shows in the latencies.
+            let s = s.into_std()?;
+            s.set_nonblocking(false)?;
+            anyhow::Ok(s)
+        }));
+    }
+    let mut sockets = Vec::with_capacity(devices);
+    for c in connecting {
+        sockets.push(c.await??);
+    }
+    let started = begin(args);
+    let topics = plan.topics();
+    let mut payload = vec![0u8; args.size];
+    let mut out = Vec::with_capacity(args.size + 64);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Vec<std::net::TcpStream>>();
+    let mut done_tx = Some(done_tx);
+    let mut failed = false;
+    Ticker::new(&tracker, total, plan.rate()).run(move |i, due| {
+        let (d, id) = plan.slot(i);
+        stamp(&mut payload, id, due);
+        publish_qos0(&mut out, &topics[d], &payload);
+        // A failed write is a lost message, counted by the tracker.
+        if std::io::Write::write_all(&mut &sockets[d], &out).is_err() && !failed {
+            failed = true;
+            eprintln!("mqtt: device {d} write failed; its messages count as lost");
+        }
+        if i + 1 == total {
+            if let Some(tx) = done_tx.take() {
+                let _ = tx.send(std::mem::take(&mut sockets));
+            }
+        }
+        true
+    });
+    let sockets = done_rx.await.unwrap_or_default();
+    let publish_done = Instant::now();
+    let cleanup = async move {
+        for s in &sockets {
+            let _ = std::io::Write::write_all(&mut &*s, &[0xE0, 0]);
+        }
+    };
+    Ok(Run::each_once(
+        started,
+        tracker,
+        total,
+        publish_done,
+        cleanup,
+    ))
+}
+
+pub async fn one_to_one(args: &Args) -> anyhow::Result<Run> {
+    let qos: u8 = match args.scenario.as_str() {
+        "mqtt-qos0" => 0,
+        "mqtt-qos1" => 1,
+        other => bail!("--client raw runs mqtt-qos0 and mqtt-qos1, not {other}"),
+    };
+    let topic = format!("bench/{}", args.run_id());
+    let tracker = Tracker::new(args.messages, 1);
+
+    subscriber(args, &topic, qos, tracker.clone()).await?;
 
     // The publisher: PUBLISH per message as paced; its PUBACKs are counted by a reader.
     let (publisher, mut pbuf) = connect(args, &format!("{}-pub", args.run_id())).await?;

@@ -43,6 +43,15 @@ async fn bench_scenarios_complete_without_loss() {
         ],
         vec!["mqtt-qos2", "--messages", "2000"],
         vec!["mqtt-fanin", "--devices", "50", "--duration", "2"],
+        vec![
+            "mqtt-fanin",
+            "--devices",
+            "50",
+            "--duration",
+            "2",
+            "--client",
+            "raw",
+        ],
         vec!["stomp-queue", "--messages", "5000"],
         vec![
             "transient",
