@@ -1,5 +1,6 @@
-//! `--client raw` for `mqtt-qos0` / `mqtt-qos1` / `mqtt-fanin`: a minimal MQTT 3.1.1 client written here,
-//! one task per socket, TCP_NODELAY, no event loop between the socket and the measurement.
+//! `--client raw` for `mqtt-qos0` / `mqtt-qos1` / `mqtt-fanin`: a minimal MQTT 3.1.1
+//! client written here, one task per socket (fan-in devices: written by the ticker
+//! thread), TCP_NODELAY, no event loop between the socket and the measurement.
 //! Why: at a fixed 10k msg/s rumqttc's own queueing put p99s of 3–28 ms on Warren and
 //! Mosquitto alike while a TCP relay's was 0.25 ms (docs/PERFORMANCE.md), so the MQTT
 //! latency targets could not be measured with it. Like amqp_raw.rs, it trusts the broker:
