@@ -154,7 +154,11 @@ async fn properties_cross_stomp_and_amqp() {
         .with("timestamp", "1700000000")
         .with("type", "order")
         .with("app-id", "shop")
-        .with("x-tenant", "acme");
+        .with("x-tenant", "acme")
+        // Repeated headers: the first counts (STOMP 1.2), for properties and the table.
+        .with("priority", "9")
+        .with("app-id", "other")
+        .with("x-tenant", "other");
     f.push("content-length", body.len().to_string());
     s.send_receipted(f, "r1").await;
     let got = ch
@@ -302,6 +306,71 @@ async fn topics_and_exchanges() {
     assert_eq!(e.command, "ERROR");
     assert_eq!(e.get("message"), Some("not_found"));
     assert!(c.closed().await);
+}
+
+/// A session reuses the exchange of its last SEND; a deleted exchange must not be reused,
+/// and SENDs go to the exchange declared again under the same name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_follow_an_exchange_deleted_and_declared_again() {
+    let b = start().await;
+    let (_conn, ch) = b.channel().await;
+    for q in ["before", "after"] {
+        ch.queue_declare(q.into(), Default::default(), FieldTable::default())
+            .await
+            .unwrap();
+    }
+    let declare_bound = |queue: &'static str| {
+        let ch = ch.clone();
+        async move {
+            ch.exchange_declare(
+                "cached".into(),
+                lapin::ExchangeKind::Fanout,
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+            ch.queue_bind(
+                queue.into(),
+                "cached".into(),
+                "".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    declare_bound("before").await;
+    let mut p = StompClient::connect(b.stomp_addr).await;
+    p.send_receipted(send_frame("/exchange/cached/k", b"one"), "r1")
+        .await;
+    ch.exchange_delete("cached".into(), Default::default())
+        .await
+        .unwrap();
+    declare_bound("after").await;
+    p.send_receipted(send_frame("/exchange/cached/k", b"two"), "r2")
+        .await;
+    let body = |q: &'static str| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_get(q.into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+                .map(|m| m.delivery.data)
+        }
+    };
+    assert_eq!(body("before").await.as_deref(), Some(&b"one"[..]));
+    assert_eq!(body("before").await, None);
+    assert_eq!(body("after").await.as_deref(), Some(&b"two"[..]));
+    // Deleted and not declared again: the SEND is refused, not sent to the old one.
+    ch.exchange_delete("cached".into(), Default::default())
+        .await
+        .unwrap();
+    p.send(send_frame("/exchange/cached/k", b"three")).await;
+    let e = p.recv().await.unwrap();
+    assert_eq!(e.command, "ERROR");
+    assert_eq!(e.get("message"), Some("not_found"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
