@@ -3,6 +3,7 @@
 //! whole packet is split off the buffer without copying.
 
 use bytes::{Buf, Bytes, BytesMut};
+use mqtt5_protocol::packet::publish::PublishPacket;
 use mqtt5_protocol::packet::MqttPacket;
 use mqtt5_protocol::{FixedHeader, Packet};
 
@@ -123,9 +124,101 @@ fn check_connect_header(body: &[u8]) -> Result<Option<Bytes>, CodecError> {
 
 /// Appends an encoded packet.
 pub fn encode<P: MqttPacket>(packet: &P, out: &mut BytesMut) {
-    if let Err(e) = packet.encode(out) {
-        tracing::warn!(error = %e, "mqtt packet could not be encoded");
+    thread_local! {
+        /// The body of the packet being encoded. mqtt5-protocol's `MqttPacket::encode`
+        /// builds every body in a new `Vec` grown from empty (several reallocations per
+        /// delivery); one buffer per thread, reused, costs none, and no memory per
+        /// connection.
+        static BODY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
+    BODY.with_borrow_mut(|body| {
+        body.clear();
+        let before = out.len();
+        let encoded = packet.encode_body(body).and_then(|()| {
+            let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+            FixedHeader::new(packet.packet_type(), packet.flags(), len).encode(out)
+        });
+        match encoded {
+            Ok(()) => out.extend_from_slice(body),
+            Err(e) => {
+                out.truncate(before);
+                tracing::warn!(error = %e, "mqtt packet could not be encoded");
+            }
+        }
+        // A large message's body is not kept for the thread's life.
+        if body.capacity() > 64 * 1024 {
+            *body = Vec::new();
+        }
+    });
+}
+
+/// The largest Remaining Length a Variable Byte Integer holds (MQTT-1.5.5).
+const MAX_REMAINING_LENGTH: usize = 268_435_455;
+
+/// Appends a PUBLISH, written straight into `out`: the one packet of every delivery.
+/// mqtt5-protocol's encoder takes the topic through two new allocations (an
+/// `MqttString`, then its bytes) and the packet through a body buffer; this writes each
+/// part once (docs/PERFORMANCE.md, "MQTT deliveries without copies"). Nothing is written
+/// for a packet the protocol cannot carry (false).
+pub fn encode_publish(p: &PublishPacket, out: &mut BytesMut) -> bool {
+    let topic = p.topic_name.as_bytes();
+    // MQTT-1.5.4-2: no U+0000 in a UTF-8 string; MQTT-1.5.4: at most 65,535 bytes. An
+    // AMQP routing key can hold either.
+    let Ok(topic_len) = u16::try_from(topic.len()) else {
+        tracing::warn!(len = topic.len(), "mqtt publish not sent: topic too long");
+        return false;
+    };
+    if topic.contains(&0) {
+        tracing::warn!("mqtt publish not sent: topic holds U+0000");
+        return false;
+    }
+    // MQTT-2.2.1-2: a QoS 0 PUBLISH has no packet identifier; QoS 1 and 2 must.
+    let packet_id = match (p.qos as u8, p.packet_id) {
+        (0, _) => None,
+        (_, Some(id)) => Some(id),
+        (_, None) => {
+            tracing::warn!("mqtt publish not sent: QoS > 0 without a packet id");
+            return false;
+        }
+    };
+    let props_len = if p.protocol_version == 5 {
+        p.properties.encoded_len()
+    } else {
+        0
+    };
+    let remaining =
+        2 + topic.len() + if packet_id.is_some() { 2 } else { 0 } + props_len + p.payload.len();
+    if remaining > MAX_REMAINING_LENGTH {
+        tracing::warn!(
+            remaining,
+            "mqtt publish not sent: larger than a packet can be"
+        );
+        return false;
+    }
+    let before = out.len();
+    out.reserve(5 + remaining);
+    // MQTT-3.3.1-2: DUP is 0 on a QoS 0 PUBLISH.
+    let flags = if packet_id.is_some() {
+        p.flags()
+    } else {
+        p.flags() & !0x08
+    };
+    out.extend_from_slice(&[0x30 | flags]);
+    put_varint(out, remaining);
+    out.extend_from_slice(&topic_len.to_be_bytes());
+    out.extend_from_slice(topic);
+    if let Some(id) = packet_id {
+        out.extend_from_slice(&id.to_be_bytes());
+    }
+    if p.protocol_version == 5 {
+        if let Err(e) = p.properties.encode_direct(out) {
+            out.truncate(before);
+            tracing::warn!(error = %e, "mqtt publish not sent: properties");
+            return false;
+        }
+    }
+    out.extend_from_slice(&p.payload);
+    true
 }
 
 /// Appends a Variable Byte Integer (MQTT-1.5.5).
@@ -303,6 +396,36 @@ mod tests {
     }
 
     #[test]
+    fn encode_writes_spec_bytes_and_reuses_its_buffer() {
+        use mqtt5_protocol::QoS;
+        // A v5 PUBLISH with one property (the order of several is mqtt5-protocol's hash
+        // map's), then a 3.1.1 QoS 0 one (no packet id, no properties) and a 200 KB one:
+        // each packet's bytes are its own.
+        let mut p = PublishPacket::new("a/b", Bytes::from_static(b"hi"), QoS::AtLeastOnce)
+            .with_packet_id(10);
+        p.properties.set_message_expiry_interval(60);
+        let mut out = BytesMut::new();
+        encode(&p, &mut out);
+        let spec = [
+            0x32u8, 15, 0, 3, b'a', b'/', b'b', 0, 10, 5, 0x02, 0, 0, 0, 60, b'h', b'i',
+        ];
+        assert_eq!(&out[..], spec);
+        out.clear();
+        assert!(encode_publish(&p, &mut out));
+        assert_eq!(&out[..], spec);
+        out.clear();
+        let q = PublishPacket::new_v311("t", Bytes::from_static(b"x"), QoS::AtMostOnce);
+        encode(&q, &mut out);
+        assert_eq!(&out[..], [0x30u8, 4, 0, 1, b't', b'x']);
+        out.clear();
+        let big = PublishPacket::new_v311("t", Bytes::from(vec![7u8; 200_000]), QoS::AtMostOnce);
+        encode(&big, &mut out);
+        let mut reference = BytesMut::new();
+        MqttPacket::encode(&big, &mut reference).unwrap();
+        assert_eq!(out, reference);
+    }
+
+    #[test]
     fn qos3_publish_is_malformed() {
         // MQTT-3.3.1-4: both QoS bits set.
         let raw = [0x36u8, 5, 0, 1, b'a', 0, 1];
@@ -361,7 +484,75 @@ mod tests {
         assert_eq!(&out[..], &[0x20, 8, 1, 0, 5, 0x27, 0, 0, 1, 44]);
     }
 
+    #[test]
+    fn publish_encoder_refuses_what_the_protocol_cannot_carry() {
+        use mqtt5_protocol::QoS;
+        let mut out = BytesMut::from(&b"kept"[..]);
+        // MQTT-1.5.4-2: U+0000 in the topic (an AMQP routing key may hold one).
+        let nul = PublishPacket::new_v311("a\0b", Bytes::from_static(b"x"), QoS::AtMostOnce);
+        assert!(!encode_publish(&nul, &mut out));
+        // MQTT-1.5.4: a topic over 65,535 bytes.
+        let long = PublishPacket::new("t".repeat(70_000), Bytes::new(), QoS::AtMostOnce);
+        assert!(!encode_publish(&long, &mut out));
+        // MQTT-2.2.1-2: QoS 1 needs a packet id.
+        let no_id = PublishPacket::new_v311("t", Bytes::new(), QoS::AtLeastOnce);
+        assert!(!encode_publish(&no_id, &mut out));
+        assert_eq!(&out[..], b"kept");
+    }
+
     proptest::proptest! {
+        /// `encode_publish` writes what mqtt5-protocol's own encoder writes, at both
+        /// levels, with any flags and properties, and decodes back to the packet.
+        #[test]
+        fn publish_encoder_matches_mqtt5_protocol(
+            topic in "[a-z/é+.*]{1,40}",
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            qos in 0u8..3,
+            id in 1u16..,
+            dup: bool,
+            retain: bool,
+            v5: bool,
+            expiry in proptest::option::of(0u32..),
+            alias in proptest::option::of(1u16..),
+            sub_ids in proptest::collection::vec(1u32..268_435_455, 0..3),
+            user in proptest::collection::vec(("[a-z]{0,8}", "[a-zé ]{0,8}"), 0..3),
+            content_type in proptest::option::of("[a-z/]{0,12}"),
+        ) {
+            use mqtt5_protocol::QoS;
+            let q = match qos { 0 => QoS::AtMostOnce, 1 => QoS::AtLeastOnce, _ => QoS::ExactlyOnce };
+            let payload = Bytes::from(payload);
+            let mut p = if v5 {
+                let mut p = PublishPacket::new(topic, payload, q);
+                if let Some(e) = expiry { p.properties.set_message_expiry_interval(e); }
+                if let Some(a) = alias { p.properties.set_topic_alias(a); }
+                for s in &sub_ids { p.properties.set_subscription_identifier(*s); }
+                for (k, v) in &user { p.properties.add_user_property(k.clone(), v.clone()); }
+                if let Some(c) = &content_type { p.properties.set_content_type(c.clone()); }
+                p
+            } else {
+                PublishPacket::new_v311(topic, payload, q)
+            };
+            p = p.with_retain(retain).with_dup(dup && qos > 0);
+            if qos > 0 {
+                p = p.with_packet_id(id);
+            }
+            let mut ours = BytesMut::new();
+            proptest::prop_assert!(encode_publish(&p, &mut ours));
+            let mut reference = BytesMut::new();
+            MqttPacket::encode(&p, &mut reference).unwrap();
+            proptest::prop_assert_eq!(&ours, &reference);
+            let mut read = ours.clone();
+            match decode(&mut read, if v5 { 5 } else { 4 }, 1 << 20) {
+                Ok(Some(Packet::Publish(back))) => {
+                    proptest::prop_assert_eq!(back.topic_name, p.topic_name);
+                    proptest::prop_assert_eq!(back.payload, p.payload);
+                    proptest::prop_assert_eq!(back.packet_id, p.packet_id);
+                    proptest::prop_assert_eq!((back.dup, back.retain), (p.dup, p.retain));
+                }
+                other => proptest::prop_assert!(false, "{:?}", other),
+            }
+        }
+
         /// Bad input never panics the decoder, whole or fed in pieces, at either level.
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600), split in 0usize..600) {

@@ -1194,7 +1194,8 @@ fn remaining_expiry(m: &Message) -> Option<u32> {
 
 /// What a delivery is sent with.
 struct Outgoing<'a> {
-    topic: &'a str,
+    /// The MQTT topic name, owned: it moves into the packet.
+    topic: String,
     msg: &'a Message,
     qos: u8,
     retain: bool,
@@ -1688,7 +1689,7 @@ impl Session {
                     // MQTT-3.3.1-8: retained messages sent for a new subscription have
                     // RETAIN set.
                     self.send_publish(Outgoing {
-                        topic: &t,
+                        topic: t,
                         msg: &m,
                         qos,
                         retain: true,
@@ -2258,7 +2259,7 @@ impl Session {
             self.give_back_now(1, later);
             later.extend(d.queue.ack_now(&[d.seq]));
             self.send_publish(Outgoing {
-                topic: &t,
+                topic: t,
                 msg: &msg,
                 qos: 0,
                 retain,
@@ -2270,7 +2271,7 @@ impl Session {
         } else {
             let pkid = self.reused_pkid(&d);
             let sent = self.send_publish(Outgoing {
-                topic: &t,
+                topic: t,
                 msg: &msg,
                 qos,
                 retain,
@@ -2326,8 +2327,8 @@ impl Session {
         }
     }
 
-    /// Encodes a PUBLISH; false if it was dropped for exceeding the client's Maximum Packet
-    /// Size (MQTT-3.1.2-25: discarded as if sent).
+    /// Encodes a PUBLISH; false if it was dropped: over the client's Maximum Packet Size
+    /// (MQTT-3.1.2-25: discarded as if sent), or a topic MQTT cannot carry.
     fn send_publish(&mut self, o: Outgoing<'_>) -> bool {
         let q = match o.qos {
             0 => QoS::AtMostOnce,
@@ -2347,7 +2348,7 @@ impl Session {
             }
             // Server → client topic aliases when the client allows them (MQTT 5 §3.3.2.3.4).
             if self.client_alias_max > 0 {
-                if let Some(a) = Rare::of(&self.rare).out_aliases.get(o.topic) {
+                if let Some(a) = Rare::of(&self.rare).out_aliases.get(&p.topic_name) {
                     p.properties.set_topic_alias(*a);
                     p.topic_name.clear();
                 } else if Rare::of(&self.rare).out_aliases.len()
@@ -2374,7 +2375,9 @@ impl Session {
             None
         };
         let before = self.out.len();
-        codec::encode(&p, &mut self.out);
+        if !codec::encode_publish(&p, &mut self.out) {
+            return false;
+        }
         if self.out.len() - before > self.client_max_packet {
             self.out.truncate(before);
             tracing::debug!(client_id = %self.client_id, "publish larger than the client's maximum packet size dropped");
@@ -2383,7 +2386,7 @@ impl Session {
         if let Some(a) = new_alias {
             Rare::get(&mut self.rare)
                 .out_aliases
-                .insert(o.topic.to_owned(), a);
+                .insert(p.topic_name, a);
         }
         if let Some(id) = id {
             let credit = o.track.is_some();
