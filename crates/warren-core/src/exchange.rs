@@ -1,7 +1,6 @@
 //! Exchanges and their bindings: direct, fanout, topic (trie) and headers.
 
 use crate::RoutingKey;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -10,6 +9,7 @@ use arc_swap::ArcSwapOption;
 use parking_lot::RwLock;
 
 use crate::error::{CoreError, CoreResult};
+use crate::fast_map::FastMap;
 use crate::policies::Policy;
 use crate::queue::Queue;
 use crate::topic::TopicTrie;
@@ -117,7 +117,7 @@ pub struct Binding {
 #[derive(Default)]
 struct Bindings {
     list: Vec<Binding>,
-    direct: HashMap<RoutingKey, Vec<Target>>,
+    direct: FastMap<RoutingKey, Vec<Target>>,
     topic: TopicTrie<Target>,
 }
 

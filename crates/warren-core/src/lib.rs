@@ -13,6 +13,7 @@ pub mod deadletter;
 pub mod definitions;
 pub mod error;
 pub mod exchange;
+mod fast_map;
 pub mod global_parameters;
 pub mod ids;
 pub mod json;

@@ -4,7 +4,11 @@
 //! length and the number of `*`/`#` branches on the way, not with the number of bindings
 //! (IoT brokers carry 100k+ subscriptions on `amq.topic`).
 
-use std::collections::HashMap;
+use smallvec::SmallVec;
+
+use crate::fast_map::FastMap;
+
+type Children<T> = FastMap<Box<str>, TopicTrie<T>>;
 
 /// A trie node; `T` is what a binding points at.
 ///
@@ -14,7 +18,7 @@ use std::collections::HashMap;
 #[derive(Debug)]
 #[allow(clippy::box_collection)] // the point: 8 bytes in every leaf, not 48
 pub struct TopicTrie<T> {
-    children: Option<Box<HashMap<Box<str>, TopicTrie<T>>>>,
+    children: Option<Box<Children<T>>>,
     star: Option<Box<TopicTrie<T>>>,
     hash: Option<Box<TopicTrie<T>>>,
     targets: Vec<T>,
@@ -107,7 +111,8 @@ impl<T: PartialEq + Clone> TopicTrie<T> {
     /// Appends every target whose binding key matches `routing_key` (possibly more than
     /// once; callers dedup).
     pub fn matches(&self, routing_key: &str, out: &mut Vec<T>) {
-        let ws: Vec<&str> = words(routing_key).collect();
+        // On the stack for keys of up to 16 words; a longer one spills to the heap.
+        let ws: SmallVec<[&str; 16]> = words(routing_key).collect();
         self.match_at(&ws, out);
     }
 

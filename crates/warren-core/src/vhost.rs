@@ -1,7 +1,6 @@
 //! A virtual host: its exchanges, queues and bindings, routing, and their durable records.
 
 use crate::RoutingKey;
-use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
@@ -13,6 +12,7 @@ use crate::consumer::OutboxEvent;
 use crate::deadletter::{dead_lettered, DeadReason};
 use crate::error::{CoreError, CoreResult, ErrorKind};
 use crate::exchange::{Binding, Exchange, ExchangeKind, Target};
+use crate::fast_map::FastMap;
 use crate::ids::ConnectionId;
 use crate::message::Message;
 use crate::meta;
@@ -109,8 +109,8 @@ enum UnfinishedKind {
 pub struct VHost {
     pub name: String,
     pub(crate) store: Store,
-    exchanges: RwLock<HashMap<ShortString, Arc<Exchange>>>,
-    queues: RwLock<HashMap<ShortString, Arc<Queue>>>,
+    exchanges: RwLock<FastMap<ShortString, Arc<Exchange>>>,
+    queues: RwLock<FastMap<ShortString, Arc<Queue>>>,
     /// queue.declare calls, queues created and deleted (the API's `churn_rates`).
     pub churn: QueueChurn,
     self_ref: Weak<VHost>,
@@ -163,7 +163,7 @@ impl VHost {
         next_store_id: Arc<std::sync::atomic::AtomicU64>,
     ) -> Arc<VHost> {
         Arc::new_cyclic(|weak| {
-            let mut exchanges = HashMap::new();
+            let mut exchanges = FastMap::default();
             for (n, k) in PREDECLARED {
                 exchanges.insert(
                     ShortString::from(*n),
@@ -181,7 +181,7 @@ impl VHost {
                 name,
                 store,
                 exchanges: RwLock::new(exchanges),
-                queues: RwLock::new(HashMap::new()),
+                queues: RwLock::new(FastMap::default()),
                 churn: QueueChurn::default(),
                 self_ref: weak.clone(),
                 next_store_id,
