@@ -1949,9 +1949,9 @@ impl Session {
     /// A PUBLISH up to where it needs an await: checked, routed and, for a QoS 0/1
     /// message whose enqueues write nothing to the store, acknowledged. Retained and
     /// QoS 2 messages, and enqueues that need the store, come back as [`PublishLater`].
-    fn publish_now(&mut self, p: PublishPacket) -> Result<Option<PublishLater>, End> {
+    fn publish_now(&mut self, mut p: PublishPacket) -> Result<Option<PublishLater>, End> {
         let qos = p.qos as u8;
-        let mut topic_name = p.topic_name.clone();
+        let mut topic_name = std::mem::take(&mut p.topic_name);
         if self.version == 5 {
             if let Some(alias) = p.properties.get_topic_alias() {
                 // MQTT-3.3.2-8/9: alias 0 or above our Topic Alias Maximum.
