@@ -1,7 +1,7 @@
 //! Channel state and the channel-level classes: channel, exchange, queue, basic, confirm,
 //! tx (and access, as RabbitMQ still answers it).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -12,8 +12,8 @@ use warren_amqp_codec::ContentHeader;
 use warren_core::vhost::refuse_default_exchange;
 use warren_core::{
     Access, ChannelStat, ChannelStats, ConsumerId, ConsumerSpec, Credit, Delivery, Exchange,
-    ExchangeDecl, ExchangeKind, FollowUp, Message, MsgSeq, PublishOutcome, Queue, QueueDecl,
-    ResourceKind, ShortString, Target, VHost,
+    ExchangeDecl, ExchangeKind, FastMap, FollowUp, Message, MsgSeq, PublishOutcome, Queue,
+    QueueDecl, ResourceKind, ShortString, Target, VHost,
 };
 
 use crate::connection::{truncate_short, Conn};
@@ -123,7 +123,7 @@ pub(crate) struct Channel {
     pending: Option<PendingPublish>,
     next_delivery_tag: u64,
     unacked: VecDeque<UnackedTag>,
-    consumers: HashMap<ShortString, ConsumerInfo>,
+    consumers: FastMap<ShortString, ConsumerInfo>,
     /// basic.qos global=false: prefetch for consumers created afterwards.
     consumer_prefetch: u32,
     credit: Arc<Credit>,
@@ -147,7 +147,7 @@ impl Channel {
             pending: None,
             next_delivery_tag: 1,
             unacked: VecDeque::new(),
-            consumers: HashMap::new(),
+            consumers: FastMap::default(),
             consumer_prefetch: 0,
             credit: Arc::new(Credit::default()),
             confirm: false,

@@ -5,7 +5,7 @@
 //! core. Output is gathered in one `BytesMut` and written after each batch of input or
 //! deliveries (batched socket writes).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,8 +18,8 @@ use tokio::sync::watch;
 use warren_amqp_codec::{self as codec, Frame, HeaderCheck};
 use warren_core::{
     AMQPValue, AlarmState, Broker, ClientProperties, ConnectionAuth, ConnectionGuard, ConnectionId,
-    ConnectionInfo, ConsumerId, Exchange, FieldTable, FollowUp, LongString, Outbox, OutboxEvent,
-    ShortString, TopicPermissions, Tuning, VHost,
+    ConnectionInfo, ConsumerId, Exchange, FastMap, FieldTable, FollowUp, LongString, Outbox,
+    OutboxEvent, ShortString, TopicPermissions, Tuning, VHost,
 };
 
 use crate::channel::{Channel, FrameLater};
@@ -63,9 +63,9 @@ pub(crate) struct Conn {
     pub channel_max: u16,
     pub heartbeat: u16,
     pub out: BytesMut,
-    pub channels: HashMap<u16, Channel>,
+    pub channels: FastMap<u16, Channel>,
     /// Delivery routing: consumer id → (channel, consumer tag).
-    pub consumers: HashMap<ConsumerId, (u16, ShortString)>,
+    pub consumers: FastMap<ConsumerId, (u16, ShortString)>,
     pub outbox: Arc<Outbox>,
     /// The client announced `consumer_cancel_notify`.
     pub cancel_notify: bool,
@@ -154,8 +154,8 @@ pub(crate) async fn run<S: Stream>(
         vhost: None,
         user: String::new(),
         out: BytesMut::with_capacity(16 * 1024),
-        channels: HashMap::new(),
-        consumers: HashMap::new(),
+        channels: FastMap::default(),
+        consumers: FastMap::default(),
         outbox,
         cancel_notify: false,
         synced,

@@ -13,7 +13,7 @@ pub mod deadletter;
 pub mod definitions;
 pub mod error;
 pub mod exchange;
-mod fast_map;
+pub mod fast_map;
 pub mod global_parameters;
 pub mod ids;
 pub mod json;
@@ -44,6 +44,7 @@ pub use consumer::{
 };
 pub use error::{CoreError, CoreResult, ErrorKind};
 pub use exchange::{Binding, Exchange, ExchangeKind, Target};
+pub use fast_map::{FastMap, FastSet};
 pub use ids::{ConnectionId, ConsumerId, MsgSeq, RoutingKey};
 pub use message::{Message, Properties};
 pub use meta::UserRecord;

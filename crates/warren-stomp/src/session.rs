@@ -3,7 +3,7 @@
 //!
 //! Generic over the byte stream, so Web-STOMP runs this same code over a WebSocket.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,9 +18,9 @@ use warren_core::read_room::ReadRoom;
 use warren_core::stream::StreamStart;
 use warren_core::{
     AlarmState, ConnectionAuth, ConnectionGuard, ConnectionId, ConnectionInfo, ConsumerId,
-    ConsumerSpec, CoreError, Credit, Delivery, Exchange, ExchangeDecl, ExchangeKind, FieldTable,
-    Message, MsgSeq, Outbox, OutboxEvent, Queue, QueueDecl, ShortString, Target, Ticket,
-    TopicPermissions, VHost,
+    ConsumerSpec, CoreError, Credit, Delivery, Exchange, ExchangeDecl, ExchangeKind, FastMap,
+    FastSet, FieldTable, Message, MsgSeq, Outbox, OutboxEvent, Queue, QueueDecl, ShortString,
+    Target, Ticket, TopicPermissions, VHost,
 };
 
 use crate::codec::{self, CodecError, Decoded, Frame, FrameWriter, Version};
@@ -158,8 +158,8 @@ struct Session {
     vhost: Arc<VHost>,
     outbox: Arc<Outbox>,
     out: BytesMut,
-    subs: HashMap<u64, Subscription>,
-    sub_tokens: HashMap<String, u64>,
+    subs: FastMap<u64, Subscription>,
+    sub_tokens: FastMap<String, u64>,
     next_token: u64,
     /// Client-ack deliveries by their message number (the `@@n` of their message-id).
     pending: BTreeMap<u64, Pending>,
@@ -168,7 +168,7 @@ struct Session {
     /// RECEIPTs in order, each waiting for its store ticket (if any) to be synced.
     receipts: VecDeque<(Option<Ticket>, String)>,
     /// `/queue/` names already declared by this connection.
-    declared: HashSet<String>,
+    declared: FastSet<String>,
     /// `/temp-queue/<name>` → the real queue name.
     temp_queues: HashMap<String, String>,
     /// Whether this connection has published (alarms stop reading from publishers).
@@ -177,7 +177,7 @@ struct Session {
     /// Listed in the management API while it lives; its `closed()` is the API's close.
     registration: ConnectionGuard,
     /// Exchanges this session may publish to, valid at `perm_generation`.
-    write_allowed: HashSet<String>,
+    write_allowed: FastSet<String>,
     perm_generation: u64,
     /// The exchange of the last synchronous SEND, reused while it is not deleted: a
     /// connection usually sends to one exchange, and this saves a lookup under the
@@ -504,20 +504,20 @@ fn connect_session(
         vhost,
         outbox,
         out: BytesMut::new(),
-        subs: HashMap::new(),
-        sub_tokens: HashMap::new(),
+        subs: FastMap::default(),
+        sub_tokens: FastMap::default(),
         next_token: 1,
         pending: BTreeMap::new(),
         next_msg: 1,
         scratch: Default::default(),
         txs: HashMap::new(),
         receipts: VecDeque::new(),
-        declared: HashSet::new(),
+        declared: FastSet::default(),
         temp_queues: HashMap::new(),
         publisher: false,
         alarms: fe.broker.alarms.subscribe(),
         registration,
-        write_allowed: HashSet::new(),
+        write_allowed: FastSet::default(),
         perm_generation: 0,
         last_exchange: None,
         topic_perms: None,
