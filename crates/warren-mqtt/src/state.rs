@@ -9,7 +9,7 @@
 //! `w u8` (0 = no will; 1 = `due u64 (unix ms) ‖ retain u8 ‖ len u32 ‖ len bytes`, a
 //! delayed will and its message in the store's encoding).
 //! Version 3 (written now) is version 2 with `3` first, followed by
-//! `s u16 ‖ s × (len u16 ‖ len bytes of `$share/<group>/<filter>` ‖ qos u8 ‖ has id u8 ‖
+//! `s u16 ‖ s × (len u16 ‖ len bytes of $share/<group>/<filter> ‖ qos u8 ‖ has id u8 ‖
 //! [id u32])`: the shared subscriptions, whose bindings are the group's, not the session's.
 //!
 //! # Invariants
