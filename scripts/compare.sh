@@ -3,8 +3,9 @@
 # on the same machine in the same run, and prints (and, with --write, puts into
 # docs/PERFORMANCE.md) the medians and the ratios Warren/RabbitMQ and Warren/Mosquitto.
 #   scripts/compare.sh [--rounds N] [--write] [--quick]
-# Needs ../shared/reference-brokers.sh (RabbitMQ: AMQP 5680, MQTT 1890, STOMP 61620;
-# Mosquitto: 1891) and builds Warren and warren-bench in release mode.
+# Needs ../shared/reference-brokers.sh beside the clone, or its path in REFERENCE_BROKERS
+# (RabbitMQ: AMQP 5680, MQTT 1890, STOMP 61620; Mosquitto: 1891), and builds Warren and
+# warren-bench in release mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=3; WRITE=0; QUICK=0
@@ -16,9 +17,14 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+REFERENCE_BROKERS=${REFERENCE_BROKERS:-../shared/reference-brokers.sh}
+if [ ! -f "$REFERENCE_BROKERS" ]; then
+  echo "compare.sh: no $REFERENCE_BROKERS (clone beside shared/, or set REFERENCE_BROKERS)" >&2
+  exit 2
+fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/warren-target}"
 cargo build --release -p warren -p warren-bench >/dev/null
-bash ../shared/reference-brokers.sh start >/dev/null
+bash "$REFERENCE_BROKERS" start >/dev/null
 BENCH=$CARGO_TARGET_DIR/release/warren-bench
 DATA=$(mktemp -d)
 "$CARGO_TARGET_DIR/release/warren" --data-dir "$DATA" --amqp-listen 127.0.0.1:5699 --mqtt-listen 127.0.0.1:1899 \
