@@ -125,10 +125,10 @@ fn check_connect_header(body: &[u8]) -> Result<Option<Bytes>, CodecError> {
 /// Appends an encoded packet.
 pub fn encode<P: MqttPacket>(packet: &P, out: &mut BytesMut) {
     thread_local! {
-        /// The body of the packet being encoded. mqtt5-protocol's `MqttPacket::encode`
-        /// builds every body in a new `Vec` grown from empty (several reallocations per
-        /// delivery); one buffer per thread, reused, costs none, and no memory per
-        /// connection.
+        /// The body of the packet being encoded (the acknowledgements of every QoS 1/2
+        /// message come this way; PUBLISH takes [`encode_publish`]). mqtt5-protocol's
+        /// `MqttPacket::encode` builds every body in a new `Vec`; one buffer per thread,
+        /// reused, allocates none, and holds no memory per connection.
         static BODY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     BODY.with_borrow_mut(|body| {
@@ -158,7 +158,7 @@ const MAX_REMAINING_LENGTH: usize = 268_435_455;
 /// Appends a PUBLISH, written straight into `out`: the one packet of every delivery.
 /// mqtt5-protocol's encoder takes the topic through two new allocations (an
 /// `MqttString`, then its bytes) and the packet through a body buffer; this writes each
-/// part once (docs/PERFORMANCE.md, "MQTT deliveries without copies"). Nothing is written
+/// part once (docs/PERFORMANCE.md, "Instructions per message, counted by callgrind"). Nothing is written
 /// for a packet the protocol cannot carry (false).
 pub fn encode_publish(p: &PublishPacket, out: &mut BytesMut) -> bool {
     let topic = p.topic_name.as_bytes();

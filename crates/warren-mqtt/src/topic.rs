@@ -4,7 +4,8 @@
 
 /// An MQTT topic name or filter as an AMQP routing/binding key.
 pub fn to_amqp(topic: &str) -> String {
-    swap_ascii(topic, [b'/', b'.', b'+'], |b| match b {
+    let hits = memchr::memchr3_iter(b'/', b'.', b'+', topic.as_bytes());
+    swap_ascii(topic, hits, |b| match b {
         b'/' => '.',
         b'.' => '/',
         _ => '*',
@@ -14,32 +15,29 @@ pub fn to_amqp(topic: &str) -> String {
 /// An AMQP routing key as the MQTT topic a subscriber sees (a `*` in a key is a literal
 /// character, as in an MQTT topic name).
 pub fn to_mqtt(key: &str) -> String {
-    // The third byte is one of the two, so only `.` and `/` swap.
-    swap_ascii(
-        key,
-        [b'.', b'/', b'/'],
-        |b| if b == b'.' { '/' } else { '.' },
-    )
+    let hits = memchr::memchr2_iter(b'.', b'/', key.as_bytes());
+    swap_ascii(key, hits, |b| if b == b'.' { '/' } else { '.' })
 }
 
 /// An AMQP binding key as the MQTT filter it came from (`*` ↔ `+`).
 pub fn filter_to_mqtt(key: &str) -> String {
-    swap_ascii(key, [b'.', b'/', b'*'], |b| match b {
+    let hits = memchr::memchr3_iter(b'.', b'/', b'*', key.as_bytes());
+    swap_ascii(key, hits, |b| match b {
         b'.' => '/',
         b'/' => '.',
         _ => '+',
     })
 }
 
-/// `s` with each of the ASCII bytes `find` replaced by `swap` of it, copied in runs
+/// `s` with the ASCII byte at each of `hits` replaced by `swap` of it, copied in runs
 /// between them. Every message is converted once each way, and a `chars().map().collect()`
-/// pushed it char by char: ~1,400 instructions for a 27-byte topic (callgrind). A found
-/// byte is ASCII, so every slice is at a char boundary: no byte of a UTF-8 multi-byte
+/// pushed it char by char: ~1,400 instructions for a 27-byte topic (callgrind). A hit is
+/// an ASCII byte, so every slice is at a char boundary: no byte of a UTF-8 multi-byte
 /// sequence is ASCII.
-fn swap_ascii(s: &str, find: [u8; 3], swap: impl Fn(u8) -> char) -> String {
+fn swap_ascii(s: &str, hits: impl Iterator<Item = usize>, swap: impl Fn(u8) -> char) -> String {
     let mut out = String::with_capacity(s.len());
     let mut from = 0;
-    for i in memchr::memchr3_iter(find[0], find[1], find[2], s.as_bytes()) {
+    for i in hits {
         out.push_str(&s[from..i]);
         out.push(swap(s.as_bytes()[i]));
         from = i + 1;
